@@ -1,0 +1,20 @@
+"""vlzoo: interchangeable components for localization in large multimodal models."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "build", "load_checkpoint"]
+
+
+def __getattr__(name: str):
+    # heavy imports (lightning, transformers) only when these entry points are used
+    if name == "build":
+        from vlzoo.build import build
+
+        return build
+    if name == "load_checkpoint":
+        from vlzoo.runs import load_checkpoint
+
+        return load_checkpoint
+    raise AttributeError(f"module 'vlzoo' has no attribute {name!r}")

@@ -1,0 +1,246 @@
+"""Typed containers shared by every layer: what a dataset yields, what a batch carries, what a
+paradigm predicts.  Imported by everything, imports nothing from vlzoo.
+
+Units (the data contract of docs/architecture.md):
+
+* boxes are ``xyxy`` floats in absolute pixels of the image the container describes;
+* masks are boolean ``(N, H, W)`` tensors at that image's size (COCO RLE only at file boundaries);
+* keypoints are ``(N, K, 3)``: x, y, visibility (0 absent, 1 occluded, 2 visible) as in COCO.
+
+A :class:`Sample` and ``Batch.original_targets`` are in original-image pixels; ``Batch.targets``
+and a paradigm's :class:`Predictions` are in the pixels of the network input (after resize and
+pad); :class:`ImageTransform` maps between the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "TASKS",
+    "LOCALIZATION_TASKS",
+    "Targets",
+    "Predictions",
+    "ImageTransform",
+    "Sample",
+    "Batch",
+]
+
+#: Every task name vlzoo knows.  ``rec`` referring expression -> box, ``res`` expression -> mask,
+#: ``det`` category -> all boxes, ``seg`` category -> all instance masks, ``pose`` category ->
+#: keypoints per instance, ``reg`` box -> expression, ``caption`` / ``vqa`` text only.
+TASKS = ("rec", "res", "det", "seg", "pose", "reg", "caption", "vqa")
+LOCALIZATION_TASKS = ("rec", "res", "det", "seg", "pose")
+
+
+def _empty_boxes() -> Tensor:
+    return torch.zeros((0, 4), dtype=torch.float32)
+
+
+def _empty_long() -> Tensor:
+    return torch.zeros((0,), dtype=torch.long)
+
+
+@dataclass
+class Targets:
+    """What one sample asks the model to produce (only the objects the task refers to).
+
+    For ``rec``/``res`` that is the one referred object; for ``det``/``seg``/``pose`` every
+    instance of the named category; for ``reg`` the region whose expression is the answer text.
+    """
+
+    boxes: Tensor = field(default_factory=_empty_boxes)  # (N, 4) float xyxy
+    labels: Tensor = field(default_factory=_empty_long)  # (N,) category ids
+    masks: Tensor | None = None  # (N, H, W) bool
+    keypoints: Tensor | None = None  # (N, K, 3) float
+    iscrowd: Tensor | None = None  # (N,) bool; crowd regions are ignored by COCO matching
+    areas: Tensor | None = None  # (N,) float; COCO "area" (mask area); used for OKS scale
+    expressions: list[str] = field(default_factory=list)  # referring expression(s) of the sample
+    captions: list[str] = field(default_factory=list)  # one region caption per box (REG)
+    text: str | None = None  # reference answer text (caption / vqa / reg)
+    image_id: int = 0
+    image_size: tuple[int, int] = (0, 0)  # (H, W) of the image these units refer to
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def replace(self, **changes: Any) -> Targets:
+        return replace(self, **changes)
+
+
+@dataclass
+class Predictions:
+    """What a paradigm produced for one sample, in the same units as the Targets it answers."""
+
+    boxes: Tensor = field(default_factory=_empty_boxes)  # (N, 4) float xyxy
+    scores: Tensor = field(default_factory=lambda: torch.zeros((0,), dtype=torch.float32))
+    labels: Tensor = field(default_factory=_empty_long)
+    masks: Tensor | None = None  # (N, H, W) bool
+    mask_scores: Tensor | None = None  # (N,) optional mask quality scores
+    keypoints: Tensor | None = None  # (N, K, 3): x, y, score/visibility
+    text: str | None = None  # generated answer text, if the paradigm generates
+    parsed: bool = True  # False when generated text could not be parsed into an output
+    image_id: int = 0
+    image_size: tuple[int, int] = (0, 0)
+    #: paradigm-specific evidence for overlays (e.g. ``heatmap`` (h, w) in [0, 1],
+    #: ``points`` (P, 2) input-frame pixels, ``attention`` (h, w)).
+    evidence: dict[str, Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def replace(self, **changes: Any) -> Predictions:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """The geometric map original image -> network input: scale then pad (right/bottom) or
+    pad-to-square then scale.  Represented as ``input = original * scale + offset``.
+
+    ``original_size`` and ``input_size`` are ``(H, W)``.
+    """
+
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+    scale: tuple[float, float]  # (sx, sy)
+    offset: tuple[float, float] = (0.0, 0.0)  # (ox, oy), in input pixels
+
+    # --- forward (original -> input) -------------------------------------------------------
+    def boxes_to_input(self, boxes: Tensor) -> Tensor:
+        return self._affine_boxes(boxes, self.scale, self.offset)
+
+    def points_to_input(self, points: Tensor) -> Tensor:
+        return self._affine_points(points, self.scale, self.offset)
+
+    # --- inverse (input -> original) -------------------------------------------------------
+    def boxes_to_original(self, boxes: Tensor) -> Tensor:
+        sx, sy = self.scale
+        ox, oy = self.offset
+        out = self._affine_boxes(boxes, (1.0 / sx, 1.0 / sy), (-ox / sx, -oy / sy))
+        h, w = self.original_size
+        if out.numel():
+            out[:, 0::2] = out[:, 0::2].clamp(0, w)
+            out[:, 1::2] = out[:, 1::2].clamp(0, h)
+        return out
+
+    def points_to_original(self, points: Tensor) -> Tensor:
+        sx, sy = self.scale
+        ox, oy = self.offset
+        return self._affine_points(points, (1.0 / sx, 1.0 / sy), (-ox / sx, -oy / sy))
+
+    def masks_to_original(self, masks: Tensor) -> Tensor:
+        """(N, Hin, Win) bool/float at input size -> (N, H, W) bool at original size."""
+        h, w = self.original_size
+        if masks.shape[0] == 0:
+            return torch.zeros((0, h, w), dtype=torch.bool)
+        sx, sy = self.scale
+        ox, oy = self.offset
+        # the region of the input that holds the (scaled) original image
+        x0, y0 = int(round(ox)), int(round(oy))
+        x1 = int(round(ox + w * sx))
+        y1 = int(round(oy + h * sy))
+        crop = masks[:, y0:y1, x0:x1].float().unsqueeze(1)
+        out = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
+        return out.squeeze(1) > 0.5
+
+    @staticmethod
+    def _affine_boxes(boxes: Tensor, scale: tuple[float, float], offset: tuple[float, float]) -> Tensor:
+        out = boxes.clone().float()
+        if out.numel() == 0:
+            return out
+        out[:, 0::2] = out[:, 0::2] * scale[0] + offset[0]
+        out[:, 1::2] = out[:, 1::2] * scale[1] + offset[1]
+        return out
+
+    @staticmethod
+    def _affine_points(points: Tensor, scale: tuple[float, float], offset: tuple[float, float]) -> Tensor:
+        """points (..., >=2): only x, y (the first two channels) are mapped."""
+        out = points.clone().float()
+        if out.numel() == 0:
+            return out
+        out[..., 0] = out[..., 0] * scale[0] + offset[0]
+        out[..., 1] = out[..., 1] * scale[1] + offset[1]
+        return out
+
+
+@dataclass
+class Sample:
+    """One dataset item: an image, a task, its instruction and its targets (original pixels).
+
+    ``answer`` is the reference answer text for text tasks (caption, vqa, reg); for localization
+    tasks it is ``None`` and the paradigm's :class:`AnswerFormat` writes the answer.
+    """
+
+    image: Tensor  # (3, H, W) uint8
+    task: str
+    prompt: str  # the instruction (without the image placeholder)
+    targets: Targets
+    answer: str | None = None
+    image_id: int = 0
+    #: free-form extras: ``category`` name, ``ref_box`` for reg, ``object_ids`` ...
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """A collated batch.  Built by the datamodule's collate; read by paradigms and evaluators."""
+
+    images: Tensor  # (B, 3, S, S) float, normalised for the vision backbone
+    input_ids: Tensor  # (B, L) prompt + answer, right-padded
+    attention_mask: Tensor  # (B, L)
+    labels: Tensor  # (B, L) answer tokens, -100 elsewhere (prompt, image placeholder, padding)
+    prompt_ids: Tensor  # (B, Lp) prompt only, LEFT-padded, for generation
+    prompt_attention_mask: Tensor  # (B, Lp)
+    tasks: list[str]
+    prompts: list[str]
+    answers: list[str]
+    targets: list[Targets]  # in network-input pixels
+    original_targets: list[Targets]  # in original pixels, for evaluation
+    transforms: list[ImageTransform]
+    image_ids: list[int]
+    meta: list[dict[str, Any]] = field(default_factory=list)
+    raw_images: list[Tensor] | None = None  # original uint8 images, kept for overlays when asked
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return int(self.images.shape[-2]), int(self.images.shape[-1])
+
+    def to(self, device: torch.device | str) -> Batch:
+        """Move tensors (not targets: they stay on CPU for evaluation) to ``device``."""
+        changes = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                changes[f.name] = value.to(device)
+        return replace(self, **changes)
+
+    def targets_to(self, device: torch.device | str) -> list[Targets]:
+        out = []
+        for t in self.targets:
+            kw = {}
+            for f in fields(t):
+                value = getattr(t, f.name)
+                if isinstance(value, Tensor):
+                    kw[f.name] = value.to(device)
+            out.append(replace(t, **kw))
+        return out
+
+    def select(self, indices: list[int]) -> Batch:
+        """A sub-batch (e.g. the samples of one task)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        changes: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                changes[f.name] = value[idx.to(value.device)]
+            elif isinstance(value, list) and len(value) == len(self):
+                changes[f.name] = [value[i] for i in indices]
+        return replace(self, **changes)
