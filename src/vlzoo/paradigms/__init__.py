@@ -1,1 +1,11 @@
-"""paradigms."""
+"""Paradigms: one LightningModule per way of localizing, on a shared base.
+
+Submodules are imported lazily so that ``import vlzoo.paradigms`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from vlzoo.paradigms.base import BaseParadigm, to_original, warmup_cosine
+from vlzoo.paradigms.language_modeling import LanguageModeling
+
+__all__ = ["BaseParadigm", "LanguageModeling", "to_original", "warmup_cosine"]
