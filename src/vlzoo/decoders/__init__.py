@@ -1,3 +1,4 @@
 """decoders."""
 from vlzoo.decoders.box import BoxDecoder, BoxEncoder, box_cycle_losses, box_losses  # noqa: E402,F401
 from vlzoo.decoders.keypoints import AttentionRefinementHead, PointDescriptor, QueryPooling, box_projection_loss, interior_point, mask_losses, text_to_image_attention  # noqa: E402,F401
+from vlzoo.decoders.prompt import PromptMLP, TriggerImageAttention, mask_losses  # noqa: E402,F401
