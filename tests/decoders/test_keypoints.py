@@ -10,8 +10,8 @@ from vlzoo.decoders.keypoints import (
     PointDescriptor,
     QueryPooling,
     box_projection_loss,
+    extract_keypoints,
     interior_point,
-    mask_losses,
     text_to_image_attention,
 )
 
@@ -129,16 +129,40 @@ def test_interior_point_is_inside_even_for_a_ring():
         interior_point(torch.zeros(5, 5, dtype=torch.bool))
 
 
-def test_mask_and_box_projection_losses_prefer_the_right_mask():
+def test_box_projection_loss_prefers_the_mask_filling_the_box():
     target = torch.zeros(1, 16, 16, dtype=torch.bool)
     target[0, 4:10, 2:12] = True
     good = torch.where(target, 8.0, -8.0)
     bad = torch.where(target.roll(5, dims=2), 8.0, -8.0)
-    bce_g, dice_g = mask_losses(good, target)
-    bce_b, dice_b = mask_losses(bad, target)
-    assert bce_g < bce_b and dice_g < dice_b and dice_g < 0.01
     box = torch.tensor([[2.0, 4.0, 12.0, 10.0]])
     assert box_projection_loss(good, box) < 0.01 < box_projection_loss(bad, box)
     empty = torch.zeros(0, 16, 16)
     assert box_projection_loss(empty, torch.zeros(0, 4)) == 0
-    assert mask_losses(empty, empty.bool())[0] == 0
+
+
+@pytest.mark.parametrize("method", ["quadratic", "soft_argmax"])
+def test_extract_keypoints_is_sub_pixel_accurate(method):
+    # a Gaussian peak between cells: 16x16 grid over a 64-pixel image (4 px per cell)
+    h = w = 16
+    true_cells = torch.tensor([6.3, 9.8])  # x, y in continuous cells
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    heat = torch.exp(-((xs - true_cells[0]) ** 2 + (ys - true_cells[1]) ** 2) / (2 * 1.2**2))
+    points, scores = extract_keypoints(heat, image_size=(64, 64), refine=method)
+    assert points.shape == (1, 2) and scores.shape == (1,)
+    err = (points[0] - true_cells * 4).abs().max().item()
+    tolerance = 0.05 if method == "quadratic" else 1.2  # soft-argmax is pulled to the peak cell
+    assert err < tolerance
+    # the integer peak cell alone is off by up to half a cell (2 px): refinement must beat it
+    assert err < (torch.tensor([6.5, 9.5]) * 4 - true_cells * 4).abs().max().item()
+
+
+def test_extract_keypoints_top_k_and_threshold():
+    heat = torch.zeros(8, 8)
+    heat[1, 1], heat[5, 6], heat[6, 2] = 0.9, 0.7, 0.2
+    points, scores = extract_keypoints(heat, image_size=(32, 32), k=3, threshold=0.5)
+    assert torch.allclose(scores, torch.tensor([0.9, 0.7]))
+    assert torch.allclose(points, torch.tensor([[6.0, 6.0], [26.0, 22.0]]))
+    none, _ = extract_keypoints(torch.zeros(8, 8), image_size=(32, 32), threshold=0.5)
+    assert none.shape == (0, 2)
+    flat, _ = extract_keypoints(torch.zeros(8, 8), image_size=(32, 32))
+    assert flat.shape == (1, 2)

@@ -14,9 +14,9 @@ The pieces here are plain ``nn.Module`` s and functions, usable without the reci
   prompt (positional encoding at the sub-pixel location plus a foreground embedding, as SAM's
   prompt encoder writes it), a point descriptor (cross-attention from the keypoint to the image
   features) and the global semantic feature.
-* Target generation and losses: :func:`interior_point` (the keypoint of a mask),
-  :func:`mask_losses` (BCE + dice) and :func:`box_projection_loss` (a mask supervised by a box
-  only, for REC / detection data without masks).
+* Target generation and losses: :func:`interior_point` (the keypoint of a mask) and
+  :func:`box_projection_loss` (a mask supervised by a box only, for REC / detection data without
+  masks); mask losses proper are :func:`vlzoo.decoders.prompt.mask_losses`.
 """
 
 from __future__ import annotations
@@ -28,13 +28,15 @@ import torch.nn.functional as F
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from torch import Tensor, nn
 
+from vlzoo.decoders.heatmap import find_peaks, refine_subpixel
+
 __all__ = [
+    "extract_keypoints",
     "text_to_image_attention",
     "QueryPooling",
     "AttentionRefinementHead",
     "PointDescriptor",
     "interior_point",
-    "mask_losses",
     "box_projection_loss",
 ]
 
@@ -269,6 +271,39 @@ class PointDescriptor(nn.Module):
         return torch.cat([prompt, desc, sem], dim=1)
 
 
+def extract_keypoints(
+    heatmap: Tensor,
+    *,
+    image_size: tuple[int, int],
+    k: int = 1,
+    threshold: float = 0.0,
+    kernel: int = 3,
+    refine: str = "quadratic",
+) -> tuple[Tensor, Tensor]:
+    """Keypoints of one ``(h, w)`` heatmap of probabilities: the top ``k`` peaks above
+    ``threshold``, refined below the cell (``"quadratic"`` log-parabola fit or
+    ``"soft_argmax"``, see :func:`vlzoo.decoders.heatmap.refine_subpixel`).
+
+    Returns ``(points (P, 2) xy in pixels of image_size, scores (P,))``, best first.  With
+    ``threshold=0`` and ``k=1`` there is always one point (the referred object of REC / RES is
+    never absent); ``P`` may be 0 with a positive threshold.
+    """
+    if heatmap.dim() != 2:
+        raise ValueError(f"extract_keypoints: heatmap must be (h, w), got {tuple(heatmap.shape)}")
+    scores, ys, xs = find_peaks(heatmap, k, threshold, kernel)
+    if scores.numel() == 0 and threshold <= 0:
+        # a flat map has no strict local maximum above 0: fall back to its arg-max
+        flat = int(heatmap.flatten().argmax())
+        ys = torch.tensor([flat // heatmap.shape[1]], device=heatmap.device)
+        xs = torch.tensor([flat % heatmap.shape[1]], device=heatmap.device)
+        scores = heatmap.flatten()[flat : flat + 1]
+    cx, cy = refine_subpixel(heatmap, ys, xs, method=refine)
+    h, w = heatmap.shape
+    big_h, big_w = image_size
+    points = torch.stack([(cx * big_w / w).clamp(0, big_w), (cy * big_h / h).clamp(0, big_h)], dim=-1)
+    return points, scores.float()
+
+
 # ----------------------------------------------------------------------------- targets & losses
 def interior_point(mask: Tensor) -> Tensor:
     """The keypoint of a mask: ``(x, y)`` pixel centre of the point deepest inside it.
@@ -304,16 +339,6 @@ def _dice(logits: Tensor, target: Tensor, dims: tuple[int, ...]) -> Tensor:
     p = logits.sigmoid()
     inter = (p * target).sum(dims)
     return 1 - (2 * inter + 1) / (p.sum(dims) + target.sum(dims) + 1)
-
-
-def mask_losses(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """``(N, H, W)`` logits and boolean targets -> (mean BCE, mean dice loss).  Empty -> zeros."""
-    if logits.shape[0] == 0:
-        zero = logits.sum() * 0
-        return zero, zero
-    t = target.float()
-    bce = F.binary_cross_entropy_with_logits(logits, t)
-    return bce, _dice(logits, t, (1, 2)).mean()
 
 
 def box_projection_loss(logits: Tensor, boxes: Tensor) -> Tensor:
