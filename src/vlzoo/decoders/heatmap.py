@@ -96,9 +96,7 @@ def gaussian_heatmap_targets(
     centers = torch.as_tensor(centers, dtype=torch.float32).reshape(-1, 2)
     sizes = torch.as_tensor(sizes, dtype=torch.float32).reshape(-1, 2)
     if centers.shape[0] != sizes.shape[0]:
-        raise ValueError(
-            f"gaussian_heatmap_targets: {centers.shape[0]} centres but {sizes.shape[0]} sizes"
-        )
+        raise ValueError(f"gaussian_heatmap_targets: {centers.shape[0]} centres but {sizes.shape[0]} sizes")
     heatmap = torch.zeros((h, w), dtype=torch.float32)
     for (x, y), (bw, bh) in zip(centers.tolist(), sizes.tolist(), strict=True):
         cx = min(max(int(math.floor(x)), 0), w - 1)
