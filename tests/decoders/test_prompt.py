@@ -15,10 +15,10 @@ def test_prompt_mlp_shapes():
         PromptMLP(hidden_size=32, num_tokens=0)
 
 
-@pytest.mark.parametrize("source", ["lm", "vision"])
+@pytest.mark.parametrize("source", ["projected", "lm", "vision"])
 def test_trigger_attention_shapes(source):
     att = TriggerImageAttention(hidden_size=32, vision_dim=24, feature_grid=(4, 4), source=source, num_heads=4)
-    width = 32 if source == "lm" else 24
+    width = 24 if source == "vision" else 32
     out, weights = att(torch.randn(2, 3, 32), torch.randn(2, 16, width))
     assert out.shape == (2, 3, 32) and weights.shape == (2, 3, 16)
     assert torch.allclose(weights.sum(-1), torch.ones(2, 3), atol=1e-5)

@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-__all__ = ["PromptMLP", "TriggerImageAttention", "mask_losses", "sincos_grid_encoding"]
+__all__ = ["PromptMLP", "TriggerImageAttention", "IMAGE_SOURCES", "mask_losses", "sincos_grid_encoding"]
+
+#: where :class:`TriggerImageAttention` reads image tokens from (see its ``source`` argument)
+IMAGE_SOURCES = ("projected", "lm", "vision")
 
 
 class PromptMLP(nn.Module):
@@ -83,11 +86,12 @@ class TriggerImageAttention(nn.Module):
     Args:
         hidden_size: LM hidden width (injected); queries and output have this width.
         vision_dim: width of the image tokens when they are the vision encoder's features
-            (injected); unused when ``source="lm"``.
+            (injected); used only when ``source="vision"``.
         feature_grid: ``(h, w)`` of the image tokens (injected).
-        source: ``"lm"`` - the LM's last-layer hidden states at the image positions (the
-            "projected image tokens" after the LM read them); ``"vision"`` - the vision encoder's
-            feature map, projected to ``hidden_size`` here.
+        source: which image tokens the paradigm passes: ``"projected"`` - the projected image
+            tokens as fed to the LM; ``"lm"`` - the LM's last-layer hidden states at the image
+            positions (after the LM read them); ``"vision"`` - the vision encoder's feature map,
+            projected to ``hidden_size`` here.
         num_heads: attention heads (must divide ``hidden_size``).
         layers: stacked cross-attention blocks.
         dropout: attention / feed-forward dropout.
@@ -99,14 +103,14 @@ class TriggerImageAttention(nn.Module):
         hidden_size: int = 256,
         vision_dim: int = 256,
         feature_grid: tuple[int, int] = (16, 16),
-        source: str = "lm",
+        source: str = "projected",
         num_heads: int = 4,
         layers: int = 1,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if source not in ("lm", "vision"):
-            raise ValueError(f"TriggerImageAttention: source must be 'lm' or 'vision', got {source!r}")
+        if source not in IMAGE_SOURCES:
+            raise ValueError(f"TriggerImageAttention: source must be one of {IMAGE_SOURCES}, got {source!r}")
         if hidden_size % num_heads:
             raise ValueError(f"TriggerImageAttention: num_heads={num_heads} must divide hidden_size={hidden_size}")
         self.hidden_size = hidden_size
