@@ -1,1 +1,46 @@
-"""data."""
+"""Data: the Shapes world, COCO and RefCOCO readers, transforms, tokenizer and the datamodule.
+
+See docs/data.md for the schema of a sample and what each task fills in.
+"""
+
+from __future__ import annotations
+
+from vlzoo.data.answers import BOX_PLACEHOLDER, AnswerFormat, plain_box_text
+from vlzoo.data.datamodule import DEFAULT_TEMPLATE, PromptTemplate, VLCollate, VLDataModule
+from vlzoo.data.errors import DataError
+from vlzoo.data.shapes import (
+    CATEGORY_NAMES,
+    COLOUR_NAMES,
+    COMPOSITIONAL_HOLDOUT,
+    KEYPOINT_NAMES,
+    SHAPES_CATEGORIES,
+    SIZE_NAMES,
+    SKELETON,
+    ShapesDataset,
+)
+from vlzoo.data.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, save_shapes_tokenizer, shapes_tokenizer
+from vlzoo.data.transforms import ResizeTransform
+
+__all__ = [
+    "AnswerFormat",
+    "BOX_PLACEHOLDER",
+    "plain_box_text",
+    "DataError",
+    "ShapesDataset",
+    "SHAPES_CATEGORIES",
+    "CATEGORY_NAMES",
+    "COLOUR_NAMES",
+    "SIZE_NAMES",
+    "KEYPOINT_NAMES",
+    "SKELETON",
+    "COMPOSITIONAL_HOLDOUT",
+    "shapes_tokenizer",
+    "save_shapes_tokenizer",
+    "IMAGE_TOKEN",
+    "SPECIAL_TOKENS",
+    "ResizeTransform",
+    "PromptTemplate",
+    "DEFAULT_TEMPLATE",
+    "VLCollate",
+    "VLDataModule",
+]

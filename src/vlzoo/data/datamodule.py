@@ -1,0 +1,361 @@
+"""One LightningDataModule for every dataset and task, and the collate that builds a ``Batch``.
+
+Sequence layout (docs/architecture.md, "Data flow of one batch")::
+
+    [bos] <image> template(prompt) | answer [eos] [pad ...]
+    labels: -100 ...             -100 | answer ids, eos | -100 ...
+
+``template(prompt)`` is :class:`PromptTemplate` (default ``"user: {prompt} assistant:"``), the
+answer is tokenized as ``" " + answer`` so the boundary is a word boundary for BPE and word
+tokenizers alike.  ``prompt_ids`` holds ``[bos] <image> template(prompt)`` LEFT-padded, for
+generation.  ``bos`` is left out when the tokenizer has none.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vlzoo.data.answers import AnswerFormat
+from vlzoo.data.errors import DataError
+from vlzoo.data.tokenizer import IMAGE_TOKEN
+from vlzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, ResizeTransform
+from vlzoo.structures import Batch, Sample
+
+__all__ = ["PromptTemplate", "VLCollate", "VLDataModule", "SkippedBatch", "DEFAULT_TEMPLATE"]
+
+DEFAULT_TEMPLATE = "user: {prompt} assistant:"
+IGNORE_INDEX = -100
+
+
+class PromptTemplate:
+    """Wraps an instruction into the text the language model sees after ``<image>``.
+
+    ``text`` must contain ``{prompt}`` once.  The default uses only words the Shapes tokenizer
+    knows and reads naturally to chat models; use e.g. ``"USER: {prompt} ASSISTANT:"`` for a
+    Vicuna-style model.
+    """
+
+    def __init__(self, *, text: str = DEFAULT_TEMPLATE) -> None:
+        if text.count("{prompt}") != 1:
+            raise ValueError(f"PromptTemplate: text must contain '{{prompt}}' exactly once, got {text!r}")
+        self.text = text
+
+    def __call__(self, prompt: str) -> str:
+        return self.text.replace("{prompt}", prompt)
+
+    def __repr__(self) -> str:
+        return f"PromptTemplate(text={self.text!r})"
+
+
+class SkippedBatch:
+    """What the collate returns when every sample of a batch was bad (``on_bad_sample="skip"``)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+
+class VLCollate:
+    """Picklable collate: transform, format prompt/answer, tokenize, pad -> :class:`Batch`.
+
+    ``None`` items (bad samples a skipping dataset dropped) are removed and counted in
+    ``batch.skipped``.  ``require_answers=False`` (predict) tolerates samples without a
+    reference answer (their answer text is empty).
+    """
+
+    def __init__(
+        self,
+        *,
+        tokenizer: Any,
+        answer_format: AnswerFormat,
+        transform: ResizeTransform,
+        template: PromptTemplate,
+        max_length: int = 256,
+        keep_raw_images: bool = False,
+        require_answers: bool = True,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.answer_format = answer_format
+        self.transform = transform
+        self.template = template
+        self.max_length = int(max_length)
+        self.keep_raw_images = keep_raw_images
+        self.require_answers = require_answers
+
+    def _special_ids(self) -> tuple[int | None, int, int, int]:
+        tok = self.tokenizer
+        image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        if image_id is None or image_id == tok.unk_token_id:
+            raise ValueError(
+                f"the tokenizer has no '{IMAGE_TOKEN}' token; add it (the backbone does) before collating"
+            )
+        if tok.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos token; the answer must end with one")
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return tok.bos_token_id, image_id, tok.eos_token_id, pad
+
+    def __call__(self, items: Sequence[Sample | None]) -> Batch | SkippedBatch:
+        samples = [s for s in items if s is not None]
+        skipped = len(items) - len(samples)
+        if not samples:
+            return SkippedBatch(skipped)
+        bos, image_tok, eos, pad = self._special_ids()
+        images, targets, transforms, prompts, answers, metas = [], [], [], [], [], []
+        for s in samples:
+            x, t_in, geo = self.transform(s.image, s.targets)
+            meta = dict(s.meta)
+            if meta.get("prompt_boxes"):
+                boxes = torch.as_tensor(meta["prompt_boxes"], dtype=torch.float32).reshape(-1, 4)
+                meta["prompt_boxes"] = geo.boxes_to_input(boxes).tolist()
+            s_in = replace(s, targets=t_in, meta=meta)
+            prompts.append(self.answer_format.format_prompt(s_in, geo.input_size))
+            try:
+                answers.append(self.answer_format.format_answer(s_in, geo.input_size))
+            except ValueError:
+                if self.require_answers:
+                    raise
+                answers.append("")
+            images.append(x)
+            targets.append(t_in)
+            transforms.append(geo)
+            metas.append(s.meta)
+        enc_p = self.tokenizer([self.template(p) for p in prompts], add_special_tokens=False)["input_ids"]
+        enc_a = self.tokenizer([" " + a for a in answers], add_special_tokens=False)["input_ids"]
+        head = ([bos] if bos is not None else []) + [image_tok]
+        seqs, labs, prompt_seqs = [], [], []
+        for p_ids, a_ids in zip(enc_p, enc_a, strict=True):
+            prompt = head + list(p_ids)
+            answer = list(a_ids) + [eos]
+            seq = (prompt + answer)[: self.max_length]
+            lab = ([IGNORE_INDEX] * len(prompt) + answer)[: self.max_length]
+            seqs.append(seq)
+            labs.append(lab)
+            prompt_seqs.append(prompt[: self.max_length])
+        b = len(samples)
+        length = max(len(s) for s in seqs)
+        input_ids = torch.full((b, length), pad, dtype=torch.long)
+        labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((b, length), dtype=torch.long)
+        plen = max(len(s) for s in prompt_seqs)
+        prompt_ids = torch.full((b, plen), pad, dtype=torch.long)
+        prompt_attention = torch.zeros((b, plen), dtype=torch.long)
+        for i, (seq, lab, pr) in enumerate(zip(seqs, labs, prompt_seqs, strict=True)):
+            input_ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            attention[i, : len(seq)] = 1
+            prompt_ids[i, plen - len(pr) :] = torch.tensor(pr)
+            prompt_attention[i, plen - len(pr) :] = 1
+        batch = Batch(
+            images=torch.stack(images),
+            input_ids=input_ids,
+            attention_mask=attention,
+            labels=labels,
+            prompt_ids=prompt_ids,
+            prompt_attention_mask=prompt_attention,
+            tasks=[s.task for s in samples],
+            prompts=prompts,
+            answers=answers,
+            targets=targets,
+            original_targets=[s.targets for s in samples],
+            transforms=transforms,
+            image_ids=[int(s.image_id) for s in samples],
+            meta=metas,
+            raw_images=[s.image for s in samples] if self.keep_raw_images else None,
+        )
+        batch.skipped = skipped  # read by the loader to count bad samples per epoch
+        return batch
+
+
+class _SkipTolerant(Dataset):
+    """Wraps a dataset: with ``on_bad_sample="skip"`` a :class:`DataError` becomes ``None``."""
+
+    def __init__(self, dataset: Dataset, on_bad_sample: str) -> None:
+        self.dataset = dataset
+        self.on_bad_sample = on_bad_sample
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Sample | None:
+        try:
+            return self.dataset[index]
+        except DataError:
+            if self.on_bad_sample == "skip":
+                return None
+            raise
+
+
+class _CountingLoader(DataLoader):
+    """A DataLoader that drops all-bad batches and warns once per pass with the skip count."""
+
+    def __iter__(self):  # type: ignore[override]
+        skipped = 0
+        for batch in super().__iter__():
+            if isinstance(batch, SkippedBatch):
+                skipped += batch.count
+                continue
+            skipped += getattr(batch, "skipped", 0)
+            yield batch
+        dataset = self.dataset.dataset if isinstance(self.dataset, _SkipTolerant) else self.dataset
+        # bad records the reader already dropped while loading its annotations
+        skipped += int(getattr(dataset, "num_skipped", 0))
+        if skipped:
+            warnings.warn(
+                f"{type(dataset).__name__}: skipped {skipped} bad sample(s) in this pass "
+                "(on_bad_sample='skip'); set on_bad_sample='error' to see each one",
+                stacklevel=2,
+            )
+
+
+DatasetArg = Dataset | Mapping[str, Dataset] | None
+
+
+class VLDataModule(L.LightningDataModule):
+    """Every vlzoo dataset and task behind one datamodule.
+
+    Args:
+        train: the training dataset (optional).
+        val, test: a dataset, or ``{name: dataset}`` for several evaluation splits (e.g. ``val``
+            and ``comp_test``); several give several dataloaders in that order (``val_names``).
+        predict: a dataset for ``predict`` (reference answers optional).
+        batch_size: training batch size; ``eval_batch_size`` for the others (default: same).
+        num_workers: dataloader worker processes.
+        tokenizer: the backbone's tokenizer (injected by ``vlzoo.build``; default: the Shapes
+            word tokenizer).
+        answer_format: the paradigm's :class:`AnswerFormat` (injected; default the base one).
+        image_mean, image_std, image_size: the vision backbone's input (injected).
+        resize: ``"pad_square"`` (expand2square) or ``"resize"``.
+        template: :class:`PromptTemplate` or its text (with ``{prompt}``).
+        max_length: longest tokenized sequence; longer ones are cut at the end.
+        on_bad_sample: ``"error"`` raises :class:`DataError`; ``"skip"`` drops the sample and
+            warns once per pass with the count.
+        keep_raw_images: keep the original uint8 images in ``batch.raw_images`` (overlays).
+        seed: seed of the training shuffle (injected).
+    """
+
+    def __init__(
+        self,
+        *,
+        train: Dataset | None = None,
+        val: DatasetArg = None,
+        test: DatasetArg = None,
+        predict: Dataset | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        tokenizer: Any = None,
+        answer_format: AnswerFormat | None = None,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        image_size: int | Sequence[int] = 224,
+        resize: str = "pad_square",
+        template: PromptTemplate | str = DEFAULT_TEMPLATE,
+        max_length: int = 256,
+        on_bad_sample: str = "error",
+        keep_raw_images: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"VLDataModule: on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"VLDataModule: resize must be one of {RESIZE_MODES}, got {resize!r}")
+        if tokenizer is None:
+            from vlzoo.data.tokenizer import shapes_tokenizer
+
+            tokenizer = shapes_tokenizer()
+        self.train_dataset = train
+        self.val_datasets = self._named(val, "val")
+        self.test_datasets = self._named(test, "test")
+        self.predict_dataset = predict
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.tokenizer = tokenizer
+        self.answer_format = answer_format if answer_format is not None else AnswerFormat()
+        self.transform = ResizeTransform(size=image_size, mode=resize, mean=image_mean, std=image_std)
+        self.template = template if isinstance(template, PromptTemplate) else PromptTemplate(text=template)
+        self.max_length = int(max_length)
+        self.on_bad_sample = on_bad_sample
+        self.keep_raw_images = bool(keep_raw_images)
+        self.seed = int(seed)
+
+    @staticmethod
+    def _named(value: DatasetArg, default: str) -> dict[str, Dataset]:
+        if value is None:
+            return {}
+        if isinstance(value, Mapping):
+            return dict(value)
+        return {default: value}
+
+    @property
+    def val_names(self) -> list[str]:
+        """Names of the validation dataloaders, in dataloader-index order."""
+        return list(self.val_datasets)
+
+    @property
+    def test_names(self) -> list[str]:
+        """Names of the test dataloaders, in dataloader-index order."""
+        return list(self.test_datasets)
+
+    def collate(self, *, require_answers: bool = True) -> VLCollate:
+        """The collate this datamodule uses (also handy outside Lightning)."""
+        return VLCollate(
+            tokenizer=self.tokenizer,
+            answer_format=self.answer_format,
+            transform=self.transform,
+            template=self.template,
+            max_length=self.max_length,
+            keep_raw_images=self.keep_raw_images,
+            require_answers=require_answers,
+        )
+
+    def _loader(self, dataset: Dataset, *, train: bool, batch_size: int, require_answers: bool = True) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if train else None
+        return _CountingLoader(
+            _SkipTolerant(dataset, self.on_bad_sample),
+            batch_size=batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            collate_fn=self.collate(require_answers=require_answers),
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def _need(self, dataset: Any, split: str) -> Any:
+        if not dataset:
+            raise ValueError(f"VLDataModule: no {split} dataset was given")
+        return dataset
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._need(self.train_dataset, "train"), train=True, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        loaders = [
+            self._loader(d, train=False, batch_size=self.eval_batch_size)
+            for d in self._need(self.val_datasets, "val").values()
+        ]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        loaders = [
+            self._loader(d, train=False, batch_size=self.eval_batch_size)
+            for d in self._need(self.test_datasets, "test").values()
+        ]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def predict_dataloader(self) -> DataLoader:
+        dataset = self._need(self.predict_dataset, "predict")
+        return self._loader(dataset, train=False, batch_size=self.eval_batch_size, require_answers=False)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, Batch):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)

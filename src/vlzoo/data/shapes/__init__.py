@@ -1,0 +1,40 @@
+"""The Shapes world: a procedural, deterministic referring dataset (see docs/data.md)."""
+
+from __future__ import annotations
+
+from vlzoo.data.shapes.dataset import SPLITS, ShapesDataset
+from vlzoo.data.shapes.language import Ref, caption, choose_reference, referring_candidates, render, resolve, vqa_question
+from vlzoo.data.shapes.world import (
+    CATEGORY_NAMES,
+    COLOUR_NAMES,
+    COMPOSITIONAL_HOLDOUT,
+    KEYPOINT_NAMES,
+    SHAPES_CATEGORIES,
+    SIZE_NAMES,
+    SKELETON,
+    Scene,
+    ShapeObject,
+    generate_scene,
+)
+
+__all__ = [
+    "ShapesDataset",
+    "SPLITS",
+    "SHAPES_CATEGORIES",
+    "CATEGORY_NAMES",
+    "COLOUR_NAMES",
+    "SIZE_NAMES",
+    "KEYPOINT_NAMES",
+    "SKELETON",
+    "COMPOSITIONAL_HOLDOUT",
+    "Scene",
+    "ShapeObject",
+    "generate_scene",
+    "Ref",
+    "resolve",
+    "render",
+    "referring_candidates",
+    "choose_reference",
+    "caption",
+    "vqa_question",
+]

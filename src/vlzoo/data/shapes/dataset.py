@@ -1,0 +1,205 @@
+"""``ShapesDataset``: a deterministic, random-access procedural referring dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vlzoo.data.shapes.language import (
+    Ref,
+    caption,
+    choose_reference,
+    render,
+    vqa_question,
+)
+from vlzoo.data.shapes.world import Scene, generate_scene
+from vlzoo.data.templates import instruction
+from vlzoo.structures import TASKS, Sample, Targets
+
+__all__ = ["ShapesDataset", "SPLITS"]
+
+#: split name -> seed stream; disjoint streams give disjoint scenes for the same index
+SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "comp_test": 3}
+
+
+class ShapesDataset(Dataset):
+    """Procedural scenes of coloured shapes with referring expressions, captions and questions.
+
+    Every item is generated from ``(seed, split, index)``: workers and ranks see the same data,
+    and no file is read.  Each sample holds the original pixels and only the targets its task
+    asks for:
+
+    * ``rec`` / ``res``: the referred object (``res`` also its mask); ``expressions`` the
+      expression, ``meta["ref"]`` its :class:`~vlzoo.data.shapes.language.Ref` program;
+    * ``det`` / ``seg`` / ``pose``: every instance of ``meta["category"]`` (``seg`` masks,
+      ``pose`` keypoints ``(N, 5, 3)``);
+    * ``reg``: the region (box) in ``meta["prompt_boxes"]`` and a ``{box}`` placeholder in the
+      prompt; ``answer`` = ``text`` = ``captions[0]`` = a unique expression of the region;
+    * ``caption`` / ``vqa``: text answers only (``meta["vqa_kind"]`` for vqa).
+
+    Args:
+        split: ``train`` / ``val`` / ``test`` (disjoint seed streams) or ``comp_test``, whose
+            referred object is always a held-out colour x category combination.
+        size: number of items.
+        image_size: side of the square image in pixels.
+        tasks: task names (drawn uniformly) or ``{task: weight}``; the task of an item is drawn
+            from ``(seed, split, index)``.
+        num_objects: inclusive range of objects per scene.
+        occlusion: largest fraction of an object later objects may cover (0: none).
+        noise: standard deviation of Gaussian pixel noise, as a fraction of 255.
+        texture: striped background texture.
+        twin_prob: chance an object copies the attributes of an earlier one (needs spatial
+            expressions to be told apart).
+        compositional: keep held-out combinations out of this split (use for ``train``).
+        seed: base seed (injected by ``vlzoo.build``).
+    """
+
+    def __init__(
+        self,
+        *,
+        split: str = "train",
+        size: int = 10000,
+        image_size: int = 64,
+        tasks: Mapping[str, float] | Sequence[str] = ("rec",),
+        num_objects: tuple[int, int] | Sequence[int] = (2, 4),
+        occlusion: float = 0.0,
+        noise: float = 0.0,
+        texture: bool = False,
+        twin_prob: float = 0.35,
+        compositional: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"ShapesDataset: unknown split {split!r}; choose from {sorted(SPLITS)}")
+        if isinstance(tasks, str):
+            tasks = [tasks]
+        weights = dict(tasks) if isinstance(tasks, Mapping) else {t: 1.0 for t in tasks}
+        unknown = [t for t in weights if t not in TASKS]
+        if unknown or not weights:
+            raise ValueError(f"ShapesDataset: unknown tasks {unknown}; choose from {list(TASKS)}")
+        total = float(sum(weights.values()))
+        if total <= 0 or any(w < 0 for w in weights.values()):
+            raise ValueError(f"ShapesDataset: task weights must be >= 0 and not all 0, got {weights}")
+        lo, hi = (int(v) for v in num_objects)
+        if not 1 <= lo <= hi <= 10:
+            raise ValueError(f"ShapesDataset: num_objects must satisfy 1 <= lo <= hi <= 10, got {num_objects}")
+        if not 0.0 <= occlusion < 1.0:
+            raise ValueError(f"ShapesDataset: occlusion must be in [0, 1), got {occlusion}")
+        if image_size < 16:
+            raise ValueError(f"ShapesDataset: image_size must be >= 16, got {image_size}")
+        self.split = split
+        self.size = int(size)
+        self.image_size = int(image_size)
+        self.tasks = list(weights)
+        self._cum = np.cumsum([weights[t] / total for t in self.tasks])
+        self.num_objects = (lo, hi)
+        self.occlusion = float(occlusion)
+        self.noise = float(noise)
+        self.texture = bool(texture)
+        self.twin_prob = float(twin_prob)
+        self.compositional = bool(compositional)
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _rngs(self, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+        key = [self.seed, SPLITS[self.split], int(index)]
+        return np.random.default_rng(key + [0]), np.random.default_rng(key + [1])
+
+    def scene(self, index: int) -> Scene:
+        """The scene graph of item ``index`` (the same one ``self[index]`` is drawn from)."""
+        return self._scene(self._rngs(index)[0])
+
+    def _scene(self, rng: np.random.Generator) -> Scene:
+        return generate_scene(
+            rng,
+            image_size=self.image_size,
+            num_objects=self.num_objects,
+            occlusion=self.occlusion,
+            noise=self.noise,
+            texture=self.texture,
+            twin_prob=self.twin_prob,
+            exclude_holdout=self.compositional and self.split != "comp_test",
+            force_holdout=self.split == "comp_test",
+        )
+
+    def task_of(self, index: int) -> str:
+        """The task of item ``index`` (deterministic in ``(seed, split, index)``)."""
+        return self.tasks[int(np.searchsorted(self._cum, self._rngs(index)[1].random(), side="right").clip(max=len(self.tasks) - 1))]
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < self.size:
+            raise IndexError(f"ShapesDataset index {index} out of range [0, {self.size})")
+        scene_rng, rng = self._rngs(index)
+        u = rng.random()
+        task = self.tasks[min(int(np.searchsorted(self._cum, u, side="right")), len(self.tasks) - 1)]
+        scene = self._scene(scene_rng)
+        n = len(scene.objects)
+        focus = 0 if self.split == "comp_test" else int(rng.integers(n))
+        image = torch.from_numpy(scene.image)
+        h, w = scene.size
+        base = Targets(image_id=int(index), image_size=(h, w))
+
+        if task in ("rec", "res", "reg"):
+            picked = self._reference(scene, focus, rng)
+            if picked is not None:
+                target, ref = picked
+                expr = render(ref, rng)
+                t = self._targets(scene, [target], base, masks=task == "res", keypoints=False)
+                meta = {"category": scene.objects[target].category_name, "object_ids": [target], "ref": ref}
+                if task == "reg":
+                    box = [float(v) for v in scene.objects[target].box]
+                    t = t.replace(captions=[expr], text=expr, expressions=[expr])
+                    meta["prompt_boxes"] = [box]
+                    return Sample(image, task, instruction("reg", rng), t, answer=expr, image_id=index, meta=meta)
+                t = t.replace(expressions=[expr])
+                return Sample(image, task, instruction(task, rng, expr=expr), t, image_id=index, meta=meta)
+            task = "caption"  # no object can be referred to alone (practically never happens)
+
+        if task in ("det", "seg", "pose"):
+            cat = scene.objects[focus].category
+            ids = [i for i, o in enumerate(scene.objects) if o.category == cat]
+            t = self._targets(scene, ids, base, masks=task == "seg", keypoints=task == "pose")
+            name = scene.objects[focus].category_name
+            meta = {"category": name, "object_ids": ids}
+            return Sample(image, task, instruction(task, rng, category=name), t, image_id=index, meta=meta)
+
+        if task == "vqa":
+            question, answer, kind = vqa_question(scene, rng, focus=focus if self.split == "comp_test" else None)
+            t = base.replace(text=answer)
+            return Sample(image, task, question, t, answer=answer, image_id=index, meta={"vqa_kind": kind})
+
+        text = caption(scene, rng)
+        t = base.replace(text=text, captions=[text])
+        return Sample(image, "caption", instruction("caption", rng), t, answer=text, image_id=index, meta={})
+
+    @staticmethod
+    def _reference(scene: Scene, focus: int, rng: np.random.Generator) -> tuple[int, Ref] | None:
+        order = [focus] + [i for i in range(len(scene.objects)) if i != focus]
+        for i in order:
+            ref = choose_reference(i, scene, rng)
+            if ref is not None:
+                return i, ref
+        return None
+
+    @staticmethod
+    def _targets(scene: Scene, ids: list[int], base: Targets, *, masks: bool, keypoints: bool) -> Targets:
+        objs = [scene.objects[i] for i in ids]
+        boxes = torch.from_numpy(np.array([o.box for o in objs], dtype=np.float32).reshape(-1, 4))
+        labels = torch.tensor([o.category + 1 for o in objs], dtype=torch.long)
+        areas = torch.tensor([float(o.area) for o in objs], dtype=torch.float32)
+        out = base.replace(
+            boxes=boxes,
+            labels=labels,
+            areas=areas,
+            iscrowd=torch.zeros(len(objs), dtype=torch.bool),
+        )
+        if masks:
+            out.masks = torch.from_numpy(np.stack([scene.owner == i for i in ids]))
+        if keypoints:
+            out.keypoints = torch.from_numpy(np.array([o.keypoints for o in objs], dtype=np.float32))
+        return out

@@ -1,0 +1,121 @@
+"""The collate builds the documented sequence; the datamodule serves every split."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from vlzoo.data.answers import AnswerFormat, plain_box_text
+from vlzoo.data.datamodule import PromptTemplate, VLDataModule
+from vlzoo.data.shapes import ShapesDataset
+from vlzoo.data.tokenizer import shapes_tokenizer
+from vlzoo.structures import Batch
+
+
+class BoxText(AnswerFormat):
+    """Shikra-style answers, enough to exercise localization tasks."""
+
+    def localization_answer(self, sample, input_size):
+        return " ".join(plain_box_text(b.tolist(), input_size) for b in sample.targets.boxes)
+
+
+def _dm(**kw):
+    tasks = kw.pop("tasks", ["rec", "reg", "vqa", "caption", "det", "seg", "pose", "res"])
+    return VLDataModule(
+        train=ShapesDataset(tasks=tasks, size=32),
+        val={"val": ShapesDataset(split="val", tasks=tasks, size=8), "comp_test": ShapesDataset(split="comp_test", size=8)},
+        batch_size=8,
+        image_size=96,
+        answer_format=BoxText(),
+        **kw,
+    )
+
+
+def test_sequence_layout_and_masking():
+    dm = _dm()
+    tok = dm.tokenizer
+    b = next(iter(dm.train_dataloader()))
+    assert isinstance(b, Batch) and len(b) == 8
+    assert b.images.shape == (8, 3, 96, 96)
+    assert b.input_ids.shape == b.labels.shape == b.attention_mask.shape
+    for i in range(8):
+        n = int(b.attention_mask[i].sum())
+        ids = b.input_ids[i].tolist()
+        assert bool(b.attention_mask[i, :n].all()) and not bool(b.attention_mask[i, n:].any())  # right pad
+        assert ids[0] == tok.bos_token_id and ids[1] == tok.convert_tokens_to_ids("<image>")
+        assert ids[n - 1] == tok.eos_token_id
+        lab = b.labels[i].tolist()
+        answer_pos = [j for j, v in enumerate(lab) if v != -100]
+        assert answer_pos == list(range(answer_pos[0], n))  # answer + eos, contiguous, at the end
+        assert [ids[j] for j in answer_pos] == [lab[j] for j in answer_pos]
+        assert tok.decode(lab[answer_pos[0] : n - 1]).strip() == b.answers[i].lower()
+        # prompt_ids: left padded and equal to the sequence before the answer
+        pm = b.prompt_attention_mask[i]
+        p = int(pm.sum())
+        assert not bool(pm[: len(pm) - p].any())
+        assert b.prompt_ids[i, len(pm) - p :].tolist() == ids[: answer_pos[0]]
+        assert tok.decode(ids[2 : answer_pos[0]]) == PromptTemplate()(b.prompts[i]).lower()
+    assert b.raw_images is None
+
+
+def test_targets_in_input_and_original_frames():
+    dm = _dm(tasks=["reg", "seg"], keep_raw_images=True)
+    b = next(iter(dm.train_dataloader()))
+    rows = zip(b.targets, b.original_targets, b.transforms, b.tasks, b.meta, b.raw_images, b.prompts, strict=True)
+    for t, o, geo, task, meta, raw, prompt in rows:
+        assert t.image_size == (96, 96) and o.image_size == (64, 64) and raw.shape == (3, 64, 64)
+        assert torch.allclose(geo.boxes_to_input(o.boxes), t.boxes)
+        if task == "seg":
+            assert t.masks.shape[-2:] == (96, 96) and o.masks.shape[-2:] == (64, 64)
+        else:
+            box = geo.boxes_to_input(torch.tensor(meta["prompt_boxes"]))
+            assert plain_box_text(box[0].tolist(), (96, 96)) in prompt
+
+
+def test_eval_splits_predict_and_truncation():
+    dm = _dm(max_length=12)
+    loaders = dm.val_dataloader()
+    assert dm.val_names == ["val", "comp_test"] and len(loaders) == 2
+    b = next(iter(loaders[1]))
+    assert b.input_ids.shape[1] <= 12
+    dm2 = VLDataModule(predict=ShapesDataset(tasks=["rec"], size=4), image_size=64, answer_format=AnswerFormat())
+    b = next(iter(dm2.predict_dataloader()))
+    assert b.answers == [""] * 4  # predict tolerates answers the format cannot write
+    with pytest.raises(ValueError, match="no train dataset"):
+        dm2.train_dataloader()
+
+
+def test_collate_is_picklable_and_shuffle_is_seeded():
+    dm = _dm()
+    collate = pickle.loads(pickle.dumps(dm.collate()))
+    ds = ShapesDataset(tasks=["vqa"], size=4)
+    assert collate([ds[i] for i in range(4)]).input_ids.shape[0] == 4
+    a = [x for b in _dm(seed=1).train_dataloader() for x in b.image_ids]
+    b2 = [x for b in _dm(seed=1).train_dataloader() for x in b.image_ids]
+    assert a == b2 and sorted(a) == list(range(32))
+
+
+def test_workers_produce_the_same_batches():
+    ds = ShapesDataset(tasks=["rec", "vqa"], size=8)
+    kw = dict(val=ds, eval_batch_size=4, image_size=64, answer_format=BoxText())
+    b0 = list(VLDataModule(num_workers=0, **kw).val_dataloader())
+    b2 = list(VLDataModule(num_workers=2, **kw).val_dataloader())
+    assert all(torch.equal(x.input_ids, y.input_ids) and torch.equal(x.images, y.images) for x, y in zip(b0, b2, strict=True))
+
+
+def test_missing_image_token_is_a_clear_error():
+    tok = shapes_tokenizer()
+    ds = ShapesDataset(tasks=["vqa"], size=2)
+
+    class NoImage:
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def convert_tokens_to_ids(self, token):
+            return tok.unk_token_id
+
+    dm = VLDataModule(val=ds, tokenizer=NoImage(), image_size=64)
+    with pytest.raises(ValueError, match="<image>"):
+        next(iter(dm.val_dataloader()))
