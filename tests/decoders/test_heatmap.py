@@ -137,3 +137,32 @@ def test_decode_boxes_gives_the_hand_built_boxes_back():
         torch.testing.assert_close(got[order], boxes, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="box_size"):
         decode_boxes(hm, size_map[:1], image_size=(64, 64))
+
+
+def test_box_heatmap_targets_sizes_belong_to_the_nearest_box():
+    from vlzoo.decoders.heatmap import box_heatmap_targets
+
+    # centres (10, 10) and (46, 42) px: the centres of cells (2, 2) and (11, 10) of 4 px
+    boxes = torch.tensor([[2.0, 2.0, 18.0, 18.0], [30.0, 34.0, 62.0, 50.0]])
+    heat, size, weight = box_heatmap_targets(boxes, (64, 64), (16, 16))
+    assert heat[2, 2] == 1 and heat[10, 11] == 1
+    assert size[:, 2, 2].tolist() == pytest.approx([0.25, 0.25])
+    assert size[:, 10, 11].tolist() == pytest.approx([0.5, 0.25])
+    assert weight[2, 2] == 1 and weight[0, 15] == 0
+    # decoding the targets gives the boxes back
+    got, _ = decode_boxes(heat, size, image_size=(64, 64), k=5, threshold=0.5)
+    torch.testing.assert_close(got[got[:, 0].argsort()], boxes)
+
+
+def test_subcell_targets_keep_the_exact_centre_for_refinement():
+    g = torch.Generator().manual_seed(1)
+    plain_err, sub_err = [], []
+    for _ in range(20):
+        c = torch.rand(1, 2, generator=g) * 8 + 4
+        for subcell, errs in ((False, plain_err), (True, sub_err)):
+            hm = gaussian_heatmap_targets(c, torch.tensor([[6.0, 6.0]]), (16, 16), subcell=subcell)
+            assert hm.max() == 1 and (hm == 1).sum() == 1
+            _, ys, xs = find_peaks(hm, k=1)
+            x, y = refine_subpixel(hm, ys, xs)
+            errs.append(max(abs(float(x[0] - c[0, 0])), abs(float(y[0] - c[0, 1]))))
+    assert max(sub_err) < 0.15 < max(plain_err)

@@ -20,6 +20,7 @@ __all__ = [
     "gaussian_radius",
     "draw_gaussian",
     "gaussian_heatmap_targets",
+    "box_heatmap_targets",
     "heatmap_focal_loss",
     "find_peaks",
     "refine_subpixel",
@@ -51,11 +52,16 @@ def gaussian_radius(height: float, width: float, *, min_overlap: float = 0.7) ->
     return min(r1, r2, r3)
 
 
-def draw_gaussian(heatmap: Tensor, cx: int, cy: int, radius: int) -> Tensor:
+def draw_gaussian(
+    heatmap: Tensor, cx: int, cy: int, radius: int, *, offset: tuple[float, float] = (0.0, 0.0)
+) -> Tensor:
     """Write ``max(heatmap, gaussian)`` in place around integer cell ``(cx, cy)``; returns it.
 
     The Gaussian has ``sigma = (2 * radius + 1) / 6`` (CenterNet) and value exactly 1 at the
-    centre cell, so the focal loss can tell positives by ``target == 1``.
+    centre cell, so the focal loss can tell positives by ``target == 1``.  ``offset`` ``(dx,
+    dy)`` (cells, within +-0.5) moves the Gaussian's mean off the cell centre while the centre
+    cell stays 1: the neighbours then carry the sub-cell position, which
+    :func:`refine_subpixel` reads back.
     """
     h, w = heatmap.shape[-2:]
     if not (0 <= cx < w and 0 <= cy < h):
@@ -63,7 +69,9 @@ def draw_gaussian(heatmap: Tensor, cx: int, cy: int, radius: int) -> Tensor:
     radius = max(int(radius), 0)
     sigma = (2 * radius + 1) / 6.0
     ys = torch.arange(-radius, radius + 1, dtype=heatmap.dtype, device=heatmap.device)
-    g = torch.exp(-(ys[:, None] ** 2 + ys[None, :] ** 2) / (2 * sigma * sigma))
+    dx, dy = float(offset[0]), float(offset[1])
+    g = torch.exp(-((ys[:, None] - dy) ** 2 + (ys[None, :] - dx) ** 2) / (2 * sigma * sigma))
+    g[radius, radius] = 1.0
     left, right = min(cx, radius), min(w - cx, radius + 1)
     top, bottom = min(cy, radius), min(h - cy, radius + 1)
     region = heatmap[cy - top : cy + bottom, cx - left : cx + right]
@@ -79,6 +87,7 @@ def gaussian_heatmap_targets(
     *,
     min_overlap: float = 0.7,
     min_radius: int = 0,
+    subcell: bool = False,
 ) -> Tensor:
     """The ``(h, w)`` target heatmap of ``N`` objects: one Gaussian per object, maximum where
     they overlap.
@@ -91,6 +100,8 @@ def gaussian_heatmap_targets(
         grid: ``(h, w)`` of the heatmap.
         min_overlap: IoU the radius guarantees (CenterNet uses 0.7).
         min_radius: lower bound of the radius in cells (keeps tiny objects from a 1-cell target).
+        subcell: centre each Gaussian on the exact centre rather than on its cell's centre
+            (the peak cell stays exactly 1), so a heatmap trained on it keeps sub-cell precision.
     """
     h, w = int(grid[0]), int(grid[1])
     centers = torch.as_tensor(centers, dtype=torch.float32).reshape(-1, 2)
@@ -102,8 +113,57 @@ def gaussian_heatmap_targets(
         cx = min(max(int(math.floor(x)), 0), w - 1)
         cy = min(max(int(math.floor(y)), 0), h - 1)
         radius = max(int(gaussian_radius(max(bh, 0.0), max(bw, 0.0), min_overlap=min_overlap)), min_radius)
-        draw_gaussian(heatmap, cx, cy, radius)
+        offset = (
+            (min(max(x - cx - 0.5, -0.5), 0.5), min(max(y - cy - 0.5, -0.5), 0.5)) if subcell else (0.0, 0.0)
+        )
+        draw_gaussian(heatmap, cx, cy, radius, offset=offset)
     return heatmap
+
+
+def box_heatmap_targets(
+    boxes: Tensor,
+    image_size: tuple[int, int],
+    grid: tuple[int, int],
+    *,
+    min_overlap: float = 0.7,
+    min_radius: int = 0,
+    subcell: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Centre heatmap, size map and size weights of ``N`` boxes (CenterNet / Lumen training).
+
+    Args:
+        boxes: ``(N, 4)`` xyxy in pixels of an image of ``image_size`` ``(H, W)``.
+        grid: ``(h, w)`` of the heatmap.
+        min_overlap, min_radius, subcell: see :func:`gaussian_heatmap_targets`.
+
+    Returns:
+        ``heat (h, w)`` (:func:`gaussian_heatmap_targets`), ``size (2, h, w)`` the ``(width,
+        height)`` of the box owning each cell as a fraction of the image, and ``weight (h, w)``:
+        the owner's Gaussian value, so the size loss trains the peak cell most and its
+        neighbours less (a peak found one cell off still reads a sensible size).  A cell belongs
+        to the box whose Gaussian is highest there.
+    """
+    h, w = int(grid[0]), int(grid[1])
+    big_h, big_w = float(image_size[0]), float(image_size[1])
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    heat = torch.zeros((h, w), dtype=torch.float32)
+    size = torch.zeros((2, h, w), dtype=torch.float32)
+    for x1, y1, x2, y2 in boxes.tolist():
+        bw, bh = max(x2 - x1, 0.0), max(y2 - y1, 0.0)
+        centre = torch.tensor([[(x1 + x2) / 2 * w / big_w, (y1 + y2) / 2 * h / big_h]])
+        one = gaussian_heatmap_targets(
+            centre,
+            torch.tensor([[bw * w / big_w, bh * h / big_h]]),
+            (h, w),
+            min_overlap=min_overlap,
+            min_radius=min_radius,
+            subcell=subcell,
+        )
+        owns = one > heat
+        size[0][owns] = bw / big_w
+        size[1][owns] = bh / big_h
+        heat = torch.maximum(heat, one)
+    return heat, size, heat.clone()
 
 
 def heatmap_focal_loss(
