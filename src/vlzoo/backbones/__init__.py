@@ -1,1 +1,43 @@
-"""backbones."""
+"""Backbones: vision encoders, causal language models and their LLaVA-style composition.
+
+``MultimodalBackbone(vision=..., language=...)`` composes a vision encoder
+(:class:`TimmVisionEncoder`, :class:`ClipVisionEncoder`, :class:`SamImageEncoder`) with a
+:class:`CausalLM`; :class:`LlavaBackbone` adapts a native transformers LLaVA checkpoint to the
+same interface.  Training policies live in :mod:`vlzoo.backbones.policies`.
+"""
+
+from vlzoo.backbones.language import CausalLM, load_tokenizer
+from vlzoo.backbones.llava import LlavaBackbone
+from vlzoo.backbones.multimodal import (
+    BackboneCheckpointError,
+    MultimodalBackbone,
+    MultimodalOutput,
+    build_projector,
+)
+from vlzoo.backbones.policies import (
+    apply_lora,
+    enable_gradient_checkpointing,
+    parameter_report,
+    set_trainable,
+    train_rows,
+)
+from vlzoo.backbones.vision import ClipVisionEncoder, SamImageEncoder, TimmVisionEncoder, VisionOutput
+
+__all__ = [
+    "TimmVisionEncoder",
+    "ClipVisionEncoder",
+    "SamImageEncoder",
+    "VisionOutput",
+    "CausalLM",
+    "load_tokenizer",
+    "MultimodalBackbone",
+    "MultimodalOutput",
+    "BackboneCheckpointError",
+    "LlavaBackbone",
+    "build_projector",
+    "apply_lora",
+    "enable_gradient_checkpointing",
+    "parameter_report",
+    "set_trainable",
+    "train_rows",
+]

@@ -1,0 +1,657 @@
+"""LLaVA-style composition of a vision encoder and a causal LM.
+
+The image goes through the vision encoder, a projector maps its patch tokens to the LM's hidden
+size, and those tokens replace the single ``<image>`` placeholder of each sequence in the LM's
+input embeddings.
+
+Expanded-sequence layout.  A text row ``input_ids`` of length ``L`` with the placeholder at
+index ``p`` becomes an expanded row of length ``T = L - 1 + N`` (``N`` image tokens)::
+
+    input_ids:  t_0 .. t_{p-1}  <image>            t_{p+1} .. t_{L-1}
+    expanded:   t_0 .. t_{p-1}  img_0 .. img_{N-1}  t_{p+1} .. t_{L-1}
+
+``positions[b, i]`` is the expanded index of ``input_ids[b, i]`` (``i + N - 1`` after the
+placeholder, ``p`` — the first image token — for the placeholder itself) and
+``image_positions[b]`` is ``p + arange(N)``.  Position ids count attended tokens only
+(``cumsum(mask) - 1``), so left-padded prompts and right-padded training rows both work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlzoo.backbones.language import CausalLM
+from vlzoo.backbones.policies import (
+    apply_lora,
+    enable_gradient_checkpointing,
+    lora_settings,
+    set_trainable,
+    train_rows,
+)
+
+__all__ = [
+    "MultimodalOutput",
+    "MultimodalBackbone",
+    "BackboneCheckpointError",
+    "CHECKPOINT_FORMAT",
+    "build_projector",
+]
+
+CHECKPOINT_FORMAT = "vlzoo-backbone/1"
+
+InputsEmbedsFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class BackboneCheckpointError(ValueError):
+    """A backbone checkpoint does not fit the backbone built from the recipe."""
+
+
+@dataclass
+class MultimodalOutput:
+    """What :meth:`MultimodalBackbone.forward` returns (``T`` = expanded length)."""
+
+    loss: Tensor | None  # LM cross-entropy over labels (image positions ignored); None without labels
+    logits: Tensor  # (B, T, V)
+    hidden_states: Tensor  # (B, T, D) last layer (after the final norm)
+    attention_mask: Tensor  # (B, T)
+    positions: Tensor  # (B, L) expanded index of every input_ids index
+    image_positions: Tensor  # (B, N) expanded indices of the image tokens
+    image_features: Tensor  # (B, vision_dim, h, w) vision feature map before the projector
+    image_tokens: Tensor  # (B, N, D) projected image tokens as fed to the LM
+    labels: Tensor | None = None  # (B, T) expanded labels
+    attentions: dict[int, Tensor] | None = None  # layer -> (B, heads, T, T), when asked
+
+    def text_hidden_states(self) -> Tensor:
+        """``(B, L, D)``: the last hidden state at every ``input_ids`` index."""
+        index = self.positions.unsqueeze(-1).expand(-1, -1, self.hidden_states.shape[-1])
+        return self.hidden_states.gather(1, index)
+
+
+def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    """``linear`` or ``mlp2x_gelu`` (LLaVA-1.5: Linear, GELU, Linear)."""
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if kind == "mlp2x_gelu":
+        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+    raise ValueError(f"unknown projector {kind!r}; choose 'linear' or 'mlp2x_gelu'")
+
+
+@dataclass
+class _Spliced:
+    embeds: Tensor
+    attention_mask: Tensor
+    labels: Tensor | None
+    positions: Tensor
+    image_positions: Tensor
+
+
+def _unwrap_saved(module: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """The real layers behind a PEFT ``ModulesToSaveWrapper`` as ``(layer, used_in_forward)``."""
+    if hasattr(module, "original_module") and hasattr(module, "modules_to_save"):
+        return [(module.original_module, False)] + [(m, True) for m in module.modules_to_save.values()]
+    return [(module, True)]
+
+
+def _plain_key(key: str) -> str | None:
+    """A state-dict key without PEFT's wrapping; ``None`` for LoRA factors and frozen originals."""
+    key = key.replace("base_model.model.", "", 1) if ".base_model.model." in f".{key}" else key
+    parts = key.split(".")
+    if any(p.startswith("lora_") for p in parts) or "original_module" in parts:
+        return None
+    key = key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+    return key
+
+
+class _SplicingBackbone(nn.Module):
+    """Splicing, forward, generation, special tokens and checkpoints shared by the backbones.
+
+    A subclass provides ``tokenizer``, ``image_token``, ``image_token_id``, ``_lm_holder()`` (the
+    registered transformers causal LM — ``get_input_embeddings``, ``get_output_embeddings``,
+    ``get_decoder`` — or its PEFT wrapper) and ``encode_images(images) -> (feature_map,
+    image_tokens)``; it calls :meth:`_setup_policies` last in its constructor.
+    """
+
+    tokenizer: Any
+    image_token: str
+    image_token_id: int
+    def _init_state(self) -> None:
+        self.added_tokens: list[str] = []
+        self._new_token_ids: list[int] = []
+        self._train_new_embeddings = True
+        self._row_hooks: list[tuple[nn.Parameter, Any]] = []
+
+    # --- subclass hooks ---------------------------------------------------------------------
+    def _lm_holder(self) -> nn.Module:
+        """The registered module holding the LM: the transformers model or its PEFT wrapper."""
+        raise NotImplementedError
+
+    def _lm(self) -> nn.Module:
+        """The transformers causal LM (inside PEFT's wrapper when LoRA is on; LoRA layers are
+        injected in place, so calling its parts runs the adapters)."""
+        holder = self._lm_holder()
+        return holder.get_base_model() if hasattr(holder, "get_base_model") else holder
+
+    @property
+    def peft_model(self) -> Any:
+        """The PEFT model when LoRA is on (e.g. for ``with backbone.peft_model.disable_adapter():``)."""
+        holder = self._lm_holder()
+        return holder if hasattr(holder, "get_base_model") else None
+
+    def encode_images(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(feature_map (B, vision_dim, h, w), image_tokens (B, N, hidden_size))``."""
+        raise NotImplementedError
+
+    # --- embeddings and special tokens ------------------------------------------------------
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """The LM's input embeddings of ``input_ids`` (new tokens included)."""
+        return self._lm().get_input_embeddings()(input_ids)
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> dict[str, int]:
+        """Add ``tokens`` to the tokenizer (as special tokens) and their rows to the embedding and
+        LM head; return every token's id.  Tokens already in the vocabulary keep their id.
+
+        New rows start at the mean of the old ones.  When the embedding (or untied head) is
+        frozen, exactly the rows of tokens added through this method become trainable (gradient
+        mask); see :meth:`no_weight_decay`.
+        """
+        vocab = self.tokenizer.get_vocab()
+        new = [t for t in dict.fromkeys(tokens) if t not in vocab]
+        if new:
+            self.tokenizer.add_tokens(new, special_tokens=True)
+        ids = {t: int(self.tokenizer.convert_tokens_to_ids(t)) for t in tokens}
+        for t in tokens:
+            if t not in self.added_tokens:
+                self.added_tokens.append(t)
+        if new:
+            self._new_token_ids = sorted(set(self._new_token_ids) | {ids[t] for t in new})
+            rows = max(len(self.tokenizer), max(ids.values()) + 1)
+            if rows > self._vocab_rows():
+                self._resize_vocab(rows)
+            self._mask_new_rows()
+        return ids
+
+    def _vocab_rows(self) -> int:
+        layer, _ = _unwrap_saved(self._lm().get_input_embeddings())[0]
+        return int(layer.weight.shape[0])
+
+    def _resize_vocab(self, rows: int) -> None:
+        lm = self._lm()
+        inputs = _unwrap_saved(lm.get_input_embeddings())
+        head = lm.get_output_embeddings()
+        outputs = _unwrap_saved(head) if head is not None else []
+        old_weights = [layer.weight for layer, _ in inputs]
+        for layer, _ in inputs:
+            old = layer.weight
+            extra = old.detach().mean(0, keepdim=True).expand(rows - old.shape[0], -1)
+            layer.weight = nn.Parameter(torch.cat([old.detach(), extra]), requires_grad=_trainable(old))
+            layer.num_embeddings = rows
+        for layer, _ in outputs:
+            tied = next((i for i, w in enumerate(old_weights) if layer.weight is w), None)
+            if tied is not None:
+                layer.weight = inputs[tied][0].weight
+            else:
+                old = layer.weight
+                extra = old.detach().mean(0, keepdim=True).expand(rows - old.shape[0], -1)
+                layer.weight = nn.Parameter(torch.cat([old.detach(), extra]), requires_grad=_trainable(old))
+                if getattr(layer, "bias", None) is not None:
+                    bias = layer.bias
+                    fill = bias.detach().mean().expand(rows - bias.shape[0])
+                    layer.bias = nn.Parameter(torch.cat([bias.detach(), fill]), requires_grad=bias.requires_grad)
+            layer.out_features = rows
+        lm.config.get_text_config().vocab_size = rows
+        if hasattr(lm, "vocab_size"):
+            lm.vocab_size = rows
+
+    def _mask_new_rows(self) -> None:
+        """(Re)install the row masks on frozen embedding / head matrices."""
+        if not self._train_new_embeddings or not self._new_token_ids:
+            return
+        for _, handle in self._row_hooks:
+            handle.remove()
+        hooks = []
+        lm = self._lm()
+        layers = _unwrap_saved(lm.get_input_embeddings())
+        if lm.get_output_embeddings() is not None:
+            layers += _unwrap_saved(lm.get_output_embeddings())
+        seen: set[int] = set()
+        for layer, used in layers:
+            weight = layer.weight
+            if not used or id(weight) in seen:
+                continue
+            seen.add(id(weight))
+            if _trainable(weight):
+                continue  # fully trainable already
+            hooks.append((weight, train_rows(weight, self._new_token_ids)))
+        self._row_hooks = hooks
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters trained only in some rows; keep them out of weight decay."""
+        masked = {id(p) for p, _ in self._row_hooks}
+        return {name for name, p in self.named_parameters() if id(p) in masked}
+
+    # --- policies -----------------------------------------------------------------------------
+    def _setup_policies(
+        self,
+        *,
+        vision: nn.Module,
+        projector: nn.Module,
+        language: Sequence[nn.Module],
+        freeze_vision: bool,
+        freeze_projector: bool,
+        freeze_lm: bool,
+        train_new_embeddings: bool,
+        lora: dict[str, Any] | None,
+        gradient_checkpointing: bool,
+        lora_exclude: str | None,
+        set_peft: Callable[[Any], None],
+    ) -> None:
+        lm = self._lm()
+        set_trainable(vision, not freeze_vision)
+        set_trainable(projector, not freeze_projector)
+        for part in language:
+            set_trainable(part, not freeze_lm)
+        self._train_new_embeddings = train_new_embeddings
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(lm)
+            if not freeze_vision and hasattr(vision, "set_grad_checkpointing"):
+                vision.set_grad_checkpointing(True)
+        if lora is not None:
+            settings = lora_settings(lora)
+            peft = apply_lora(lm, exclude_modules=lora_exclude, **settings)
+            set_peft(peft)
+            # PEFT freezes everything it wraps; restore the policy of the non-LM parts
+            set_trainable(vision, not freeze_vision)
+            set_trainable(projector, not freeze_projector)
+        self._mask_new_rows()
+
+    # --- splicing -------------------------------------------------------------------------------
+    def splice(
+        self,
+        text_embeds: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        image_tokens: Tensor,
+        labels: Tensor | None = None,
+    ) -> _Spliced:
+        """Replace each row's single ``<image>`` placeholder by ``image_tokens`` (see module doc)."""
+        is_image = input_ids == self.image_token_id
+        counts = is_image.sum(1)
+        if not bool((counts == 1).all()):
+            raise ValueError(
+                f"every sequence needs exactly one {self.image_token!r} token (id {self.image_token_id}); "
+                f"found counts {counts.tolist()}"
+            )
+        b, length = input_ids.shape
+        n = image_tokens.shape[1]
+        total = length - 1 + n
+        device = input_ids.device
+        p = is_image.float().argmax(1)  # (B,)
+        index = torch.arange(length, device=device).expand(b, -1)
+        positions = index + (n - 1) * (index > p[:, None]).long()
+        image_positions = p[:, None] + torch.arange(n, device=device)
+        rows = torch.arange(b, device=device)
+        keep_b, keep_i = (~is_image).nonzero(as_tuple=True)
+        dst = positions[keep_b, keep_i]
+        embeds = text_embeds.new_zeros(b, total, text_embeds.shape[-1])
+        embeds = embeds.index_put((keep_b, dst), text_embeds[keep_b, keep_i])
+        embeds = embeds.index_put(
+            (rows[:, None].expand(-1, n), image_positions), image_tokens.to(text_embeds.dtype)
+        )
+        mask = attention_mask.new_zeros(b, total)
+        mask[keep_b, dst] = attention_mask[keep_b, keep_i]
+        mask[rows[:, None].expand(-1, n), image_positions] = attention_mask[rows, p][:, None]
+        out_labels = None
+        if labels is not None:
+            out_labels = labels.new_full((b, total), -100)
+            out_labels[keep_b, dst] = labels[keep_b, keep_i]
+        return _Spliced(embeds, mask, out_labels, positions, image_positions)
+
+    # --- the LM ---------------------------------------------------------------------------------
+    def _decode(
+        self,
+        embeds: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        *,
+        past_key_values: Any = None,
+        attention_layers: Sequence[int] | None = None,
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        decoder = self._lm().get_decoder()
+        captured: dict[int, Tensor] = {}
+        with contextlib.ExitStack() as stack:
+            if attention_layers:
+                stack.enter_context(_eager_attention(decoder.config))
+                layers = decoder.layers
+                for index in attention_layers:
+                    layer = layers[index]
+                    attn = layer.self_attn if hasattr(layer, "self_attn") else _find_attention(layer)
+                    key = index if index >= 0 else len(layers) + index
+
+                    def _hook(_m: nn.Module, _inp: Any, output: Any, key: int = key) -> None:
+                        captured[key] = output[1]
+
+                    handle = attn.register_forward_hook(_hook)
+                    stack.callback(handle.remove)
+            out = decoder(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=past_key_values is not None,
+            )
+        return out.last_hidden_state, captured
+
+    def forward(
+        self,
+        images: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor | None = None,
+        output_attentions: Sequence[int] | None = None,
+        inputs_embeds_fn: InputsEmbedsFn | None = None,
+    ) -> MultimodalOutput:
+        """Run vision encoder, projector and LM on a batch (see the module doc for the layout).
+
+        Args:
+            images: ``(B, 3, S, S)`` normalised with ``data_config``.
+            input_ids, attention_mask: ``(B, L)``, one ``<image>`` token per row.
+            labels: ``(B, L)`` LM targets, ``-100`` where no loss is wanted.
+            output_attentions: layer indices whose attention maps to return (computed with eager
+                attention for this call).
+            inputs_embeds_fn: ``fn(text_embeds (B, L, D), input_ids) -> (B, L, D)`` applied to the
+                text embeddings before splicing (e.g. to put a box embedding at a ``<loc>``).
+        """
+        image_features, image_tokens = self.encode_images(images)
+        text = self.embed_tokens(input_ids)
+        if inputs_embeds_fn is not None:
+            text = inputs_embeds_fn(text, input_ids)
+        sp = self.splice(text, input_ids, attention_mask, image_tokens, labels)
+        position_ids = (sp.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden, attentions = self._decode(
+            sp.embeds, sp.attention_mask, position_ids, attention_layers=output_attentions
+        )
+        logits = self._lm().get_output_embeddings()(hidden)
+        loss = None
+        if sp.labels is not None:
+            target = sp.labels[:, 1:]
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+            ) / (target != -100).sum().clamp(min=1)
+        return MultimodalOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=hidden,
+            attention_mask=sp.attention_mask,
+            positions=sp.positions,
+            image_positions=sp.image_positions,
+            image_features=image_features,
+            image_tokens=image_tokens,
+            labels=sp.labels,
+            attentions=attentions if output_attentions else None,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Tensor,
+        prompt_ids: Tensor,
+        prompt_attention_mask: Tensor,
+        max_new_tokens: int = 32,
+        logits_processor: Callable[[Tensor, Tensor], Tensor] | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        use_cache: bool = True,
+        inputs_embeds_fn: InputsEmbedsFn | None = None,
+    ) -> Tensor:
+        """Greedy decoding from left-padded prompts; returns ``(B, new_tokens)`` token ids.
+
+        ``logits_processor(ids, scores)`` (a transformers ``LogitsProcessorList`` works) sees the
+        text ids so far — prompt then generated, without image tokens — and the next-token scores.
+        After a row emits an eos token it is filled with the pad id; decoding stops when every
+        row has finished.  ``use_cache=False`` recomputes the whole sequence each step.
+        """
+        if eos_token_id is None:
+            eos_token_id = self.tokenizer.eos_token_id
+        eos = torch.as_tensor(
+            [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
+            dtype=torch.long,
+            device=prompt_ids.device,
+        )
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        _, image_tokens = self.encode_images(images)
+        text = self.embed_tokens(prompt_ids)
+        if inputs_embeds_fn is not None:
+            text = inputs_embeds_fn(text, prompt_ids)
+        sp = self.splice(text, prompt_ids, prompt_attention_mask, image_tokens)
+        embeds, mask = sp.embeds, sp.attention_mask
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = None
+        if use_cache:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self._lm().get_decoder().config)
+        head = self._lm().get_output_embeddings()
+        ids = prompt_ids
+        finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+        new_tokens: list[Tensor] = []
+        step_embeds, step_positions = embeds, positions
+        for _ in range(max_new_tokens):
+            hidden, _ = self._decode(step_embeds, mask, step_positions, past_key_values=cache)
+            scores = head(hidden[:, -1]).float()
+            if logits_processor is not None:
+                scores = logits_processor(ids, scores)
+            token = scores.argmax(-1)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            new_tokens.append(token)
+            ids = torch.cat([ids, token[:, None]], 1)
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()):
+                break
+            token_embeds = self.embed_tokens(token[:, None])
+            if inputs_embeds_fn is not None:
+                token_embeds = inputs_embeds_fn(token_embeds, token[:, None])
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            next_position = positions[:, -1:] + 1
+            positions = torch.cat([positions, next_position], 1)
+            if use_cache:
+                step_embeds, step_positions = token_embeds, next_position
+            else:
+                embeds = torch.cat([embeds, token_embeds.to(embeds.dtype)], 1)
+                step_embeds, step_positions = embeds, positions
+        if not new_tokens:
+            return prompt_ids.new_zeros(prompt_ids.shape[0], 0)
+        return torch.stack(new_tokens, 1)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def plain_state_dict(self) -> dict[str, Tensor]:
+        """The state dict with LoRA merged in and PEFT's wrapping removed (what a backbone without
+        LoRA has), so a checkpoint loads whatever LoRA setting the next recipe uses."""
+        state = self.state_dict()
+        merged: dict[str, Tensor] = {}
+        if self.peft_model is not None:
+            from peft.tuners.lora import LoraLayer
+
+            for name, module in self.named_modules():
+                if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
+                    weight = module.base_layer.weight.detach()
+                    for adapter in module.active_adapters:
+                        if adapter in module.lora_A:
+                            weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+                    merged[f"{name}.base_layer.weight"] = weight
+        out: dict[str, Tensor] = {}
+        for key, value in state.items():
+            plain = _plain_key(key)
+            if plain is not None:
+                out[plain] = merged.get(key, value).detach().clone()
+        return out
+
+    def save_backbone(self, path: str | Path) -> None:
+        """Write the weights (LoRA merged) and the added tokens to one file, loadable with the
+        ``checkpoint`` argument of a backbone built with the same architecture."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        blob = {
+            "format": CHECKPOINT_FORMAT,
+            "class": type(self).__name__,
+            "added_tokens": list(self.added_tokens),
+            "token_ids": {t: int(self.tokenizer.convert_tokens_to_ids(t)) for t in self.added_tokens},
+            "state_dict": self.plain_state_dict(),
+        }
+        torch.save(blob, str(path))
+
+    def _load_backbone(self, path: str | Path) -> None:
+        """Load a :meth:`save_backbone` file before any LoRA / freezing is applied."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"backbone checkpoint {str(path)!r} does not exist")
+        blob = torch.load(str(path), map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+            raise BackboneCheckpointError(f"{path} is not a vlzoo backbone checkpoint (save_backbone)")
+        ids = self.add_special_tokens(blob["added_tokens"])
+        moved = {t: (i, blob["token_ids"][t]) for t, i in ids.items() if blob["token_ids"].get(t) != i}
+        if moved:
+            raise BackboneCheckpointError(
+                f"{path}: the tokenizer gives different ids to the checkpoint's tokens "
+                f"(token: (now, saved)) {moved}; was it saved with another tokenizer?"
+            )
+        saved = blob["state_dict"]
+        own = self.plain_state_dict()
+        missing = sorted(set(own) - set(saved))
+        unexpected = sorted(set(saved) - set(own))
+        shapes = sorted(
+            f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in set(own) & set(saved)
+            if saved[k].shape != own[k].shape
+        )
+        if missing or unexpected or shapes:
+            lines = [f"backbone checkpoint {path} ({blob.get('class')}) does not match this {type(self).__name__}:"]
+            for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+                if items:
+                    shown = ", ".join(items[:8]) + (f" ... (+{len(items) - 8})" if len(items) > 8 else "")
+                    lines.append(f"  {title} ({len(items)}): {shown}")
+            lines.append("  build the backbone with the recipe the checkpoint was saved from")
+            raise BackboneCheckpointError("\n".join(lines))
+        self.load_state_dict(saved, strict=True)
+
+
+def _trainable(weight: nn.Parameter) -> bool:
+    """Whether a weight is trainable as a whole (a row-masked weight counts as frozen)."""
+    return weight.requires_grad and not getattr(weight, "_vlzoo_row_masked", False)
+
+
+def _find_attention(layer: nn.Module) -> nn.Module:
+    for name, child in layer.named_children():
+        if "attn" in name.lower() or "attention" in type(child).__name__.lower():
+            return child
+    raise ValueError(f"no attention module found in {type(layer).__name__}")
+
+
+@contextlib.contextmanager
+def _eager_attention(config: Any) -> Iterator[None]:
+    """Compute attention with the eager kernel (the only one returning weights) for a block."""
+    previous = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+class MultimodalBackbone(_SplicingBackbone):
+    """A vision encoder, a projector and a causal LM, LLaVA style (see the module doc).
+
+    Args:
+        vision: a built vision encoder (:class:`~vlzoo.backbones.TimmVisionEncoder`,
+            :class:`~vlzoo.backbones.ClipVisionEncoder`, :class:`~vlzoo.backbones.SamImageEncoder`).
+        language: a built :class:`~vlzoo.backbones.CausalLM`.
+        projector: ``linear`` or ``mlp2x_gelu``.
+        image_token: the placeholder token (added to the tokenizer if missing).
+        freeze_vision, freeze_projector, freeze_lm: freeze those parts.
+        train_new_embeddings: rows of tokens added later (``add_special_tokens``) are trainable
+            even when the embedding is frozen (by ``freeze_lm`` or LoRA).
+        lora: LoRA on the LM, e.g. ``{r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj,
+            v_proj], modules_to_save: [lm_head]}`` (see ``policies.LORA_DEFAULTS``); the LM's
+            base weights are then frozen.
+        gradient_checkpointing: activation checkpointing in the LM (and a trainable encoder).
+        checkpoint: a :meth:`save_backbone` file loaded after building and before LoRA /
+            freezing; a different architecture raises :class:`BackboneCheckpointError`.
+    """
+
+    def __init__(
+        self,
+        *,
+        vision: nn.Module,
+        language: CausalLM,
+        projector: str = "mlp2x_gelu",
+        image_token: str = "<image>",
+        freeze_vision: bool = True,
+        freeze_projector: bool = False,
+        freeze_lm: bool = False,
+        train_new_embeddings: bool = True,
+        lora: dict[str, Any] | None = None,
+        gradient_checkpointing: bool = False,
+        checkpoint: str | None = None,
+    ) -> None:
+        super().__init__()
+        self._init_state()
+        self.vision = vision
+        self.language = language
+        self.tokenizer = language.tokenizer
+        lm_dtype = language.model.get_input_embeddings().weight.dtype
+        self.projector_kind = projector
+        self.projector = build_projector(projector, vision.dim, language.hidden_size).to(lm_dtype)
+        self.image_token = image_token
+        self.image_token_id = self.add_special_tokens([image_token])[image_token]
+        self._new_token_ids = []  # the placeholder's row is never read: not a trainable new row
+        if checkpoint is not None:
+            self._load_backbone(checkpoint)
+        self._setup_policies(
+            vision=vision,
+            projector=self.projector,
+            language=[language],
+            freeze_vision=freeze_vision,
+            freeze_projector=freeze_projector,
+            freeze_lm=freeze_lm,
+            train_new_embeddings=train_new_embeddings,
+            lora=lora,
+            gradient_checkpointing=gradient_checkpointing,
+            lora_exclude=None,
+            set_peft=self._set_peft,
+        )
+
+    def _set_peft(self, peft: Any) -> None:
+        self.language.model = peft
+
+    def _lm_holder(self) -> nn.Module:
+        return self.language.model
+
+    # --- attributes of the layer contract ---------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return self.language.hidden_size
+
+    @property
+    def vision_dim(self) -> int:
+        return int(self.vision.dim)
+
+    @property
+    def feature_grid(self) -> tuple[int, int]:
+        return tuple(self.vision.feature_grid)
+
+    @property
+    def input_size(self) -> int:
+        return int(self.vision.input_size)
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        return dict(self.vision.data_config)
+
+    def encode_images(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.vision(images)
+        weight = next(self.projector.parameters())
+        return out.feature_map, self.projector(out.tokens.to(weight.dtype))
