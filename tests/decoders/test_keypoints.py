@@ -8,6 +8,7 @@ import torch
 from vlzoo.decoders.keypoints import (
     AttentionRefinementHead,
     PointDescriptor,
+    PromptedMaskDecoder,
     QueryPooling,
     box_projection_loss,
     extract_keypoints,
@@ -166,3 +167,16 @@ def test_extract_keypoints_top_k_and_threshold():
     assert none.shape == (0, 2)
     flat, _ = extract_keypoints(torch.zeros(8, 8), image_size=(32, 32))
     assert flat.shape == (1, 2)
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+def test_prompted_mask_decoder_keeps_rows_apart(multimask):
+    dec = PromptedMaskDecoder(vision_dim=6, prompt_dim=16, depth=1, mlp_dim=32, num_heads=2, multimask=multimask)
+    feats = torch.randn(3, 6, 4, 4)
+    sparse = torch.randn(3, 5, 16)
+    masks, iou = dec(feats, sparse)
+    assert masks.shape == (3, 16, 16) and iou.shape == (3,)
+    alone, iou_alone = dec(feats[1:2], sparse[1:2])  # row 1 does not see the other images
+    assert torch.allclose(alone[0], masks[1], atol=1e-5) and torch.allclose(iou_alone[0], iou[1], atol=1e-5)
+    with pytest.raises(ValueError, match="image rows"):
+        dec(feats, sparse[:2])

@@ -14,6 +14,9 @@ The pieces here are plain ``nn.Module`` s and functions, usable without the reci
   prompt (positional encoding at the sub-pixel location plus a foreground embedding, as SAM's
   prompt encoder writes it), a point descriptor (cross-attention from the keypoint to the image
   features) and the global semantic feature.
+* :class:`PromptedMaskDecoder` - ``segment_anything``'s ``MaskDecoder`` over projected vision
+  features, one image row per prompt (SAM's own ``predict_masks`` repeats a *single* image per
+  prompt batch, which would mix images in a batch of several).
 * Target generation and losses: :func:`interior_point` (the keypoint of a mask) and
   :func:`box_projection_loss` (a mask supervised by a box only, for REC / detection data without
   masks); mask losses proper are :func:`vlzoo.decoders.prompt.mask_losses`.
@@ -25,7 +28,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling.mask_decoder import MaskDecoder
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
+from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import Tensor, nn
 
 from vlzoo.decoders.heatmap import find_peaks, refine_subpixel
@@ -36,6 +41,7 @@ __all__ = [
     "QueryPooling",
     "AttentionRefinementHead",
     "PointDescriptor",
+    "PromptedMaskDecoder",
     "interior_point",
     "box_projection_loss",
 ]
@@ -302,6 +308,71 @@ def extract_keypoints(
     big_h, big_w = image_size
     points = torch.stack([(cx * big_w / w).clamp(0, big_w), (cy * big_h / h).clamp(0, big_h)], dim=-1)
     return points, scores.float()
+
+
+class PromptedMaskDecoder(nn.Module):
+    """A ``segment_anything`` mask decoder (two-way transformer, upscaling, hypernetwork MLPs,
+    IoU head) over projected vision features, for a batch where row ``i`` of the image features
+    goes with row ``i`` of the sparse prompts.
+
+    Args:
+        vision_dim: channels of the image features (injected from the backbone).
+        prompt_dim: the transformer width (SAM: 256).
+        depth, mlp_dim, num_heads: the two-way transformer (SAM: 2, 2048, 8).
+        multimask: return SAM's three candidate masks and keep the one of highest predicted IoU
+            (SAM's answer to ambiguous single clicks) instead of the single-mask output.
+    """
+
+    def __init__(
+        self,
+        *,
+        vision_dim: int = 64,
+        prompt_dim: int = 64,
+        depth: int = 2,
+        mlp_dim: int = 128,
+        num_heads: int = 4,
+        multimask: bool = False,
+    ) -> None:
+        super().__init__()
+        self.prompt_dim = prompt_dim
+        self.multimask = multimask
+        self.project = nn.Sequential(nn.Conv2d(vision_dim, prompt_dim, 1), nn.GroupNorm(1, prompt_dim))
+        self.positional_encoding = PositionEmbeddingRandom(prompt_dim // 2)
+        self.no_mask = nn.Parameter(torch.randn(prompt_dim) * 0.02)
+        self.sam = MaskDecoder(
+            transformer_dim=prompt_dim,
+            transformer=TwoWayTransformer(depth=depth, embedding_dim=prompt_dim, mlp_dim=mlp_dim, num_heads=num_heads),
+            num_multimask_outputs=3,
+            iou_head_depth=3,
+            iou_head_hidden_dim=prompt_dim,
+        )
+
+    def forward(self, image_features: Tensor, sparse: Tensor) -> tuple[Tensor, Tensor]:
+        """``(M, vision_dim, h, w)``, ``(M, n, prompt_dim)`` -> (mask logits ``(M, 4h, 4w)``,
+        predicted IoU ``(M,)``)."""
+        if image_features.shape[0] != sparse.shape[0]:
+            raise ValueError(
+                f"PromptedMaskDecoder: {image_features.shape[0]} image rows for {sparse.shape[0]} prompts"
+            )
+        sam = self.sam
+        src = self.project(image_features.float()) + self.no_mask[None, :, None, None]
+        m, c, h, w = src.shape
+        pos = self.positional_encoding((h, w)).unsqueeze(0).expand(m, -1, -1, -1)
+        out_tokens = torch.cat([sam.iou_token.weight, sam.mask_tokens.weight], dim=0)
+        tokens = torch.cat([out_tokens.unsqueeze(0).expand(m, -1, -1), sparse.float()], dim=1)
+        hs, src = sam.transformer(src, pos, tokens)
+        iou_out = hs[:, 0]
+        mask_out = hs[:, 1 : 1 + sam.num_mask_tokens]
+        up = sam.output_upscaling(src.transpose(1, 2).reshape(m, c, h, w))
+        hyper = torch.stack([mlp(mask_out[:, i]) for i, mlp in enumerate(sam.output_hypernetworks_mlps)], dim=1)
+        b, cu, hu, wu = up.shape
+        masks = (hyper @ up.view(b, cu, hu * wu)).view(b, -1, hu, wu)
+        iou = sam.iou_prediction_head(iou_out)
+        if not self.multimask:
+            return masks[:, 0], iou[:, 0]
+        best = iou[:, 1:].argmax(dim=1) + 1
+        rows = torch.arange(m, device=masks.device)
+        return masks[rows, best], iou[rows, best]
 
 
 # ----------------------------------------------------------------------------- targets & losses

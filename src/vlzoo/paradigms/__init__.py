@@ -9,3 +9,6 @@ from vlzoo.paradigms.base import BaseParadigm, to_original, warmup_cosine
 from vlzoo.paradigms.language_modeling import LanguageModeling
 
 __all__ = ["BaseParadigm", "LanguageModeling", "to_original", "warmup_cosine"]
+from vlzoo.paradigms.attention_keypoints import AttentionKeypoints, AttentionKeypointsAnswer  # noqa: E402
+
+__all__ += ["AttentionKeypoints", "AttentionKeypointsAnswer"]

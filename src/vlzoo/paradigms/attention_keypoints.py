@@ -1,0 +1,423 @@
+"""LENS: segmentation as a plug-in for a *frozen* multimodal LM.
+
+The LMM is never changed - no LoRA, no new token, no trainable row, kept in eval mode - and a
+light head reads what it already computes when it reads the prompt:
+
+1. **Attention maps**: the attention of chosen layers and heads from the query text positions
+   (the prompt after the image) to the image tokens, on the image-token grid, one channel per
+   (layer, head).  Which text positions speak for the query is learned from the LMM's own hidden
+   states (:class:`~vlzoo.decoders.keypoints.QueryPooling`), which also gives the query's
+   *global semantic feature*.
+2. **Refinement head**: a few convolutions turn the attention channels (optionally with the
+   frozen vision features, modulated by the semantic feature) into a target heatmap, trained
+   with CenterNet's focal loss against Gaussians at each target's interior point.
+3. **Keypoints**: the top peaks of the heatmap, refined below the cell (log-parabola fit).
+4. **Point descriptors**: each keypoint becomes a positive point prompt, a descriptor
+   (cross-attention from its positional encoding to the image features) and the semantic token:
+   the sparse prompt of a SAM mask decoder, which outputs the mask; boxes are the masks' extents.
+
+Masks train with BCE + dice (RES / instance seg); samples with boxes only (REC / detection)
+train the mask through its x / y projections (BoxInst), so a box derived from the mask is
+exactly what they supervise.
+
+The promise: attaching and training the head leaves the LMM's behaviour untouched (its
+parameters get no gradient and never change, greedy generation and logits stay identical) and
+the head alone is a small file (:meth:`AttentionKeypoints.save_head`) that loads onto the same
+frozen LMM (:meth:`AttentionKeypoints.load_head` checks a fingerprint of it).
+
+A frozen *randomly initialised* LMM has meaningless attention: the recipe starts from a stage-0
+checkpoint (``backbone.checkpoint=``, trained with ``paradigms/language_modeling.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import masks_to_boxes
+
+from vlzoo.data.answers import AnswerFormat
+from vlzoo.decoders.heatmap import gaussian_heatmap_targets, heatmap_focal_loss
+from vlzoo.decoders.keypoints import (
+    AttentionRefinementHead,
+    PointDescriptor,
+    PromptedMaskDecoder,
+    QueryPooling,
+    box_projection_loss,
+    extract_keypoints,
+    interior_point,
+    text_to_image_attention,
+)
+from vlzoo.decoders.prompt import mask_losses
+from vlzoo.paradigms.base import BaseParadigm, OptimizerFactory, SchedulerFactory
+from vlzoo.structures import Batch, Predictions, Sample, Targets
+
+__all__ = ["AttentionKeypoints", "AttentionKeypointsAnswer", "HEAD_FORMAT"]
+
+#: format tag of :meth:`AttentionKeypoints.save_head` files
+HEAD_FORMAT = "vlzoo-attention-keypoints-head/1"
+_MASK_TASKS = ("res", "seg")
+_MULTI_TASKS = ("seg", "det")
+
+
+class AttentionKeypointsAnswer(AnswerFormat):
+    """No special tokens and no location in the answer: the frozen LMM is only *read* while it
+    reads the prompt, so a localization answer is empty (the collate still appends eos)."""
+
+    special_tokens: tuple[str, ...] = ()
+
+    def localization_answer(self, sample: Sample, input_size: tuple[int, int]) -> str:
+        return ""
+
+
+@dataclass
+class _Reading:
+    """What the head computed from one pass of the frozen LMM over the prompts."""
+
+    heatmap: Tensor  # (B, H', W') logits
+    attention: Tensor  # (B, C, h, w) text -> image attention channels
+    semantic: Tensor  # (B, hidden) pooled query feature
+    image_features: Tensor  # (B, vision_dim, h, w) frozen vision features
+
+
+class AttentionKeypoints(BaseParadigm):
+    """A frozen LMM, a head reading its attention, keypoints and a SAM mask decoder (LENS).
+
+    Args:
+        backbone: the frozen ``MultimodalBackbone`` (injected); it is frozen here whatever its
+            own ``freeze_*`` settings say; LoRA on it is an error.
+        decoder: a :class:`~vlzoo.decoders.keypoints.PromptedMaskDecoder` (a ``segment_anything``
+            mask decoder; a small one is built when ``None``).
+        hidden_size, vision_dim, feature_grid, input_size: injected from the backbone.
+        attention_layers: LM layers whose attention is read (negative counts from the end;
+            default every layer).
+        attention_heads: heads kept in every chosen layer (default all).
+        use_image_features: let the refinement head also see the frozen vision features, gated
+            by the semantic feature (LENS reads attention alone; a tiny LMM's attention is
+            coarse, see docs/paradigms/attention_keypoints.md).
+        head_channels, head_layers: width and depth of the refinement head.
+        heatmap_upsample: the heatmap is this many times finer than the image-token grid.
+        min_radius: smallest Gaussian radius of a target, in heatmap cells.
+        refine: sub-pixel refinement, ``"quadratic"`` or ``"soft_argmax"``.
+        max_instances: peaks kept for ``seg`` / ``det`` (and instances trained per sample).
+        peak_threshold: score a ``seg`` / ``det`` peak must exceed (REC / RES keep the top one).
+        point_jitter: training keypoints are the targets' interior points moved by up to this
+            many pixels, so the mask decoder learns to work from imperfect predicted peaks.
+        mask_threshold: mask logit threshold at prediction.
+    """
+
+    name: ClassVar[str] = "attention_keypoints"
+    supported_tasks: ClassVar[tuple[str, ...]] = ("res", "rec", "seg", "det")
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module | None = None,
+        decoder: PromptedMaskDecoder | None = None,
+        evaluator: Any | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        loss_weights: dict[str, float] | None = None,
+        tasks: list[str] | None = None,
+        hidden_size: int = 64,
+        vision_dim: int = 64,
+        feature_grid: Sequence[int] = (8, 8),
+        input_size: int = 64,
+        attention_layers: list[int] | None = None,
+        attention_heads: list[int] | None = None,
+        use_image_features: bool = True,
+        head_channels: int = 64,
+        head_layers: int = 3,
+        heatmap_upsample: int = 2,
+        min_radius: int = 1,
+        refine: str = "quadratic",
+        max_instances: int = 10,
+        peak_threshold: float = 0.3,
+        point_jitter: float = 2.0,
+        mask_threshold: float = 0.0,
+    ) -> None:
+        if backbone is None:
+            raise ValueError("paradigm 'attention_keypoints' needs a backbone: it reads a frozen LMM")
+        if getattr(backbone, "peft_model", None) is not None:
+            raise ValueError(
+                "paradigm 'attention_keypoints' keeps the LMM frozen: remove backbone.lora from the recipe"
+            )
+        super().__init__(
+            backbone=backbone,
+            answer_format=AttentionKeypointsAnswer(),
+            evaluator=evaluator,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_weights=loss_weights,
+            tasks=tasks,
+        )
+        if refine not in ("quadratic", "soft_argmax"):
+            raise ValueError(f"paradigm.refine must be 'quadratic' or 'soft_argmax', got {refine!r}")
+        backbone.requires_grad_(False)
+        backbone.eval()
+        text_config = backbone.language.model.config.get_text_config()
+        num_layers = int(text_config.num_hidden_layers)
+        num_heads = int(text_config.num_attention_heads)
+        layers = list(range(num_layers)) if attention_layers is None else list(attention_layers)
+        bad = [i for i in layers if not -num_layers <= i < num_layers]
+        if bad or not layers:
+            raise ValueError(
+                f"paradigm.attention_layers {attention_layers} must name layers of the {num_layers}-layer LM"
+            )
+        self.attention_layers = sorted({i % num_layers for i in layers})
+        heads = list(range(num_heads)) if attention_heads is None else list(attention_heads)
+        if not heads or any(not 0 <= h < num_heads for h in heads):
+            raise ValueError(f"paradigm.attention_heads {attention_heads} must name heads of the {num_heads}-head LM")
+        self.attention_heads = heads
+        self.feature_grid = (int(feature_grid[0]), int(feature_grid[1]))
+        self.input_size = int(input_size)
+        self.heatmap_upsample = heatmap_upsample
+        self.min_radius = min_radius
+        self.refine = refine
+        self.max_instances = max_instances
+        self.peak_threshold = peak_threshold
+        self.point_jitter = point_jitter
+        self.mask_threshold = mask_threshold
+        self.pooling = QueryPooling(hidden_size=hidden_size)
+        self.head = AttentionRefinementHead(
+            in_channels=len(self.attention_layers) * len(heads),
+            vision_dim=vision_dim if use_image_features else 0,
+            query_dim=hidden_size,
+            hidden_channels=head_channels,
+            num_layers=head_layers,
+            upsample=heatmap_upsample,
+        )
+        self.decoder = decoder if decoder is not None else PromptedMaskDecoder(vision_dim=vision_dim)
+        self.descriptor = PointDescriptor(
+            embed_dim=self.decoder.prompt_dim,
+            vision_dim=vision_dim,
+            query_dim=hidden_size,
+            positional_encoding=self.decoder.positional_encoding,
+        )
+
+    # ------------------------------------------------------------------ the frozen LMM
+    def train(self, mode: bool = True) -> AttentionKeypoints:
+        """Lightning switches the whole module to train mode; the LMM stays in eval mode (no
+        dropout), so what the head reads is exactly what the LMM computes at inference."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def _read(self, batch: Batch) -> _Reading:
+        with torch.no_grad():
+            out = self.backbone(
+                images=batch.images,
+                input_ids=batch.prompt_ids,
+                attention_mask=batch.prompt_attention_mask,
+                output_attentions=self.attention_layers,
+            )
+        t = out.hidden_states.shape[1]
+        after_image = torch.arange(t, device=out.hidden_states.device)[None] > out.image_positions[:, -1:]
+        query = out.attention_mask.bool() & after_image
+        weights, semantic = self.pooling(out.hidden_states, query)
+        attention = text_to_image_attention(
+            [out.attentions[i] for i in self.attention_layers],
+            weights,
+            out.image_positions,
+            self.feature_grid,
+            heads=self.attention_heads,
+        )
+        feats = out.image_features.float()
+        heat = self.head(attention, image_features=feats, query=semantic)
+        return _Reading(heat, attention, semantic, feats)
+
+    # ------------------------------------------------------------------ targets
+    def _points_of(self, target: Targets, task: str) -> tuple[Tensor, Tensor]:
+        """Keypoints ``(N, 2)`` (input pixels) and sizes ``(N, 2)`` (w, h) of a sample's objects."""
+        boxes = target.boxes.float()
+        if task in _MASK_TASKS and target.masks is not None and len(target):
+            points = torch.stack([interior_point(m) if m.any() else _centre(b) for m, b in zip(target.masks, boxes)])
+        else:
+            points = torch.stack([_centre(b) for b in boxes]) if len(target) else boxes.new_zeros(0, 2)
+        sizes = (boxes[:, 2:] - boxes[:, :2]).clamp_min(1.0)
+        return points[: self.max_instances], sizes[: self.max_instances]
+
+    def _heatmap_targets(self, batch: Batch, grid: tuple[int, int]) -> tuple[Tensor, list[Tensor]]:
+        h, w = batch.input_size
+        maps, all_points = [], []
+        for target, task in zip(batch.targets, batch.tasks):
+            points, sizes = self._points_of(target, task)
+            scale = torch.tensor([grid[1] / w, grid[0] / h])
+            maps.append(gaussian_heatmap_targets(points * scale, sizes * scale, grid, min_radius=self.min_radius))
+            all_points.append(points)
+        return torch.stack(maps), all_points
+
+    # ------------------------------------------------------------------ masks from keypoints
+    def _masks(self, reading: _Reading, sample_index: Tensor, points: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """One mask per keypoint: ``points (M, 2)`` input pixels of samples ``sample_index (M,)``
+        -> (logits ``(M, H, W)`` at input size, predicted IoU ``(M,)``)."""
+        h, w = size
+        norm = points / torch.tensor([w, h], dtype=points.dtype, device=points.device)
+        sparse = self.descriptor(
+            norm[:, None].clamp(0, 1),
+            reading.image_features[sample_index],
+            reading.semantic[sample_index],
+        )
+        low, iou = self.decoder(reading.image_features[sample_index], sparse)
+        logits = F.interpolate(low[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        return logits, iou
+
+    # ------------------------------------------------------------------ the paradigm contract
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        reading = self._read(batch)
+        grid = tuple(reading.heatmap.shape[-2:])
+        target_maps, points = self._heatmap_targets(batch, grid)
+        parts = {"heatmap": heatmap_focal_loss(reading.heatmap, target_maps.to(reading.heatmap.device))}
+        index = torch.cat([torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(points)])
+        flat = torch.cat(points).to(reading.heatmap.device)
+        if self.training and self.point_jitter > 0 and len(flat):
+            flat = flat + (torch.rand_like(flat) * 2 - 1) * self.point_jitter
+        h, w = batch.input_size
+        flat = torch.stack([flat[:, 0].clamp(0, w - 1e-3), flat[:, 1].clamp(0, h - 1e-3)], dim=-1)
+        logits, iou = self._masks(reading, index.to(flat.device), flat, (h, w))
+        masked, boxed = [], []
+        for row, (i, k) in enumerate(_object_rows(points)):
+            target, task = batch.targets[i], batch.tasks[i]
+            (masked if task in _MASK_TASKS and target.masks is not None else boxed).append((row, i, k))
+        zero = reading.heatmap.sum() * 0
+        if masked:
+            rows = torch.tensor([r for r, _, _ in masked], device=logits.device)
+            gt = torch.stack([batch.targets[i].masks[k] for _, i, k in masked]).to(logits.device)
+            m = mask_losses(logits[rows], gt, iou_pred=iou[rows])
+            parts.update({"mask_bce": m["bce"], "mask_dice": m["dice"], "mask_iou": m["iou"]})
+        else:
+            parts.update({"mask_bce": zero, "mask_dice": zero, "mask_iou": zero})
+        if boxed:
+            rows = torch.tensor([r for r, _, _ in boxed], device=logits.device)
+            gt_boxes = torch.stack([batch.targets[i].boxes[k] for _, i, k in boxed]).to(logits.device)
+            parts["box_projection"] = box_projection_loss(logits[rows], gt_boxes)
+        else:
+            parts["box_projection"] = zero
+        return parts
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> list[Predictions]:
+        reading = self._read(batch)
+        probs = reading.heatmap.sigmoid()
+        size = batch.input_size
+        found, index = [], []
+        for i, task in enumerate(batch.tasks):
+            multi = task in _MULTI_TASKS
+            pts, scores = extract_keypoints(
+                probs[i],
+                image_size=size,
+                k=self.max_instances if multi else 1,
+                threshold=self.peak_threshold if multi else 0.0,
+                refine=self.refine,
+            )
+            found.append((pts, scores))
+            index += [i] * len(pts)
+        flat = torch.cat([p for p, _ in found]) if index else probs.new_zeros(0, 2)
+        if len(flat):
+            logits, iou = self._masks(reading, torch.tensor(index, device=flat.device), flat, size)
+        else:
+            logits, iou = probs.new_zeros(0, *size), probs.new_zeros(0)
+        out, start = [], 0
+        for i, (pts, scores) in enumerate(found):
+            n = len(pts)
+            masks = logits[start : start + n] > self.mask_threshold
+            mask_scores = iou[start : start + n].float()
+            start += n
+            target = batch.targets[i]
+            label = int(target.labels[0]) if len(target.labels) else 0
+            out.append(
+                Predictions(
+                    boxes=_boxes_of(masks, pts),
+                    scores=scores,
+                    labels=torch.full((n,), label, dtype=torch.long),
+                    masks=masks,
+                    mask_scores=mask_scores,
+                    image_id=batch.image_ids[i],
+                    image_size=size,
+                    evidence={
+                        "heatmap": probs[i],
+                        "points": pts,
+                        "attention": reading.attention[i].mean(0),
+                    },
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ the head alone
+    def head_state_dict(self) -> dict[str, Tensor]:
+        """Every trainable tensor and buffer outside the frozen LMM (the head's checkpoint)."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def backbone_fingerprint(self) -> str:
+        """A hash of the frozen LMM's weights: a head only makes sense on the LMM it was trained on."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.backbone.state_dict().items()):
+            t = tensor.detach().double()
+            digest.update(name.encode())
+            digest.update(f"{tuple(t.shape)}:{t.sum().item():.10e}:{(t * t).sum().item():.10e}".encode())
+        return digest.hexdigest()
+
+    def save_head(self, path: str | Path) -> None:
+        """Write the head alone (not the LMM) with what it needs to check its LMM on load."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        blob = {
+            "format": HEAD_FORMAT,
+            "attention_layers": self.attention_layers,
+            "attention_heads": self.attention_heads,
+            "backbone_fingerprint": self.backbone_fingerprint(),
+            "state_dict": self.head_state_dict(),
+        }
+        torch.save(blob, str(path))
+
+    def load_head(self, path: str | Path, *, check_backbone: bool = True) -> None:
+        """Load a :meth:`save_head` file; the LMM must be the one the head was trained on
+        (``check_backbone=False`` skips that check, e.g. for a re-saved copy of the same LMM)."""
+        blob = torch.load(str(path), map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or blob.get("format") != HEAD_FORMAT:
+            raise ValueError(f"{path} is not an attention_keypoints head file (save_head)")
+        if (blob["attention_layers"], blob["attention_heads"]) != (self.attention_layers, self.attention_heads):
+            raise ValueError(
+                f"{path}: head reads layers {blob['attention_layers']} / heads {blob['attention_heads']}, "
+                f"this paradigm {self.attention_layers} / {self.attention_heads} (paradigm.attention_layers/heads)"
+            )
+        if check_backbone and blob["backbone_fingerprint"] != self.backbone_fingerprint():
+            raise ValueError(
+                f"{path}: the head was trained on a different frozen LMM (fingerprint mismatch); "
+                "build the backbone from the same checkpoint (backbone.checkpoint=...)"
+            )
+        missing, unexpected = self.load_state_dict(blob["state_dict"], strict=False)
+        missing = [k for k in missing if not k.startswith("backbone.")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: head does not fit this paradigm: missing {missing}, unexpected {unexpected}")
+
+
+def _centre(box: Tensor) -> Tensor:
+    return torch.stack([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+
+
+def _object_rows(points: list[Tensor]) -> list[tuple[int, int]]:
+    """``(sample, object)`` of every row of the flattened keypoints."""
+    return [(i, k) for i, p in enumerate(points) for k in range(len(p))]
+
+
+def _boxes_of(masks: Tensor, points: Tensor) -> Tensor:
+    """Boxes of masks; an empty mask gets a one-pixel box at its keypoint (never a crash, and
+    scored as the miss it is)."""
+    if masks.shape[0] == 0:
+        return torch.zeros(0, 4, device=masks.device)
+    boxes = torch.zeros(masks.shape[0], 4, device=masks.device)
+    nonempty = masks.flatten(1).any(1)
+    if nonempty.any():
+        b = masks_to_boxes(masks[nonempty])
+        b[:, 2:] += 1  # masks_to_boxes gives inclusive pixel indices; boxes cover the pixels
+        boxes[nonempty] = b
+    if (~nonempty).any():
+        p = points[~nonempty].to(boxes)
+        boxes[~nonempty] = torch.cat([p - 0.5, p + 0.5], dim=-1)
+    return boxes
