@@ -12,3 +12,6 @@ __all__ = ["BaseParadigm", "LanguageModeling", "to_original", "warmup_cosine"]
 from vlzoo.paradigms.attention_keypoints import AttentionKeypoints, AttentionKeypointsAnswer  # noqa: E402
 
 __all__ += ["AttentionKeypoints", "AttentionKeypointsAnswer"]
+from vlzoo.paradigms.pixel2emb import EmbeddingAnswerFormat, Pixel2Emb  # noqa: E402
+
+__all__ += ["EmbeddingAnswerFormat", "Pixel2Emb"]

@@ -1,0 +1,707 @@
+"""pixel2emb: a trigger token's hidden state is decoded into a box and a mask; a box can also be
+*input* as an embedding (NExT-Chat), with LISA's ``[SEG]`` variant and AnyRef's options.
+
+The method, in the order one batch meets it:
+
+1. **Answers.**  :class:`EmbeddingAnswerFormat` writes every object of a localization answer as
+   ``<trigger><loc>`` (optionally after its name: a *grounded* answer such as
+   ``the red circle <trigger><loc>``); a box referred to in a prompt (REG) is written ``<loc>``
+   or, with AnyRef's unified references, ``<ref_start> <ref> x k <ref_end>``.
+2. **Input embeddings.**  Through the backbone's ``inputs_embeds_fn`` hook every ``<loc>`` input
+   embedding is replaced by ``BoxEncoder(box)`` (the ground-truth box after a trigger - teacher
+   forcing - or the prompt's box) and every ``<ref>`` by the crop's pooled, projected vision
+   tokens.  The LM loss skips the ``<loc>`` that follows a trigger: generation inserts it.
+3. **Heads.**  The last-layer hidden state at each ``<trigger>`` (optionally *refocused*:
+   ``h + lambda * sum_i a_i h_i`` with ``a_i`` the normalised last-layer attention from the
+   trigger to the answer tokens before it, AnyRef) optionally attends to the image tokens
+   (:class:`~vlzoo.decoders.TriggerImageAttention`), then goes to ``BoxDecoder`` (L1 + GIoU) and
+   to ``PromptMLP`` -> SAM mask decoder (decoded box as extra box prompt) for masks (BCE / focal
+   + Dice + IoU MSE).  The cycle losses tie ``BoxEncoder`` and ``BoxDecoder``.
+4. **Generation** (``predict``) is greedy, in this module's own loop because the box to embed
+   after a trigger depends on the hidden state at that trigger: when a row emits a trigger, its
+   box (and mask) is decoded and the next input of the row is forced to ``<loc>`` carrying
+   ``BoxEncoder(decoded box)``, as NExT-Chat does.  The loop re-runs the backbone over the whole
+   sequence every step (no KV cache through the public backbone API): answers are short.
+
+Loss parts (weights in ``loss_weights``; defaults in :data:`DEFAULT_LOSS_WEIGHTS`): ``lm``,
+``box_l1``, ``box_giou``, ``cycle_embedding``, ``cycle_box``, ``mask_bce`` or ``mask_focal``,
+``mask_dice``, ``mask_iou`` - only the parts of the heads a recipe configures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlzoo.data.answers import AnswerFormat
+from vlzoo.decoders.box import (
+    BoxDecoder,
+    BoxEncoder,
+    box_cycle_losses,
+    box_losses,
+    denormalise_boxes,
+    normalise_boxes,
+)
+from vlzoo.decoders.prompt import PromptMLP, TriggerImageAttention, mask_losses
+from vlzoo.paradigms.base import BaseParadigm, OptimizerFactory, SchedulerFactory
+from vlzoo.structures import Batch, Predictions, Sample
+
+__all__ = [
+    "EmbeddingAnswerFormat",
+    "Pixel2Emb",
+    "DEFAULT_LOSS_WEIGHTS",
+    "answer_order",
+    "refocus",
+    "crop_reference_tokens",
+]
+
+#: NExT-Chat's box weights (L1 2.0, GIoU 0.2) and LISA's mask weights (BCE 2.0, Dice 0.5);
+#: a recipe's ``loss_weights`` override them part by part.
+DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
+    "lm": 1.0,
+    "box_l1": 2.0,
+    "box_giou": 0.2,
+    "cycle_embedding": 1.0,
+    "cycle_box": 1.0,
+    "mask_bce": 2.0,
+    "mask_focal": 2.0,
+    "mask_dice": 0.5,
+    "mask_iou": 1.0,
+}
+
+_MASK_TASKS = ("res", "seg")
+_BOX_TASKS = ("rec", "det", "res", "seg")
+
+
+def answer_order(boxes: Tensor) -> list[int]:
+    """The order objects are written in an answer: top-to-bottom, then left-to-right, of the box
+    centres (a fixed order makes several triggers a deterministic target sequence)."""
+    if boxes.shape[0] == 0:
+        return []
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    keys = sorted(range(boxes.shape[0]), key=lambda i: (round(float(cy[i]), 1), round(float(cx[i]), 1), i))
+    return keys
+
+
+class EmbeddingAnswerFormat(AnswerFormat):
+    """How pixel2emb writes locations: ``<trigger><loc>`` per object, ``<loc>`` (or a crop
+    reference) for a box in a prompt.
+
+    Args:
+        trigger: the token whose hidden state is decoded (``<trigger>``; LISA: ``[SEG]``).
+        loc: the token whose input embedding carries a box (``<loc>``).
+        box_after_trigger: write ``<loc>`` after every trigger (NExT-Chat); off for LISA.
+        grounded: write the object's name before its trigger (the expression for rec/res, the
+            category for det/seg): an answer mixing text and boxes.
+        prefix: text before the first object (LISA: ``"sure, it is"`` style); ``""`` for none.
+        separator: text between objects.
+        reference: how a prompt box is referred to: ``"box"`` (``<loc>``, box encoder) or
+            ``"crop"`` (AnyRef: the crop's vision features pooled to ``crop_tokens`` tokens
+            between ``<ref_start>`` and ``<ref_end>``).
+        crop_tokens: tokens per crop reference (a square number: pooled on a k x k grid).
+    """
+
+    def __init__(
+        self,
+        *,
+        trigger: str = "<trigger>",
+        loc: str = "<loc>",
+        box_after_trigger: bool = True,
+        grounded: bool = False,
+        prefix: str = "",
+        separator: str = " and ",
+        reference: str = "box",
+        crop_tokens: int = 4,
+    ) -> None:
+        if reference not in ("box", "crop"):
+            raise ValueError(f"EmbeddingAnswerFormat: reference must be 'box' or 'crop', got {reference!r}")
+        side = int(round(crop_tokens**0.5))
+        if side * side != crop_tokens or crop_tokens < 1:
+            raise ValueError(f"EmbeddingAnswerFormat: crop_tokens must be a square number, got {crop_tokens}")
+        self.trigger = trigger
+        self.loc = loc
+        self.box_after_trigger = box_after_trigger
+        self.grounded = grounded
+        self.prefix = prefix
+        self.separator = separator
+        self.reference = reference
+        self.crop_tokens = crop_tokens
+        self.ref_start, self.ref_token, self.ref_end = "<ref_start>", "<ref>", "<ref_end>"
+        tokens = [trigger]
+        if box_after_trigger or reference == "box":
+            tokens.append(loc)
+        if reference == "crop":
+            tokens += [self.ref_start, self.ref_token, self.ref_end]
+        self.special_tokens = tuple(tokens)
+
+    def object_text(self, name: str | None) -> str:
+        """One object of an answer: ``[name ]<trigger>[<loc>]``."""
+        text = self.trigger + (self.loc if self.box_after_trigger else "")
+        return f"{name} {text}" if self.grounded and name else text
+
+    def box_in_prompt(self, box: list[float], input_size: tuple[int, int]) -> str:
+        if self.reference == "box":
+            return self.loc
+        return self.ref_start + self.ref_token * self.crop_tokens + self.ref_end
+
+    def localization_answer(self, sample: Sample, input_size: tuple[int, int]) -> str:
+        t = sample.targets
+        if len(t) == 0:
+            raise ValueError(
+                f"sample {sample.image_id} ({sample.task}): pixel2emb writes one trigger per object, "
+                "and the targets hold no box"
+            )
+        if sample.task in ("rec", "res"):
+            names = [t.expressions[0] if t.expressions else None]
+            order = [0]
+        else:
+            category = sample.meta.get("category")
+            order = answer_order(t.boxes)
+            names = [category] * len(order)
+        body = self.separator.join(self.object_text(n) for n in names[: len(order)])
+        return f"{self.prefix} {body}".strip() if self.prefix else body
+
+
+def refocus(hidden: Tensor, attention: Tensor, *, query: int, keys: Tensor, strength: float) -> Tensor:
+    """AnyRef's refocusing of one segmentation-token state.
+
+    ``hidden[query] + strength * sum_i a_i hidden[keys[i]]`` with ``a = attention[:, query, keys]``
+    averaged over heads and normalised to sum 1 over ``keys``.  With no keys the state is returned
+    unchanged.
+
+    Args:
+        hidden: ``(T, D)`` last-layer hidden states of one sequence.
+        attention: ``(heads, T, T)`` last-layer attention probabilities of that sequence.
+        query: index of the trigger / ``[SEG]`` position.
+        keys: ``(K,)`` indices of the answer tokens it attends to.
+        strength: lambda.
+    """
+    if keys.numel() == 0 or strength == 0.0:
+        return hidden[query]
+    a = attention[:, query, keys].float().mean(0)
+    a = a / a.sum().clamp(min=1e-9)
+    return hidden[query] + strength * (a.to(hidden.dtype)[:, None] * hidden[keys]).sum(0)
+
+
+def crop_reference_tokens(
+    encode_images: Callable[[Tensor], tuple[Tensor, Tensor]],
+    images: Tensor,
+    boxes: Tensor,
+    *,
+    tokens: int,
+    grid: tuple[int, int],
+) -> Tensor:
+    """AnyRef's image-crop reference: crop each box out of its image, resize the crop to the input
+    size, encode it with the backbone (vision encoder + projector) and average-pool the projected
+    tokens on a ``sqrt(tokens)`` square grid.
+
+    Args:
+        encode_images: the backbone's ``encode_images`` (``-> (feature_map, tokens (B, N, D))``).
+        images: ``(R, 3, S, S)`` the image of each reference.
+        boxes: ``(R, 4)`` input-pixel boxes.
+        tokens: tokens per reference.
+        grid: the backbone's feature grid ``(h, w)``.
+    Returns:
+        ``(R, tokens, D)``.
+    """
+    from torchvision.ops import roi_align
+
+    size = images.shape[-2:]
+    rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None], boxes], 1)
+    crops = roi_align(images, rois.to(images.dtype), output_size=tuple(size), aligned=True)
+    _, projected = encode_images(crops)
+    h, w = grid
+    side = int(round(tokens**0.5))
+    fmap = projected.transpose(1, 2).reshape(projected.shape[0], projected.shape[-1], h, w)
+    return F.adaptive_avg_pool2d(fmap, side).flatten(2).transpose(1, 2)
+
+
+class Pixel2Emb(BaseParadigm):
+    """Trigger-token embeddings decoded into boxes and masks (NExT-Chat, LISA, AnyRef).
+
+    Args:
+        backbone: the ``MultimodalBackbone`` (injected).
+        answer_format: an :class:`EmbeddingAnswerFormat` (default NExT-Chat style).
+        box_decoder: :class:`BoxDecoder` (needed for rec / det).
+        box_encoder: :class:`BoxEncoder` (needed when ``<loc>`` is written: boxes as input).
+        image_attention: optional :class:`TriggerImageAttention` between the trigger state and
+            the heads (off by default, as in the papers; see docs/paradigms/pixel2emb.md).
+        prompt_mlp: :class:`PromptMLP` to the mask decoder's sparse prompt (built from the mask
+            decoder's width when a mask decoder is given without one).
+        mask_decoder: a ``SamMaskDecoder`` (needed for res / seg).
+        box_prompt: also give the decoded box to the mask decoder as a box prompt (NExT-Chat).
+        mask_loss: ``"bce"`` (LISA) or ``"focal"`` (SAM / NExT-Chat).
+        cycle: compute the two cycle losses (needs both box heads).
+        refocus_lambda: AnyRef's refocusing strength (0 disables it; AnyRef uses 0.1).
+        head_lr: learning rate of the heads (box / prompt / attention / mask decoder); ``None``
+            uses the optimizer's.  Heads trained from scratch on a pretrained LMM often want more.
+        lm_loss: train the LM cross-entropy on the answer (off: heads only).
+        evaluator, optimizer, scheduler, loss_weights, tasks, max_new_tokens: see ``BaseParadigm``.
+    """
+
+    name: ClassVar[str] = "pixel2emb"
+    supported_tasks: ClassVar[tuple[str, ...]] = ("rec", "res", "det", "seg", "reg", "caption", "vqa")
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module | None = None,
+        answer_format: EmbeddingAnswerFormat | None = None,
+        box_decoder: BoxDecoder | None = None,
+        box_encoder: BoxEncoder | None = None,
+        image_attention: TriggerImageAttention | None = None,
+        prompt_mlp: PromptMLP | None = None,
+        mask_decoder: nn.Module | None = None,
+        box_prompt: bool = True,
+        mask_loss: str = "bce",
+        cycle: bool = True,
+        refocus_lambda: float = 0.0,
+        head_lr: float | None = None,
+        lm_loss: bool = True,
+        evaluator: Any | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        loss_weights: dict[str, float] | None = None,
+        tasks: list[str] | None = None,
+        max_new_tokens: int = 32,
+    ) -> None:
+        fmt = answer_format if answer_format is not None else EmbeddingAnswerFormat()
+        if mask_loss not in ("bce", "focal"):
+            raise ValueError(f"paradigm.mask_loss must be 'bce' or 'focal', got {mask_loss!r}")
+        if refocus_lambda < 0:
+            raise ValueError(f"paradigm.refocus_lambda must be >= 0, got {refocus_lambda}")
+        self._head_parts = {
+            "box": box_decoder is not None,
+            "encoder": box_encoder is not None,
+            "mask": mask_decoder is not None,
+            "cycle": cycle and box_decoder is not None and box_encoder is not None,
+        }
+        defaults = {k: v for k, v in DEFAULT_LOSS_WEIGHTS.items() if k in self._produced_parts(mask_loss, lm_loss)}
+        super().__init__(
+            backbone=backbone,
+            answer_format=fmt,
+            evaluator=evaluator,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_weights={**defaults, **(loss_weights or {})},
+            tasks=tasks,
+            max_new_tokens=max_new_tokens,
+        )
+        self._check_heads(fmt, box_decoder, box_encoder, mask_decoder)
+        self.box_decoder = box_decoder
+        self.box_encoder = box_encoder
+        self.image_attention = image_attention
+        self.mask_decoder = mask_decoder
+        if mask_decoder is not None and prompt_mlp is None:
+            prompt_mlp = PromptMLP(hidden_size=self._hidden_size(), prompt_dim=_prompt_dim(mask_decoder))
+        self.prompt_mlp = prompt_mlp
+        self.box_prompt = box_prompt
+        self.mask_loss = mask_loss
+        self.cycle = self._head_parts["cycle"]
+        self.refocus_lambda = float(refocus_lambda)
+        self.head_lr = head_lr
+        self.lm_loss = lm_loss
+        ids = self.special_token_ids
+        self.trigger_id = ids.get(fmt.trigger, -1)
+        self.loc_id = ids.get(fmt.loc, -1)
+        self.ref_id = ids.get(fmt.ref_token, -1)
+
+    # ------------------------------------------------------------------ construction checks
+    def _produced_parts(self, mask_loss: str, lm_loss: bool) -> set[str]:
+        parts = {"lm"} if lm_loss else set()
+        if self._head_parts["box"]:
+            parts |= {"box_l1", "box_giou"}
+        if self._head_parts["cycle"]:
+            parts |= {"cycle_embedding", "cycle_box"}
+        if self._head_parts["mask"]:
+            parts |= {f"mask_{mask_loss}", "mask_dice", "mask_iou"}
+        return parts
+
+    def _check_heads(self, fmt: EmbeddingAnswerFormat, box_decoder: Any, box_encoder: Any, mask_decoder: Any) -> None:
+        if any(t in ("rec", "det") for t in self.tasks) and box_decoder is None:
+            raise ValueError("paradigm.box_decoder is required for tasks rec / det (paradigm.tasks)")
+        if any(t in _MASK_TASKS for t in self.tasks) and mask_decoder is None:
+            raise ValueError("paradigm.mask_decoder is required for tasks res / seg (paradigm.tasks)")
+        if (fmt.box_after_trigger or (fmt.reference == "box" and "reg" in self.tasks)) and box_encoder is None:
+            raise ValueError(
+                "paradigm.box_encoder is required when the answer format writes <loc> "
+                "(answer_format.box_after_trigger, or reg with answer_format.reference='box')"
+            )
+        if fmt.box_after_trigger and box_decoder is None:
+            raise ValueError(
+                "answer_format.box_after_trigger needs paradigm.box_decoder (the <loc> after a trigger "
+                "carries the decoded box); set box_after_trigger: false for a mask-only ([SEG]) recipe"
+            )
+
+    def _hidden_size(self) -> int:
+        if self.backbone is None:
+            raise ValueError("pixel2emb needs a backbone")
+        return int(self.backbone.hidden_size)
+
+    # ------------------------------------------------------------------ input embeddings
+    def _prompt_boxes(self, batch: Batch, row: int) -> Tensor:
+        """The boxes referred to in a row's prompt, normalised to the network input.
+
+        ``batch.meta`` keeps the dataset's meta, whose ``prompt_boxes`` are original pixels; they
+        are mapped with the row's transform here."""
+        meta = batch.meta[row] if row < len(batch.meta) else {}
+        boxes = meta.get("prompt_boxes") or []
+        if not boxes:
+            return torch.zeros(0, 4, device=batch.images.device)
+        t = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        t = batch.transforms[row].boxes_to_input(t)
+        return normalise_boxes(t, batch.input_size).to(batch.images.device)
+
+    def _embedding_plan(self, batch: Batch, input_ids: Tensor) -> tuple[dict[tuple[int, int], Tensor], Tensor]:
+        """What replaces the ``<loc>`` / ``<ref>`` input embeddings of ``input_ids``.
+
+        Returns ``{(row, index): normalised box}`` for every ``<loc>`` (a ``<loc>`` right after a
+        trigger takes the row's next target box - teacher forcing; any other one the next prompt
+        box) and ``(R, D)`` crop tokens in the order of the ``<ref>`` tokens (row-major).
+        """
+        fmt: EmbeddingAnswerFormat = self.answer_format  # type: ignore[assignment]
+        plan: dict[tuple[int, int], Tensor] = {}
+        crops = []
+        for row in range(input_ids.shape[0]):
+            ids = input_ids[row]
+            prompt_boxes = self._prompt_boxes(batch, row)
+            targets = self._target_boxes(batch, row)
+            n_prompt = n_answer = 0
+            locs = (ids == self.loc_id).nonzero().flatten().tolist() if self.loc_id >= 0 else []
+            for i in locs:
+                if i > 0 and int(ids[i - 1]) == self.trigger_id:
+                    if n_answer >= len(targets):
+                        raise ValueError(
+                            f"sample {batch.image_ids[row]} ({batch.tasks[row]}): more <loc> after triggers "
+                            f"than target boxes ({len(targets)})"
+                        )
+                    plan[(row, i)] = targets[n_answer]
+                    n_answer += 1
+                else:
+                    if n_prompt >= len(prompt_boxes):
+                        raise ValueError(
+                            f"sample {batch.image_ids[row]} ({batch.tasks[row]}): the prompt has more {fmt.loc} "
+                            f"than meta['prompt_boxes'] ({len(prompt_boxes)})"
+                        )
+                    plan[(row, i)] = prompt_boxes[n_prompt]
+                    n_prompt += 1
+            if fmt.reference == "crop" and self.ref_id >= 0:
+                refs = int((ids == self.ref_id).sum())
+                if refs:
+                    if refs != fmt.crop_tokens * len(prompt_boxes):
+                        raise ValueError(
+                            f"sample {batch.image_ids[row]} ({batch.tasks[row]}): {refs} {fmt.ref_token} tokens "
+                            f"for {len(prompt_boxes)} prompt boxes x {fmt.crop_tokens} crop_tokens"
+                        )
+                    crops.append((row, denormalise_boxes(prompt_boxes, batch.input_size)))
+        crop_tokens = self._crop_tokens(batch, crops)
+        return plan, crop_tokens
+
+    def _crop_tokens(self, batch: Batch, crops: list[tuple[int, Tensor]]) -> Tensor:
+        if not crops:
+            return torch.zeros(0, self._hidden_size(), device=batch.images.device)
+        fmt: EmbeddingAnswerFormat = self.answer_format  # type: ignore[assignment]
+        rows = torch.cat([torch.full((len(b),), r, dtype=torch.long) for r, b in crops]).to(batch.images.device)
+        boxes = torch.cat([b for _, b in crops])
+        pooled = crop_reference_tokens(
+            self.backbone.encode_images,
+            batch.images[rows],
+            boxes,
+            tokens=fmt.crop_tokens,
+            grid=tuple(self.backbone.feature_grid),
+        )
+        return pooled.reshape(-1, pooled.shape[-1])
+
+    def _embeds_fn(self, plan: dict[tuple[int, int], Tensor], crop_tokens: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+        """The backbone's ``inputs_embeds_fn``: box embeddings at ``<loc>``, crop tokens at ``<ref>``."""
+
+        def fn(embeds: Tensor, input_ids: Tensor) -> Tensor:
+            out = embeds
+            if plan:
+                rows = torch.tensor([r for r, _ in plan], device=embeds.device)
+                cols = torch.tensor([c for _, c in plan], device=embeds.device)
+                boxes = torch.stack(list(plan.values())).to(embeds.device)
+                out = out.index_put((rows, cols), self.box_encoder(boxes).to(embeds.dtype))
+            if crop_tokens.shape[0]:
+                r, c = (input_ids == self.ref_id).nonzero(as_tuple=True)
+                out = out.index_put((r, c), crop_tokens.to(embeds.dtype))
+            return out
+
+        return fn
+
+    def _target_boxes(self, batch: Batch, row: int) -> Tensor:
+        """A row's target boxes, normalised, in answer order."""
+        t = batch.targets[row]
+        if len(t) == 0 or batch.tasks[row] not in _BOX_TASKS:
+            return torch.zeros(0, 4, device=batch.images.device)
+        order = [0] if batch.tasks[row] in ("rec", "res") else answer_order(t.boxes)
+        return normalise_boxes(t.boxes[order].to(batch.images.device), batch.input_size)
+
+    def _target_masks(self, batch: Batch, row: int) -> Tensor | None:
+        t = batch.targets[row]
+        if t.masks is None or batch.tasks[row] not in _MASK_TASKS or len(t) == 0:
+            return None
+        order = [0] if batch.tasks[row] in ("rec", "res") else answer_order(t.boxes)
+        return t.masks[order].to(batch.images.device)
+
+    # ------------------------------------------------------------------ heads
+    def _image_tokens(self, out: Any) -> Tensor:
+        """The image tokens the optional cross-attention reads (see TriggerImageAttention.source)."""
+        source = self.image_attention.source
+        if source == "vision":
+            return out.image_features.flatten(2).transpose(1, 2)
+        if source == "projected":
+            return out.image_tokens
+        index = out.image_positions.unsqueeze(-1).expand(-1, -1, out.hidden_states.shape[-1])
+        return out.hidden_states.gather(1, index)
+
+    def trigger_states(
+        self,
+        out: Any,
+        rows: Tensor,
+        positions: Tensor,
+        answer_keys: list[Tensor],
+    ) -> tuple[Tensor, Tensor | None]:
+        """The states the heads read for triggers at expanded ``positions`` of ``rows``: the
+        last-layer hidden state, refocused (``refocus_lambda > 0``: attention from
+        ``out.attentions``, keys ``answer_keys[k]``) and passed through the image cross-attention
+        when configured.  Returns ``(states (N, D), attention over image tokens (N, P) or None)``."""
+        hidden = out.hidden_states[rows, positions]
+        if self.refocus_lambda > 0 and len(rows):
+            if not out.attentions:
+                raise ValueError("refocusing needs the backbone's last-layer attention (output_attentions)")
+            attention = out.attentions[max(out.attentions)]
+            hidden = torch.stack(
+                [
+                    refocus(
+                        out.hidden_states[r],
+                        attention[r],
+                        query=int(p),
+                        keys=answer_keys[k],
+                        strength=self.refocus_lambda,
+                    )
+                    for k, (r, p) in enumerate(zip(rows.tolist(), positions.tolist(), strict=True))
+                ]
+            )
+        weights = None
+        if self.image_attention is not None and len(rows):
+            tokens = self._image_tokens(out)[rows]
+            refined, weights = self.image_attention(hidden[:, None, :], tokens)
+            hidden, weights = refined[:, 0], weights[:, 0]
+        return hidden, weights
+
+    def decode_masks(self, out: Any, rows: Tensor, states: Tensor, boxes: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Mask logits ``(N, S, S)`` at the network-input size and predicted IoU ``(N,)``."""
+        sparse = self.prompt_mlp(states)
+        box_prompt = None
+        if self.box_prompt and boxes is not None:
+            box_prompt = denormalise_boxes(boxes.detach(), self.backbone_input_size(out))
+        return self.mask_decoder(
+            image_features=out.image_features[rows],
+            sparse_prompts=sparse,
+            boxes=box_prompt,
+        )
+
+    def backbone_input_size(self, out: Any) -> tuple[int, int]:
+        side = int(self.backbone.input_size)
+        return side, side
+
+    # ------------------------------------------------------------------ training
+    def _answer_keys(self, out: Any, labels: Tensor, special: Tensor, rows: Tensor, cols: Tensor) -> list[Tensor]:
+        """Expanded positions of the answer tokens before each trigger (refocusing keys)."""
+        keys = []
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            idx = torch.arange(c, device=labels.device)
+            keep = (labels[r, :c] != -100) & ~special[r, :c]
+            keys.append(out.positions[r, idx[keep]])
+        return keys
+
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        ids = batch.input_ids
+        plan, crop_tokens = self._embedding_plan(batch, ids)
+        labels = batch.labels.clone()
+        after_trigger = torch.zeros_like(ids, dtype=torch.bool)
+        after_trigger[:, 1:] = (ids[:, 1:] == self.loc_id) & (ids[:, :-1] == self.trigger_id)
+        labels[after_trigger] = -100  # generation inserts this <loc>; the LM is not asked for it
+        out = self.backbone(
+            images=batch.images,
+            input_ids=ids,
+            attention_mask=batch.attention_mask,
+            labels=labels,
+            output_attentions=[-1] if self.refocus_lambda > 0 else None,
+            inputs_embeds_fn=self._embeds_fn(plan, crop_tokens),
+        )
+        parts: dict[str, Tensor] = {}
+        if self.lm_loss:
+            parts["lm"] = out.loss
+        rows, cols = (ids == self.trigger_id).nonzero(as_tuple=True)
+        targets = [self._target_boxes(batch, r) for r in range(len(batch))]
+        counts = torch.bincount(rows, minlength=len(batch)).tolist()
+        for r, n in enumerate(counts):
+            if batch.tasks[r] in _BOX_TASKS and n != len(targets[r]):
+                raise ValueError(
+                    f"sample {batch.image_ids[r]} ({batch.tasks[r]}): {n} triggers in the tokenized answer but "
+                    f"{len(targets[r])} target objects (answer cut by data.max_length?)"
+                )
+        special = (ids == self.trigger_id) | (ids == self.loc_id)
+        keys = self._answer_keys(out, batch.labels, special, rows, cols) if self.refocus_lambda > 0 else []
+        positions = out.positions[rows, cols]
+        states, _ = self.trigger_states(out, rows, positions, keys)
+        tgt = torch.cat([t for t in targets]) if rows.numel() else states.new_zeros(0, 4)
+        decoded = None
+        if self.box_decoder is not None:
+            decoded = self.box_decoder(states)
+            parts.update({f"box_{k}": v for k, v in box_losses(decoded, tgt).items()})
+            if self.cycle:
+                prompt = [self._prompt_boxes(batch, r) for r in range(len(batch))]
+                boxes = torch.cat([tgt.to(states.dtype)] + [p.to(states.dtype) for p in prompt])
+                cyc = box_cycle_losses(self.box_encoder, self.box_decoder, hidden=states, decoded=decoded, boxes=boxes)
+                parts.update({f"cycle_{k}": v for k, v in cyc.items()})
+        if self.mask_decoder is not None:
+            parts.update(self._mask_loss(batch, out, rows, states, decoded))
+        return parts
+
+    def _mask_loss(self, batch: Batch, out: Any, rows: Tensor, states: Tensor, decoded: Tensor | None) -> dict[str, Tensor]:
+        masks = [self._target_masks(batch, r) for r in range(len(batch))]
+        keep = torch.tensor([masks[r] is not None for r in rows.tolist()], dtype=torch.bool, device=rows.device)
+        if not bool(keep.any()):
+            zero = sum(p.sum() * 0.0 for p in [*self.prompt_mlp.parameters(), *self.mask_decoder.parameters()])
+            zero = zero + states.sum() * 0.0
+            return {f"mask_{self.mask_loss}": zero, "mask_dice": zero, "mask_iou": zero}
+        logits, iou = self.decode_masks(out, rows[keep], states[keep], None if decoded is None else decoded[keep])
+        target = torch.cat([m for m in masks if m is not None]).float()
+        if target.shape[-2:] != logits.shape[-2:]:
+            target = F.interpolate(target[:, None], size=logits.shape[-2:], mode="nearest")[:, 0]
+        parts = mask_losses(logits, target > 0.5, iou_pred=iou, kind=self.mask_loss)
+        return {f"mask_{k}": v for k, v in parts.items()}
+
+    # ------------------------------------------------------------------ prediction
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> list[Predictions]:
+        b = len(batch)
+        device = batch.images.device
+        ids, mask = batch.prompt_ids, batch.prompt_attention_mask
+        start = ids.shape[1]
+        plan, crop_tokens = self._embedding_plan(batch, ids)
+        tok = self.backbone.tokenizer
+        eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else 0
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        boxes: list[list[Tensor]] = [[] for _ in range(b)]
+        scores: list[list[float]] = [[] for _ in range(b)]
+        masks: list[list[Tensor]] = [[] for _ in range(b)]
+        mask_scores: list[list[float]] = [[] for _ in range(b)]
+        trigger_prob = torch.zeros(b, device=device)
+        banned = [t for t in (self.loc_id, self.ref_id, getattr(self.backbone, "image_token_id", -1)) if t >= 0]
+        for step in range(self.max_new_tokens + 1):
+            fresh = (ids[:, -1] == self.trigger_id) & (step > 0)
+            out = self.backbone(
+                images=batch.images,
+                input_ids=ids,
+                attention_mask=mask,
+                output_attentions=[-1] if self.refocus_lambda > 0 and bool(fresh.any()) else None,
+                inputs_embeds_fn=self._embeds_fn(plan, crop_tokens),
+            )
+            last = out.hidden_states.shape[1] - 1
+            if bool(fresh.any()):
+                rows = fresh.nonzero().flatten()
+                positions = torch.full_like(rows, last)
+                keys = []
+                if self.refocus_lambda > 0:
+                    for r in rows.tolist():
+                        gen = torch.arange(start, ids.shape[1] - 1, device=device)
+                        gen = gen[(ids[r, gen] != self.trigger_id) & (ids[r, gen] != self.loc_id) & (ids[r, gen] != pad)]
+                        keys.append(out.positions[r, gen])
+                states, _ = self.trigger_states(out, rows, positions, keys)
+                decoded = self.box_decoder(states) if self.box_decoder is not None else None
+                if self.mask_decoder is not None:
+                    logits, iou = self.decode_masks(out, rows, states, decoded)
+                for k, r in enumerate(rows.tolist()):
+                    if decoded is not None:
+                        boxes[r].append(decoded[k])
+                        scores[r].append(float(trigger_prob[r]))
+                    if self.mask_decoder is not None:
+                        masks[r].append(logits[k] > 0)
+                        mask_scores[r].append(float(iou[k]))
+                        if decoded is None:
+                            scores[r].append(float(trigger_prob[r]))
+            if step == self.max_new_tokens or bool(finished.all()):
+                break
+            logits_next = out.logits[:, -1].float()
+            if banned:
+                logits_next[:, banned] = float("-inf")
+            probs = logits_next.softmax(-1)
+            token = logits_next.argmax(-1)
+            force = fresh & ~finished if self.answer_format.box_after_trigger else torch.zeros_like(fresh)
+            token = torch.where(force, torch.full_like(token, self.loc_id), token)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            trigger_prob = torch.where(token == self.trigger_id, probs[torch.arange(b), self.trigger_id], trigger_prob)
+            for r in force.nonzero().flatten().tolist():
+                # the encoder was taught on ordered ground-truth boxes: feed the ordered decoded box
+                size = batch.input_size
+                plan[(r, ids.shape[1])] = normalise_boxes(denormalise_boxes(boxes[r][-1], size), size)
+            ids = torch.cat([ids, token[:, None]], 1)
+            mask = torch.cat([mask, (~finished).long()[:, None]], 1)
+            finished |= token == eos
+        texts = tok.batch_decode(ids[:, start:], skip_special_tokens=False)
+        preds = []
+        size = batch.input_size
+        for r in range(b):
+            text = self._clean_text(texts[r])
+            box_t = torch.stack(boxes[r]) if boxes[r] else torch.zeros(0, 4, device=device)
+            pred = Predictions(
+                boxes=denormalise_boxes(box_t, size),
+                scores=torch.tensor(scores[r], dtype=torch.float32),
+                text=text,
+                parsed=bool(boxes[r] or masks[r]) or batch.tasks[r] not in _BOX_TASKS,
+                image_id=batch.image_ids[r],
+                image_size=size,
+            )
+            if self.mask_decoder is not None:
+                m = torch.stack(masks[r]) if masks[r] else torch.zeros(0, *size, dtype=torch.bool, device=device)
+                if m.shape[-2:] != size:
+                    m = F.interpolate(m[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+                pred = pred.replace(masks=m, mask_scores=torch.tensor(mask_scores[r], dtype=torch.float32))
+            preds.append(pred)
+        return preds
+
+    # ------------------------------------------------------------------ optimisation
+    def head_modules(self) -> list[nn.Module]:
+        """The modules this paradigm adds on top of the backbone."""
+        parts = [self.box_decoder, self.box_encoder, self.image_attention, self.prompt_mlp, self.mask_decoder]
+        return [m for m in parts if m is not None]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Backbone parameters (row-masked embeddings without weight decay) and the heads, at
+        ``head_lr`` when set."""
+        head_ids = {id(p) for m in self.head_modules() for p in m.parameters()}
+        no_decay_names = set(self.backbone.no_weight_decay()) if hasattr(self.backbone, "no_weight_decay") else set()
+        decay, no_decay = [], []
+        for name, p in self.backbone.named_parameters():
+            if p.requires_grad and id(p) not in head_ids:
+                (no_decay if name in no_decay_names else decay).append(p)
+        heads = [p for m in self.head_modules() for p in m.parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        head_group: dict[str, Any] = {"params": heads}
+        if self.head_lr is not None:
+            head_group["lr"] = self.head_lr
+        groups.append(head_group)
+        return groups
+
+
+def _prompt_dim(mask_decoder: nn.Module) -> int:
+    """The sparse-prompt width of a mask decoder (``prompt_dim`` or SAM's ``transformer_dim``)."""
+    for name in ("prompt_dim", "transformer_dim", "embed_dim"):
+        value = getattr(mask_decoder, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(
+        f"paradigm.mask_decoder ({type(mask_decoder).__name__}) does not say its prompt width "
+        "(prompt_dim / transformer_dim); give paradigm.prompt_mlp explicitly"
+    )

@@ -1,0 +1,250 @@
+"""pixel2emb (NExT-Chat / LISA / AnyRef): answers, input embeddings, heads, losses, gradients,
+refocusing, generation with <loc> insertion, and a loss that falls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlzoo.backbones import CausalLM, MultimodalBackbone, TimmVisionEncoder
+from vlzoo.data.datamodule import VLDataModule
+from vlzoo.data.shapes.dataset import ShapesDataset
+from vlzoo.decoders import BoxDecoder, BoxEncoder, TriggerImageAttention
+from vlzoo.decoders.box import normalise_boxes
+from vlzoo.paradigms.pixel2emb import EmbeddingAnswerFormat, Pixel2Emb, answer_order, refocus
+
+VIT = {"model_name": "vit_tiny_patch16_224", "img_size": 32,
+       "model_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 8}}
+LLAMA = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "intermediate_size": 64, "max_position_embeddings": 256}
+
+
+def make_backbone(**policy):
+    torch.manual_seed(0)
+    return MultimodalBackbone(
+        vision=TimmVisionEncoder(**VIT), language=CausalLM(config=dict(LLAMA), tokenizer="shapes"), **policy
+    )
+
+
+def make_paradigm(backbone=None, *, fmt=None, attention=False, **kwargs):
+    bb = backbone or make_backbone()
+    h = bb.hidden_size
+    return Pixel2Emb(
+        backbone=bb,
+        answer_format=fmt or EmbeddingAnswerFormat(),
+        box_decoder=BoxDecoder(hidden_size=h),
+        box_encoder=BoxEncoder(hidden_size=h),
+        image_attention=TriggerImageAttention(hidden_size=h, feature_grid=bb.feature_grid, num_heads=2)
+        if attention
+        else None,
+        tasks=kwargs.pop("tasks", ["rec", "det", "reg"]),
+        **kwargs,
+    )
+
+
+def make_batch(paradigm, tasks=("rec", "det", "reg"), n=6, index=0):
+    bb = paradigm.backbone
+    ds = ShapesDataset(split="train", size=64, image_size=32, tasks=list(tasks), num_objects=(2, 4))
+    dm = VLDataModule(tokenizer=bb.tokenizer, answer_format=paradigm.answer_format, image_size=32,
+                      image_mean=bb.data_config["mean"], image_std=bb.data_config["std"])
+    return dm.collate()([ds[i] for i in range(index, index + n)])
+
+
+def test_answer_format_writes_triggers_locs_and_references():
+    ds = ShapesDataset(split="train", size=64, image_size=32, tasks=["det"], num_objects=(3, 5), twin_prob=0.9)
+    sample = next(ds[i] for i in range(64) if len(ds[i].targets) >= 2)
+    n = len(sample.targets)
+    plain = EmbeddingAnswerFormat()
+    assert plain.special_tokens == ("<trigger>", "<loc>")
+    assert plain.format_answer(sample, (32, 32)) == " and ".join(["<trigger><loc>"] * n)
+    grounded = EmbeddingAnswerFormat(grounded=True, separator=" , ")
+    cat = sample.meta["category"]
+    assert grounded.format_answer(sample, (32, 32)) == " , ".join([f"{cat} <trigger><loc>"] * n)
+    lisa = EmbeddingAnswerFormat(trigger="[SEG]", box_after_trigger=False, prefix="the mask is")
+    assert lisa.special_tokens == ("[SEG]", "<loc>")
+    reg = ShapesDataset(split="train", size=4, image_size=32, tasks=["reg"])[0]
+    assert "<loc>" in plain.format_prompt(reg, (32, 32))
+    crop = EmbeddingAnswerFormat(reference="crop", crop_tokens=4)
+    assert "<ref_start><ref><ref><ref><ref><ref_end>" in crop.format_prompt(reg, (32, 32))
+    with pytest.raises(ValueError, match="square"):
+        EmbeddingAnswerFormat(crop_tokens=3)
+    boxes = torch.tensor([[20.0, 20, 30, 30], [0, 0, 10, 10], [20, 0, 30, 10]])
+    assert answer_order(boxes) == [1, 2, 0]
+
+
+def test_missing_heads_are_named():
+    bb = make_backbone()
+    with pytest.raises(ValueError, match="paradigm.box_decoder"):
+        Pixel2Emb(backbone=bb, box_encoder=BoxEncoder(hidden_size=32), tasks=["rec"])
+    with pytest.raises(ValueError, match="paradigm.mask_decoder"):
+        make_paradigm(bb, tasks=["res"])
+    with pytest.raises(ValueError, match="loss_weights"):
+        p = make_paradigm(bb, loss_weights={"mask_dice": 1.0})
+        p.weighted_total(p.loss(make_batch(p)))
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_loss_parts_and_head_shapes(attention):
+    p = make_paradigm(attention=attention, refocus_lambda=0.1)
+    batch = make_batch(p)
+    parts = p.loss(batch)
+    assert set(parts) == {"lm", "box_l1", "box_giou", "cycle_embedding", "cycle_box"}
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in parts.values())
+    # NExT-Chat defaults unless the recipe overrides them
+    assert p.loss_weights["box_l1"] == 2.0 and p.loss_weights["box_giou"] == 0.2
+    out = p.backbone(batch.images, batch.input_ids, batch.attention_mask, output_attentions=[-1])
+    rows, cols = (batch.input_ids == p.trigger_id).nonzero(as_tuple=True)
+    keys = [torch.zeros(0, dtype=torch.long)] * len(rows)
+    states, weights = p.trigger_states(out, rows, out.positions[rows, cols], keys)
+    assert states.shape == (len(rows), 32)
+    assert p.box_decoder(states).shape == (len(rows), 4)
+    if attention:
+        assert weights.shape == (len(rows), 16)
+
+
+def test_box_losses_zero_when_decoder_outputs_the_targets():
+    """Targets are matched to triggers in answer order, several triggers giving several objects."""
+    p = make_paradigm(tasks=["rec", "det"], cycle=False)
+    batch = make_batch(p, tasks=("det", "rec"), n=8)
+    assert max(len(t) for t in batch.targets) >= 2
+    wanted = torch.cat([p._target_boxes(batch, r) for r in range(len(batch))])
+
+    class Oracle(torch.nn.Module):
+        def forward(self, states):
+            return wanted + states.sum() * 0
+
+    p.box_decoder = Oracle()
+    parts = p.loss(batch)
+    assert parts["box_l1"].item() == 0.0 and abs(parts["box_giou"].item()) < 1e-5
+
+
+def test_loc_embeddings_come_from_the_box_encoder():
+    p = make_paradigm()
+    batch = make_batch(p, tasks=("rec", "reg"), n=4)
+    plan, crops = p._embedding_plan(batch, batch.input_ids)
+    locs = (batch.input_ids == p.loc_id).nonzero().tolist()
+    assert sorted(plan) == sorted(map(tuple, locs)) and len(locs) >= 4
+    embeds = p.backbone.embed_tokens(batch.input_ids)
+    new = p._embeds_fn(plan, crops)(embeds, batch.input_ids)
+    for (r, c), box in plan.items():
+        assert torch.allclose(new[r, c], p.box_encoder(box))
+        if batch.tasks[r] == "rec":  # after the trigger: the ground-truth box (teacher forcing)
+            assert torch.allclose(box, normalise_boxes(batch.targets[r].boxes[0], (32, 32)))
+        else:  # REG: the prompt's box, mapped from original pixels
+            ref = batch.transforms[r].boxes_to_input(torch.tensor(batch.meta[r]["prompt_boxes"]))
+            assert torch.allclose(box, normalise_boxes(ref[0], (32, 32)))
+    other = batch.input_ids != p.loc_id
+    assert torch.equal(new[other], embeds[other])
+
+
+def test_crop_references_fill_ref_tokens():
+    p = make_paradigm(fmt=EmbeddingAnswerFormat(reference="crop", crop_tokens=4), tasks=["reg", "rec"])
+    batch = make_batch(p, tasks=("reg",), n=3)
+    plan, crops = p._embedding_plan(batch, batch.input_ids)
+    assert crops.shape == (3 * 4, 32)
+    assert int((batch.input_ids == p.ref_id).sum()) == 12
+    parts = p.loss(batch)
+    parts["lm"].backward()
+    assert p.backbone.projector[0].weight.grad is not None
+
+
+def test_refocus_formula():
+    hidden = torch.randn(6, 8)
+    attention = torch.rand(2, 6, 6)
+    keys = torch.tensor([1, 3])
+    a = attention[:, 5, keys].mean(0)
+    a = a / a.sum()
+    expected = hidden[5] + 0.1 * (a[0] * hidden[1] + a[1] * hidden[3])
+    assert torch.allclose(refocus(hidden, attention, query=5, keys=keys, strength=0.1), expected)
+    assert torch.equal(refocus(hidden, attention, query=5, keys=keys[:0], strength=0.1), hidden[5])
+
+
+def test_refocusing_reads_the_last_layer_attention_from_trigger_to_answer_tokens():
+    p = make_paradigm(fmt=EmbeddingAnswerFormat(grounded=True), refocus_lambda=0.1, tasks=["rec"])
+    batch = make_batch(p, tasks=("rec",), n=2)
+    out = p.backbone(batch.images, batch.input_ids, batch.attention_mask, output_attentions=[-1])
+    last = max(out.attentions)
+    assert last == LLAMA["num_hidden_layers"] - 1
+    rows, cols = (batch.input_ids == p.trigger_id).nonzero(as_tuple=True)
+    special = (batch.input_ids == p.trigger_id) | (batch.input_ids == p.loc_id)
+    keys = p._answer_keys(out, batch.labels, special, rows, cols)
+    for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
+        answer = [i for i in range(c) if batch.labels[r, i] != -100]
+        assert len(answer) >= 2  # the grounded answer echoes the expression before the trigger
+        assert keys[k].tolist() == out.positions[r, answer].tolist()
+    states, _ = p.trigger_states(out, rows, out.positions[rows, cols], keys)
+    for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
+        q = int(out.positions[r, c])
+        att = out.attentions[last][r, :, q, keys[k]].mean(0)
+        att = att / att.sum()
+        expected = out.hidden_states[r, q] + 0.1 * (att[:, None] * out.hidden_states[r, keys[k]]).sum(0)
+        assert torch.allclose(states[k], expected, atol=1e-5)
+
+
+def test_gradients_reach_exactly_the_trained_parts():
+    bb = make_backbone(freeze_vision=True, freeze_projector=True, freeze_lm=True)
+    p = make_paradigm(bb, attention=True)
+    batch = make_batch(p)
+    p.weighted_total(p.loss(batch)).backward()
+    for name, param in p.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, name
+        else:
+            assert param.grad is None, name
+    emb = bb._lm().get_input_embeddings().weight
+    rows = emb.grad.abs().sum(-1).nonzero().flatten().tolist()
+    assert set(rows) <= {p.trigger_id, p.loc_id}  # only the new tokens' rows train
+    for head in p.head_modules():
+        assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in head.parameters())
+    groups = p.param_groups()
+    assert sum(len(g["params"]) for g in groups) == sum(1 for q in p.parameters() if q.requires_grad)
+
+
+def test_generation_decodes_each_trigger_and_feeds_its_box_back():
+    """A trigger emitted during generation is decoded at once and followed by <loc> carrying
+    BoxEncoder(decoded box), as NExT-Chat generates; two triggers give two boxes."""
+    p = make_paradigm(tasks=["rec", "det"])
+    p.eval()
+    batch = make_batch(p, tasks=("rec",), n=2)
+    bb = p.backbone
+    original = bb.forward
+    seen = []
+    eos = bb.tokenizer.eos_token_id
+
+    def scripted(images, input_ids, attention_mask, labels=None, output_attentions=None, inputs_embeds_fn=None):
+        embeds = bb.embed_tokens(input_ids)
+        seen.append((input_ids.clone(), inputs_embeds_fn(embeds, input_ids)))
+        out = original(images, input_ids, attention_mask, labels, output_attentions, inputs_embeds_fn)
+        generated = input_ids.shape[1] - batch.prompt_ids.shape[1]
+        logits = torch.full_like(out.logits[:, -1], -1e4)
+        logits[:, p.trigger_id if generated in (0, 2) else (bb.tokenizer.convert_tokens_to_ids("▁and") if generated == 4 else eos)] = 0
+        if generated == 1:
+            logits[:, p.trigger_id] = 0  # must be overridden: a trigger is always followed by <loc>
+        out.logits[:, -1] = logits
+        return out
+
+    bb.forward = scripted
+    preds = p.predict(batch)
+    ids, embeds = seen[-1]
+    start = batch.prompt_ids.shape[1]
+    assert ids[0, start:].tolist()[:4] == [p.trigger_id, p.loc_id, p.trigger_id, p.loc_id]
+    for pred, row in zip(preds, range(2)):
+        assert len(pred) == 2 and pred.parsed and pred.boxes.shape == (2, 4)
+        # the embedding fed at each <loc> is the box encoder of the box decoded at its trigger
+        for k, col in enumerate([start + 1, start + 3]):
+            box = normalise_boxes(pred.boxes[k], (32, 32))
+            assert torch.allclose(embeds[row, col], p.box_encoder(box), atol=1e-4)
+
+
+def test_loss_falls():
+    p = make_paradigm(attention=True, tasks=["rec"], head_lr=3e-3)
+    batch = make_batch(p, tasks=("rec",), n=8)
+    opt = torch.optim.AdamW(p.param_groups(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        loss = p.weighted_total(p.loss(batch))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
