@@ -1,0 +1,99 @@
+"""The evaluator: one fresh ``MetricCollection`` per task (and per split) on demand."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torchmetrics import Metric, MetricCollection
+
+from vlzoo.evaluation.detection import DetectionMAP
+from vlzoo.evaluation.keypoints import KeypointAP
+from vlzoo.evaluation.referring import ReferringBoxAccuracy, ReferringSegmentation
+from vlzoo.evaluation.text import CaptionScores, ExactMatch, ParseFailureRate
+from vlzoo.structures import TASKS
+
+__all__ = ["Evaluator"]
+
+
+class Evaluator:
+    """Builds the metric collection of each task.
+
+    ``collection(task)`` returns a *new* :class:`torchmetrics.MetricCollection` every call (clone it
+    or call again per split).  Its ``update(preds: list[Predictions], targets: list[Targets])``
+    takes original-image pixels; its ``compute()`` returns a flat ``dict[str, Tensor]`` of scalars:
+
+    ========== ===========================================================================
+    task       keys
+    ========== ===========================================================================
+    rec        ``acc@0.5``, ``acc@0.75``, ``acc@0.9`` (one per ``rec_thresholds``), ``miou``
+    res        ``ciou``, ``giou``, ``prec@0.5`` ... ``prec@0.9`` (one per ``res_thresholds``)
+    det, seg   ``map``, ``map_50``, ``map_75``, ``map_small``, ``map_medium``, ``map_large``,
+               ``mar_1``, ``mar_10``, ``mar_100``, ``mar_small``, ``mar_medium``, ``mar_large``
+    pose       ``ap``, ``ap50``, ``ap75``, ``ap_medium``, ``ap_large``, ``ar``, ``ar50``,
+               ``ar75``, ``ar_medium``, ``ar_large``
+    reg,       ``bleu4``, ``rouge_l``, ``cider``
+    caption
+    vqa        ``exact_match``
+    ========== ===========================================================================
+
+    plus ``parse_fail_rate`` in every collection.
+
+    Args:
+        tasks: the tasks this evaluator serves (default: all of :data:`vlzoo.structures.TASKS`).
+        rec_thresholds: IoU thresholds of the REC accuracies.
+        res_thresholds: IoU thresholds of the RES precisions.
+        keypoint_sigmas: per-keypoint OKS sigmas (default: the 17 COCO person sigmas).
+        keypoint_default_label: category of pose instances whose ``labels`` are empty.
+        max_detection_thresholds: COCO's three detection budgets for det / seg recall.
+    """
+
+    def __init__(
+        self,
+        *,
+        tasks: list[str] | None = None,
+        rec_thresholds: Sequence[float] = (0.5, 0.75, 0.9),
+        res_thresholds: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9),
+        keypoint_sigmas: list[float] | None = None,
+        keypoint_default_label: int = 1,
+        max_detection_thresholds: Sequence[int] = (1, 10, 100),
+    ) -> None:
+        chosen = list(TASKS) if tasks is None else list(tasks)
+        unknown = [t for t in chosen if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known tasks are {list(TASKS)}")
+        self.tasks = chosen
+        self.rec_thresholds = tuple(float(t) for t in rec_thresholds)
+        self.res_thresholds = tuple(float(t) for t in res_thresholds)
+        self.keypoint_sigmas = None if keypoint_sigmas is None else [float(s) for s in keypoint_sigmas]
+        self.keypoint_default_label = int(keypoint_default_label)
+        self.max_detection_thresholds = tuple(int(d) for d in max_detection_thresholds)
+        # build each collection once so bad arguments fail at construction, not mid-validation
+        for task in self.tasks:
+            self.collection(task)
+
+    def _task_metric(self, task: str) -> tuple[str, Metric]:
+        if task == "rec":
+            return "rec", ReferringBoxAccuracy(thresholds=self.rec_thresholds)
+        if task == "res":
+            return "res", ReferringSegmentation(thresholds=self.res_thresholds)
+        if task in ("det", "seg"):
+            iou_type = "bbox" if task == "det" else "segm"
+            return task, DetectionMAP(iou_type=iou_type, max_detection_thresholds=self.max_detection_thresholds)
+        if task == "pose":
+            return "pose", KeypointAP(sigmas=self.keypoint_sigmas, default_label=self.keypoint_default_label)
+        if task in ("reg", "caption"):
+            return "caption", CaptionScores()
+        return "exact_match", ExactMatch()
+
+    def collection(self, task: str) -> MetricCollection:
+        """A new, independent metric collection for ``task`` (see the class docstring for keys)."""
+        if task not in self.tasks:
+            raise ValueError(f"task {task!r} is not evaluated by this Evaluator (tasks: {self.tasks})")
+        name, metric = self._task_metric(task)
+        return MetricCollection({name: metric, "parse_fail_rate": ParseFailureRate()}, compute_groups=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"Evaluator(tasks={self.tasks}, rec_thresholds={self.rec_thresholds}, "
+            f"res_thresholds={self.res_thresholds}, keypoint_sigmas={self.keypoint_sigmas})"
+        )

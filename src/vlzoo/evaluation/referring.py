@@ -1,0 +1,178 @@
+"""Referring metrics: REC box accuracy (RefCOCO protocol) and RES mask IoU (LISA protocol)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from vlzoo.evaluation.common import check_finite, check_pairs
+from vlzoo.structures import Predictions, Targets
+
+__all__ = ["ReferringBoxAccuracy", "ReferringSegmentation", "box_iou_pair", "threshold_key"]
+
+
+def threshold_key(prefix: str, threshold: float) -> str:
+    """``threshold_key("acc", 0.5) == "acc@0.5"``: the shortest decimal form of the threshold."""
+    return f"{prefix}@{threshold:g}"
+
+
+def box_iou_pair(a: Tensor, b: Tensor) -> float:
+    """IoU of two ``xyxy`` boxes in float64 (continuous pixel coordinates, no ``+1``).
+
+    A box with ``x2 < x1`` or ``y2 < y1`` has zero area; a zero union gives IoU 0.
+    """
+    a = a.double()
+    b = b.double()
+    iw = (torch.minimum(a[2], b[2]) - torch.maximum(a[0], b[0])).clamp(min=0)
+    ih = (torch.minimum(a[3], b[3]) - torch.maximum(a[1], b[1])).clamp(min=0)
+    inter = iw * ih
+    area_a = (a[2] - a[0]).clamp(min=0) * (a[3] - a[1]).clamp(min=0)
+    area_b = (b[2] - b[0]).clamp(min=0) * (b[3] - b[1]).clamp(min=0)
+    union = area_a + area_b - inter
+    return float(inter / union) if float(union) > 0 else 0.0
+
+
+def _check_thresholds(thresholds: Sequence[float], name: str) -> tuple[float, ...]:
+    out = tuple(float(t) for t in thresholds)
+    if not out or any(not 0.0 <= t <= 1.0 for t in out):
+        raise ValueError(f"{name} must be a non-empty sequence of IoU thresholds in [0, 1], got {thresholds}")
+    return out
+
+
+class ReferringBoxAccuracy(Metric):
+    """REC accuracy: the fraction of samples whose answer box has IoU >= threshold with the referred
+    box (``acc@0.5`` is the "Acc@0.5" / "precision@0.5" of RefCOCO, Shikra, Kosmos-2), and the mean
+    IoU (``miou``).
+
+    The answer is the top-scored predicted box (the first box when ``scores`` is empty); the
+    referred box is ``targets.boxes[0]``.  A prediction that did not parse, has no box, or whose
+    answer box has a NaN/inf coordinate scores IoU 0 (a miss, still counted).  A target without a
+    box or with a non-finite box raises ``ValueError`` naming its ``image_id``.  With no samples every
+    figure is 0.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, *, thresholds: Sequence[float] = (0.5, 0.75, 0.9)) -> None:
+        super().__init__()
+        self.thresholds = _check_thresholds(thresholds, "thresholds")
+        self.add_state("hits", default=torch.zeros(len(self.thresholds), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("iou_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def sample_iou(self, pred: Predictions, target: Targets) -> float:
+        """The IoU this metric scores for one sample (validates the target)."""
+        if len(target) == 0:
+            raise ValueError(f"ReferringBoxAccuracy: the target of image_id={target.image_id} has no box")
+        check_finite(target.boxes, what="target boxes", image_id=target.image_id, metric="ReferringBoxAccuracy")
+        if not pred.parsed or len(pred) == 0:
+            return 0.0
+        index = 0
+        if pred.scores.numel() == len(pred):
+            index = int(torch.argmax(pred.scores.float()))
+        box = pred.boxes[index]
+        if not bool(torch.isfinite(box.float()).all()):
+            return 0.0
+        return box_iou_pair(box.detach().cpu(), target.boxes[0].detach().cpu())
+
+    def update(self, preds: list[Predictions], targets: list[Targets]) -> None:
+        """Accumulate one batch of samples (original-image pixels)."""
+        check_pairs(preds, targets, metric="ReferringBoxAccuracy")
+        thr = torch.tensor(self.thresholds, dtype=torch.float64)
+        for pred, target in zip(preds, targets, strict=True):
+            iou = self.sample_iou(pred, target)
+            self.hits += (torch.tensor(iou, dtype=torch.float64) >= thr).to(self.hits)
+            self.iou_sum += iou
+            self.count += 1
+
+    def compute(self) -> dict[str, Tensor]:
+        """``acc@<t>`` per threshold and ``miou``, float32 scalars."""
+        n = self.count.clamp(min=1)
+        out = {threshold_key("acc", t): (self.hits[i] / n).float() for i, t in enumerate(self.thresholds)}
+        out["miou"] = (self.iou_sum / n).float()
+        return out
+
+
+class ReferringSegmentation(Metric):
+    """RES mask IoU as LISA's evaluation defines it.
+
+    * ``ciou``: cumulative intersection over cumulative union, summed over the whole split;
+    * ``giou``: mean over samples of the per-sample IoU;
+    * ``prec@<t>``: fraction of samples with per-sample IoU >= t.
+
+    Predicted masks of all instances are unioned (``(N, H, W)`` -> ``(H, W)``), and so are the
+    target masks.  Boolean masks are used as they are; other dtypes are thresholded at 0.5.  An
+    unparsed prediction or one without masks is an empty mask (IoU 0 against a non-empty target).
+    A sample whose target and prediction are both empty has IoU 1 (LISA's "no-object" rule).
+    LISA adds 1e-5 / 1e-10 to denominators for numerical safety; here the division is exact.
+    A missing target mask, or a predicted / target mask whose size differs from the target's
+    raises ``ValueError`` naming the ``image_id``.  With no samples every figure is 0.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, *, thresholds: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9)) -> None:
+        super().__init__()
+        self.thresholds = _check_thresholds(thresholds, "thresholds")
+        self.add_state("hits", default=torch.zeros(len(self.thresholds), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("iou_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("cum_intersection", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("cum_union", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    @staticmethod
+    def _binary(masks: Tensor) -> Tensor:
+        return masks.bool() if masks.dtype == torch.bool else masks > 0.5
+
+    def sample_intersection_union(self, pred: Predictions, target: Targets) -> tuple[float, float]:
+        """Intersection and union (pixel counts) of the unioned masks of one sample."""
+        name = "ReferringSegmentation"
+        if target.masks is None or target.masks.dim() != 3:
+            raise ValueError(f"{name}: the target of image_id={target.image_id} has no (N, H, W) masks")
+        size = tuple(target.masks.shape[-2:])
+        if target.image_size != (0, 0) and tuple(target.image_size) != size:
+            raise ValueError(
+                f"{name}: target masks of image_id={target.image_id} are {size} but image_size is "
+                f"{tuple(target.image_size)}"
+            )
+        gt = self._binary(target.masks).any(dim=0) if target.masks.shape[0] else torch.zeros(size, dtype=torch.bool)
+        gt = gt.cpu()
+        if pred.parsed and pred.masks is not None and pred.masks.numel() and pred.masks.shape[0] > 0:
+            if pred.masks.dim() != 3 or tuple(pred.masks.shape[-2:]) != size:
+                raise ValueError(
+                    f"{name}: predicted masks of image_id={target.image_id} have shape "
+                    f"{tuple(pred.masks.shape)}, expected (N, {size[0]}, {size[1]})"
+                )
+            pm = self._binary(pred.masks).any(dim=0).cpu()
+        else:
+            pm = torch.zeros(size, dtype=torch.bool)
+        inter = float((pm & gt).sum())
+        union = float((pm | gt).sum())
+        return inter, union
+
+    def update(self, preds: list[Predictions], targets: list[Targets]) -> None:
+        """Accumulate one batch of samples (original-image pixels)."""
+        check_pairs(preds, targets, metric="ReferringSegmentation")
+        thr = torch.tensor(self.thresholds, dtype=torch.float64)
+        for pred, target in zip(preds, targets, strict=True):
+            inter, union = self.sample_intersection_union(pred, target)
+            iou = inter / union if union > 0 else 1.0
+            self.cum_intersection += inter
+            self.cum_union += union
+            self.iou_sum += iou
+            self.hits += (torch.tensor(iou, dtype=torch.float64) >= thr).to(self.hits)
+            self.count += 1
+
+    def compute(self) -> dict[str, Tensor]:
+        """``ciou``, ``giou`` and ``prec@<t>`` per threshold, float32 scalars."""
+        n = self.count.clamp(min=1)
+        ciou = self.cum_intersection / self.cum_union if float(self.cum_union) > 0 else self.cum_union * 0
+        out = {"ciou": ciou.float(), "giou": (self.iou_sum / n).float()}
+        for i, t in enumerate(self.thresholds):
+            out[threshold_key("prec", t)] = (self.hits[i] / n).float()
+        return out

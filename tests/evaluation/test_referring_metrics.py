@@ -1,0 +1,93 @@
+"""REC / RES metrics agree with a direct numpy computation; edge cases are errors or documented zeros."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from evalgen import numpy_rec, numpy_res, rec_samples, res_samples
+
+from vlzoo.evaluation import ReferringBoxAccuracy, ReferringSegmentation
+from vlzoo.structures import Predictions, Targets
+
+
+def test_rec_equals_numpy() -> None:
+    preds, targets = rec_samples(0, 300)
+    metric = ReferringBoxAccuracy()
+    for start in range(0, 300, 32):
+        metric.update(preds[start : start + 32], targets[start : start + 32])
+    out = metric.compute()
+    ref = numpy_rec(preds, targets)
+    assert set(out) == {"acc@0.5", "acc@0.75", "acc@0.9", "miou"}
+    for key, value in ref.items():
+        assert float(out[key]) == pytest.approx(value, abs=1e-6), key
+    assert 0.1 < ref["acc@0.5"] < 0.9  # the random inputs exercise both sides of the threshold
+
+
+def test_rec_top_scored_box_is_the_answer_and_misses_count() -> None:
+    gt = Targets(boxes=torch.tensor([[10.0, 10.0, 20.0, 20.0]]), image_id=1)
+    right, wrong = [10.0, 10.0, 20.0, 20.0], [50.0, 50.0, 60.0, 60.0]
+    metric = ReferringBoxAccuracy(thresholds=(0.5,))
+    metric.update(
+        [
+            Predictions(boxes=torch.tensor([wrong, right]), scores=torch.tensor([0.1, 0.9])),  # hit
+            Predictions(boxes=torch.tensor([wrong, right])),  # no scores: first box -> miss
+            Predictions(boxes=torch.tensor([right]), parsed=False),  # unparsed -> miss
+            Predictions(),  # no box -> miss
+            Predictions(boxes=torch.tensor([[float("nan"), 10.0, 20.0, 20.0]])),  # NaN -> miss
+        ],
+        [gt] * 5,
+    )
+    assert float(metric.compute()["acc@0.5"]) == pytest.approx(0.2)
+    assert float(metric.compute()["miou"]) == pytest.approx(0.2)
+
+
+def test_rec_errors_and_empty() -> None:
+    metric = ReferringBoxAccuracy()
+    assert all(float(v) == 0.0 for v in metric.compute().values())
+    with pytest.raises(ValueError, match="image_id=5"):
+        metric.update([Predictions()], [Targets(image_id=5)])
+    with pytest.raises(ValueError, match="image_id=6"):
+        metric.update([Predictions()], [Targets(boxes=torch.tensor([[0.0, float("nan"), 1.0, 1.0]]), image_id=6)])
+    with pytest.raises(ValueError, match="2 predictions but 1 targets"):
+        metric.update([Predictions(), Predictions()], [Targets(boxes=torch.ones(1, 4))])
+
+
+def test_res_equals_numpy() -> None:
+    preds, targets = res_samples(1, 150)
+    metric = ReferringSegmentation()
+    for start in range(0, 150, 16):
+        metric.update(preds[start : start + 16], targets[start : start + 16])
+    out = metric.compute()
+    ref = numpy_res(preds, targets)
+    assert set(out) == {"ciou", "giou", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9"}
+    for key, value in ref.items():
+        assert float(out[key]) == pytest.approx(value, abs=1e-6), key
+    assert ref["ciou"] != pytest.approx(ref["giou"], abs=1e-3)  # the two averages really differ
+
+
+def test_res_union_of_instances_and_empty_prediction() -> None:
+    gt = torch.zeros((1, 4, 4), dtype=torch.bool)
+    gt[0, :2] = True
+    halves = torch.zeros((2, 4, 4), dtype=torch.bool)
+    halves[0, 0] = True
+    halves[1, 1] = True
+    metric = ReferringSegmentation(thresholds=(0.5,))
+    metric.update([Predictions(masks=halves), Predictions(masks=torch.zeros((0, 4, 4), dtype=torch.bool))],
+                  [Targets(masks=gt, image_size=(4, 4)), Targets(masks=gt, image_size=(4, 4))])
+    out = metric.compute()
+    assert float(out["giou"]) == pytest.approx(0.5)  # (1 + 0) / 2
+    assert float(out["ciou"]) == pytest.approx(8 / 16)
+    assert float(out["prec@0.5"]) == pytest.approx(0.5)
+
+
+def test_res_errors_and_empty() -> None:
+    metric = ReferringSegmentation()
+    assert all(float(v) == 0.0 for v in metric.compute().values())
+    gt = torch.ones((1, 4, 4), dtype=torch.bool)
+    with pytest.raises(ValueError, match="image_id=12"):
+        metric.update([Predictions(masks=torch.ones((1, 4, 5), dtype=torch.bool))],
+                      [Targets(masks=gt, image_id=12, image_size=(4, 4))])
+    with pytest.raises(ValueError, match="image_id=13"):
+        metric.update([Predictions()], [Targets(masks=gt, image_id=13, image_size=(5, 4))])
+    with pytest.raises(ValueError, match="image_id=14"):
+        metric.update([Predictions()], [Targets(image_id=14)])
