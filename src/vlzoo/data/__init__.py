@@ -5,9 +5,13 @@ See docs/data.md for the schema of a sample and what each task fills in.
 
 from __future__ import annotations
 
+from vlzoo.data.coco import CocoDataset
 from vlzoo.data.answers import BOX_PLACEHOLDER, AnswerFormat, plain_box_text
 from vlzoo.data.datamodule import DEFAULT_TEMPLATE, PromptTemplate, VLCollate, VLDataModule
 from vlzoo.data.errors import DataError
+from vlzoo.data.export import export_shapes_coco
+from vlzoo.data.images import load_image
+from vlzoo.data.refcoco import RefCocoDataset, load_refs
 from vlzoo.data.shapes import (
     CATEGORY_NAMES,
     COLOUR_NAMES,
@@ -26,6 +30,11 @@ __all__ = [
     "BOX_PLACEHOLDER",
     "plain_box_text",
     "DataError",
+    "CocoDataset",
+    "RefCocoDataset",
+    "load_refs",
+    "load_image",
+    "export_shapes_coco",
     "ShapesDataset",
     "SHAPES_CATEGORIES",
     "CATEGORY_NAMES",
