@@ -8,7 +8,6 @@ import torch
 from vlzoo.decoders.keypoints import (
     AttentionRefinementHead,
     PointDescriptor,
-    PromptedMaskDecoder,
     QueryPooling,
     box_projection_loss,
     extract_keypoints,
@@ -110,9 +109,9 @@ def test_point_descriptor_tokens_depend_on_the_point():
     query = torch.randn(1, 8)
     a = desc(torch.tensor([[[0.2, 0.3]]]), feats, query)
     b = desc(torch.tensor([[[0.8, 0.6]]]), feats, query)
-    assert a.shape == (1, 3, 16)
-    assert not torch.allclose(a[:, :2], b[:, :2])  # prompt and descriptor move with the point
-    assert torch.allclose(a[:, 2], b[:, 2])  # the semantic token does not
+    assert a.shape == (1, 2, 16)
+    assert not torch.allclose(a[:, 0], b[:, 0])  # the descriptor moves with the point
+    assert torch.allclose(a[:, 1], b[:, 1])  # the semantic token does not
     with pytest.raises(ValueError, match="normalised"):
         desc(torch.rand(1, 2), feats, query)
 
@@ -167,16 +166,3 @@ def test_extract_keypoints_top_k_and_threshold():
     assert none.shape == (0, 2)
     flat, _ = extract_keypoints(torch.zeros(8, 8), image_size=(32, 32))
     assert flat.shape == (1, 2)
-
-
-@pytest.mark.parametrize("multimask", [False, True])
-def test_prompted_mask_decoder_keeps_rows_apart(multimask):
-    dec = PromptedMaskDecoder(vision_dim=6, prompt_dim=16, depth=1, mlp_dim=32, num_heads=2, multimask=multimask)
-    feats = torch.randn(3, 6, 4, 4)
-    sparse = torch.randn(3, 5, 16)
-    masks, iou = dec(feats, sparse)
-    assert masks.shape == (3, 16, 16) and iou.shape == (3,)
-    alone, iou_alone = dec(feats[1:2], sparse[1:2])  # row 1 does not see the other images
-    assert torch.allclose(alone[0], masks[1], atol=1e-5) and torch.allclose(iou_alone[0], iou[1], atol=1e-5)
-    with pytest.raises(ValueError, match="image rows"):
-        dec(feats, sparse[:2])

@@ -9,7 +9,7 @@ import torch
 
 from vlzoo.backbones import CausalLM, MultimodalBackbone, TimmVisionEncoder
 from vlzoo.data import ShapesDataset, VLDataModule
-from vlzoo.decoders.keypoints import PromptedMaskDecoder
+from vlzoo.decoders.sam import SamMaskDecoder
 from vlzoo.paradigms.attention_keypoints import AttentionKeypoints, AttentionKeypointsAnswer
 
 IMAGE = 64
@@ -36,7 +36,7 @@ def make_paradigm(backbone: MultimodalBackbone | None = None, **kwargs) -> Atten
         feature_grid=backbone.feature_grid,
         input_size=backbone.input_size,
         head_channels=16,
-        decoder=PromptedMaskDecoder(vision_dim=backbone.vision_dim, prompt_dim=32, depth=1, mlp_dim=64, num_heads=2),
+        decoder=SamMaskDecoder(variant="tiny", image_embedding_size=backbone.feature_grid[0], input_image_size=backbone.input_size),
         **kwargs,
     )
 
@@ -152,8 +152,9 @@ def test_training_the_head_leaves_the_lmm_untouched(backbone, tmp_path):
         other.load_head(path)
 
 
-def test_predictions_have_masks_boxes_and_evidence(backbone):
-    paradigm = make_paradigm(backbone).eval()
+@pytest.mark.parametrize("multimask", [False, True])
+def test_predictions_have_masks_boxes_and_evidence(backbone, multimask):
+    paradigm = make_paradigm(backbone, multimask=multimask).eval()
     batch = make_batches(backbone, tasks=("res", "rec", "seg"), n=6, batch_size=6)[0]
     preds = paradigm.predict(batch)
     assert len(preds) == 6

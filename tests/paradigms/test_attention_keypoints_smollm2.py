@@ -32,7 +32,7 @@ def test_head_trains_on_frozen_smollm2_and_answers_stay_identical():
     pytest.importorskip("gguf")
     from vlzoo.backbones import CausalLM, MultimodalBackbone, TimmVisionEncoder
     from vlzoo.data import ShapesDataset, VLDataModule
-    from vlzoo.decoders.keypoints import PromptedMaskDecoder
+    from vlzoo.decoders.sam import SamMaskDecoder
     from vlzoo.paradigms.attention_keypoints import AttentionKeypoints, AttentionKeypointsAnswer
 
     torch.manual_seed(0)
@@ -46,7 +46,7 @@ def test_head_trains_on_frozen_smollm2_and_answers_stay_identical():
         backbone=backbone, hidden_size=backbone.hidden_size, vision_dim=backbone.vision_dim,
         feature_grid=backbone.feature_grid, input_size=backbone.input_size,
         attention_layers=[-2, -1], head_channels=16,
-        decoder=PromptedMaskDecoder(vision_dim=backbone.vision_dim, prompt_dim=32, depth=1, mlp_dim=64, num_heads=2),
+        decoder=SamMaskDecoder(variant="tiny", image_embedding_size=backbone.feature_grid[0], input_image_size=backbone.input_size),
     )
     assert paradigm.head.attention_in[0].in_channels == 2 * 9  # two layers x SmolLM2's 9 heads
     dm = VLDataModule(

@@ -10,13 +10,10 @@ The pieces here are plain ``nn.Module`` s and functions, usable without the reci
   pools the hidden states into the query's global semantic feature.
 * :class:`AttentionRefinementHead` - a small conv head that refines the attention channels
   (optionally with the vision features, modulated by the semantic feature) into a target heatmap.
-* :class:`PointDescriptor` - keypoints -> sparse prompt embeddings of a SAM mask decoder: a point
-  prompt (positional encoding at the sub-pixel location plus a foreground embedding, as SAM's
-  prompt encoder writes it), a point descriptor (cross-attention from the keypoint to the image
-  features) and the global semantic feature.
-* :class:`PromptedMaskDecoder` - ``segment_anything``'s ``MaskDecoder`` over projected vision
-  features, one image row per prompt (SAM's own ``predict_masks`` repeats a *single* image per
-  prompt batch, which would mix images in a batch of several).
+* :class:`PointDescriptor` - keypoints -> extra sparse prompt embeddings of a SAM mask decoder
+  (:class:`vlzoo.decoders.sam.SamMaskDecoder`, which also takes the keypoints themselves as
+  point prompts): a point descriptor per keypoint (cross-attention from the positional encoding
+  at its sub-pixel location to the image features) and the global semantic feature.
 * Target generation and losses: :func:`interior_point` (the keypoint of a mask) and
   :func:`box_projection_loss` (a mask supervised by a box only, for REC / detection data without
   masks); mask losses proper are :func:`vlzoo.decoders.prompt.mask_losses`.
@@ -28,9 +25,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.mask_decoder import MaskDecoder
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
-from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import Tensor, nn
 
 from vlzoo.decoders.heatmap import find_peaks, refine_subpixel
@@ -41,7 +36,6 @@ __all__ = [
     "QueryPooling",
     "AttentionRefinementHead",
     "PointDescriptor",
-    "PromptedMaskDecoder",
     "interior_point",
     "box_projection_loss",
 ]
@@ -209,13 +203,12 @@ class AttentionRefinementHead(nn.Module):
 
 
 class PointDescriptor(nn.Module):
-    """Keypoints -> sparse prompt embeddings for a SAM mask decoder.
+    """Keypoints -> extra sparse prompt tokens for a SAM mask decoder (LENS' point descriptors).
 
-    Per keypoint two tokens: the *point prompt* (random-Fourier positional encoding at its
-    sub-pixel location plus a learned foreground embedding, as SAM's prompt encoder writes a
-    positive click) and the *point descriptor* (cross-attention from that positional query to the
-    image features, then added to the query's semantic feature).  One more token carries the
-    global semantic feature alone.  Output ``(B, 2 * P + 1, embed_dim)``.
+    Per keypoint one *descriptor*: cross-attention from the random-Fourier positional encoding at
+    its sub-pixel location (plus the query's semantic feature) to the image features, added to the
+    semantic feature.  One more token carries the global semantic feature alone.  Output
+    ``(B, P + 1, embed_dim)``; the keypoint itself goes to the decoder as a positive point prompt.
 
     Why a descriptor and not the click alone: a point says *where*, the descriptor says *what is
     there* as the query understands it, so the decoder can pick the right extent (the whole
@@ -226,9 +219,9 @@ class PointDescriptor(nn.Module):
         vision_dim: channels of the image features the descriptors attend to.
         query_dim: size of the semantic feature (the LMM hidden size).
         num_heads: attention heads of the cross-attention.
-        positional_encoding: share the decoder's own ``PositionEmbeddingRandom`` so that the
-            point prompts and the decoder's ``image_pe`` speak the same coordinates; a new one
-            is made when ``None``.
+        positional_encoding: share the decoder's own ``PositionEmbeddingRandom``
+            (``prompt_encoder.pe_layer``) so that descriptors and the decoder's point prompts and
+            ``image_pe`` speak the same coordinates; a new one is made when ``None``.
     """
 
     def __init__(
@@ -247,7 +240,6 @@ class PointDescriptor(nn.Module):
             )
         self.embed_dim = embed_dim
         self.pe = positional_encoding if positional_encoding is not None else PositionEmbeddingRandom(embed_dim // 2)
-        self.foreground = nn.Parameter(torch.randn(embed_dim) * 0.02)
         self.vision_proj = nn.Conv2d(vision_dim, embed_dim, 1)
         self.query_proj = nn.Sequential(nn.LayerNorm(query_dim), nn.Linear(query_dim, embed_dim))
         self.cross = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
@@ -260,10 +252,10 @@ class PointDescriptor(nn.Module):
 
     def forward(self, points: Tensor, image_features: Tensor, query: Tensor) -> Tensor:
         """``points (B, P, 2)`` normalised (x, y) in [0, 1]; ``image_features (B, vision_dim,
-        h, w)``; ``query (B, query_dim)`` -> sparse embeddings ``(B, 2 * P + 1, embed_dim)``."""
+        h, w)``; ``query (B, query_dim)`` -> tokens ``(B, P + 1, embed_dim)``."""
         if points.dim() != 3 or points.shape[-1] != 2:
             raise ValueError(f"PointDescriptor: points must be (B, P, 2) normalised x, y; got {tuple(points.shape)}")
-        b, _, h, w = image_features.shape
+        _, _, h, w = image_features.shape
         pos = self.encode_points(points)  # (B, P, D)
         feats = self.vision_proj(image_features.float())  # (B, D, h, w)
         grid_pe = self.pe((h, w)).unsqueeze(0)  # (1, D, h, w)
@@ -273,8 +265,7 @@ class PointDescriptor(nn.Module):
         attended, _ = self.cross(pos + sem, keys, values, need_weights=False)
         desc = self.norm(attended + sem)
         desc = desc + self.mlp(desc)
-        prompt = pos + self.foreground
-        return torch.cat([prompt, desc, sem], dim=1)
+        return torch.cat([desc, sem], dim=1)
 
 
 def extract_keypoints(
@@ -308,71 +299,6 @@ def extract_keypoints(
     big_h, big_w = image_size
     points = torch.stack([(cx * big_w / w).clamp(0, big_w), (cy * big_h / h).clamp(0, big_h)], dim=-1)
     return points, scores.float()
-
-
-class PromptedMaskDecoder(nn.Module):
-    """A ``segment_anything`` mask decoder (two-way transformer, upscaling, hypernetwork MLPs,
-    IoU head) over projected vision features, for a batch where row ``i`` of the image features
-    goes with row ``i`` of the sparse prompts.
-
-    Args:
-        vision_dim: channels of the image features (injected from the backbone).
-        prompt_dim: the transformer width (SAM: 256).
-        depth, mlp_dim, num_heads: the two-way transformer (SAM: 2, 2048, 8).
-        multimask: return SAM's three candidate masks and keep the one of highest predicted IoU
-            (SAM's answer to ambiguous single clicks) instead of the single-mask output.
-    """
-
-    def __init__(
-        self,
-        *,
-        vision_dim: int = 64,
-        prompt_dim: int = 64,
-        depth: int = 2,
-        mlp_dim: int = 128,
-        num_heads: int = 4,
-        multimask: bool = False,
-    ) -> None:
-        super().__init__()
-        self.prompt_dim = prompt_dim
-        self.multimask = multimask
-        self.project = nn.Sequential(nn.Conv2d(vision_dim, prompt_dim, 1), nn.GroupNorm(1, prompt_dim))
-        self.positional_encoding = PositionEmbeddingRandom(prompt_dim // 2)
-        self.no_mask = nn.Parameter(torch.randn(prompt_dim) * 0.02)
-        self.sam = MaskDecoder(
-            transformer_dim=prompt_dim,
-            transformer=TwoWayTransformer(depth=depth, embedding_dim=prompt_dim, mlp_dim=mlp_dim, num_heads=num_heads),
-            num_multimask_outputs=3,
-            iou_head_depth=3,
-            iou_head_hidden_dim=prompt_dim,
-        )
-
-    def forward(self, image_features: Tensor, sparse: Tensor) -> tuple[Tensor, Tensor]:
-        """``(M, vision_dim, h, w)``, ``(M, n, prompt_dim)`` -> (mask logits ``(M, 4h, 4w)``,
-        predicted IoU ``(M,)``)."""
-        if image_features.shape[0] != sparse.shape[0]:
-            raise ValueError(
-                f"PromptedMaskDecoder: {image_features.shape[0]} image rows for {sparse.shape[0]} prompts"
-            )
-        sam = self.sam
-        src = self.project(image_features.float()) + self.no_mask[None, :, None, None]
-        m, c, h, w = src.shape
-        pos = self.positional_encoding((h, w)).unsqueeze(0).expand(m, -1, -1, -1)
-        out_tokens = torch.cat([sam.iou_token.weight, sam.mask_tokens.weight], dim=0)
-        tokens = torch.cat([out_tokens.unsqueeze(0).expand(m, -1, -1), sparse.float()], dim=1)
-        hs, src = sam.transformer(src, pos, tokens)
-        iou_out = hs[:, 0]
-        mask_out = hs[:, 1 : 1 + sam.num_mask_tokens]
-        up = sam.output_upscaling(src.transpose(1, 2).reshape(m, c, h, w))
-        hyper = torch.stack([mlp(mask_out[:, i]) for i, mlp in enumerate(sam.output_hypernetworks_mlps)], dim=1)
-        b, cu, hu, wu = up.shape
-        masks = (hyper @ up.view(b, cu, hu * wu)).view(b, -1, hu, wu)
-        iou = sam.iou_prediction_head(iou_out)
-        if not self.multimask:
-            return masks[:, 0], iou[:, 0]
-        best = iou[:, 1:].argmax(dim=1) + 1
-        rows = torch.arange(m, device=masks.device)
-        return masks[rows, best], iou[rows, best]
 
 
 # ----------------------------------------------------------------------------- targets & losses

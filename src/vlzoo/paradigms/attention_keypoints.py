@@ -47,7 +47,6 @@ from vlzoo.decoders.heatmap import gaussian_heatmap_targets, heatmap_focal_loss
 from vlzoo.decoders.keypoints import (
     AttentionRefinementHead,
     PointDescriptor,
-    PromptedMaskDecoder,
     QueryPooling,
     box_projection_loss,
     extract_keypoints,
@@ -55,6 +54,7 @@ from vlzoo.decoders.keypoints import (
     text_to_image_attention,
 )
 from vlzoo.decoders.prompt import mask_losses
+from vlzoo.decoders.sam import SamMaskDecoder
 from vlzoo.paradigms.base import BaseParadigm, OptimizerFactory, SchedulerFactory
 from vlzoo.structures import Batch, Predictions, Sample, Targets
 
@@ -92,8 +92,12 @@ class AttentionKeypoints(BaseParadigm):
     Args:
         backbone: the frozen ``MultimodalBackbone`` (injected); it is frozen here whatever its
             own ``freeze_*`` settings say; LoRA on it is an error.
-        decoder: a :class:`~vlzoo.decoders.keypoints.PromptedMaskDecoder` (a ``segment_anything``
-            mask decoder; a small one is built when ``None``).
+        decoder: a :class:`~vlzoo.decoders.sam.SamMaskDecoder` (``variant: tiny`` for CPU,
+            ``vit_h`` + ``checkpoint`` for SAM's own); default the tiny one sized to the
+            backbone.  Vision features are projected to its ``embed_dim`` and resized to its
+            ``image_embedding_size``; keypoints are given in its ``input_image_size`` pixels.
+        multimask: ask SAM for its three masks and keep the one of highest predicted IoU
+            (SAM's answer to an ambiguous single click) instead of the single-mask output.
         hidden_size, vision_dim, feature_grid, input_size: injected from the backbone.
         attention_layers: LM layers whose attention is read (negative counts from the end;
             default every layer).
@@ -119,7 +123,7 @@ class AttentionKeypoints(BaseParadigm):
         self,
         *,
         backbone: nn.Module | None = None,
-        decoder: PromptedMaskDecoder | None = None,
+        decoder: SamMaskDecoder | None = None,
         evaluator: Any | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
@@ -141,6 +145,7 @@ class AttentionKeypoints(BaseParadigm):
         peak_threshold: float = 0.3,
         point_jitter: float = 2.0,
         mask_threshold: float = 0.0,
+        multimask: bool = False,
     ) -> None:
         if backbone is None:
             raise ValueError("paradigm 'attention_keypoints' needs a backbone: it reads a frozen LMM")
@@ -193,12 +198,21 @@ class AttentionKeypoints(BaseParadigm):
             num_layers=head_layers,
             upsample=heatmap_upsample,
         )
-        self.decoder = decoder if decoder is not None else PromptedMaskDecoder(vision_dim=vision_dim)
+        self.multimask = multimask
+        if decoder is None:
+            decoder = SamMaskDecoder(
+                variant="tiny", image_embedding_size=self.feature_grid[0], input_image_size=self.input_size
+            )
+        self.decoder = decoder
+        dim = decoder.embed_dim
+        # the frozen vision features as SAM image embeddings (SAM's neck ends with a LayerNorm)
+        self.embed = nn.Sequential(nn.Conv2d(vision_dim, dim, 1), nn.GroupNorm(1, dim))
         self.descriptor = PointDescriptor(
-            embed_dim=self.decoder.prompt_dim,
+            embed_dim=dim,
             vision_dim=vision_dim,
             query_dim=hidden_size,
-            positional_encoding=self.decoder.positional_encoding,
+            num_heads=max(1, min(4, dim // 16)),
+            positional_encoding=decoder.prompt_encoder.pe_layer,
         )
 
     # ------------------------------------------------------------------ the frozen LMM
@@ -258,15 +272,25 @@ class AttentionKeypoints(BaseParadigm):
         """One mask per keypoint: ``points (M, 2)`` input pixels of samples ``sample_index (M,)``
         -> (logits ``(M, H, W)`` at input size, predicted IoU ``(M,)``)."""
         h, w = size
-        norm = points / torch.tensor([w, h], dtype=points.dtype, device=points.device)
-        sparse = self.descriptor(
-            norm[:, None].clamp(0, 1),
-            reading.image_features[sample_index],
-            reading.semantic[sample_index],
+        feats = reading.image_features[sample_index]
+        norm = (points / torch.tensor([w, h], dtype=points.dtype, device=points.device)).clamp(0, 1)
+        extra = self.descriptor(norm[:, None], feats, reading.semantic[sample_index])
+        embeddings = self.embed(feats)
+        if tuple(embeddings.shape[-2:]) != tuple(self.decoder.image_embedding_size):
+            embeddings = F.interpolate(
+                embeddings, size=self.decoder.image_embedding_size, mode="bilinear", align_corners=False
+            )
+        coords = norm[:, None] * self.decoder.input_image_size  # SAM's pixels
+        labels = torch.ones(coords.shape[:2], dtype=torch.long, device=coords.device)
+        low, iou = self.decoder(
+            embeddings, points=(coords, labels), sparse_embeddings=extra, multimask_output=self.multimask
         )
-        low, iou = self.decoder(reading.image_features[sample_index], sparse)
-        logits = F.interpolate(low[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-        return logits, iou
+        if self.multimask:
+            best = iou.argmax(dim=1)
+            rows = torch.arange(low.shape[0], device=low.device)
+            low, iou = low[rows, best][:, None], iou[rows, best][:, None]
+        logits = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        return logits, iou[:, 0]
 
     # ------------------------------------------------------------------ the paradigm contract
     def loss(self, batch: Batch) -> dict[str, Tensor]:
