@@ -8,8 +8,8 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from support.tiny import TinyBackbone, TinyData, TinyParadigm
 
+from support.tiny import TinyBackbone, TinyData, TinyParadigm
 from vlzoo.build import build
 from vlzoo.config import INJECTABLE, RecipeError, load_recipe, recipe_from_dict, shipped_recipes_dir, validate
 from vlzoo.runs import ParameterCount, RecipeInCheckpoint, RunLogging

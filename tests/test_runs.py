@@ -12,7 +12,14 @@ from mlflow.tracking import MlflowClient
 
 from vlzoo.cli import main
 from vlzoo.config import RecipeError
-from vlzoo.runs import RECIPE_KEY, RUN_ID_KEY, count_parameters, load_checkpoint, read_checkpoint, tracking_uri_for
+from vlzoo.runs import (
+    RECIPE_KEY,
+    RUN_ID_KEY,
+    count_parameters,
+    load_checkpoint,
+    read_checkpoint,
+    tracking_uri_for,
+)
 
 TINY = Path(__file__).parent / "support" / "recipes" / "tiny.yaml"
 

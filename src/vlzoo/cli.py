@@ -1,0 +1,261 @@
+"""The ``vlzoo`` command line.
+
+::
+
+    vlzoo fit RECIPE [overrides...] [--resume | --resume-from RUN_ID|CKPT] [--tracking-uri U] [--output-dir D]
+    vlzoo validate|test RECIPE [overrides...] [--checkpoint CKPT]
+    vlzoo predict RECIPE [overrides...] [--checkpoint CKPT] [--output FILE] [--overlays DIR]
+    vlzoo print RECIPE [overrides...] [--plain]
+    vlzoo check RECIPE [overrides...]
+    vlzoo recipes
+
+RECIPE is a file or a shipped recipe name (``vlzoo recipes``); with ``--checkpoint`` it may be
+left out and the checkpoint's own recipe is used.  Overrides are ``slot=name`` (swap a slot for
+``recipes/<slot>/<name>.yaml``) or ``a.b.c=value``.  Every command takes ``--allow-target
+PREFIX`` (repeatable) and ``--debug`` (show tracebacks).  A mistake in a recipe ends with exit
+status 2 and one paragraph saying what and where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from vlzoo.config import (
+    RecipeError,
+    find_recipe,
+    load_recipe,
+    recipe_from_dict,
+    shipped_recipes_dir,
+    validate,
+)
+
+__all__ = ["main", "list_recipes", "EXIT_USER_ERROR"]
+
+EXIT_USER_ERROR = 2
+RUN_VERBS = ("fit", "validate", "test", "predict")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlzoo", description="Train, evaluate and inspect localization paradigms for multimodal models."
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    helps = {
+        "fit": "train a recipe (logged in MLflow, checkpoints embed the recipe)",
+        "validate": "run the validation split",
+        "test": "run the test split",
+        "predict": "write COCO-style predictions (and overlays on request)",
+        "print": "show the resolved recipe and which file set each key",
+        "check": "validate a recipe without building anything",
+        "recipes": "list the shipped recipes",
+    }
+    for verb, text in helps.items():
+        p = sub.add_parser(verb, help=text, description=text)
+        p.add_argument("--debug", action="store_true", help="show full tracebacks")
+        if verb == "recipes":
+            p.add_argument("--dir", default=None, help="list this recipes folder instead of the shipped one")
+            continue
+        p.add_argument("recipe", nargs="?" if verb in ("validate", "test", "predict") else None,
+                       help="recipe file or shipped name")
+        p.add_argument("overrides", nargs="*", help="slot=name or a.b.c=value")
+        p.add_argument("--allow-target", action="append", default=[], metavar="PREFIX",
+                       help="also allow _target_s under this module prefix (recorded in the recipe)")
+        if verb == "print":
+            p.add_argument("--plain", action="store_true", help="plain resolved YAML, without sources")
+        if verb in RUN_VERBS:
+            p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: OUTPUT_DIR/mlflow.db)")
+            p.add_argument("--output-dir", default=".", help="MLflow store, mlruns/ and checkpoints/ go here")
+        if verb == "fit":
+            p.add_argument("--resume", action="store_true",
+                           help="continue the latest run of this recipe from its last checkpoint")
+            p.add_argument("--resume-from", default=None, metavar="RUN_ID|CKPT",
+                           help="continue the given MLflow run (or checkpoint file)")
+        if verb in ("validate", "test", "predict"):
+            p.add_argument("--checkpoint", default=None, help="weights (and, without RECIPE, the recipe) to use")
+        if verb == "predict":
+            p.add_argument("--output", default=None, help="result JSON (default OUTPUT_DIR/predictions.json)")
+            p.add_argument("--overlays", default=None, metavar="DIR", help="also draw overlay PNGs here")
+            p.add_argument("--max-overlays", type=int, default=None, help="at most this many overlays")
+    return parser
+
+
+def list_recipes(folder: str | Path | None = None) -> list[tuple[str, str]]:
+    """``(name, description)`` of every ``*.yaml`` under a recipes folder; the description is
+    the file's first comment line."""
+    root = Path(folder) if folder is not None else shipped_recipes_dir()
+    if root is None or not root.is_dir():
+        return []
+    out = []
+    for path in sorted(root.rglob("*.yaml")):
+        description = ""
+        for line in path.read_text().splitlines():
+            if line.strip().startswith("#"):
+                description = line.strip().lstrip("#").strip()
+                break
+            if line.strip():
+                break
+        out.append((path.relative_to(root).with_suffix("").as_posix(), description))
+    return out
+
+
+def _load(args: argparse.Namespace):
+    """The recipe of a command: from RECIPE, or from --checkpoint when RECIPE is left out."""
+    recipe_arg = args.recipe
+    overrides = list(args.overrides)
+    # `vlzoo predict --checkpoint c.ckpt a.b=1`: argparse puts the first override into RECIPE
+    if recipe_arg is not None and "=" in recipe_arg and not Path(recipe_arg).exists():
+        overrides.insert(0, recipe_arg)
+        recipe_arg = None
+    checkpoint = getattr(args, "checkpoint", None)
+    if recipe_arg is None:
+        if checkpoint is None:
+            raise RecipeError(f"vlzoo {args.verb} needs a RECIPE (or --checkpoint CKPT to use the recipe it holds)")
+        from vlzoo.runs import read_checkpoint
+
+        _, stored = read_checkpoint(checkpoint)
+        extra = [p for p in stored.data.get("allow_targets") or [] if p not in args.allow_target]
+        from vlzoo.config import DEFAULT_ALLOWED_PREFIXES
+
+        extra = [p for p in extra if p not in DEFAULT_ALLOWED_PREFIXES]
+        if extra:
+            raise RecipeError(
+                f"checkpoint {checkpoint} asks to allow targets under {', '.join(extra)}; if you trust it, "
+                f"add --allow-target {' --allow-target '.join(extra)}"
+            )
+        return recipe_from_dict(stored.data, overrides=overrides, allow_targets=args.allow_target,
+                                source=f"checkpoint {checkpoint}")
+    return load_recipe(find_recipe(recipe_arg), overrides, allow_targets=args.allow_target)
+
+
+def _cmd_print(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    sys.stdout.write(recipe.to_yaml() if args.plain else recipe.annotated())
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    validate(recipe)
+    slots = [s for s in recipe.data if isinstance(recipe.data[s], dict) and "_target_" in recipe.data[s]]
+    print(f"ok: {recipe.path or recipe.name} ({', '.join(slots) or 'no slots'})")
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    items = list_recipes(args.dir)
+    if not items:
+        print("no recipes found")
+        return 0
+    width = max(len(name) for name, _ in items)
+    for name, description in items:
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from vlzoo.build import build
+    from vlzoo.runs import RUN_ID_KEY, find_last_checkpoint, read_checkpoint, resolve_tracking_uri
+
+    recipe = _load(args)
+    validate(recipe)
+    for slot in ("paradigm", "data"):
+        if recipe.slot(slot) is None:
+            raise RecipeError(f"vlzoo {args.verb} needs a '{slot}' slot, but recipe {recipe.path or recipe.name} has none")
+    tracking_uri = resolve_tracking_uri(recipe, output_dir=args.output_dir, tracking_uri=args.tracking_uri)
+    run_id = None
+    ckpt_path = getattr(args, "checkpoint", None)
+    if args.verb == "fit" and (args.resume or args.resume_from):
+        target = args.resume_from or "last"
+        run_id, ckpt_path = _resume_target(target, recipe.name, tracking_uri, find_last_checkpoint)
+        if run_id is None:
+            checkpoint, _ = read_checkpoint(ckpt_path)
+            run_id = checkpoint.get(RUN_ID_KEY)
+    extra = []
+    writer = None
+    if args.verb == "predict":
+        from vlzoo.predictions import PredictionWriter
+
+        output = Path(args.output) if args.output else Path(args.output_dir) / "predictions.json"
+        writer = PredictionWriter(output, overlays=args.overlays, max_overlays=args.max_overlays)
+        extra.append(writer)
+    built = build(
+        recipe,
+        output_dir=args.output_dir,
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        keep_raw_images=True if getattr(args, "overlays", None) else None,
+        extra_callbacks=extra,
+    )
+    trainer, model, data = built.trainer, built.model, built.datamodule
+    ckpt = str(ckpt_path) if ckpt_path is not None else None
+    if args.verb == "fit":
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    elif args.verb == "validate":
+        trainer.validate(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    elif args.verb == "test":
+        trainer.test(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    else:
+        trainer.predict(model, datamodule=data, ckpt_path=ckpt, weights_only=True, return_predictions=False)
+        print(f"vlzoo: wrote {len(writer.records)} records to {writer.output}"
+              + (f" and {len(writer.overlay_paths)} overlays to {args.overlays}" if args.overlays else ""))
+    if built.run_id:
+        print(f"vlzoo: MLflow run {built.run_id} at {tracking_uri}; checkpoints in {built.checkpoint_dir}")
+    return 0
+
+
+def _resume_target(value: str, recipe_name: str, tracking_uri: str, find_last):
+    """``(run_id or None, checkpoint path)`` for ``--resume`` (``last``) or ``--resume-from``."""
+    if value == "last":
+        return find_last(recipe_name=recipe_name, tracking_uri=tracking_uri)
+    if Path(value).is_file():
+        return None, Path(value)
+    if value.endswith(".ckpt") or "/" in value:
+        raise RecipeError(f"--resume-from {value}: checkpoint file not found")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from vlzoo.runs import CHECKPOINT_DIR_TAG
+
+    try:
+        run = MlflowClient(tracking_uri=tracking_uri).get_run(value)
+    except MlflowException:
+        raise RecipeError(f"--resume {value}: neither a checkpoint file nor a run at {tracking_uri}") from None
+    folder = run.data.tags.get(CHECKPOINT_DIR_TAG)
+    if not folder or not (Path(folder) / "last.ckpt").is_file():
+        raise RecipeError(f"--resume {value}: the run has no last checkpoint (tag {CHECKPOINT_DIR_TAG}={folder})")
+    return value, Path(folder) / "last.ckpt"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 a mistake in the recipe or command)."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    # overrides may also come after options (`fit r.yaml --resume trainer.max_epochs=2`)
+    unknown = [a for a in rest if a.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.overrides = list(args.overrides) + rest
+    commands = {"print": _cmd_print, "check": _cmd_check, "recipes": _cmd_recipes}
+    command = commands.get(args.verb, _cmd_run)
+    try:
+        return command(args)
+    except RecipeError as err:
+        if args.debug:
+            raise
+        print(f"vlzoo {args.verb}: error: {err}\n(run again with --debug for the full traceback)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as err:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        if isinstance(err, MisconfigurationException) and not args.debug:
+            print(f"vlzoo {args.verb}: error: {err}\n(run again with --debug for the full traceback)", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
