@@ -82,6 +82,12 @@ class CausalLM(nn.Module):
             if attn_implementation is not None:
                 extra["attn_implementation"] = attn_implementation
             self.model = AutoModelForCausalLM.from_pretrained(name_or_path, **extra)
+            if gguf_file is not None:
+                # GGUF tensors are de-quantized to `dtype` on load: the result is a plain model,
+                # but transformers keeps the GGUF quantizer attached, which refuses to save it.
+                self.model.hf_quantizer = None
+                if hasattr(self.model.config, "quantization_config"):
+                    del self.model.config.quantization_config
         else:
             settings = dict(config)
             model_type = settings.pop("model_type", None)
