@@ -16,8 +16,8 @@ from vlzoo.paradigms.codecs import (
     Florence2Codec,
     Kosmos2Codec,
     PaliGemmaCodec,
-    Qwen25VLCodec,
     Qwen2VLCodec,
+    Qwen25VLCodec,
     ShikraCodec,
     make_codec,
 )
@@ -47,8 +47,15 @@ def _normalise(codec, text: str) -> str:
 
 
 # worst-case round-trip error in pixels of a 64 x 48 image per codec (quantisation step)
-TOLERANCE = {"bins": 0.51 * 64 / 63, "florence2": 64 / 1000, "paligemma": 0.51 * 64 / 1023,
-             "qwen2vl": 0.51 * 64 / 1000, "qwen2.5vl": 0.51, "shikra": 0.51e-3 * 64, "kosmos2": 64 / 32}
+TOLERANCE = {
+    "bins": 0.51 * 64 / 63,
+    "florence2": 64 / 1000,
+    "paligemma": 0.51 * 64 / 1023,
+    "qwen2vl": 0.51 * 64 / 1000,
+    "qwen2.5vl": 0.51,
+    "shikra": 0.51e-3 * 64,
+    "kosmos2": 64 / 32,
+}
 
 
 @pytest.mark.parametrize("name", sorted(CODECS))
@@ -121,7 +128,10 @@ def test_kosmos2_matches_transformers_helpers():
     g = torch.Generator().manual_seed(1)
     for _ in range(200):
         x1, y1 = (torch.rand(2, generator=g) * 0.8).tolist()
-        x2, y2 = x1 + 0.01 + float(torch.rand(1, generator=g)) * 0.19, y1 + 0.01 + float(torch.rand(1, generator=g)) * 0.19
+        x2, y2 = (
+            x1 + 0.01 + float(torch.rand(1, generator=g)) * 0.19,
+            y1 + 0.01 + float(torch.rand(1, generator=g)) * 0.19,
+        )
         ref = kosmos.coordinate_to_patch_index((x1, y1, x2, y2), 32)
         assert codec.patch_indices((x1, y1, x2, y2), size) == ref
         assert codec.box_from_indices(*ref, size) == pytest.approx(kosmos.patch_index_to_coordinate(*ref, 32))
@@ -156,7 +166,9 @@ def test_florence2_matches_transformers_quantizer():
     pts = boxes[:, :2]
     ptext = codec.encode_points(pts, (h, w))
     pref = post.quantize(pts, (w, h))
-    assert torch.equal(torch.tensor([int(v) for v in re.findall(r"<loc_(\d+)>", ptext)]).reshape(-1, 2), pref.long())
+    assert torch.equal(
+        torch.tensor([int(v) for v in re.findall(r"<loc_(\d+)>", ptext)]).reshape(-1, 2), pref.long()
+    )
 
 
 def test_paligemma_matches_big_vision_binning():
@@ -201,6 +213,9 @@ def test_special_tokens_per_family():
     assert len(Kosmos2Codec().coordinate_tokens) == 1024
     assert ShikraCodec().special_tokens == ()
     assert set(Qwen2VLCodec().special_tokens) == {
-        "<|box_start|>", "<|box_end|>", "<|object_ref_start|>", "<|object_ref_end|>"
+        "<|box_start|>",
+        "<|box_end|>",
+        "<|object_ref_start|>",
+        "<|object_ref_end|>",
     }
     assert BinsCodec().normalise_token("<bin_3>") == COORD

@@ -15,3 +15,6 @@ __all__ += ["AttentionKeypoints", "AttentionKeypointsAnswer"]
 from vlzoo.paradigms.pixel2emb import EmbeddingAnswerFormat, Pixel2Emb  # noqa: E402
 
 __all__ += ["EmbeddingAnswerFormat", "Pixel2Emb"]
+from vlzoo.paradigms.pixel2seq import GrammarConstraint, Pixel2Seq, Pixel2SeqAnswerFormat  # noqa: E402
+
+__all__ += ["GrammarConstraint", "Pixel2Seq", "Pixel2SeqAnswerFormat"]

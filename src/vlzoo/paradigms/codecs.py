@@ -147,7 +147,11 @@ class CoordinateCodec:
 
     # --- format (overridden) ------------------------------------------------------------------
     def encode(
-        self, boxes: Tensor | Sequence[Sequence[float]], image_size: tuple[int, int], *, phrase: str | None = None
+        self,
+        boxes: Tensor | Sequence[Sequence[float]],
+        image_size: tuple[int, int],
+        *,
+        phrase: str | None = None,
     ) -> str:
         """Boxes of one object (``(N, 4)`` xyxy pixels) as the family writes them."""
         raise TypeError(f"{type(self).__name__} does not define encode")
@@ -242,7 +246,9 @@ class _TokenCodec(CoordinateCodec):
     def decode_points(self, text, image_size):  # type: ignore[override]
         values = self._values(text)
         if not values or len(values) % 2:
-            raise CodecError(f"{self.name}: expected an even number of coordinate tokens, found {len(values)}")
+            raise CodecError(
+                f"{self.name}: expected an even number of coordinate tokens, found {len(values)}"
+            )
         return self._xy_from_values(values, image_size)
 
     def boxes_grammar(self, min_count=1, max_count=None, *, phrase=False):  # type: ignore[override]
@@ -480,7 +486,7 @@ class Qwen2VLCodec(CoordinateCodec):
         h, w = _check_size(image_size)
         x = (xy[:, 0] / w * self.scale).round().clamp(0, self.scale).long()
         y = (xy[:, 1] / h * self.scale).round().clamp(0, self.scale).long()
-        return list(zip(x.tolist(), y.tolist()))
+        return list(zip(x.tolist(), y.tolist(), strict=True))
 
     def _from_ints(self, values: Tensor, image_size: tuple[int, int]) -> Tensor:
         h, w = _check_size(image_size)
@@ -524,7 +530,9 @@ class Qwen2VLCodec(CoordinateCodec):
         return self._wrap(self._to_ints(_as_points(points), image_size))
 
     def decode_points(self, text, image_size):  # type: ignore[override]
-        values = torch.tensor([p for g in self._point_groups(text) for p in g], dtype=torch.float64).reshape(-1, 2)
+        values = torch.tensor([p for g in self._point_groups(text) for p in g], dtype=torch.float64).reshape(
+            -1, 2
+        )
         self._check_range(values, image_size)
         return self._from_ints(values, image_size)
 
@@ -552,7 +560,7 @@ class Qwen25VLCodec(Qwen2VLCodec):
         h, w = _check_size(image_size)
         x = xy[:, 0].round().clamp(0, w).long()
         y = xy[:, 1].round().clamp(0, h).long()
-        return list(zip(x.tolist(), y.tolist()))
+        return list(zip(x.tolist(), y.tolist(), strict=True))
 
     def _from_ints(self, values: Tensor, image_size: tuple[int, int]) -> Tensor:
         return values.float()
