@@ -222,11 +222,12 @@ def _candidates_of_kind(kind: str, target: int, v: _View) -> list[Ref]:
                 if g is None:
                     continue
                 for rel in RELATIONS:
+                    # inline of _resolve for a relation whose anchor is unique by construction
                     if not _related(rel, target, a, v):
                         continue
-                    ref = Ref(size=f.size, colour=f.colour, category=f.category, relation=rel, anchor=g)
-                    if _resolve(ref, v) == [target]:
-                        out.append(ref)
+                    if any(i != a and i != target and _related(rel, i, a, v) for i in members):
+                        continue
+                    out.append(Ref(size=f.size, colour=f.colour, category=f.category, relation=rel, anchor=g))
     return out
 
 
