@@ -248,3 +248,43 @@ def test_loss_falls():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+def _mask_decoder(bb):
+    from vlzoo.decoders.sam import SamMaskDecoder
+
+    return SamMaskDecoder(variant="tiny", image_embedding_size=bb.feature_grid[0], input_image_size=bb.input_size)
+
+
+def test_masks_through_prompt_mlp_and_sam_decoder_with_box_prompt():
+    bb = make_backbone()
+    p = make_paradigm(bb, tasks=["rec", "res"], mask_decoder=_mask_decoder(bb), mask_loss="focal")
+    assert p.prompt_mlp.prompt_dim == 32 and p.box_prompt
+    batch = make_batch(p, tasks=("res", "rec"), n=4)
+    parts = p.loss(batch)
+    assert {"mask_focal", "mask_dice", "mask_iou", "box_l1"} <= set(parts)
+    assert p.loss_weights["mask_focal"] == 2.0 and p.loss_weights["mask_dice"] == 0.5
+    p.weighted_total(parts).backward()
+    for head in (p.prompt_mlp, p.mask_decoder.mask_decoder, p.mask_projection):
+        assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in head.parameters())
+    out = p.backbone(batch.images, batch.input_ids, batch.attention_mask)
+    rows, cols = (batch.input_ids == p.trigger_id).nonzero(as_tuple=True)
+    states, _ = p.trigger_states(out, rows, out.positions[rows, cols], [])
+    logits, iou = p.decode_masks(out, rows, states, p.box_decoder(states))
+    assert logits.shape == (len(rows), 32, 32) and iou.shape == (len(rows),)
+
+
+def test_lisa_seg_token_variant():
+    """[SEG] hidden state -> 256-d-style prompt -> SAM decoder; CE + 2.0 BCE + 0.5 Dice."""
+    bb = make_backbone()
+    fmt = EmbeddingAnswerFormat(trigger="[SEG]", box_after_trigger=False, prefix="the mask is")
+    p = Pixel2Emb(backbone=bb, answer_format=fmt, mask_decoder=_mask_decoder(bb), tasks=["res"])
+    assert p.box_decoder is None and not p.box_prompt
+    batch = make_batch(p, tasks=("res",), n=3)
+    assert all(a.endswith("[SEG]") and a.startswith("the mask is") for a in batch.answers)
+    parts = p.loss(batch)
+    assert set(parts) == {"lm", "mask_bce", "mask_dice", "mask_iou"}
+    assert (p.loss_weights["mask_bce"], p.loss_weights["mask_dice"]) == (2.0, 0.5)
+    p.eval()
+    preds = p.predict(batch)
+    assert all(pr.masks is not None and pr.masks.shape[-2:] == (32, 32) for pr in preds)

@@ -47,6 +47,7 @@ from vlzoo.decoders.box import (
     normalise_boxes,
 )
 from vlzoo.decoders.prompt import PromptMLP, TriggerImageAttention, mask_losses
+from vlzoo.decoders.sam import SamMaskDecoder
 from vlzoo.paradigms.base import BaseParadigm, OptimizerFactory, SchedulerFactory
 from vlzoo.structures import Batch, Predictions, Sample
 
@@ -233,8 +234,9 @@ class Pixel2Emb(BaseParadigm):
             the heads (off by default, as in the papers; see docs/paradigms/pixel2emb.md).
         prompt_mlp: :class:`PromptMLP` to the mask decoder's sparse prompt (built from the mask
             decoder's width when a mask decoder is given without one).
-        mask_decoder: a ``SamMaskDecoder`` (needed for res / seg).
-        box_prompt: also give the decoded box to the mask decoder as a box prompt (NExT-Chat).
+        mask_decoder: a :class:`~vlzoo.decoders.sam.SamMaskDecoder` (needed for res / seg); the
+            backbone's vision features are projected (1x1 conv) to its width and grid.
+        box_prompt: also give the decoded box to the mask decoder as its box prompt (NExT-Chat).
         mask_loss: ``"bce"`` (LISA) or ``"focal"`` (SAM / NExT-Chat).
         cycle: compute the two cycle losses (needs both box heads).
         refocus_lambda: AnyRef's refocusing strength (0 disables it; AnyRef uses 0.1).
@@ -256,7 +258,7 @@ class Pixel2Emb(BaseParadigm):
         box_encoder: BoxEncoder | None = None,
         image_attention: TriggerImageAttention | None = None,
         prompt_mlp: PromptMLP | None = None,
-        mask_decoder: nn.Module | None = None,
+        mask_decoder: SamMaskDecoder | None = None,
         box_prompt: bool = True,
         mask_loss: str = "bce",
         cycle: bool = True,
@@ -298,9 +300,16 @@ class Pixel2Emb(BaseParadigm):
         self.image_attention = image_attention
         self.mask_decoder = mask_decoder
         if mask_decoder is not None and prompt_mlp is None:
-            prompt_mlp = PromptMLP(hidden_size=self._hidden_size(), prompt_dim=_prompt_dim(mask_decoder))
+            prompt_mlp = PromptMLP(hidden_size=self._hidden_size(), prompt_dim=int(mask_decoder.embed_dim))
         self.prompt_mlp = prompt_mlp
-        self.box_prompt = box_prompt
+        self.box_prompt = box_prompt and box_decoder is not None
+        self.mask_projection = None
+        if mask_decoder is not None:
+            vision_dim = int(self.backbone.vision_dim)
+            dim = int(mask_decoder.embed_dim)
+            # the LMM's vision features stand in for SAM's image embedding (LISA keeps SAM's own
+            # ViT-H encoder; with a SAM encoder as the backbone's vision tower this is 256 -> 256)
+            self.mask_projection = nn.Sequential(nn.Conv2d(vision_dim, dim, 1), nn.GroupNorm(1, dim))
         self.mask_loss = mask_loss
         self.cycle = self._head_parts["cycle"]
         self.refocus_lambda = float(refocus_lambda)
@@ -496,20 +505,25 @@ class Pixel2Emb(BaseParadigm):
         return hidden, weights
 
     def decode_masks(self, out: Any, rows: Tensor, states: Tensor, boxes: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Mask logits ``(N, S, S)`` at the network-input size and predicted IoU ``(N,)``."""
-        sparse = self.prompt_mlp(states)
+        """Mask logits ``(N, S, S)`` at the network-input size and predicted IoU ``(N,)``.
+
+        The vision features are projected to the SAM decoder's width and grid; the prompt MLP's
+        tokens are its extra sparse prompt, and the decoded box (ordered corners, in the
+        decoder's ``input_image_size`` pixels) its box prompt when ``box_prompt`` is on."""
+        sam = self.mask_decoder
+        embeddings = self.mask_projection(out.image_features[rows].to(states.dtype))
+        if tuple(embeddings.shape[-2:]) != tuple(sam.image_embedding_size):
+            embeddings = F.interpolate(embeddings, size=sam.image_embedding_size, mode="bilinear", align_corners=False)
         box_prompt = None
         if self.box_prompt and boxes is not None:
-            box_prompt = denormalise_boxes(boxes.detach(), self.backbone_input_size(out))
-        return self.mask_decoder(
-            image_features=out.image_features[rows],
-            sparse_prompts=sparse,
-            boxes=box_prompt,
-        )
-
-    def backbone_input_size(self, out: Any) -> tuple[int, int]:
+            side = float(sam.input_image_size)
+            box_prompt = denormalise_boxes(boxes.detach(), (side, side))
+        logits, iou = sam(embeddings, boxes=box_prompt, sparse_embeddings=self.prompt_mlp(states).to(embeddings.dtype))
+        logits, iou = logits[:, 0], iou[:, 0]
         side = int(self.backbone.input_size)
-        return side, side
+        if logits.shape[-2:] != (side, side):
+            logits = F.interpolate(logits[:, None], size=(side, side), mode="bilinear", align_corners=False)[:, 0]
+        return logits, iou
 
     # ------------------------------------------------------------------ training
     def _answer_keys(self, out: Any, labels: Tensor, special: Tensor, rows: Tensor, cols: Tensor) -> list[Tensor]:
@@ -574,10 +588,8 @@ class Pixel2Emb(BaseParadigm):
             zero = zero + states.sum() * 0.0
             return {f"mask_{self.mask_loss}": zero, "mask_dice": zero, "mask_iou": zero}
         logits, iou = self.decode_masks(out, rows[keep], states[keep], None if decoded is None else decoded[keep])
-        target = torch.cat([m for m in masks if m is not None]).float()
-        if target.shape[-2:] != logits.shape[-2:]:
-            target = F.interpolate(target[:, None], size=logits.shape[-2:], mode="nearest")[:, 0]
-        parts = mask_losses(logits, target > 0.5, iou_pred=iou, kind=self.mask_loss)
+        target = torch.cat([m for m in masks if m is not None])
+        parts = mask_losses(logits, target.bool(), iou_pred=iou, kind=self.mask_loss)
         return {f"mask_{k}": v for k, v in parts.items()}
 
     # ------------------------------------------------------------------ prediction
@@ -672,7 +684,14 @@ class Pixel2Emb(BaseParadigm):
     # ------------------------------------------------------------------ optimisation
     def head_modules(self) -> list[nn.Module]:
         """The modules this paradigm adds on top of the backbone."""
-        parts = [self.box_decoder, self.box_encoder, self.image_attention, self.prompt_mlp, self.mask_decoder]
+        parts = [
+            self.box_decoder,
+            self.box_encoder,
+            self.image_attention,
+            self.prompt_mlp,
+            self.mask_projection,
+            self.mask_decoder,
+        ]
         return [m for m in parts if m is not None]
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -693,15 +712,3 @@ class Pixel2Emb(BaseParadigm):
             head_group["lr"] = self.head_lr
         groups.append(head_group)
         return groups
-
-
-def _prompt_dim(mask_decoder: nn.Module) -> int:
-    """The sparse-prompt width of a mask decoder (``prompt_dim`` or SAM's ``transformer_dim``)."""
-    for name in ("prompt_dim", "transformer_dim", "embed_dim"):
-        value = getattr(mask_decoder, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(
-        f"paradigm.mask_decoder ({type(mask_decoder).__name__}) does not say its prompt width "
-        "(prompt_dim / transformer_dim); give paradigm.prompt_mlp explicitly"
-    )
