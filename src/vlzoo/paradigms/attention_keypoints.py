@@ -166,7 +166,7 @@ class AttentionKeypoints(BaseParadigm):
             raise ValueError(f"paradigm.refine must be 'quadratic' or 'soft_argmax', got {refine!r}")
         backbone.requires_grad_(False)
         backbone.eval()
-        text_config = backbone.language.model.config.get_text_config()
+        text_config = _text_config(backbone)
         num_layers = int(text_config.num_hidden_layers)
         num_heads = int(text_config.num_attention_heads)
         layers = list(range(num_layers)) if attention_layers is None else list(attention_layers)
@@ -419,6 +419,19 @@ class AttentionKeypoints(BaseParadigm):
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:
             raise ValueError(f"{path}: head does not fit this paradigm: missing {missing}, unexpected {unexpected}")
+
+
+def _text_config(backbone: nn.Module) -> Any:
+    """The LM's transformers config: ``MultimodalBackbone.language.model`` or ``LlavaBackbone.model``."""
+    language = getattr(backbone, "language", None)
+    model = getattr(language, "model", None) or getattr(backbone, "model", None)
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(
+            f"paradigm 'attention_keypoints' cannot find the LM config of {type(backbone).__name__} "
+            "(expected .language.model.config or .model.config) to count its layers and heads"
+        )
+    return config.get_text_config()
 
 
 def _centre(box: Tensor) -> Tensor:
