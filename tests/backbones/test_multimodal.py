@@ -68,19 +68,16 @@ def test_attention_maps_of_chosen_layers(make_backbone):
     images = torch.randn(2, 3, 32, 32)
     plain = bb(images, ids, mask)
     assert plain.attentions is None
+    impl = bb._lm().get_decoder().config._attn_implementation
     out = bb(images, ids, mask, output_attentions=[-1, 0])
     assert sorted(out.attentions) == [0, 1]
     att = out.attentions[1]
     assert att.shape == (2, 4, 20, 20)
     assert torch.allclose(att[0, :, :19].sum(-1), torch.ones(4, 19), atol=1e-5)
     assert att[0, :, 3, 4:].abs().max() == 0  # causal
-    assert att[1, :, :, 19].abs().max() == 0  # padded key of row 1 gets no attention 
+    assert att[1, :, :, 19].abs().max() == 0  # padded key of row 1 gets no attention
     assert torch.allclose(out.logits, plain.logits, atol=1e-4)  # eager for this call only, same model
-    assert bb._lm().config._attn_implementation == plain_impl(bb)
-
-
-def plain_impl(bb):
-    return bb._lm().get_decoder().config._attn_implementation
+    assert bb._lm().get_decoder().config._attn_implementation == impl == "sdpa"  # restored
 
 
 def test_inputs_embeds_fn_replaces_a_token_embedding(make_backbone):
@@ -163,3 +160,16 @@ def test_generation_logits_processor_and_eos(make_backbone):
     stop = bb.generate(images[1:], ids[1:], mask[1:], max_new_tokens=5, logits_processor=lambda p, s: force(
         p, torch.cat([s, s]))[1:])
     assert stop.tolist() == [[tok.eos_token_id]]
+
+
+def test_tied_embeddings_stay_tied_after_resizing(make_backbone):
+    from .conftest import LLAMA
+
+    bb = make_backbone(freeze_lm=True, lm_config={**LLAMA, "tie_word_embeddings": True})
+    rows = bb._vocab_rows()
+    new = bb.add_special_tokens(["<loc>"])["<loc>"]
+    emb, head = bb._lm().get_input_embeddings(), bb._lm().get_output_embeddings()
+    assert head.weight is emb.weight and emb.weight.shape[0] == rows + 1 and head.out_features == rows + 1
+    ids, mask = encode(bb.tokenizer, ["a <loc>"])
+    bb(torch.randn(1, 3, 32, 32), ids, mask, labels=ids).loss.backward()
+    assert emb.weight.grad.abs().sum(-1).nonzero().flatten().tolist() == [new]

@@ -15,7 +15,7 @@ CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num
 
 def test_timm_vit_tokens_and_map_agree():
     enc = TimmVisionEncoder(**VIT)
-    assert (enc.dim, enc.stride, enc.input_size, enc.feature_grid) == (32, 8, 32, 4)[:3] + ((4, 4),)
+    assert (enc.dim, enc.stride, enc.input_size, enc.feature_grid) == (32, 8, 32, (4, 4))
     assert enc.data_config == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "input_size": 32}
     out = enc(torch.randn(2, 3, 32, 32))
     assert out.tokens.shape == (2, 16, 32) and out.feature_map.shape == (2, 32, 4, 4)
