@@ -12,7 +12,6 @@ from omegaconf import OmegaConf
 from vlzoo.data.answers import AnswerFormat, plain_box_text
 
 
-
 class BoxText(AnswerFormat):
     def localization_answer(self, sample, input_size):
         return " ".join(plain_box_text(b.tolist(), input_size) for b in sample.targets.boxes)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from vlzoo.data.answers import BOX_PLACEHOLDER
 from vlzoo.data.shapes import (
     CATEGORY_NAMES,
     COMPOSITIONAL_HOLDOUT,
@@ -15,7 +16,6 @@ from vlzoo.data.shapes import (
     render,
     resolve,
 )
-from vlzoo.data.answers import BOX_PLACEHOLDER
 from vlzoo.structures import TASKS
 
 ALL = list(TASKS)

@@ -5,8 +5,8 @@ See docs/data.md for the schema of a sample and what each task fills in.
 
 from __future__ import annotations
 
-from vlzoo.data.coco import CocoDataset
 from vlzoo.data.answers import BOX_PLACEHOLDER, AnswerFormat, plain_box_text
+from vlzoo.data.coco import CocoDataset
 from vlzoo.data.datamodule import DEFAULT_TEMPLATE, PromptTemplate, VLCollate, VLDataModule
 from vlzoo.data.errors import DataError
 from vlzoo.data.export import export_shapes_coco

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from vlzoo.data.shapes.dataset import SPLITS, ShapesDataset
-from vlzoo.data.shapes.language import Ref, caption, choose_reference, referring_candidates, render, resolve, vqa_question
+from vlzoo.data.shapes.language import (
+    Ref,
+    caption,
+    choose_reference,
+    referring_candidates,
+    render,
+    resolve,
+    vqa_question,
+)
 from vlzoo.data.shapes.world import (
     CATEGORY_NAMES,
     COLOUR_NAMES,
