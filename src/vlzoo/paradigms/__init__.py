@@ -18,3 +18,6 @@ __all__ += ["EmbeddingAnswerFormat", "Pixel2Emb"]
 from vlzoo.paradigms.pixel2seq import GrammarConstraint, Pixel2Seq, Pixel2SeqAnswerFormat  # noqa: E402
 
 __all__ += ["GrammarConstraint", "Pixel2Seq", "Pixel2SeqAnswerFormat"]
+from vlzoo.paradigms.heatmap import HeatmapMatching, LumenAnswerFormat  # noqa: E402
+
+__all__ += ["HeatmapMatching", "LumenAnswerFormat"]

@@ -1,0 +1,562 @@
+"""Heatmap paradigm (Lumen): a ``[LOC]`` token is matched densely against the image, and light
+task decoders turn the heatmap into boxes, masks or keypoints.
+
+Lumen's two stages, each a swappable part:
+
+1. **Task-agnostic matching.**  The answer of every localization task is a fixed sentence with a
+   ``[LOC]`` token and a task token, e.g. ``"sure, the location is [LOC]. the task output is
+   [DET]."``.  The ``[LOC]`` hidden state and the image features enter an *aligner*
+   (:class:`~vlzoo.decoders.DenseAligner` or :class:`~vlzoo.decoders.ConvAligner`) that returns a
+   centre heatmap, per-location box width/height maps and, for pose, one heatmap per keypoint.
+   Training: the LM loss on the sentence (so the model learns to say the task token), the
+   CenterNet focal loss on the heatmaps and an L1 loss on the sizes.
+2. **Task-specific decoding**, routed by the task token the model emitted (``route="generated"``)
+   or by the sample's task (``route="given"``): rec - top-1 peak + size -> one box; det - top-K
+   local maxima above a threshold -> scored boxes labelled with the category the instruction
+   names; seg / res - each box (and its peak) prompts a SAM mask decoder; pose - inside each
+   detected box, the peak of every keypoint heatmap, refined to sub-cell precision.
+
+Because the answer sentence carries no coordinates, ``route="given"`` reads ``[LOC]`` from one
+teacher-forced forward pass (no generation), which is exact and fast; ``route="generated"``
+decodes the sentence first, as the model would be used in a chat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlzoo.data.answers import AnswerFormat
+from vlzoo.decoders.aligner import AlignerOutput, DenseAligner
+from vlzoo.decoders.heatmap import (
+    box_heatmap_targets,
+    decode_boxes,
+    draw_gaussian,
+    find_peaks,
+    heatmap_focal_loss,
+    refine_subpixel,
+)
+from vlzoo.decoders.prompt import mask_losses
+from vlzoo.paradigms.base import BaseParadigm
+from vlzoo.structures import Batch, Predictions, Sample, Targets
+
+__all__ = [
+    "LOC_TOKEN",
+    "TASK_TOKENS",
+    "DEFAULT_ANSWER",
+    "LumenAnswerFormat",
+    "HeatmapMatching",
+]
+
+LOC_TOKEN = "[LOC]"
+#: one task token per localization task; the model says it after ``[LOC]`` and it routes decoding
+TASK_TOKENS: dict[str, str] = {
+    "rec": "[REC]",
+    "res": "[RES]",
+    "det": "[DET]",
+    "seg": "[SEG]",
+    "pose": "[POSE]",
+}
+#: Lumen's answer sentence; ``{loc}`` and ``{task}`` are replaced by the special tokens
+DEFAULT_ANSWER = "sure, the location is {loc}. the task output is {task}."
+
+
+class LumenAnswerFormat(AnswerFormat):
+    """Writes the fixed answer sentence with ``[LOC]`` and the task token.
+
+    Args:
+        template: the answer with ``{loc}`` and ``{task}`` once each.
+        tasks: the tasks whose tokens are added to the vocabulary.
+    """
+
+    def __init__(self, *, template: str = DEFAULT_ANSWER, tasks: Sequence[str] = tuple(TASK_TOKENS)) -> None:
+        if template.count("{loc}") != 1 or template.count("{task}") != 1:
+            raise ValueError(
+                f"paradigm.answer_template must contain '{{loc}}' and '{{task}}' exactly once, got {template!r}"
+            )
+        unknown = [t for t in tasks if t not in TASK_TOKENS]
+        if unknown:
+            raise ValueError(f"LumenAnswerFormat: no task token for {unknown}; known: {sorted(TASK_TOKENS)}")
+        self.template = template
+        self.tasks = tuple(tasks)
+        self.special_tokens = (LOC_TOKEN,) + tuple(TASK_TOKENS[t] for t in self.tasks)
+
+    def answer_for(self, task: str) -> str:
+        if task not in self.tasks:
+            raise ValueError(
+                f"LumenAnswerFormat: task '{task}' is not one of this run's tasks {list(self.tasks)}"
+            )
+        return self.template.replace("{loc}", LOC_TOKEN).replace("{task}", TASK_TOKENS[task])
+
+    def localization_answer(self, sample: Sample, input_size: tuple[int, int]) -> str:
+        return self.answer_for(sample.task)
+
+
+class HeatmapMatching(BaseParadigm):
+    """Lumen: ``[LOC]`` -> dense aligner -> heatmaps -> task decoders (see the module doc).
+
+    Args:
+        backbone, evaluator, optimizer, scheduler, loss_weights, tasks, max_new_tokens: see
+            :class:`~vlzoo.paradigms.BaseParadigm`.  Loss parts: ``lm``, ``heatmap``, ``size``,
+            ``keypoints`` (with keypoint queries), ``mask`` (BCE) and ``dice`` (with a mask decoder).
+        aligner: a built :class:`~vlzoo.decoders.DenseAligner` / :class:`~vlzoo.decoders.ConvAligner`
+            (default: a ``DenseAligner`` on the backbone's grid).
+        mask_decoder: a built :class:`~vlzoo.decoders.SamMaskDecoder` for seg / res: each
+            predicted box and its centre prompt it over the backbone's vision features, projected
+            by the paradigm to the decoder's ``embed_dim``.
+        max_mask_prompts: ground-truth instances per batch that train the mask decoder.
+        hidden_size, vision_dim, feature_grid, input_size: injected from the backbone.
+        answer_template: the answer sentence (``{loc}``, ``{task}``); the default is Lumen's.
+        route: ``"given"`` (decode by the sample's task, ``[LOC]`` from a teacher-forced pass) or
+            ``"generated"`` (generate the answer, route by the emitted task token).
+        max_detections: top-K peaks for det / seg / pose.
+        score_threshold: peaks at or below it are dropped (det / seg / pose).
+        nms_kernel: max-pool window of the local-maximum NMS.
+        refine: sub-cell refinement of box centres (``"quadratic"``, ``"soft_argmax"`` or ``None``).
+        subcell_targets: Gaussian targets centred on the exact centre (see
+            :func:`~vlzoo.decoders.gaussian_heatmap_targets`); pairs with ``refine``.
+        min_overlap: CenterNet's IoU for the Gaussian radius of a box.
+        keypoint_radius: radius of a keypoint Gaussian as a fraction of its instance's box side.
+        categories: category names in id order (id = index + 1, as in Shapes and COCO-style
+            tables); the det / seg / pose label is the id of the category the instruction names
+            (``sample.meta["category"]``).  Default: the Shapes categories.
+    """
+
+    name: ClassVar[str] = "heatmap"
+    supported_tasks: ClassVar[tuple[str, ...]] = ("rec", "res", "det", "seg", "pose")
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module | None = None,
+        aligner: nn.Module | None = None,
+        mask_decoder: nn.Module | None = None,
+        max_mask_prompts: int = 32,
+        hidden_size: int | None = None,
+        vision_dim: int | None = None,
+        feature_grid: tuple[int, int] | None = None,
+        input_size: int | None = None,
+        answer_template: str = DEFAULT_ANSWER,
+        route: str = "given",
+        max_detections: int = 20,
+        score_threshold: float = 0.05,
+        nms_kernel: int = 3,
+        refine: str | None = "quadratic",
+        subcell_targets: bool = True,
+        min_overlap: float = 0.7,
+        keypoint_radius: float = 0.15,
+        categories: list[str] | None = None,
+        evaluator: Any | None = None,
+        optimizer: Any | None = None,
+        scheduler: Any | None = None,
+        loss_weights: dict[str, float] | None = None,
+        tasks: list[str] | None = None,
+        max_new_tokens: int = 24,
+    ) -> None:
+        if route not in ("given", "generated"):
+            raise ValueError(f"paradigm.route must be 'given' or 'generated', got {route!r}")
+        if refine not in (None, "quadratic", "soft_argmax"):
+            raise ValueError(f"paradigm.refine must be null, 'quadratic' or 'soft_argmax', got {refine!r}")
+        chosen = list(tasks) if tasks else list(getattr(evaluator, "tasks", None) or self.supported_tasks)
+        super().__init__(
+            backbone=backbone,
+            answer_format=LumenAnswerFormat(
+                template=answer_template, tasks=[t for t in chosen if t in TASK_TOKENS]
+            ),
+            evaluator=evaluator,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_weights=loss_weights,
+            tasks=chosen,
+            max_new_tokens=max_new_tokens,
+        )
+        if backbone is not None:
+            hidden_size = hidden_size or int(backbone.hidden_size)
+            vision_dim = vision_dim or int(backbone.vision_dim)
+            feature_grid = feature_grid or tuple(backbone.feature_grid)
+        if aligner is None:
+            if hidden_size is None or vision_dim is None:
+                raise ValueError(
+                    "HeatmapMatching needs a backbone (or hidden_size and vision_dim) to build its aligner"
+                )
+            aligner = DenseAligner(hidden_size=hidden_size, vision_dim=vision_dim, feature_grid=feature_grid)
+        self.aligner = aligner
+        self.mask_decoder = mask_decoder
+        self.max_mask_prompts = int(max_mask_prompts)
+        if mask_decoder is not None:
+            if vision_dim is None:
+                raise ValueError(
+                    "HeatmapMatching needs a backbone (or vision_dim) to project features for its mask decoder"
+                )
+            for attr in ("embed_dim", "image_embedding_size", "input_image_size"):
+                if not hasattr(mask_decoder, attr):
+                    raise ValueError(
+                        f"paradigm.mask_decoder ({type(mask_decoder).__name__}) has no '{attr}': use "
+                        "vlzoo.decoders.SamMaskDecoder or a module with its interface"
+                    )
+            # SAM's decoder reads its own embedding space: a learned projection of the vision features
+            self.mask_proj = nn.Conv2d(int(vision_dim), int(mask_decoder.embed_dim), 1)
+        self.feature_grid = None if feature_grid is None else tuple(int(v) for v in feature_grid)
+        needs_masks = [t for t in self.tasks if t in ("seg", "res")]
+        if needs_masks and mask_decoder is None:
+            raise ValueError(
+                f"tasks {needs_masks} need masks: set paradigm.mask_decoder (e.g. vlzoo.decoders.SamMaskDecoder)"
+            )
+        if "pose" in self.tasks and int(getattr(aligner, "num_keypoints", 0)) < 1:
+            raise ValueError(
+                "task 'pose' needs keypoint queries: set paradigm.aligner.num_keypoints (5 for Shapes)"
+            )
+        self.route = route
+        self.max_detections = int(max_detections)
+        self.score_threshold = float(score_threshold)
+        self.nms_kernel = int(nms_kernel)
+        self.refine = refine
+        self.subcell_targets = bool(subcell_targets)
+        self.min_overlap = float(min_overlap)
+        self.keypoint_radius = float(keypoint_radius)
+        if categories is None:
+            from vlzoo.data.shapes.world import CATEGORY_NAMES
+
+            categories = list(CATEGORY_NAMES)
+        self.categories = list(categories)
+        self._category_ids = {name: i + 1 for i, name in enumerate(self.categories)}
+        self.loc_token_id = self.special_token_ids.get(LOC_TOKEN)
+        self.task_token_ids = {
+            task: self.special_token_ids[tok]
+            for task, tok in TASK_TOKENS.items()
+            if tok in self.special_token_ids
+        }
+
+    # ------------------------------------------------------------------ matching
+    def _backbone_pass(
+        self, batch_images: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None
+    ):
+        if self.backbone is None or self.loc_token_id is None:
+            raise ValueError("HeatmapMatching needs a backbone (paradigm.backbone)")
+        return self.backbone(
+            images=batch_images, input_ids=input_ids, attention_mask=attention_mask, labels=labels
+        )
+
+    def _loc_states(
+        self, out: Any, input_ids: Tensor, tasks: Sequence[str], image_ids: Sequence[int]
+    ) -> Tensor:
+        """``(B, hidden)`` last hidden state at each row's (first) ``[LOC]`` token.
+
+        A row of a text task (a dataset may fall back to a caption when no object can be
+        referred to alone) has no ``[LOC]``; it reads the last position and is left out of the
+        heatmap losses by :meth:`loss`.  A localization row without ``[LOC]`` is an error."""
+        is_loc = input_ids == self.loc_token_id
+        has = is_loc.any(1)
+        bad = [int(image_ids[i]) for i in range(len(tasks)) if tasks[i] in TASK_TOKENS and not bool(has[i])]
+        if bad:
+            raise ValueError(
+                f"no '{LOC_TOKEN}' token in the sequence of sample(s) {bad}: the datamodule must use "
+                "the paradigm's answer_format (and a max_length long enough for the answer)"
+            )
+        index = torch.where(
+            has, is_loc.float().argmax(1), torch.full_like(has, input_ids.shape[1] - 1, dtype=torch.long)
+        )
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return out.hidden_states[rows, out.positions[rows, index]]
+
+    def _image_features(self, out: Any) -> Tensor:
+        if getattr(self.aligner, "image_source", "vision") == "vision":
+            return out.image_features
+        tokens = out.hidden_states.gather(
+            1, out.image_positions.unsqueeze(-1).expand(-1, -1, out.hidden_states.shape[-1])
+        )
+        h, w = self.feature_grid or out.image_features.shape[-2:]
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+    def match(self, batch: Batch) -> tuple[Any, AlignerOutput]:
+        """One teacher-forced pass: backbone output (with the LM loss) and the aligner's maps."""
+        out = self._backbone_pass(batch.images, batch.input_ids, batch.attention_mask, batch.labels)
+        loc = self._loc_states(out, batch.input_ids, batch.tasks, batch.image_ids)
+        return out, self.aligner(self._image_features(out), loc)
+
+    # ------------------------------------------------------------------ training
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        out, maps = self.match(batch)
+        device = maps.heatmaps.device
+        b, _, h, w = maps.heatmaps.shape
+        input_size = batch.input_size
+        heat_t = torch.zeros(b, h, w)
+        size_t = torch.zeros(b, 2, h, w)
+        size_w = torch.zeros(b, h, w)
+        for i, t in enumerate(batch.targets):
+            heat_t[i], size_t[i], size_w[i] = box_heatmap_targets(
+                t.boxes, input_size, (h, w), min_overlap=self.min_overlap, subcell=self.subcell_targets
+            )
+        heat_t, size_t, size_w = heat_t.to(device), size_t.to(device), size_w.to(device)
+        loc_rows = torch.tensor([task in TASK_TOKENS for task in batch.tasks], device=device)
+        size_w = size_w * loc_rows[:, None, None]
+        if bool(loc_rows.all()):
+            heat_loss = heatmap_focal_loss(maps.centre, heat_t)
+        elif bool(loc_rows.any()):
+            heat_loss = heatmap_focal_loss(maps.centre[loc_rows], heat_t[loc_rows])
+        else:
+            heat_loss = maps.centre.sum() * 0.0
+        parts = {
+            "lm": out.loss,
+            "heatmap": heat_loss,
+            "size": (F.l1_loss(maps.box_size, size_t, reduction="none").sum(1) * size_w).sum()
+            / size_w.sum().clamp(min=1.0),
+        }
+        k = maps.keypoints.shape[1]
+        if k:
+            parts["keypoints"] = self._keypoint_loss(batch, maps, device)
+        if self.mask_decoder is not None:
+            parts.update(self._mask_loss(batch, out))
+        return parts
+
+    def _keypoint_targets(
+        self, t: Targets, k: int, input_size: tuple[int, int], grid: tuple[int, int], sample: int
+    ):
+        """``(K, h, w)``: a Gaussian at every labelled keypoint, its radius ``keypoint_radius``
+        times its instance's box side (small shapes get tight keypoint targets)."""
+        h, w = grid
+        target = torch.zeros(k, h, w)
+        if t.keypoints is None or len(t) == 0:
+            return target
+        if t.keypoints.shape[1] != k:
+            raise ValueError(
+                f"sample {sample}: targets have {t.keypoints.shape[1]} keypoints but the aligner has "
+                f"{k} keypoint queries (paradigm.aligner.num_keypoints)"
+            )
+        sx, sy = w / input_size[1], h / input_size[0]
+        sides = ((t.boxes[:, 2] - t.boxes[:, 0]) * sx + (t.boxes[:, 3] - t.boxes[:, 1]) * sy) / 2
+        for n in range(len(t)):
+            radius = max(1, int(round(float(sides[n]) * self.keypoint_radius)))
+            for j in range(k):
+                x, y, v = (float(c) for c in t.keypoints[n, j])
+                if v <= 0:
+                    continue
+                gx = min(max(x * sx, 0.0), w - 1e-3)
+                gy = min(max(y * sy, 0.0), h - 1e-3)
+                cx, cy = int(gx), int(gy)
+                offset = (gx - cx - 0.5, gy - cy - 0.5) if self.subcell_targets else (0.0, 0.0)
+                draw_gaussian(target[j], cx, cy, radius, offset=offset)
+        return target
+
+    def _keypoint_loss(self, batch: Batch, maps: AlignerOutput, device: torch.device) -> Tensor:
+        b, k, h, w = maps.keypoints.shape
+        rows = [i for i, task in enumerate(batch.tasks) if task == "pose"]
+        if not rows:
+            return maps.keypoints.sum() * 0.0  # keeps the graph (and DDP) identical across batches
+        target = torch.stack(
+            [
+                self._keypoint_targets(batch.targets[i], k, batch.input_size, (h, w), batch.image_ids[i])
+                for i in rows
+            ]
+        ).to(device)
+        return heatmap_focal_loss(maps.keypoints[rows], target)
+
+    # ------------------------------------------------------------------ masks
+    def _mask_embeddings(self, out: Any, rows: Sequence[int]) -> Tensor:
+        """Image embeddings of the mask decoder: the vision feature map of ``rows`` at the
+        decoder's grid, through the paradigm's own 1x1 projection to its ``embed_dim``."""
+        feats = out.image_features[list(rows)].float()
+        size = tuple(self.mask_decoder.image_embedding_size)
+        if tuple(feats.shape[-2:]) != size:
+            feats = F.interpolate(feats, size=size, mode="bilinear", align_corners=False)
+        return self.mask_proj(feats)
+
+    def _decode_masks(
+        self, embeddings: Tensor, boxes: Tensor, input_size: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
+        """Mask logits ``(N, H, W)`` at the input size and predicted IoUs ``(N,)`` for one box
+        (and its centre as a foreground point) per row of ``embeddings``."""
+        scale = self.mask_decoder.input_image_size / float(max(input_size))
+        prompt_boxes = boxes.to(embeddings) * scale
+        centres = ((prompt_boxes[:, :2] + prompt_boxes[:, 2:]) / 2).unsqueeze(1)
+        labels = torch.ones(centres.shape[:2], device=embeddings.device, dtype=torch.long)
+        logits, iou = self.mask_decoder(embeddings, points=(centres, labels), boxes=prompt_boxes)
+        logits = F.interpolate(logits, size=input_size, mode="bilinear", align_corners=False)
+        return logits[:, 0], iou[:, 0]
+
+    def _mask_loss(self, batch: Batch, out: Any) -> dict[str, Tensor]:
+        """SAM-style training of the mask decoder: every ground-truth instance of a seg / res
+        sample prompts it with its box and centre (at most ``max_mask_prompts`` per batch);
+        BCE + Dice against the instance mask."""
+        rows, boxes, masks = [], [], []
+        for i, (task, t) in enumerate(zip(batch.tasks, batch.targets, strict=True)):
+            if task not in ("seg", "res") or t.masks is None:
+                continue
+            for n in range(len(t)):
+                if len(rows) < self.max_mask_prompts:
+                    rows.append(i)
+                    boxes.append(t.boxes[n])
+                    masks.append(t.masks[n])
+        params = [*self.mask_decoder.parameters(), *self.mask_proj.parameters()]
+        if not rows:
+            zero = sum(q.sum() * 0.0 for q in params)
+            return {"mask": zero, "dice": zero}
+        device = out.image_features.device
+        logits, _ = self._decode_masks(
+            self._mask_embeddings(out, rows), torch.stack(boxes).to(device), batch.input_size
+        )
+        parts = mask_losses(logits, torch.stack(masks).to(device))
+        return {"mask": parts["bce"], "dice": parts["dice"]}
+
+    def _masks(
+        self, out: Any, index: int, boxes: Tensor, input_size: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
+        """``(N, H, W)`` bool masks and IoU scores of one sample's predicted boxes."""
+        if boxes.shape[0] == 0:
+            return torch.zeros((0, *input_size), dtype=torch.bool), torch.zeros(0)
+        embeddings = self._mask_embeddings(out, [index] * boxes.shape[0])
+        logits, iou = self._decode_masks(embeddings, boxes.to(embeddings.device), input_size)
+        return (logits > 0).cpu(), iou.detach().float().clamp(0, 1).cpu()
+
+    # ------------------------------------------------------------------ inference
+    def predict(self, batch: Batch) -> list[Predictions]:
+        if self.route == "given":
+            out, maps = self.match(batch)
+            tasks: list[str | None] = list(batch.tasks)
+            parsed = [True] * len(batch)
+            texts: list[str | None] = [None] * len(batch)
+        else:
+            out, maps, tasks, texts = self._generated_pass(batch)
+            parsed = [t is not None for t in tasks]
+        preds = []
+        for i in range(len(batch)):
+            task = tasks[i]
+            if task is None:
+                preds.append(
+                    Predictions(
+                        parsed=False, text=texts[i], image_id=batch.image_ids[i], image_size=batch.input_size
+                    )
+                )
+                continue
+            if task not in TASK_TOKENS:
+                # a text sample in a localization run: nothing to localize, scored as unparsed
+                preds.append(
+                    Predictions(parsed=False, image_id=batch.image_ids[i], image_size=batch.input_size)
+                )
+                continue
+            pred = self.decode(task, maps, i, batch, out)
+            preds.append(pred.replace(parsed=parsed[i], text=texts[i]))
+        return preds
+
+    def _generated_pass(self, batch: Batch) -> tuple[Any, AlignerOutput, list[str | None], list[str | None]]:
+        """Generate the answer, then read ``[LOC]`` from prompt + generated tokens.
+
+        The task is the first task token generated after ``[LOC]``; a row without ``[LOC]`` or a
+        task token is unparsed (no prediction, counted by the evaluator)."""
+        new_ids, texts = self.generate_text(batch)
+        eos = self.backbone.tokenizer.eos_token_id
+        finished = torch.zeros_like(new_ids, dtype=torch.bool)
+        if eos is not None:
+            finished = (new_ids == eos).long().cumsum(1) > 0
+            finished = finished & ~(new_ids == eos)  # eos itself stays attended
+        gen_mask = (~finished).long()
+        has_loc = (new_ids == self.loc_token_id) & gen_mask.bool()
+        tasks: list[str | None] = []
+        id_to_task = {v: k for k, v in self.task_token_ids.items()}
+        for row, loc_row in zip(new_ids.tolist(), has_loc.tolist(), strict=True):
+            if True not in loc_row:
+                tasks.append(None)
+                continue
+            after = row[loc_row.index(True) + 1 :]
+            tasks.append(next((id_to_task[t] for t in after if t in id_to_task), None))
+        # rows without [LOC] get one appended so the pass is well defined; they stay unparsed
+        missing = ~has_loc.any(1)
+        loc_col = torch.full_like(new_ids[:, :1], int(self.loc_token_id))
+        ids = torch.cat([batch.prompt_ids, new_ids, loc_col], 1)
+        mask = torch.cat([batch.prompt_attention_mask, gen_mask, missing.long()[:, None]], 1)
+        # _loc_states takes the first [LOC]: for rows that have one it is in the generated part
+        out = self._backbone_pass(batch.images, ids, mask, None)
+        loc = self._loc_states(out, ids, [""] * len(batch), batch.image_ids)
+        maps = self.aligner(self._image_features(out), loc)
+        return out, maps, tasks, texts
+
+    def decode(self, task: str, maps: AlignerOutput, index: int, batch: Batch, out: Any) -> Predictions:
+        """The task decoder of one sample (``task`` is the routed task)."""
+        input_size = batch.input_size
+        heat = maps.centre[index].detach().float().sigmoid()
+        sizes = maps.box_size[index].detach().float()
+        k = 1 if task in ("rec", "res") else self.max_detections
+        threshold = -1.0 if task in ("rec", "res") else self.score_threshold
+        boxes, scores = decode_boxes(
+            heat,
+            sizes,
+            image_size=input_size,
+            k=k,
+            threshold=threshold,
+            kernel=self.nms_kernel,
+            refine=self.refine,
+        )
+        label = 0 if task in ("rec", "res") else self._category_id(batch, index)
+        labels = torch.full((len(boxes),), label, dtype=torch.long)
+        pred = Predictions(
+            boxes=boxes,
+            scores=scores,
+            labels=labels,
+            image_id=batch.image_ids[index],
+            image_size=input_size,
+            evidence={"heatmap": heat},
+        )
+        if task in ("seg", "res"):
+            masks, ious = self._masks(out, index, boxes, input_size)
+            pred = pred.replace(masks=masks, mask_scores=ious)
+        if task == "pose":
+            pred = pred.replace(
+                keypoints=self._keypoints(maps.keypoints[index].detach().float().sigmoid(), boxes, input_size)
+            )
+        return pred
+
+    def _category_id(self, batch: Batch, index: int) -> int:
+        meta = batch.meta[index] if index < len(batch.meta) else {}
+        if "category_id" in meta:
+            return int(meta["category_id"])
+        name = meta.get("category")
+        if name is None:
+            raise ValueError(
+                f"sample {batch.image_ids[index]} ({batch.tasks[index]}): meta has no 'category' to label its boxes"
+            )
+        if name not in self._category_ids:
+            raise ValueError(
+                f"sample {batch.image_ids[index]}: category {name!r} is not in paradigm.categories {self.categories}"
+            )
+        return self._category_ids[name]
+
+    def _keypoints(self, heat: Tensor, boxes: Tensor, input_size: tuple[int, int]) -> Tensor:
+        """``(N, K, 3)`` keypoints: for each box and keypoint, the highest cell of that keypoint's
+        heatmap inside the box (grown by one cell), refined to sub-cell precision; the third
+        channel is its score.  Grouping by box is what ties keypoints to instances."""
+        k, h, w = heat.shape
+        n = boxes.shape[0]
+        out = torch.zeros(n, k, 3)
+        if n == 0 or k == 0:
+            return out
+        sy, sx = h / input_size[0], w / input_size[1]
+        ys = torch.arange(h, dtype=torch.float32)[:, None] + 0.5
+        xs = torch.arange(w, dtype=torch.float32)[None, :] + 0.5
+        for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+            inside = (
+                (xs >= x1 * sx - 1) & (xs <= x2 * sx + 1) & (ys >= y1 * sy - 1) & (ys <= y2 * sy + 1)
+            ).float()
+            for j in range(k):
+                masked = heat[j] * inside
+                flat = int(masked.argmax())
+                py, px = divmod(flat, w)
+                if self.refine is None:
+                    cx, cy = px + 0.5, py + 0.5
+                else:
+                    rx, ry = refine_subpixel(
+                        heat[j], torch.tensor([py]), torch.tensor([px]), method=self.refine
+                    )
+                    cx, cy = float(rx[0]), float(ry[0])
+                out[i, j] = torch.tensor([cx / sx, cy / sy, float(masked.view(-1)[flat])])
+        return out
+
+    # ------------------------------------------------------------------ helpers for studies
+    def peaks(self, batch: Batch, k: int = 1) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Raw centre-heatmap peaks ``(scores, ys, xs)`` per sample (for overlays and analysis)."""
+        with torch.no_grad():
+            _, maps = self.match(batch)
+        return find_peaks(maps.centre.sigmoid(), k, -1.0, self.nms_kernel)  # type: ignore[return-value]
