@@ -121,9 +121,10 @@ class HeatmapMatching(BaseParadigm):
             :func:`~vlzoo.decoders.gaussian_heatmap_targets`); pairs with ``refine``.
         min_overlap: CenterNet's IoU for the Gaussian radius of a box.
         keypoint_radius: radius of a keypoint Gaussian as a fraction of its instance's box side.
-        categories: category names in id order (id = index + 1, as in Shapes and COCO-style
-            tables); the det / seg / pose label is the id of the category the instruction names
-            (``sample.meta["category"]``).  Default: the Shapes categories.
+        categories: category names in id order (id = index + 1, as in Shapes) or ``{name: id}``
+            (COCO's ids are not contiguous); the det / seg / pose label is the id of the category
+            the instruction names (``sample.meta["category_id"]``, else ``meta["category"]``
+            looked up here).  Default: the Shapes categories.
     """
 
     name: ClassVar[str] = "heatmap"
@@ -149,7 +150,7 @@ class HeatmapMatching(BaseParadigm):
         subcell_targets: bool = True,
         min_overlap: float = 0.7,
         keypoint_radius: float = 0.15,
-        categories: list[str] | None = None,
+        categories: list[str] | dict[str, int] | None = None,
         evaluator: Any | None = None,
         optimizer: Any | None = None,
         scheduler: Any | None = None,
@@ -222,8 +223,11 @@ class HeatmapMatching(BaseParadigm):
             from vlzoo.data.shapes.world import CATEGORY_NAMES
 
             categories = list(CATEGORY_NAMES)
-        self.categories = list(categories)
-        self._category_ids = {name: i + 1 for i, name in enumerate(self.categories)}
+        if isinstance(categories, dict):
+            self._category_ids = {str(k): int(v) for k, v in categories.items()}
+        else:
+            self._category_ids = {name: i + 1 for i, name in enumerate(categories)}
+        self.categories = list(self._category_ids)
         self.loc_token_id = self.special_token_ids.get(LOC_TOKEN)
         self.task_token_ids = {
             task: self.special_token_ids[tok]
