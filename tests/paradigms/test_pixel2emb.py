@@ -168,12 +168,12 @@ def test_refocusing_reads_the_last_layer_attention_from_trigger_to_answer_tokens
     rows, cols = (batch.input_ids == p.trigger_id).nonzero(as_tuple=True)
     special = (batch.input_ids == p.trigger_id) | (batch.input_ids == p.loc_id)
     keys = p._answer_keys(out, batch.labels, special, rows, cols)
-    for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
+    for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
         answer = [i for i in range(c) if batch.labels[r, i] != -100]
         assert len(answer) >= 2  # the grounded answer echoes the expression before the trigger
         assert keys[k].tolist() == out.positions[r, answer].tolist()
     states, _ = p.trigger_states(out, rows, out.positions[rows, cols], keys)
-    for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
+    for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
         q = int(out.positions[r, c])
         att = out.attentions[last][r, :, q, keys[k]].mean(0)
         att = att / att.sum()
@@ -228,7 +228,7 @@ def test_generation_decodes_each_trigger_and_feeds_its_box_back():
     ids, embeds = seen[-1]
     start = batch.prompt_ids.shape[1]
     assert ids[0, start:].tolist()[:4] == [p.trigger_id, p.loc_id, p.trigger_id, p.loc_id]
-    for pred, row in zip(preds, range(2)):
+    for pred, row in zip(preds, range(2), strict=True):
         assert len(pred) == 2 and pred.parsed and pred.boxes.shape == (2, 4)
         # the embedding fed at each <loc> is the box encoder of the box decoded at its trigger
         for k, col in enumerate([start + 1, start + 3]):
