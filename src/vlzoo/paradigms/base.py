@@ -181,17 +181,21 @@ class BaseParadigm(L.LightningModule):
                 if key not in self.metrics:
                     self.metrics[key] = self.evaluator.collection(task)
 
+    def _datamodule(self) -> Any:
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
     def _eval_split_names(self) -> list[str]:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        names = list(getattr(dm, "eval_split_names", None) or ["val", "test"])
+        """Every split this run may evaluate: the datamodule's ``val_names`` / ``test_names``
+        (e.g. ``val``, ``test``, ``comp_test``) plus the stage names."""
+        dm = self._datamodule()
+        names = list(getattr(dm, "val_names", None) or []) + list(getattr(dm, "test_names", None) or [])
         for base in ("val", "test", "predict"):
             if base not in names:
                 names.append(base)
-        return names
+        return list(dict.fromkeys(names))
 
     def _split_name(self, stage: str, dataloader_idx: int) -> str:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        names = getattr(dm, f"{stage}_split_names", None)
+        names = getattr(self._datamodule(), f"{stage}_names", None)
         if names and dataloader_idx < len(names):
             return names[dataloader_idx]
         return stage if dataloader_idx == 0 else f"{stage}{dataloader_idx}"
@@ -252,8 +256,7 @@ class BaseParadigm(L.LightningModule):
             collection.reset()
 
     def _belongs(self, split: str, stage: str) -> bool:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        names = getattr(dm, f"{stage}_split_names", None)
+        names = getattr(self._datamodule(), f"{stage}_names", None)
         if names:
             return split in names
         return split == stage or (split.startswith(stage) and split[len(stage) :].isdigit())
@@ -275,8 +278,22 @@ class BaseParadigm(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters as optimizer groups; override for per-part learning rates."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        """Trainable parameters as optimizer groups; override for per-part learning rates.
+
+        Embedding matrices of which only some rows train (new special tokens on a frozen
+        embedding) go to a group without weight decay: AdamW's decoupled decay would otherwise
+        shrink the frozen rows, which get no gradient but do get decayed."""
+        no_decay_names = set()
+        if self.backbone is not None and hasattr(self.backbone, "no_weight_decay"):
+            no_decay_names = {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if name in no_decay_names else decay).append(p)
+        groups: list[dict[str, Any]] = [{"params": decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
 
     def configure_optimizers(self) -> Any:
         groups = [g for g in self.param_groups() if g["params"]]
