@@ -112,3 +112,14 @@ def test_count_parameters_counts_shared_once_and_trainable() -> None:
     module = torch.nn.Sequential(shared, shared, torch.nn.Linear(2, 1))
     module[2].weight.requires_grad_(False)
     assert count_parameters(module) == (6 + 1, 6 + 3)
+
+
+def test_test_verb_uses_the_checkpoint_and_its_recipe(fitted: dict, capsys: pytest.CaptureFixture) -> None:
+    ckpt = str(fitted["folder"] / "last.ckpt")
+    out = str(fitted["out"])
+    assert main(["test", "--checkpoint", ckpt, "--output-dir", out]) == 2
+    assert "--allow-target support" in capsys.readouterr().err
+    assert main(["test", "--checkpoint", ckpt, "--allow-target", "support", "--output-dir", out]) == 0
+    client: MlflowClient = fitted["client"]
+    runs = client.search_runs([client.get_experiment_by_name("vlzoo").experiment_id], order_by=["attributes.start_time DESC"])
+    assert runs[0].info.run_id != fitted["run_id"] and "test/loss" in runs[0].data.metrics
