@@ -249,7 +249,7 @@ def numpy_rec(preds: list[Predictions], targets: list[Targets], thresholds=(0.5,
         union = (a[2] - a[0]) * (a[3] - a[1]) + (g[2] - g[0]) * (g[3] - g[1]) - inter
         ious.append(inter / union if union > 0 else 0.0)
     ious = np.array(ious)
-    out = {f"acc@{t:g}": float((ious >= t).mean()) for t in thresholds}
+    out = {f"acc_{t:g}": float((ious >= t).mean()) for t in thresholds}
     out["miou"] = float(ious.mean())
     return out
 
@@ -288,7 +288,7 @@ def numpy_res(preds: list[Predictions], targets: list[Targets], thresholds=(0.5,
         ious.append(inter / union if union > 0 else 1.0)
     ious = np.array(ious)
     out = {"ciou": inter_sum / union_sum, "giou": float(ious.mean())}
-    out.update({f"prec@{t:g}": float((ious >= t).mean()) for t in thresholds})
+    out.update({f"prec_{t:g}": float((ious >= t).mean()) for t in thresholds})
     return out
 
 

@@ -15,8 +15,8 @@ from vlzoo.structures import TASKS, Predictions, Targets
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "evaluator" / "default.yaml"
 
 EXPECTED = {
-    "rec": {"acc@0.5", "acc@0.75", "acc@0.9", "miou"},
-    "res": {"ciou", "giou", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9"},
+    "rec": {"acc_0.5", "acc_0.75", "acc_0.9", "miou"},
+    "res": {"ciou", "giou", "prec_0.5", "prec_0.6", "prec_0.7", "prec_0.8", "prec_0.9"},
     "det": {"map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100",
             "mar_small", "mar_medium", "mar_large"},
     "pose": {"ap", "ap50", "ap75", "ap_medium", "ap_large", "ar", "ar50", "ar75", "ar_medium", "ar_large"},
@@ -60,8 +60,8 @@ def test_collections_are_independent() -> None:
     gt = Targets(boxes=torch.tensor([[0.0, 0.0, 4.0, 4.0]]))
     train.update([hit], [gt])
     val.update([Predictions()], [gt])
-    assert float(train.compute()["acc@0.5"]) == 1.0
-    assert float(val.compute()["acc@0.5"]) == 0.0
+    assert float(train.compute()["acc_0.5"]) == 1.0
+    assert float(val.compute()["acc_0.5"]) == 0.0
     clone = train.clone()
     clone.reset()
     clone.update([Predictions()], [gt])
@@ -71,8 +71,8 @@ def test_collections_are_independent() -> None:
 def test_custom_thresholds_and_sigmas() -> None:
     evaluator = Evaluator(tasks=["rec", "res", "pose"], rec_thresholds=(0.3,), res_thresholds=(0.25, 0.5),
                           keypoint_sigmas=[0.1] * 5)
-    assert set(evaluator.collection("rec").compute()) == {"acc@0.3", "miou", "parse_fail_rate"}
-    assert {"prec@0.25", "prec@0.5"} <= set(evaluator.collection("res").compute())
+    assert set(evaluator.collection("rec").compute()) == {"acc_0.3", "miou", "parse_fail_rate"}
+    assert {"prec_0.25", "prec_0.5"} <= set(evaluator.collection("res").compute())
     preds, targets = pose_samples(0, 4, k=5)
     pose = evaluator.collection("pose")
     pose.update(preds, targets)

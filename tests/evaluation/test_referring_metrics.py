@@ -17,10 +17,10 @@ def test_rec_equals_numpy() -> None:
         metric.update(preds[start : start + 32], targets[start : start + 32])
     out = metric.compute()
     ref = numpy_rec(preds, targets)
-    assert set(out) == {"acc@0.5", "acc@0.75", "acc@0.9", "miou"}
+    assert set(out) == {"acc_0.5", "acc_0.75", "acc_0.9", "miou"}
     for key, value in ref.items():
         assert float(out[key]) == pytest.approx(value, abs=1e-6), key
-    assert 0.1 < ref["acc@0.5"] < 0.9  # the random inputs exercise both sides of the threshold
+    assert 0.1 < ref["acc_0.5"] < 0.9  # the random inputs exercise both sides of the threshold
 
 
 def test_rec_top_scored_box_is_the_answer_and_misses_count() -> None:
@@ -37,7 +37,7 @@ def test_rec_top_scored_box_is_the_answer_and_misses_count() -> None:
         ],
         [gt] * 5,
     )
-    assert float(metric.compute()["acc@0.5"]) == pytest.approx(0.2)
+    assert float(metric.compute()["acc_0.5"]) == pytest.approx(0.2)
     assert float(metric.compute()["miou"]) == pytest.approx(0.2)
 
 
@@ -59,7 +59,7 @@ def test_res_equals_numpy() -> None:
         metric.update(preds[start : start + 16], targets[start : start + 16])
     out = metric.compute()
     ref = numpy_res(preds, targets)
-    assert set(out) == {"ciou", "giou", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9"}
+    assert set(out) == {"ciou", "giou", "prec_0.5", "prec_0.6", "prec_0.7", "prec_0.8", "prec_0.9"}
     for key, value in ref.items():
         assert float(out[key]) == pytest.approx(value, abs=1e-6), key
     assert ref["ciou"] != pytest.approx(ref["giou"], abs=1e-3)  # the two averages really differ
@@ -77,7 +77,7 @@ def test_res_union_of_instances_and_empty_prediction() -> None:
     out = metric.compute()
     assert float(out["giou"]) == pytest.approx(0.5)  # (1 + 0) / 2
     assert float(out["ciou"]) == pytest.approx(8 / 16)
-    assert float(out["prec@0.5"]) == pytest.approx(0.5)
+    assert float(out["prec_0.5"]) == pytest.approx(0.5)
 
 
 def test_res_errors_and_empty() -> None:

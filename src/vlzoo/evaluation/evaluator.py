@@ -25,8 +25,8 @@ class Evaluator:
     ========== ===========================================================================
     task       keys
     ========== ===========================================================================
-    rec        ``acc@0.5``, ``acc@0.75``, ``acc@0.9`` (one per ``rec_thresholds``), ``miou``
-    res        ``ciou``, ``giou``, ``prec@0.5`` ... ``prec@0.9`` (one per ``res_thresholds``)
+    rec        ``acc_0.5``, ``acc_0.75``, ``acc_0.9`` (one per ``rec_thresholds``), ``miou``
+    res        ``ciou``, ``giou``, ``prec_0.5`` ... ``prec_0.9`` (one per ``res_thresholds``)
     det, seg   ``map``, ``map_50``, ``map_75``, ``map_small``, ``map_medium``, ``map_large``,
                ``mar_1``, ``mar_10``, ``mar_100``, ``mar_small``, ``mar_medium``, ``mar_large``
     pose       ``ap``, ``ap50``, ``ap75``, ``ap_medium``, ``ap_large``, ``ar``, ``ar50``,

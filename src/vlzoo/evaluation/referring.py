@@ -15,8 +15,11 @@ __all__ = ["ReferringBoxAccuracy", "ReferringSegmentation", "box_iou_pair", "thr
 
 
 def threshold_key(prefix: str, threshold: float) -> str:
-    """``threshold_key("acc", 0.5) == "acc@0.5"``: the shortest decimal form of the threshold."""
-    return f"{prefix}@{threshold:g}"
+    """``threshold_key("acc", 0.5) == "acc_0.5"``: the shortest decimal form of the threshold.
+
+    The name reads "Acc@0.5"; it is written with ``_`` because MLflow metric names may not
+    contain ``@`` (Lightning's MLflow logger would silently rename ``acc@0.5`` to ``acc0.5``)."""
+    return f"{prefix}_{threshold:g}"
 
 
 def box_iou_pair(a: Tensor, b: Tensor) -> float:
@@ -90,7 +93,7 @@ class ReferringBoxAccuracy(Metric):
             self.count += 1
 
     def compute(self) -> dict[str, Tensor]:
-        """``acc@<t>`` per threshold and ``miou``, float32 scalars."""
+        """``acc_<t>`` per threshold and ``miou``, float32 scalars."""
         n = self.count.clamp(min=1)
         out = {threshold_key("acc", t): (self.hits[i] / n).float() for i, t in enumerate(self.thresholds)}
         out["miou"] = (self.iou_sum / n).float()
@@ -102,7 +105,7 @@ class ReferringSegmentation(Metric):
 
     * ``ciou``: cumulative intersection over cumulative union, summed over the whole split;
     * ``giou``: mean over samples of the per-sample IoU;
-    * ``prec@<t>``: fraction of samples with per-sample IoU >= t.
+    * ``prec_<t>``: fraction of samples with per-sample IoU >= t.
 
     Predicted masks of all instances are unioned (``(N, H, W)`` -> ``(H, W)``), and so are the
     target masks.  Boolean masks are used as they are; other dtypes are thresholded at 0.5.  An
@@ -169,7 +172,7 @@ class ReferringSegmentation(Metric):
             self.count += 1
 
     def compute(self) -> dict[str, Tensor]:
-        """``ciou``, ``giou`` and ``prec@<t>`` per threshold, float32 scalars."""
+        """``ciou``, ``giou`` and ``prec_<t>`` per threshold, float32 scalars."""
         n = self.count.clamp(min=1)
         ciou = self.cum_intersection / self.cum_union if float(self.cum_union) > 0 else self.cum_union * 0
         out = {"ciou": ciou.float(), "giou": (self.iou_sum / n).float()}
