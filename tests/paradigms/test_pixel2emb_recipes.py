@@ -40,5 +40,5 @@ def test_tiny_recipe_builds_and_runs(name, tmp_path):
     )
     trainer.fit(model, datamodule=built.datamodule)
     results = trainer.test(model, datamodule=built.datamodule, verbose=False)[0]
-    key = "test/rec/acc@0.5" if name.endswith("rec") else "test/res/ciou"
+    key = "test/rec/acc_0.5" if name.endswith("rec") else "test/res/ciou"
     assert key in results
