@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -44,7 +46,11 @@ def test_sincos_codes_are_distinct_per_cell():
         sincos_position_2d(30, (2, 2))
 
 
-@pytest.mark.parametrize("cls", [DenseAligner, ConvAligner])
+@pytest.mark.parametrize(
+    "cls",
+    [DenseAligner, ConvAligner, functools.partial(DenseAligner, condition_queries=True)],
+    ids=["dense", "conv", "dense-conditioned"],
+)
 def test_aligner_learns_to_find_the_object_the_query_names(cls):
     """Each image holds 3 "objects" (one-hot colour features at random cells); ``[LOC]`` names
     one colour; the aligner must put the peak on that object, which needs the match between

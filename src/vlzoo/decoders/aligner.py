@@ -123,6 +123,8 @@ class DenseAligner(_AlignerBase):
         dim, depth, heads, mlp_ratio, dropout: transformer size.
         num_keypoints: extra keypoint queries (one heatmap each) for pose; 0 otherwise.
         size_prior: initial box size (fraction of the image) the size maps start at.
+        condition_queries: add the projected ``[LOC]`` to every query's input, besides keeping
+            ``[LOC]`` as a token of the sequence; off is the paper's plain learnable queries.
     """
 
     def __init__(
@@ -140,6 +142,7 @@ class DenseAligner(_AlignerBase):
         dropout: float = 0.0,
         num_keypoints: int = 0,
         size_prior: float = 0.2,
+        condition_queries: bool = False,
     ) -> None:
         super().__init__()
         if num_keypoints < 0:
@@ -150,6 +153,7 @@ class DenseAligner(_AlignerBase):
         self.grid = _resolve_grid(grid, feature_grid)
         self.num_keypoints = int(num_keypoints)
         self.dim = int(dim)
+        self.condition_queries = bool(condition_queries)
         in_dim = _in_dim(image_source, vision_dim, hidden_size)
         self.image_proj = nn.Sequential(nn.Linear(in_dim, dim), nn.LayerNorm(dim))
         self.loc_proj = nn.Sequential(nn.Linear(hidden_size, dim), nn.LayerNorm(dim))
@@ -185,6 +189,10 @@ class DenseAligner(_AlignerBase):
         tokens = tokens + sincos_position_2d(self.dim, (h, w), device=tokens.device) + self.type_embed[2]
         loc_token = self.loc_proj(loc.float()).unsqueeze(1) + self.type_embed[1]
         queries = (self.queries + self.type_embed[0]).unsqueeze(0).expand(b, -1, -1)
+        if self.condition_queries:
+            # each query starts from what [LOC] asks for, so the first cross-attention can
+            # already select the matching image tokens (the [LOC] token stays in the sequence)
+            queries = queries + loc_token
         nq = queries.shape[1]
         seq = self.norm(self.transformer(torch.cat([queries, loc_token, tokens], dim=1)))
         q = self.query_heads(seq[:, :nq])  # (B, nq, dim)
