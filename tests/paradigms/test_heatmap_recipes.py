@@ -33,6 +33,6 @@ def test_tiny_recipe_builds_and_runs_with_lightning(task, tmp_path):
     built.trainer.fit(built.model, datamodule=built.datamodule)
     metrics = built.trainer.callback_metrics
     assert "train/loss_heatmap" in metrics
-    key = {"rec": "acc@0.5", "det": "map_50", "seg": "map_50", "pose": "ap50", "res": "ciou"}[task]
+    key = {"rec": "acc_0.5", "det": "map_50", "seg": "map_50", "pose": "ap50", "res": "ciou"}[task]
     assert f"val/{task}/{key}" in metrics
     assert float(metrics[f"val/{task}/parse_fail_rate"]) == 0.0
