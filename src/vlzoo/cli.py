@@ -8,6 +8,8 @@
     vlzoo print RECIPE [overrides...] [--plain]
     vlzoo check RECIPE [overrides...]
     vlzoo recipes
+    vlzoo study STUDY [--jobs N] [--cell I] [--tracking-uri U] [--output-dir D]
+    vlzoo study report STUDY [--tracking-uri U] [--output-dir D]
 
 RECIPE is a file or a shipped recipe name (``vlzoo recipes``); with ``--checkpoint`` it may be
 left out and the checkpoint's own recipe is used.  Overrides are ``slot=name`` (swap a slot for
@@ -31,6 +33,7 @@ from vlzoo.config import (
     shipped_recipes_dir,
     validate,
 )
+from vlzoo.study.spec import StudyError
 
 __all__ = ["main", "list_recipes", "EXIT_USER_ERROR"]
 
@@ -51,12 +54,22 @@ def _parser() -> argparse.ArgumentParser:
         "print": "show the resolved recipe and which file set each key",
         "check": "validate a recipe without building anything",
         "recipes": "list the shipped recipes",
+        "study": "run a head-to-head study (recipes/studies/*.yaml) and write its report",
     }
     for verb, text in helps.items():
         p = sub.add_parser(verb, help=text, description=text)
         p.add_argument("--debug", action="store_true", help="show full tracebacks")
         if verb == "recipes":
             p.add_argument("--dir", default=None, help="list this recipes folder instead of the shipped one")
+            continue
+        if verb == "study":
+            p.add_argument("study", nargs="+", metavar="[report] STUDY", help="study file; 'report FILE' rebuilds the report")
+            p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
+            p.add_argument("--cell", type=int, default=None, help="run only this cell index (cluster use)")
+            p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: OUTPUT_DIR/mlflow.db)")
+            p.add_argument("--output-dir", default=None, help="default: studies/<study name>")
+            p.add_argument("--parent-run", default=None, help=argparse.SUPPRESS)
+            p.add_argument("--no-report", action="store_true", help="do not rebuild the report at the end")
             continue
         p.add_argument("recipe", nargs="?" if verb in ("validate", "test", "predict") else None,
                        help="recipe file or shipped name")
@@ -229,6 +242,38 @@ def _resume_target(value: str, recipe_name: str, tracking_uri: str, find_last):
     return value, Path(folder) / "last.ckpt"
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from vlzoo.runs import tracking_uri_for
+    from vlzoo.study import load_study, run_cell, run_study
+    from vlzoo.study.runner import StudyRun
+
+    words = list(args.study)
+    rebuild = words[0] == "report"
+    if rebuild:
+        words = words[1:]
+    if len(words) != 1:
+        raise StudyError("usage: vlzoo study [report] STUDY_FILE [--jobs N] [--cell I]")
+    spec = load_study(words[0])
+    output_dir = Path(args.output_dir or Path("studies") / spec.name).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = args.tracking_uri or tracking_uri_for(output_dir)
+    if rebuild:
+        path = StudyRun(spec, tracking_uri=tracking_uri, output_dir=output_dir).report()
+        print(f"vlzoo study: report at {path} (and {path.with_suffix('.html')})")
+        return 0
+    if args.cell is not None:
+        run_id = run_cell(
+            spec.path, args.cell, tracking_uri=tracking_uri, output_dir=output_dir, parent_run_id=args.parent_run
+        )
+        print(f"vlzoo study: cell {args.cell} finished (MLflow run {run_id} at {tracking_uri})")
+        return 0
+    path = run_study(spec.path, tracking_uri=tracking_uri, output_dir=output_dir, jobs=args.jobs,
+                     report=not args.no_report)
+    if path is not None:
+        print(f"vlzoo study: report at {path} (and {path.with_suffix('.html')}); runs at {tracking_uri}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 a mistake in the recipe or command)."""
     parser = _parser()
@@ -239,11 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if rest:
         args.overrides = list(args.overrides) + rest
-    commands = {"print": _cmd_print, "check": _cmd_check, "recipes": _cmd_recipes}
+    commands = {"print": _cmd_print, "check": _cmd_check, "recipes": _cmd_recipes, "study": _cmd_study}
     command = commands.get(args.verb, _cmd_run)
     try:
         return command(args)
-    except RecipeError as err:
+    except (RecipeError, StudyError) as err:
         if args.debug:
             raise
         print(f"vlzoo {args.verb}: error: {err}\n(run again with --debug for the full traceback)", file=sys.stderr)

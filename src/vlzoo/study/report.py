@@ -1,0 +1,498 @@
+"""Study reports rebuilt from the tracking store alone.
+
+Every number, curve and gallery image comes from the MLflow runs of the study (a parent run and
+one child run per cell), so a report can be rebuilt anywhere the store is reachable:
+``report.md`` and ``report.html`` (self-contained, images inline), ``results.csv`` (one row per
+cell) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import math
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+__all__ = ["CellResult", "collect_results", "build_report", "STUDY_TAG", "ROLE_TAG"]
+
+STUDY_TAG = "vlzoo.study"
+ROLE_TAG = "vlzoo.role"  # "study" for the parent, "cell" for a child
+CELL_KEY_TAG = "vlzoo.cell_key"
+STATUS_TAG = "vlzoo.cell_status"  # finished | failed | unsupported
+ERROR_TAG = "vlzoo.error"
+GRID_PREFIX = "grid."
+COST_KEYS = (
+    "cost/train_seconds",
+    "cost/peak_memory_mb",
+    "cost/latency_ms_per_query",
+    "cost/latency_ms_per_object",
+    "cost/tokens_per_object",
+    "params/trainable",
+    "params/total",
+)
+
+
+@dataclass
+class CellResult:
+    run_id: str
+    key: str
+    values: dict[str, str]
+    status: str
+    error: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def paradigm(self) -> str:
+        return self.values.get("paradigm", "")
+
+    @property
+    def task(self) -> str:
+        return self.values.get("task", "")
+
+    @property
+    def group(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.values.items() if k != "seed")
+
+
+def find_parent_run(client: MlflowClient, experiment_name: str, study: str) -> Any:
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        raise ValueError(f"no MLflow experiment '{experiment_name}' in this tracking store: has study '{study}' run?")
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{STUDY_TAG}` = '{study}' and tags.`{ROLE_TAG}` = 'study'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise ValueError(f"no parent run of study '{study}' in experiment '{experiment_name}'")
+    return runs[0]
+
+
+def collect_results(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[CellResult]:
+    """One CellResult per cell (the newest run of each cell key)."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{ROLE_TAG}` = 'cell'",
+        order_by=["attributes.start_time ASC"],
+        max_results=10000,
+    )
+    newest: dict[str, Any] = {}
+    for run in runs:
+        newest[run.data.tags.get(CELL_KEY_TAG, run.info.run_id)] = run
+    results = []
+    for key, run in newest.items():
+        tags = run.data.tags
+        values = {k[len(GRID_PREFIX) :]: v for k, v in tags.items() if k.startswith(GRID_PREFIX)}
+        order = tags.get("vlzoo.grid_order", "")
+        if order:
+            values = {k: values[k] for k in order.split(",") if k in values}
+        results.append(
+            CellResult(
+                run_id=run.info.run_id,
+                key=key,
+                values=values,
+                status=tags.get(STATUS_TAG, "running"),
+                error=tags.get(ERROR_TAG, ""),
+                metrics=dict(run.data.metrics),
+            )
+        )
+    return results
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var)
+
+
+def _task_metrics(results: list[CellResult], task: str, split: str) -> list[str]:
+    prefix = f"{split}/{task}/"
+    names = sorted({k[len(prefix) :] for r in results if r.task == task for k in r.metrics if k.startswith(prefix)})
+    return names
+
+
+def _aggregate(results: list[CellResult]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """group -> metric -> (mean, std, n) over the finished cells of the group (the seeds)."""
+    by_group: dict[str, list[CellResult]] = defaultdict(list)
+    for r in results:
+        if r.status == "finished":
+            by_group[r.group].append(r)
+    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for group, rs in by_group.items():
+        names = sorted({k for r in rs for k in r.metrics})
+        out[group] = {}
+        for name in names:
+            vals = [r.metrics[name] for r in rs if name in r.metrics and not math.isnan(r.metrics[name])]
+            m, s = _mean_std(vals)
+            out[group][name] = (m, s, len(vals))
+    return out
+
+
+def _fmt(mean: float, std: float, n: int, *, scale: float = 1.0, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "-"
+    if n > 1:
+        return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f}"
+
+
+def _higher_is_better(metric: str) -> bool:
+    return not any(s in metric for s in ("loss", "fail", "latency", "seconds", "memory", "tokens"))
+
+
+@dataclass
+class _Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+
+
+def _tables(results: list[CellResult], primary: dict[str, str]) -> list[_Table]:
+    agg = _aggregate(results)
+    tables = []
+    tasks = list(dict.fromkeys(r.task for r in results))
+    for task in tasks:
+        rs = [r for r in results if r.task == task]
+        metric_names = _task_metrics(rs, task, "test")
+        splits = sorted({k.split("/")[0] for r in rs for k in r.metrics if k.count("/") == 2 and k.split("/")[1] == task})
+        cols = [f"test/{task}/{m}" for m in metric_names]
+        cols += [f"{s}/{task}/{primary.get(task, metric_names[0] if metric_names else '')}" for s in splits if s not in ("test", "val", "train")]
+        cols += [c for c in COST_KEYS]
+        groups = list(dict.fromkeys(r.group for r in rs))
+        best: dict[str, float] = {}
+        for c in cols:
+            vals = [agg[g][c][0] for g in groups if g in agg and c in agg[g] and not math.isnan(agg[g][c][0])]
+            # a column where every cell has the same value has no best
+            if vals and len(set(vals)) > 1 and not c.startswith(("cost/", "params/")):
+                best[c] = max(vals) if _higher_is_better(c) else min(vals)
+        header = ["cell", "status"] + [c.split("/", 1)[1] if c.startswith("test/") else c for c in cols]
+        rows = []
+        for g in groups:
+            members = [r for r in rs if r.group == g]
+            statuses = sorted({r.status for r in members})
+            status = "/".join(statuses)
+            if any(r.status == "unsupported" for r in members):
+                status = "unsupported: " + members[0].error
+            elif any(r.status == "failed" for r in members):
+                status = "failed: " + next(r.error for r in members if r.status == "failed")[:80]
+            row = [g, status]
+            for c in cols:
+                if g in agg and c in agg[g]:
+                    m, s, n = agg[g][c]
+                    if c.startswith("params/"):
+                        cell = f"{m:,.0f}"
+                    else:
+                        cell = _fmt(m, s, n, digits=1 if c.startswith("cost/") else 3)
+                    if c in best and not math.isnan(m) and abs(m - best[c]) < 1e-12:
+                        cell = f"**{cell}**"
+                    row.append(cell)
+                else:
+                    row.append("-")
+            rows.append(row)
+        tables.append(_Table(title=f"Task `{task}`", header=header, rows=rows))
+    return tables
+
+
+def _retention_table(results: list[CellResult], before: dict[str, float]) -> _Table | None:
+    """Stage-0 text metrics of the backbone after each cell's training against before it."""
+    agg = _aggregate(results)
+    keys = sorted({k[len("retention/after/") :] for r in results for k in r.metrics if k.startswith("retention/after/")})
+    keys = [k for k in keys if not k.endswith("parse_fail_rate")]
+    if not keys:
+        return None
+    header = ["cell"] + [f"{k} (before -> after)" for k in keys]
+    rows = []
+    for group in dict.fromkeys(r.group for r in results if r.status == "finished"):
+        row = [group]
+        for k in keys:
+            after = agg.get(group, {}).get(f"retention/after/{k}")
+            b = before.get(f"retention/before/{k}")
+            if after is None:
+                row.append("-")
+                continue
+            text = f"{after[0]:.3f}" if b is None else f"{b:.3f} -> {after[0]:.3f} ({after[0] - b:+.3f})"
+            row.append(text)
+        rows.append(row)
+    return _Table(title="Retention of general ability (stage-0 metrics of the backbone)", header=header, rows=rows)
+
+
+def _metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    try:
+        hist = client.get_metric_history(run_id, key)
+    except Exception:  # a run without that metric has no history
+        return []
+    return sorted((m.step, m.value) for m in hist)
+
+
+def _plot_curves(client: MlflowClient, results: list[CellResult], primary: dict[str, str], out: Path) -> Path | None:
+    tasks = list(dict.fromkeys(r.task for r in results if r.status == "finished"))
+    if not tasks:
+        return None
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    drew = False
+    for ax, task in zip(axes[0], tasks, strict=True):
+        metric = primary.get(task) or next(iter(_task_metrics(results, task, "val")), None)
+        if metric is None:
+            continue
+        for paradigm in dict.fromkeys(r.paradigm for r in results if r.task == task):
+            curves = [
+                _metric_history(client, r.run_id, f"val/{task}/{metric}")
+                for r in results
+                if r.task == task and r.paradigm == paradigm and r.status == "finished"
+            ]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            steps = sorted({s for c in curves for s, _ in c})
+            means = []
+            for s in steps:
+                vals = [v for c in curves for st, v in c if st == s]
+                means.append(sum(vals) / len(vals))
+            ax.plot(steps, means, marker="o", label=paradigm)
+            drew = True
+        ax.set_title(f"{task}: val {metric}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path if drew else None
+
+
+def _plot_cost(results: list[CellResult], primary: dict[str, str], out: Path) -> Path | None:
+    agg = _aggregate(results)
+    points = []
+    for r in results:
+        if r.status != "finished" or r.group not in agg:
+            continue
+        metric = primary.get(r.task)
+        key = f"test/{r.task}/{metric}"
+        lat = agg[r.group].get("cost/latency_ms_per_query")
+        acc = agg[r.group].get(key)
+        if lat and acc:
+            points.append((r.paradigm, r.task, lat[0], acc[0], metric))
+    points = list(dict.fromkeys(points))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    markers = {t: m for t, m in zip(dict.fromkeys(p[1] for p in points), "os^Dvx*", strict=False)}
+    for paradigm, task, lat, acc, _metric in points:
+        ax.scatter([lat], [acc], marker=markers[task], s=60)
+        ax.annotate(f"{paradigm}/{task}", (lat, acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("latency per query (ms)")
+    ax.set_ylabel("test primary metric (" + ", ".join(sorted({f'{p[1]}: {p[4]}' for p in points})) + ")")
+    ax.set_title("accuracy vs inference latency")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "accuracy_vs_latency.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_splits(results: list[CellResult], primary: dict[str, str], out: Path) -> Path | None:
+    agg = _aggregate(results)
+    bars = []
+    for group in dict.fromkeys(r.group for r in results if r.status == "finished"):
+        r = next(x for x in results if x.group == group)
+        metric = primary.get(r.task)
+        if metric is None:
+            continue
+        for split in ("test", "comp_test"):
+            v = agg.get(group, {}).get(f"{split}/{r.task}/{metric}")
+            if v:
+                bars.append((f"{r.paradigm}\n{r.task}", split, v[0], v[1]))
+    splits = list(dict.fromkeys(b[1] for b in bars))
+    if len(splits) < 2:
+        return None
+    labels = list(dict.fromkeys(b[0] for b in bars))
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels)), 3.8))
+    width = 0.8 / len(splits)
+    for j, split in enumerate(splits):
+        xs, ys, es = [], [], []
+        for i, label in enumerate(labels):
+            hit = [b for b in bars if b[0] == label and b[1] == split]
+            if hit:
+                xs.append(i + j * width)
+                ys.append(hit[0][2])
+                es.append(hit[0][3])
+        ax.bar(xs, ys, width=width, yerr=es, label="in-distribution (test)" if split == "test" else "compositional")
+    ax.set_xticks([i + width * (len(splits) - 1) / 2 for i in range(len(labels))])
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("primary metric")
+    ax.set_title("generalisation: in-distribution vs compositional split")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "accuracy_by_split.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _gallery(client: MlflowClient, results: list[CellResult], out: Path) -> list[Path]:
+    """Per task: rows are the same test samples, one column per paradigm (first seed)."""
+    paths = []
+    for task in dict.fromkeys(r.task for r in results):
+        columns = []
+        for paradigm in dict.fromkeys(r.paradigm for r in results if r.task == task):
+            cell = next(
+                (r for r in results if r.task == task and r.paradigm == paradigm and r.status == "finished"), None
+            )
+            if cell is None:
+                continue
+            try:
+                listing = client.list_artifacts(cell.run_id, "gallery")
+            except Exception:  # a cell without a gallery (e.g. an old run) is left out of the figure
+                listing = []
+            if not listing:
+                continue
+            local = Path(client.download_artifacts(cell.run_id, "gallery", tempfile.mkdtemp()))
+            columns.append((paradigm, sorted(local.glob("*.png"))))
+        if not columns:
+            continue
+        rows = max(len(c[1]) for c in columns)
+        fig, axes = plt.subplots(rows, len(columns), figsize=(2.6 * len(columns), 2.6 * rows), squeeze=False)
+        for j, (paradigm, images) in enumerate(columns):
+            for i in range(rows):
+                ax = axes[i][j]
+                ax.axis("off")
+                if i < len(images):
+                    ax.imshow(plt.imread(images[i]))
+                if i == 0:
+                    ax.set_title(paradigm, fontsize=9)
+        fig.suptitle(f"{task}: ground truth (green) and prediction (red), same samples per row", fontsize=9)
+        fig.tight_layout()
+        path = out / f"gallery_{task}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _markdown(title: str, intro: list[str], tables: list[_Table], images: list[Path]) -> str:
+    lines = [f"# {title}", ""] + intro + [""]
+    for t in tables:
+        lines += [f"## {t.title}", "", "| " + " | ".join(t.header) + " |", "|" + "---|" * len(t.header)]
+        lines += ["| " + " | ".join(r) + " |" for r in t.rows]
+        lines.append("")
+    if images:
+        lines += ["## Plots", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in images]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _html(title: str, intro: list[str], tables: list[_Table], images: list[Path]) -> str:
+    def cell(text: str) -> str:
+        text = html.escape(text)
+        if text.startswith("**") and text.endswith("**"):
+            return f"<b>{text[2:-2]}</b>"
+        return text
+
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
+        "font-size:13px;margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
+        "td:first-child,td:nth-child(2){text-align:left}img{max-width:100%;display:block;margin:1em 0}</style>",
+        f"</head><body><h1>{html.escape(title)}</h1>",
+    ]
+    parts += [f"<p>{html.escape(line.replace('`', ''))}</p>" for line in intro if line]
+    for t in tables:
+        parts.append(f"<h2>{html.escape(t.title.replace('`', ''))}</h2><table><tr>")
+        parts += [f"<th>{html.escape(h)}</th>" for h in t.header]
+        parts.append("</tr>")
+        for r in t.rows:
+            parts.append("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in r) + "</tr>")
+        parts.append("</table>")
+    for p in images:
+        data = base64.b64encode(p.read_bytes()).decode()
+        parts.append(f"<h3>{html.escape(p.stem)}</h3><img alt='{p.stem}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def build_report(
+    *,
+    study: str,
+    tracking_uri: str,
+    out_dir: str | Path,
+    experiment_name: str | None = None,
+    primary: dict[str, str] | None = None,
+    log_to_parent: bool = True,
+) -> Path:
+    """Rebuild a study's report from the tracking store; returns the path of ``report.md``."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_name = experiment_name or f"study-{study}"
+    parent = find_parent_run(client, experiment_name, study)
+    results = collect_results(client, parent.info.experiment_id, parent.info.run_id)
+    if primary is None:
+        primary = {
+            k[len("vlzoo.primary.") :]: v for k, v in parent.data.tags.items() if k.startswith("vlzoo.primary.")
+        }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as fh:
+        keys = sorted({k for r in results for k in r.metrics})
+        grid_keys = list(dict.fromkeys(k for r in results for k in r.values))
+        writer = csv.writer(fh)
+        writer.writerow(["cell", *grid_keys, "status", "error", "run_id", *keys])
+        for r in results:
+            writer.writerow(
+                [r.key, *(r.values.get(k, "") for k in grid_keys), r.status, r.error, r.run_id]
+                + [r.metrics.get(k, "") for k in keys]
+            )
+    tables = _tables(results, primary)
+    kept = _retention_table(results, dict(parent.data.metrics))
+    if kept is not None:
+        tables.append(kept)
+    images = [
+        p
+        for p in (
+            _plot_curves(client, results, primary, out),
+            _plot_cost(results, primary, out),
+            _plot_splits(results, primary, out),
+        )
+        if p is not None
+    ]
+    images += _gallery(client, results, out)
+    counts = defaultdict(int)
+    for r in results:
+        counts[r.status] += 1
+    tags = parent.data.tags
+    intro = [
+        f"Study `{study}`: {tags.get('vlzoo.description', '')}",
+        f"Cells: {len(results)} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}). "
+        f"Budget: {tags.get('vlzoo.budget', '-')}. Stage 0: {tags.get('vlzoo.stage0', 'none')}.",
+        f"Command: `{tags.get('vlzoo.command', '')}`",
+        "Values are mean ± std over seeds; the best per column is in bold; costs are measured by one "
+        "harness on one machine (latency per query at batch size 1, tokens per object generated).",
+    ]
+    title = f"vlzoo study report: {study}"
+    (out / "report.md").write_text(_markdown(title, intro, tables, images))
+    (out / "report.html").write_text(_html(title, intro, tables, images))
+    if log_to_parent:
+        for name in ("report.md", "report.html", "results.csv"):
+            client.log_artifact(parent.info.run_id, str(out / name), "report")
+        for p in images:
+            client.log_artifact(parent.info.run_id, str(p), "report")
+    return out / "report.md"

@@ -1,0 +1,390 @@
+"""Running a study: a parent MLflow run, one child run per cell, resumable, parallel.
+
+* ``prepare`` finds or creates the study's parent run and runs the shared stage 0 once (its
+  backbone checkpoint path is a tag of the parent run, reused by every cell and every later
+  invocation).
+* Each cell runs in its own process (``vlzoo study FILE --cell i``), so a crash, a memory peak
+  or a hung cell cannot take the others with it; ``--jobs N`` runs N at a time.  On a cluster,
+  launch the same command per cell index against a shared tracking server and file system.
+* A finished cell (child run tagged ``finished``) is never rerun; a failed cell is recorded with
+  its error and the others go on; the report is rebuilt from MLflow at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from vlzoo.study.report import (
+    CELL_KEY_TAG,
+    ERROR_TAG,
+    GRID_PREFIX,
+    ROLE_TAG,
+    STATUS_TAG,
+    STUDY_TAG,
+    build_report,
+)
+from vlzoo.study.spec import Cell, StudyError, StudySpec, expand_grid, load_study
+
+__all__ = ["StudyRun", "run_study", "run_cell", "paradigm_supports", "check_fairness"]
+
+STAGE0_TAG = "vlzoo.stage0_checkpoint"
+FAIRNESS_KEYS = (
+    "backbone.vision",
+    "backbone.language",
+    "backbone.projector",
+    "backbone.checkpoint",
+    "data.train",
+    "data.val",
+    "data.test",
+    "data.batch_size",
+    "evaluator",
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.max_time",
+    "seed",
+)
+
+
+def paradigm_supports(recipe_path: Path, task: str) -> tuple[bool, str]:
+    """Whether the paradigm class a recipe names supports ``task`` (its ``supported_tasks``)."""
+    from vlzoo.config import load_recipe, locate
+
+    if not recipe_path.is_file():
+        return False, f"no recipe {recipe_path.name}"
+    recipe = load_recipe(recipe_path)
+    target = recipe.get("paradigm._target_")
+    if not target:
+        return False, f"recipe {recipe_path.name} has no paradigm"
+    cls = locate(str(target), recipe.allowed_prefixes)
+    supported = tuple(getattr(cls, "supported_tasks", ()))
+    if task not in supported:
+        return False, f"{getattr(cls, 'name', target)} does not support {task} (supports {', '.join(supported)})"
+    return True, ""
+
+
+def check_fairness(cells: Sequence[Cell], *, extra_overrides: Sequence[str] = ()) -> None:
+    """Cells of one task that differ only in the paradigm must see the same data, backbone,
+    starting checkpoint, budget and evaluator; raise :class:`StudyError` naming the key if not."""
+    from vlzoo.config import load_recipe
+
+    groups: dict[str, list[tuple[Cell, dict[str, Any]]]] = {}
+    for cell in cells:
+        if not cell.supported:
+            continue
+        recipe = load_recipe(cell.recipe, [*cell.overrides, *extra_overrides])
+        fingerprint = {key: recipe.get(key) for key in FAIRNESS_KEYS}
+        rest = ",".join(f"{k}={v}" for k, v in cell.values.items() if k != "paradigm")
+        groups.setdefault(rest, []).append((cell, fingerprint))
+    for members in groups.values():
+        first_cell, first = members[0]
+        for cell, fingerprint in members[1:]:
+            for key in FAIRNESS_KEYS:
+                if fingerprint[key] != first[key]:
+                    raise StudyError(
+                        f"unfair study: cells '{first_cell.key}' and '{cell.key}' differ in recipe key "
+                        f"{key} ({first[key]!r} vs {fingerprint[key]!r}); fix the recipes or set it "
+                        "under study.fixed so every paradigm gets the same"
+                    )
+
+
+class StudyRun:
+    """One study against one tracking store and one output folder."""
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        *,
+        tracking_uri: str,
+        output_dir: str | Path,
+        parent_run_id: str | None = None,
+    ) -> None:
+        self.spec = spec
+        self.tracking_uri = tracking_uri
+        self.output_dir = Path(output_dir).resolve()
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.experiment_name = f"study-{spec.name}"
+        self.parent_run_id = parent_run_id
+        self.cells = expand_grid(spec, supports=self._supports)
+
+    # ------------------------------------------------------------------ tracking
+    def _supports(self, paradigm: str, task: str) -> tuple[bool, str]:
+        values = {"paradigm": paradigm, "task": task}
+        names = {k: values[k] for k in ("paradigm", "task")}
+        try:
+            path = (self.spec.path.parent / self.spec.recipe.format(**{**self._any_values(), **names})).resolve()
+        except KeyError:
+            return True, ""
+        return paradigm_supports(path, task)
+
+    def _any_values(self) -> dict[str, Any]:
+        return {k: v[0] for k, v in self.spec.grid.items()}
+
+    def _experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        if exp is not None:
+            return exp.experiment_id
+        artifacts = (self.output_dir / "mlruns").as_uri() if self.tracking_uri.startswith("sqlite") else None
+        return self.client.create_experiment(self.experiment_name, artifact_location=artifacts)
+
+    def parent(self) -> str:
+        """The parent run: the given one, else the newest of this study, else a new one."""
+        if self.parent_run_id:
+            return self.parent_run_id
+        exp_id = self._experiment_id()
+        runs = self.client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`{STUDY_TAG}` = '{self.spec.name}' and tags.`{ROLE_TAG}` = 'study'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if runs:
+            self.parent_run_id = runs[0].info.run_id
+            return self.parent_run_id
+        tags = {
+            STUDY_TAG: self.spec.name,
+            ROLE_TAG: "study",
+            "vlzoo.description": self.spec.description,
+            "vlzoo.budget": ", ".join(f"{k}={v}" for k, v in self.spec.budget.items()) or "recipe default",
+            "vlzoo.stage0": str(self.spec.stage0.name) if self.spec.stage0 else "none",
+            "vlzoo.command": f"vlzoo study {shlex.quote(str(self.spec.path))}",
+            "vlzoo.grid": json.dumps(self.spec.grid),
+        }
+        tags.update({f"vlzoo.primary.{k}": v for k, v in self.spec.primary.items()})
+        run = self.client.create_run(exp_id, tags=tags, run_name=f"study-{self.spec.name}")
+        self.parent_run_id = run.info.run_id
+        return self.parent_run_id
+
+    def cell_runs(self) -> dict[str, Any]:
+        """cell key -> newest child run."""
+        parent = self.parent()
+        runs = self.client.search_runs(
+            [self._experiment_id()],
+            filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.`{ROLE_TAG}` = 'cell'",
+            order_by=["attributes.start_time ASC"],
+            max_results=10000,
+        )
+        return {r.data.tags.get(CELL_KEY_TAG): r for r in runs}
+
+    def _cell_tags(self, cell: Cell, status: str) -> dict[str, str]:
+        tags = {
+            "mlflow.parentRunId": self.parent(),
+            STUDY_TAG: self.spec.name,
+            ROLE_TAG: "cell",
+            CELL_KEY_TAG: cell.key,
+            "vlzoo.cell_index": str(cell.index),
+            "vlzoo.grid_order": ",".join(cell.values),
+            STATUS_TAG: status,
+        }
+        tags.update({f"{GRID_PREFIX}{k}": str(v) for k, v in cell.values.items()})
+        return tags
+
+    def new_cell_run(self, cell: Cell, status: str = "running") -> str:
+        run = self.client.create_run(self._experiment_id(), tags=self._cell_tags(cell, status), run_name=cell.key)
+        return run.info.run_id
+
+    # ------------------------------------------------------------------ stage 0
+    def stage0_checkpoint(self) -> Path | None:
+        """Run the study's stage 0 once; later calls (and later invocations) reuse it."""
+        if self.spec.stage0 is None:
+            return None
+        parent = self.parent()
+        tags = self.client.get_run(parent).data.tags
+        known = tags.get(STAGE0_TAG)
+        if known and Path(known).is_file():
+            return Path(known)
+        from vlzoo.study.stage0 import run_stage0
+
+        path, metrics = run_stage0(
+            self.spec.stage0,
+            output_dir=self.output_dir / "stage0",
+            tracking_uri=self.tracking_uri,
+            overrides=self.spec.stage0_overrides,
+        )
+        for key, value in metrics.items():
+            self.client.log_metric(parent, key, value)
+        self.client.set_tag(parent, STAGE0_TAG, str(path))
+        return path
+
+    # ------------------------------------------------------------------ execution
+    def pending(self) -> list[Cell]:
+        done = self.cell_runs()
+        out = []
+        for cell in self.cells:
+            run = done.get(cell.key)
+            status = run.data.tags.get(STATUS_TAG) if run is not None else None
+            if not cell.supported:
+                if status != "unsupported":
+                    run_id = self.new_cell_run(cell, "unsupported")
+                    self.client.set_tag(run_id, ERROR_TAG, cell.reason)
+                    self.client.set_terminated(run_id, "FINISHED")
+                continue
+            if status != "finished":
+                out.append(cell)
+        return out
+
+    def _cell_command(self, cell: Cell) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "vlzoo.cli",
+            "study",
+            str(self.spec.path),
+            "--cell",
+            str(cell.index),
+            "--tracking-uri",
+            self.tracking_uri,
+            "--output-dir",
+            str(self.output_dir),
+            "--parent-run",
+            self.parent(),
+            "--no-report",
+        ]
+
+    def run(self, *, jobs: int = 1, log: Any = print) -> dict[str, int]:
+        """Run every pending cell (``jobs`` at a time, each in its own process)."""
+        check_fairness(self.cells)
+        self.parent()
+        self.stage0_checkpoint()
+        todo = self.pending()
+        log(f"study {self.spec.name}: {len(self.cells)} cells, {len(todo)} to run, {jobs} at a time")
+        logs = self.output_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+
+        # cells in parallel share the cores: each gets its share of threads
+        threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+        def launch(cell: Cell) -> int:
+            log(f"  cell {cell.index} [{cell.key}] started")
+            with open(logs / f"cell-{cell.index:03d}.log", "w") as fh:
+                proc = subprocess.run(
+                    self._cell_command(cell), stdout=fh, stderr=subprocess.STDOUT, check=False, env=env
+                )
+            state = "finished" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {fh.name})"
+            log(f"  cell {cell.index} [{cell.key}] {state}")
+            return proc.returncode
+
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            codes = list(pool.map(launch, todo))
+        return {"cells": len(self.cells), "ran": len(todo), "failed": sum(1 for c in codes if c != 0)}
+
+    def report(self) -> Path:
+        return build_report(
+            study=self.spec.name,
+            tracking_uri=self.tracking_uri,
+            out_dir=self.output_dir / "report",
+            experiment_name=self.experiment_name,
+            primary=self.spec.primary,
+        )
+
+
+def run_study(
+    path: str | Path,
+    *,
+    tracking_uri: str,
+    output_dir: str | Path,
+    jobs: int = 1,
+    report: bool = True,
+    log: Any = print,
+) -> Path | None:
+    spec = load_study(path)
+    study = StudyRun(spec, tracking_uri=tracking_uri, output_dir=output_dir)
+    summary = study.run(jobs=jobs, log=log)
+    log(f"study {spec.name}: ran {summary['ran']} cell(s), {summary['failed']} failed")
+    return study.report() if report else None
+
+
+def _peak_memory_mb() -> float:
+    """Peak resident memory of this process in MB.
+
+    Linux's ``VmHWM`` first: ``ru_maxrss`` survives ``execve``, so a cell process started from
+    a large parent would report the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_cell(
+    path: str | Path,
+    index: int,
+    *,
+    tracking_uri: str,
+    output_dir: str | Path,
+    parent_run_id: str | None = None,
+) -> str:
+    """Run cell ``index`` of a study in this process; returns its run id.  Raises on failure
+    after recording it (status ``failed`` and the error) in the cell's run."""
+    from vlzoo.build import build
+    from vlzoo.study.measure import gallery, inference_cost, retention
+
+    spec = load_study(path)
+    study = StudyRun(spec, tracking_uri=tracking_uri, output_dir=output_dir, parent_run_id=parent_run_id)
+    if not 0 <= index < len(study.cells):
+        raise StudyError(f"study {spec.path}: --cell {index} is out of range (0..{len(study.cells) - 1})")
+    cell = study.cells[index]
+    done = study.cell_runs().get(cell.key)
+    if done is not None and done.data.tags.get(STATUS_TAG) == "finished":
+        return done.info.run_id
+    if not cell.supported:
+        raise StudyError(f"cell {index} [{cell.key}] is not supported: {cell.reason}")
+    stage0 = study.stage0_checkpoint()
+    run_id = study.new_cell_run(cell)
+    client = study.client
+    cell_dir = study.output_dir / "cells" / f"{index:03d}"
+    try:
+        overrides = list(cell.overrides)
+        if stage0 is not None:
+            overrides.append(f"backbone.checkpoint={stage0}")
+        built = build(
+            cell.recipe,
+            overrides=overrides,
+            output_dir=cell_dir,
+            tracking_uri=tracking_uri,
+            run_id=run_id,
+            keep_raw_images=True,
+        )
+        start = time.perf_counter()
+        built.trainer.fit(built.model, datamodule=built.datamodule)
+        train_seconds = time.perf_counter() - start
+        built.trainer.test(built.model, datamodule=built.datamodule, verbose=False)
+        metrics = {"cost/train_seconds": train_seconds, "cost/peak_memory_mb": _peak_memory_mb()}
+        from vlzoo.runs import count_parameters
+
+        trainable, total = count_parameters(built.model)
+        metrics["params/trainable"] = float(trainable)
+        metrics["params/total"] = float(total)
+        metrics.update(inference_cost(built.model, built.datamodule))
+        if stage0 is not None and spec.stage0 is not None:
+            metrics.update(retention(built.model, spec.stage0, overrides=spec.stage0_overrides))
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, float(value))
+        samples = int(spec.gallery.get("samples", 6))
+        for image in gallery(built.model, built.datamodule, cell_dir / "gallery", samples=samples):
+            client.log_artifact(run_id, str(image), "gallery")
+        client.set_tag(run_id, STATUS_TAG, "finished")
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException as err:
+        message = f"{type(err).__name__}: {err}".strip()
+        client.set_tag(run_id, STATUS_TAG, "failed")
+        client.set_tag(run_id, ERROR_TAG, message[:4000])
+        client.log_text(run_id, traceback.format_exc(), "error.txt")
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return run_id
