@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--output-dir", default=None, help="default: studies/<study name>")
             p.add_argument("--parent-run", default=None, help=argparse.SUPPRESS)
             p.add_argument("--no-report", action="store_true", help="do not rebuild the report at the end")
+            p.add_argument("--prepare", action="store_true",
+                           help="only create the parent run and stage 0 (before launching --cell jobs)")
             continue
         p.add_argument("recipe", nargs="?" if verb in ("validate", "test", "predict") else None,
                        help="recipe file or shipped name")
@@ -260,6 +262,16 @@ def _cmd_study(args: argparse.Namespace) -> int:
     if rebuild:
         path = StudyRun(spec, tracking_uri=tracking_uri, output_dir=output_dir).report()
         print(f"vlzoo study: report at {path} (and {path.with_suffix('.html')})")
+        return 0
+    if args.prepare:
+        study = StudyRun(spec, tracking_uri=tracking_uri, output_dir=output_dir)
+        from vlzoo.study.runner import check_fairness
+
+        check_fairness(study.cells)
+        parent = study.parent()
+        stage0 = study.stage0_checkpoint()
+        print(f"vlzoo study: parent run {parent} at {tracking_uri}; stage 0: {stage0 or 'none'}; "
+              f"cells 0..{len(study.cells) - 1}")
         return 0
     if args.cell is not None:
         run_id = run_cell(
