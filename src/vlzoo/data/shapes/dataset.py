@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vlzoo.data.errors import DataError
 from vlzoo.data.shapes.language import (
     Ref,
     caption,
@@ -112,7 +113,32 @@ class ShapesDataset(Dataset):
 
     def scene(self, index: int) -> Scene:
         """The scene graph of item ``index`` (the same one ``self[index]`` is drawn from)."""
-        return self._scene(self._rngs(index)[0])
+        return self._referable(index, self.task_of(index), self._rngs(index)[1])[0]
+
+    #: scenes redrawn (deterministically) before a referring sample gives up
+    MAX_SCENE_ATTEMPTS = 16
+
+    def _referable(self, index: int, task: str, rng: np.random.Generator):
+        """``(scene, focus, picked)`` of item ``index``.  A referring task (rec/res/reg) needs an
+        object that an expression can single out; a scene without one is redrawn from a derived
+        seed, so the item keeps its task (a silent change of task would break task-specific
+        runs).  ``rng`` is the item's task stream, advanced exactly as ``__getitem__`` does."""
+        key = [self.seed, SPLITS[self.split], int(index)]
+        rng.random()  # the task draw
+        for attempt in range(self.MAX_SCENE_ATTEMPTS):
+            scene_rng = np.random.default_rng(key + ([0] if attempt == 0 else [2, attempt]))
+            scene = self._scene(scene_rng)
+            n = len(scene.objects)
+            focus = 0 if self.split == "comp_test" else int(rng.integers(n))
+            if task not in ("rec", "res", "reg"):
+                return scene, focus, None
+            picked = self._reference(scene, focus, rng)
+            if picked is not None:
+                return scene, focus, picked
+        raise DataError(
+            f"ShapesDataset({self.split}) item {index}: no object could be referred to uniquely in "
+            f"{self.MAX_SCENE_ATTEMPTS} scenes; use more object variety (num_objects, twin_prob)"
+        )
 
     def _scene(self, rng: np.random.Generator) -> Scene:
         return generate_scene(
@@ -134,31 +160,25 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < self.size:
             raise IndexError(f"ShapesDataset index {index} out of range [0, {self.size})")
-        scene_rng, rng = self._rngs(index)
-        u = rng.random()
-        task = self.tasks[min(int(np.searchsorted(self._cum, u, side="right")), len(self.tasks) - 1)]
-        scene = self._scene(scene_rng)
-        n = len(scene.objects)
-        focus = 0 if self.split == "comp_test" else int(rng.integers(n))
+        task = self.task_of(index)
+        rng = self._rngs(index)[1]
+        scene, focus, picked = self._referable(index, task, rng)
         image = torch.from_numpy(scene.image)
         h, w = scene.size
         base = Targets(image_id=int(index), image_size=(h, w))
 
-        if task in ("rec", "res", "reg"):
-            picked = self._reference(scene, focus, rng)
-            if picked is not None:
-                target, ref = picked
-                expr = render(ref, rng)
-                t = self._targets(scene, [target], base, masks=task == "res", keypoints=False)
-                meta = {"category": scene.objects[target].category_name, "object_ids": [target], "ref": ref}
-                if task == "reg":
-                    box = [float(v) for v in scene.objects[target].box]
-                    t = t.replace(captions=[expr], text=expr, expressions=[expr])
-                    meta["prompt_boxes"] = [box]
-                    return Sample(image, task, instruction("reg", rng), t, answer=expr, image_id=index, meta=meta)
-                t = t.replace(expressions=[expr])
-                return Sample(image, task, instruction(task, rng, expr=expr), t, image_id=index, meta=meta)
-            task = "caption"  # no object can be referred to alone (practically never happens)
+        if picked is not None:  # rec / res / reg
+            target, ref = picked
+            expr = render(ref, rng)
+            t = self._targets(scene, [target], base, masks=task == "res", keypoints=False)
+            meta = {"category": scene.objects[target].category_name, "object_ids": [target], "ref": ref}
+            if task == "reg":
+                box = [float(v) for v in scene.objects[target].box]
+                t = t.replace(captions=[expr], text=expr, expressions=[expr])
+                meta["prompt_boxes"] = [box]
+                return Sample(image, task, instruction("reg", rng), t, answer=expr, image_id=index, meta=meta)
+            t = t.replace(expressions=[expr])
+            return Sample(image, task, instruction(task, rng, expr=expr), t, image_id=index, meta=meta)
 
         if task in ("det", "seg", "pose"):
             cat = scene.objects[focus].category
