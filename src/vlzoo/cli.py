@@ -300,6 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = commands.get(args.verb, _cmd_run)
     try:
         return command(args)
+    except BrokenPipeError:
+        # output piped into e.g. `head`, which stopped reading: not an error of ours
+        sys.stderr.close()
+        return 0
     except (RecipeError, StudyError) as err:
         if args.debug:
             raise
