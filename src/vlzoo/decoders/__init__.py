@@ -1,7 +1,56 @@
-"""decoders."""
-from vlzoo.decoders.box import BoxDecoder, BoxEncoder, box_cycle_losses, box_losses  # noqa: E402,F401
-from vlzoo.decoders.keypoints import AttentionRefinementHead, PointDescriptor, QueryPooling, box_projection_loss, extract_keypoints, interior_point, text_to_image_attention  # noqa: E402,F401
-from vlzoo.decoders.prompt import PromptMLP, TriggerImageAttention, mask_losses  # noqa: E402,F401
-from vlzoo.decoders.heatmap import box_heatmap_targets, decode_boxes, find_peaks, gaussian_heatmap_targets, heatmap_focal_loss, refine_subpixel  # noqa: E402,F401
-from vlzoo.decoders.aligner import AlignerOutput, ConvAligner, DenseAligner  # noqa: E402,F401
-from vlzoo.decoders.sam import SAM_DECODER_VARIANTS, SamMaskDecoder  # noqa: E402,F401
+"""Decoders: plain ``nn.Module`` heads and the functions around them (no Lightning, no recipes).
+
+Each imports on its own, e.g. ``from vlzoo.decoders import SamMaskDecoder``.
+"""
+
+from __future__ import annotations
+
+from vlzoo.decoders.aligner import AlignerOutput, ConvAligner, DenseAligner
+from vlzoo.decoders.box import BoxDecoder, BoxEncoder, box_cycle_losses, box_losses
+from vlzoo.decoders.heatmap import (
+    box_heatmap_targets,
+    decode_boxes,
+    find_peaks,
+    gaussian_heatmap_targets,
+    heatmap_focal_loss,
+    refine_subpixel,
+)
+from vlzoo.decoders.keypoints import (
+    AttentionRefinementHead,
+    PointDescriptor,
+    QueryPooling,
+    box_projection_loss,
+    extract_keypoints,
+    interior_point,
+    text_to_image_attention,
+)
+from vlzoo.decoders.prompt import PromptMLP, TriggerImageAttention, mask_losses
+from vlzoo.decoders.sam import SAM_DECODER_VARIANTS, SamMaskDecoder
+
+__all__ = [
+    "SAM_DECODER_VARIANTS",
+    "AlignerOutput",
+    "AttentionRefinementHead",
+    "BoxDecoder",
+    "BoxEncoder",
+    "ConvAligner",
+    "DenseAligner",
+    "PointDescriptor",
+    "PromptMLP",
+    "QueryPooling",
+    "SamMaskDecoder",
+    "TriggerImageAttention",
+    "box_cycle_losses",
+    "box_heatmap_targets",
+    "box_losses",
+    "box_projection_loss",
+    "decode_boxes",
+    "extract_keypoints",
+    "find_peaks",
+    "gaussian_heatmap_targets",
+    "heatmap_focal_loss",
+    "interior_point",
+    "mask_losses",
+    "refine_subpixel",
+    "text_to_image_attention",
+]

@@ -1,23 +1,34 @@
 """Paradigms: one LightningModule per way of localizing, on a shared base.
 
-Submodules are imported lazily so that ``import vlzoo.paradigms`` stays cheap.
+``PARADIGMS`` (in :mod:`vlzoo.paradigms.catalog`) lists them explicitly; the support matrix in
+the docs is derived from their ``supported_tasks``.
 """
 
 from __future__ import annotations
 
+from vlzoo.paradigms.attention_keypoints import AttentionKeypoints, AttentionKeypointsAnswer
 from vlzoo.paradigms.base import BaseParadigm, to_original, warmup_cosine
+from vlzoo.paradigms.catalog import PARADIGMS, list_paradigms, support_matrix
+from vlzoo.paradigms.heatmap import HeatmapMatching, LumenAnswerFormat
 from vlzoo.paradigms.language_modeling import LanguageModeling
+from vlzoo.paradigms.pixel2emb import EmbeddingAnswerFormat, Pixel2Emb
+from vlzoo.paradigms.pixel2seq import GrammarConstraint, Pixel2Seq, Pixel2SeqAnswerFormat
 
-__all__ = ["BaseParadigm", "LanguageModeling", "to_original", "warmup_cosine"]
-from vlzoo.paradigms.attention_keypoints import AttentionKeypoints, AttentionKeypointsAnswer  # noqa: E402
-
-__all__ += ["AttentionKeypoints", "AttentionKeypointsAnswer"]
-from vlzoo.paradigms.pixel2emb import EmbeddingAnswerFormat, Pixel2Emb  # noqa: E402
-
-__all__ += ["EmbeddingAnswerFormat", "Pixel2Emb"]
-from vlzoo.paradigms.pixel2seq import GrammarConstraint, Pixel2Seq, Pixel2SeqAnswerFormat  # noqa: E402
-
-__all__ += ["GrammarConstraint", "Pixel2Seq", "Pixel2SeqAnswerFormat"]
-from vlzoo.paradigms.heatmap import HeatmapMatching, LumenAnswerFormat  # noqa: E402
-
-__all__ += ["HeatmapMatching", "LumenAnswerFormat"]
+__all__ = [
+    "PARADIGMS",
+    "AttentionKeypoints",
+    "AttentionKeypointsAnswer",
+    "BaseParadigm",
+    "EmbeddingAnswerFormat",
+    "GrammarConstraint",
+    "HeatmapMatching",
+    "LanguageModeling",
+    "LumenAnswerFormat",
+    "Pixel2Emb",
+    "Pixel2Seq",
+    "Pixel2SeqAnswerFormat",
+    "list_paradigms",
+    "support_matrix",
+    "to_original",
+    "warmup_cosine",
+]
