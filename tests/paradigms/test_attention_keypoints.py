@@ -126,7 +126,7 @@ def test_training_the_head_leaves_the_lmm_untouched(backbone, tmp_path):
     for k, v in backbone.state_dict().items():
         assert torch.equal(v, before_state[k]), k
     after = _lm_behaviour(backbone, batches[0])
-    for a, b in zip(before, after):
+    for a, b in zip(before, after, strict=False):
         assert torch.equal(a, b)
     assert paradigm.backbone_fingerprint() == fingerprint
 
@@ -144,7 +144,7 @@ def test_training_the_head_leaves_the_lmm_untouched(backbone, tmp_path):
     fresh.eval()
     paradigm.eval()
     p1, p2 = paradigm.predict(batches[0]), fresh.predict(batches[0])
-    for a, b in zip(p1, p2):
+    for a, b in zip(p1, p2, strict=False):
         assert torch.equal(a.masks, b.masks) and torch.allclose(a.boxes, b.boxes)
     other = make_paradigm(MultimodalBackbone(
         vision=TimmVisionEncoder(**VIT), language=CausalLM(config=dict(LLAMA), tokenizer="shapes")))
@@ -158,7 +158,7 @@ def test_predictions_have_masks_boxes_and_evidence(backbone, multimask):
     batch = make_batches(backbone, tasks=("res", "rec", "seg"), n=6, batch_size=6)[0]
     preds = paradigm.predict(batch)
     assert len(preds) == 6
-    for pred, task in zip(preds, batch.tasks):
+    for pred, task in zip(preds, batch.tasks, strict=False):
         n = len(pred)
         assert pred.masks.shape == (n, IMAGE, IMAGE) and pred.masks.dtype == torch.bool
         assert pred.boxes.shape == (n, 4) and pred.scores.shape == (n,)
@@ -168,7 +168,7 @@ def test_predictions_have_masks_boxes_and_evidence(backbone, multimask):
         assert pred.evidence["points"].shape == (n, 2)
     # a non-empty mask's box is its extent
     for pred in preds:
-        for m, b in zip(pred.masks, pred.boxes):
+        for m, b in zip(pred.masks, pred.boxes, strict=False):
             if m.any():
                 ys, xs = m.nonzero(as_tuple=True)
                 assert b.tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]

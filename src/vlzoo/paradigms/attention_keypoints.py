@@ -251,7 +251,7 @@ class AttentionKeypoints(BaseParadigm):
         """Keypoints ``(N, 2)`` (input pixels) and sizes ``(N, 2)`` (w, h) of a sample's objects."""
         boxes = target.boxes.float()
         if task in _MASK_TASKS and target.masks is not None and len(target):
-            points = torch.stack([interior_point(m) if m.any() else _centre(b) for m, b in zip(target.masks, boxes)])
+            points = torch.stack([interior_point(m) if m.any() else _centre(b) for m, b in zip(target.masks, boxes, strict=False)])
         else:
             points = torch.stack([_centre(b) for b in boxes]) if len(target) else boxes.new_zeros(0, 2)
         sizes = (boxes[:, 2:] - boxes[:, :2]).clamp_min(1.0)
@@ -260,7 +260,7 @@ class AttentionKeypoints(BaseParadigm):
     def _heatmap_targets(self, batch: Batch, grid: tuple[int, int]) -> tuple[Tensor, list[Tensor]]:
         h, w = batch.input_size
         maps, all_points = [], []
-        for target, task in zip(batch.targets, batch.tasks):
+        for target, task in zip(batch.targets, batch.tasks, strict=False):
             points, sizes = self._points_of(target, task)
             scale = torch.tensor([grid[1] / w, grid[0] / h])
             maps.append(gaussian_heatmap_targets(points * scale, sizes * scale, grid, min_radius=self.min_radius))
