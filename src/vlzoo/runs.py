@@ -223,16 +223,10 @@ class RecipeInCheckpoint(Callback):
 
 def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts (shared parameters counted once)."""
-    seen: set[int] = set()
-    trainable = total = 0
-    for p in module.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-    return trainable, total
+    from vlzoo.backbones.policies import parameter_report
+
+    report = parameter_report(module)
+    return report["trainable"], report["total"]
 
 
 class ParameterCount(Callback):
