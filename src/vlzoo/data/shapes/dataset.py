@@ -107,13 +107,21 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def _rngs(self, index: int) -> tuple[np.random.Generator, np.random.Generator]:
-        key = [self.seed, SPLITS[self.split], int(index)]
-        return np.random.default_rng(key + [0]), np.random.default_rng(key + [1])
+    def _key(self, index: int) -> list[int]:
+        return [self.seed, SPLITS[self.split], int(index)]
+
+    def _task_rng(self, index: int) -> np.random.Generator:
+        """The item's stream for its task and language (its scene has a stream of its own)."""
+        return np.random.default_rng(self._key(index) + [1])
+
+    def _draw_task(self, rng: np.random.Generator) -> str:
+        u = rng.random()
+        return self.tasks[min(int(np.searchsorted(self._cum, u, side="right")), len(self.tasks) - 1)]
 
     def scene(self, index: int) -> Scene:
         """The scene graph of item ``index`` (the same one ``self[index]`` is drawn from)."""
-        return self._referable(index, self.task_of(index), self._rngs(index)[1])[0]
+        rng = self._task_rng(index)
+        return self._referable(index, self._draw_task(rng), rng)[0]
 
     #: scenes redrawn (deterministically) before a referring sample gives up
     MAX_SCENE_ATTEMPTS = 16
@@ -122,9 +130,8 @@ class ShapesDataset(Dataset):
         """``(scene, focus, picked)`` of item ``index``.  A referring task (rec/res/reg) needs an
         object that an expression can single out; a scene without one is redrawn from a derived
         seed, so the item keeps its task (a silent change of task would break task-specific
-        runs).  ``rng`` is the item's task stream, advanced exactly as ``__getitem__`` does."""
-        key = [self.seed, SPLITS[self.split], int(index)]
-        rng.random()  # the task draw
+        runs).  ``rng`` is the item's task stream, just after the task draw."""
+        key = self._key(index)
         for attempt in range(self.MAX_SCENE_ATTEMPTS):
             scene_rng = np.random.default_rng(key + ([0] if attempt == 0 else [2, attempt]))
             scene = self._scene(scene_rng)
@@ -155,13 +162,13 @@ class ShapesDataset(Dataset):
 
     def task_of(self, index: int) -> str:
         """The task of item ``index`` (deterministic in ``(seed, split, index)``)."""
-        return self.tasks[int(np.searchsorted(self._cum, self._rngs(index)[1].random(), side="right").clip(max=len(self.tasks) - 1))]
+        return self._draw_task(self._task_rng(index))
 
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < self.size:
             raise IndexError(f"ShapesDataset index {index} out of range [0, {self.size})")
-        task = self.task_of(index)
-        rng = self._rngs(index)[1]
+        rng = self._task_rng(index)
+        task = self._draw_task(rng)
         scene, focus, picked = self._referable(index, task, rng)
         image = torch.from_numpy(scene.image)
         h, w = scene.size
