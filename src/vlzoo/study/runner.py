@@ -63,6 +63,12 @@ def paradigm_supports(recipe_path: Path, task: str) -> tuple[bool, str]:
     from vlzoo.config import load_recipe, locate
 
     if not recipe_path.is_file():
+        from vlzoo.paradigms.catalog import list_paradigms
+
+        known = list_paradigms(include_stage0=True)
+        for name, cls in known.items():
+            if recipe_path.stem.startswith(f"{name}_") and task not in cls.supported_tasks:
+                return False, f"{name} does not support {task} (supports {', '.join(cls.supported_tasks)})"
         return False, f"no recipe {recipe_path.name}"
     recipe = load_recipe(recipe_path)
     target = recipe.get("paradigm._target_")
