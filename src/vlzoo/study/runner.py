@@ -127,16 +127,10 @@ class StudyRun:
 
     # ------------------------------------------------------------------ tracking
     def _supports(self, paradigm: str, task: str) -> tuple[bool, str]:
-        values = {"paradigm": paradigm, "task": task}
-        names = {k: values[k] for k in ("paradigm", "task")}
-        try:
-            path = (self.spec.path.parent / self.spec.recipe.format(**{**self._any_values(), **names})).resolve()
-        except KeyError:
-            return True, ""
+        # the recipe of this paradigm and task (other grid keys in the pattern take any value)
+        values = {**{k: v[0] for k, v in self.spec.grid.items()}, "paradigm": paradigm, "task": task}
+        path = (self.spec.path.parent / self.spec.recipe.format(**values)).resolve()
         return paradigm_supports(path, task)
-
-    def _any_values(self) -> dict[str, Any]:
-        return {k: v[0] for k, v in self.spec.grid.items()}
 
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment_name)
