@@ -91,8 +91,10 @@ def collect_results(client: MlflowClient, experiment_id: str, parent_run_id: str
     newest: dict[str, Any] = {}
     for run in runs:
         newest[run.data.tags.get(CELL_KEY_TAG, run.info.run_id)] = run
+    # the study's grid order (cell index), whatever order the cells ran or were recorded in
+    ordered = sorted(newest.items(), key=lambda kv: int(kv[1].data.tags.get("vlzoo.cell_index", 1 << 30)))
     results = []
-    for key, run in newest.items():
+    for key, run in ordered:
         tags = run.data.tags
         values = {k[len(GRID_PREFIX) :]: v for k, v in tags.items() if k.startswith(GRID_PREFIX)}
         order = tags.get("vlzoo.grid_order", "")
