@@ -123,3 +123,29 @@ def test_test_verb_uses_the_checkpoint_and_its_recipe(fitted: dict, capsys: pyte
     client: MlflowClient = fitted["client"]
     runs = client.search_runs([client.get_experiment_by_name("vlzoo").experiment_id], order_by=["attributes.start_time DESC"])
     assert runs[0].info.run_id != fitted["run_id"] and "test/loss" in runs[0].data.metrics
+
+
+def test_checkpoints_are_written_atomically(fitted: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.fabric.plugins.io import torch_io
+
+    from vlzoo.build import build
+    from vlzoo.runs import AtomicCheckpointIO
+
+    # every trainer vlzoo builds writes through the atomic checkpoint IO; the fitted run left no temporary file
+    built = build(TINY, output_dir=tmp_path, with_logger=False)
+    assert isinstance(built.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert not [p for p in fitted["folder"].iterdir() if ".tmp-" in p.name]
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+
+    def dies_half_way(checkpoint, filepath):  # a crash in the middle of writing the file
+        Path(filepath).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch_io, "_atomic_save", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": torch.tensor(2)}, path)
+    assert torch.load(path, weights_only=True)["step"].item() == 1  # the previous checkpoint survives
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith("ckpt") or ".tmp-" in p.name] == ["last.ckpt"]

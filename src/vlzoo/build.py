@@ -15,7 +15,8 @@ target's signature has it - at every depth of the slot's node):
    ``input_size``), ``seed`` (the recipe's), ``keep_raw_images`` (when asked for overlays).
 6. ``logger`` (an MLflow logger when the slot is absent, see :mod:`vlzoo.runs`).
 7. ``trainer`` (``lightning.Trainer()`` when absent) <- ``logger``, ``default_root_dir``,
-   ``enable_progress_bar`` (off when ``CI`` is set or stdout is not a terminal) and
+   ``enable_progress_bar`` (off when ``CI`` is set or stdout is not a terminal), ``plugins``
+   (:class:`~vlzoo.runs.AtomicCheckpointIO`: checkpoints are renamed into place) and
    ``callbacks``: the recipe's own plus a :class:`~lightning.pytorch.callbacks.ModelCheckpoint`
    (last + best), :class:`~vlzoo.runs.RecipeInCheckpoint`, :class:`~vlzoo.runs.RunLogging` and
    :class:`~vlzoo.runs.ParameterCount`.
@@ -39,7 +40,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 
 from vlzoo.config import Recipe, RecipeError, instantiate, load_recipe, recipe_from_dict, validate
-from vlzoo.runs import ParameterCount, RecipeInCheckpoint, RunLogging, make_logger
+from vlzoo.runs import AtomicCheckpointIO, ParameterCount, RecipeInCheckpoint, RunLogging, make_logger
 
 __all__ = ["Built", "build", "as_recipe", "progress_bar_wanted", "BACKBONE_ATTRIBUTES"]
 
@@ -255,6 +256,8 @@ def _make_trainer(
         "logger": built.logger if built.logger is not None else False,
         "default_root_dir": str(Path(output_dir).resolve()),
         "enable_progress_bar": progress_bar_wanted(),
+        # checkpoints are written to a temporary file and renamed: no half-written file on a crash
+        "plugins": [AtomicCheckpointIO()],
     }
     trainer = instantiate(node, inject=inject, allow=allow, key="trainer")
     if not isinstance(trainer, L.Trainer):

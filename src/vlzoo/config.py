@@ -115,7 +115,7 @@ INJECTABLE: dict[str, frozenset[str]] = {
         {"backbone", "evaluator", "optimizer", "scheduler", "hidden_size", "vision_dim", "feature_grid", "input_size"}
     ),
     "data": frozenset({"tokenizer", "answer_format", "image_mean", "image_std", "image_size", "seed", "keep_raw_images"}),
-    "trainer": frozenset({"logger", "callbacks", "default_root_dir", "enable_progress_bar"}),
+    "trainer": frozenset({"logger", "callbacks", "default_root_dir", "enable_progress_bar", "plugins"}),
     "logger": frozenset({"experiment_name", "tracking_uri", "run_name", "artifact_location", "run_id", "tags"}),
 }
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, MLFlowLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 import vlzoo
@@ -38,6 +40,7 @@ __all__ = [
     "run_tags",
     "RunLogging",
     "RecipeInCheckpoint",
+    "AtomicCheckpointIO",
     "ParameterCount",
     "count_parameters",
     "read_checkpoint",
@@ -219,6 +222,24 @@ class RecipeInCheckpoint(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger) and logger.run_id:
                 checkpoint[RUN_ID_KEY] = logger.run_id
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it, then renames it into place.
+
+    A crash (or SIGKILL) while saving leaves the previous checkpoint of that name intact and no
+    half-written file that a resumed run would try to load; ``os.replace`` is atomic on POSIX."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
