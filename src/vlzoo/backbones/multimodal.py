@@ -18,6 +18,7 @@ placeholder, ``p`` — the first image token — for the placeholder itself) and
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -110,7 +111,7 @@ def _plain_key(key: str) -> str | None:
     return key
 
 
-class _SplicingBackbone(nn.Module):
+class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
     """Splicing, forward, generation, special tokens and checkpoints shared by the backbones.
 
     A subclass provides ``tokenizer``, ``image_token``, ``image_token_id``, ``_lm_holder()`` (the
@@ -129,9 +130,9 @@ class _SplicingBackbone(nn.Module):
         self._row_hooks: list[tuple[nn.Parameter, Any]] = []
 
     # --- subclass hooks ---------------------------------------------------------------------
+    @abc.abstractmethod
     def _lm_holder(self) -> nn.Module:
         """The registered module holding the LM: the transformers model or its PEFT wrapper."""
-        raise NotImplementedError
 
     def _lm(self) -> nn.Module:
         """The transformers causal LM (inside PEFT's wrapper when LoRA is on; LoRA layers are
@@ -145,9 +146,9 @@ class _SplicingBackbone(nn.Module):
         holder = self._lm_holder()
         return holder if hasattr(holder, "get_base_model") else None
 
+    @abc.abstractmethod
     def encode_images(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``(feature_map (B, vision_dim, h, w), image_tokens (B, N, hidden_size))``."""
-        raise NotImplementedError
 
     # --- embeddings and special tokens ------------------------------------------------------
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
