@@ -314,7 +314,7 @@ class Florence2Codec(_TokenCodec):
 
 
 class PaliGemmaCodec(_TokenCodec):
-    """PaliGemma ``<locXXXX>``: 1024 bins, y first (ymin, xmin, ymax, xmax).
+    """PaliGemma ``<loc0000>`` ... ``<loc1023>``: 1024 bins, y first (ymin, xmin, ymax, xmax).
 
     ``k = clip(round(v / size * 1023), 0, 1023)`` as big_vision's RefCOCO preprocessing, decoded
     with its inverse ``v = k / 1023 * size``.  Objects are joined by ``" ; "``; a label follows the
