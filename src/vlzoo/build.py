@@ -18,8 +18,11 @@ target's signature has it - at every depth of the slot's node):
    ``enable_progress_bar`` (off when ``CI`` is set or stdout is not a terminal), ``plugins``
    (:class:`~vlzoo.runs.AtomicCheckpointIO`: checkpoints are renamed into place) and
    ``callbacks``: the recipe's own plus a :class:`~lightning.pytorch.callbacks.ModelCheckpoint`
-   (last + best), :class:`~vlzoo.runs.RecipeInCheckpoint`, :class:`~vlzoo.runs.RunLogging` and
-   :class:`~vlzoo.runs.ParameterCount`.
+   (last + best; also every ``checkpoint.every_n_train_steps`` steps),
+   :class:`~vlzoo.runs.RecipeInCheckpoint`, :class:`~vlzoo.runs.RandomStateInCheckpoint`,
+   :class:`~vlzoo.runs.FiniteCheckpoints`, :class:`~vlzoo.runs.RunLogging` and
+   :class:`~vlzoo.runs.ParameterCount`.  Before anything is built, an MLflow tracking store that
+   cannot be reached fails (:func:`~vlzoo.runs.preflight_tracking`).
 
 Only ``paradigm`` is needed to build a model; ``fit``/``validate``/``test``/``predict`` also
 need ``data``.  Every other slot may be absent.
@@ -40,7 +43,17 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 
 from vlzoo.config import Recipe, RecipeError, instantiate, load_recipe, recipe_from_dict, validate
-from vlzoo.runs import AtomicCheckpointIO, ParameterCount, RecipeInCheckpoint, RunLogging, make_logger
+from vlzoo.runs import (
+    AtomicCheckpointIO,
+    FiniteCheckpoints,
+    ParameterCount,
+    RandomStateInCheckpoint,
+    RecipeInCheckpoint,
+    RunLogging,
+    make_logger,
+    periodic_checkpoint,
+    preflight_tracking,
+)
 
 __all__ = ["Built", "build", "as_recipe", "progress_bar_wanted", "BACKBONE_ATTRIBUTES"]
 
@@ -140,6 +153,9 @@ def build(
     """
     recipe = as_recipe(recipe, overrides=overrides, allow_targets=allow_targets)
     validate(recipe)
+    if with_trainer and with_logger:
+        # an unreachable / unwritable tracking store fails here, before any model is built
+        preflight_tracking(recipe, output_dir=output_dir, tracking_uri=tracking_uri)
     allow = recipe.allowed_prefixes
     built = Built(recipe=recipe)
     if recipe.seed is not None:
@@ -183,7 +199,13 @@ def build(
     if with_trainer:
         if with_logger:
             built.logger = make_logger(recipe, output_dir=output_dir, tracking_uri=tracking_uri, run_id=run_id)
-        built.trainer = _make_trainer(recipe, built, output_dir=output_dir, extra_callbacks=extra_callbacks)
+        try:
+            built.trainer = _make_trainer(recipe, built, output_dir=output_dir, extra_callbacks=extra_callbacks)
+        except BaseException:
+            # the logger may have opened a new run already: it failed, it is not left RUNNING
+            if run_id is None and built.logger is not None:
+                built.logger.finalize("failed")
+            raise
     return built
 
 
@@ -213,14 +235,14 @@ def _checkpoint_callback(recipe: Recipe, built: Built, folder: Path) -> ModelChe
     if not isinstance(settings, Mapping):
         raise RecipeError(
             f"recipe key checkpoint (set in {recipe.source('checkpoint')}) must be a mapping with "
-            "monitor / mode / save_top_k"
+            "monitor / mode / save_top_k / every_n_train_steps"
         )
-    unknown = set(settings) - {"monitor", "mode", "save_top_k"}
+    unknown = set(settings) - {"monitor", "mode", "save_top_k", "every_n_train_steps"}
     if unknown:
         key = sorted(unknown)[0]
         raise RecipeError(
             f"recipe key checkpoint.{key} (set in {recipe.source('checkpoint.' + key)}) is not a checkpoint "
-            "setting (monitor, mode, save_top_k)"
+            "setting (monitor, mode, save_top_k, every_n_train_steps)"
         )
     monitor = settings.get("monitor", getattr(built.model, "monitor", None))
     mode = settings.get("mode", getattr(built.model, "monitor_mode", "max" if monitor else "min"))
@@ -232,7 +254,23 @@ def _checkpoint_callback(recipe: Recipe, built: Built, folder: Path) -> ModelChe
         save_last=True,
         save_top_k=int(settings.get("save_top_k", 1)),
         auto_insert_metric_name=False,
+        # last.ckpt is shared with the periodic checkpoint (checkpoint.every_n_train_steps): overwrite, no last-v1
+        enable_version_counter=False,
     )
+
+
+def _periodic_checkpoints(recipe: Recipe, folder: Path) -> list[Callback]:
+    """``checkpoint.every_n_train_steps: N``: also refresh ``last.ckpt`` every N steps (what a
+    killed run resumes from, see docs/faults.md)."""
+    every = (recipe.data.get("checkpoint") or {}).get("every_n_train_steps")
+    if every is None or every == 0:
+        return []
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise RecipeError(
+            f"recipe key checkpoint.every_n_train_steps (set in {recipe.source('checkpoint.every_n_train_steps')}) "
+            f"must be a whole number of optimizer steps (0 or left out: only at validation), got {every!r}"
+        )
+    return [periodic_checkpoint(folder, every)]
 
 
 def _make_trainer(
@@ -246,7 +284,10 @@ def _make_trainer(
     built.callbacks = [
         *recipe_callbacks,
         _checkpoint_callback(recipe, built, built.checkpoint_dir),
+        *_periodic_checkpoints(recipe, built.checkpoint_dir),
         RecipeInCheckpoint(recipe),
+        RandomStateInCheckpoint(),
+        FiniteCheckpoints(),
         RunLogging(recipe, checkpoint_dir=built.checkpoint_dir),
         ParameterCount(),
         *extra_callbacks,

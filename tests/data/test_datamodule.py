@@ -60,6 +60,25 @@ def test_sequence_layout_and_masking():
     assert b.raw_images is None
 
 
+def test_template_places_the_image_where_it_says():
+    template = PromptTemplate(text="user: {prompt} {image} assistant:")
+    assert template.split("find it") == ("user: find it", "assistant:") and not template.image_first
+    assert PromptTemplate().image_first and PromptTemplate().split("x") == ("", "user: x assistant:")
+    dm = _dm(template=template, tasks=["rec"])
+    tok = dm.tokenizer
+    b = next(iter(dm.val_dataloader()[0]))
+    image_id = tok.convert_tokens_to_ids("<image>")
+    for i in range(len(b)):
+        p = int(b.prompt_attention_mask[i].sum())
+        prompt = b.prompt_ids[i, -p:].tolist()
+        at = prompt.index(image_id)
+        assert prompt[0] == tok.bos_token_id and prompt.count(image_id) == 1
+        assert tok.decode(prompt[1:at]) == f"user: {b.prompts[i]}".lower()
+        assert tok.decode(prompt[at + 1 :]) == "assistant:"
+    with pytest.raises(ValueError, match="at most once"):
+        PromptTemplate(text="{image} {prompt} {image}")
+
+
 def test_targets_in_input_and_original_frames():
     dm = _dm(tasks=["reg", "seg"], keep_raw_images=True)
     b = next(iter(dm.train_dataloader()))

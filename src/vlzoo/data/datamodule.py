@@ -5,7 +5,8 @@ Sequence layout (docs/architecture.md, "Data flow of one batch")::
     [bos] <image> template(prompt) | answer [eos] [pad ...]
     labels: -100 ...             -100 | answer ids, eos | -100 ...
 
-``template(prompt)`` is :class:`PromptTemplate` (default ``"user: {prompt} assistant:"``), the
+``template(prompt)`` is :class:`PromptTemplate` (default ``"user: {prompt} assistant:"``; a
+template with ``{image}`` places the image tokens there instead of first), the
 answer is tokenized as ``" " + answer`` so the boundary is a word boundary for BPE and word
 tokenizers alike.  ``prompt_ids`` holds ``[bos] <image> template(prompt)`` LEFT-padded, for
 generation.  ``bos`` is left out when the tokenizer has none.
@@ -20,7 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from vlzoo.data.answers import AnswerFormat
 from vlzoo.data.errors import DataError
@@ -28,27 +29,43 @@ from vlzoo.data.tokenizer import IMAGE_TOKEN
 from vlzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, ResizeTransform
 from vlzoo.structures import Batch, Sample
 
-__all__ = ["PromptTemplate", "VLCollate", "VLDataModule", "SkippedBatch", "DEFAULT_TEMPLATE"]
+__all__ = ["PromptTemplate", "VLCollate", "VLDataModule", "SkippedBatch", "ResumableShuffle", "DEFAULT_TEMPLATE"]
 
 DEFAULT_TEMPLATE = "user: {prompt} assistant:"
 IGNORE_INDEX = -100
 
 
 class PromptTemplate:
-    """Wraps an instruction into the text the language model sees after ``<image>``.
+    """Wraps an instruction into the text the language model sees around ``<image>``.
 
-    ``text`` must contain ``{prompt}`` once.  The default uses only words the Shapes tokenizer
-    knows and reads naturally to chat models; use e.g. ``"USER: {prompt} ASSISTANT:"`` for a
-    Vicuna-style model.
+    ``text`` must contain ``{prompt}`` once and may contain ``{image}`` once: where the image
+    tokens go.  Without ``{image}`` the image comes first, right after ``bos`` (LLaVA's order);
+    ``"user: {prompt} {image} assistant:"`` puts the instruction first, so the image tokens
+    (causal attention) can attend to it.  The text is tokenized in two parts, before and after
+    ``{image}``.  The default uses only words the Shapes tokenizer knows and reads naturally to
+    chat models; use e.g. ``"USER: {prompt} ASSISTANT:"`` for a Vicuna-style model.
     """
 
     def __init__(self, *, text: str = DEFAULT_TEMPLATE) -> None:
         if text.count("{prompt}") != 1:
             raise ValueError(f"PromptTemplate: text must contain '{{prompt}}' exactly once, got {text!r}")
+        if text.count("{image}") > 1:
+            raise ValueError(f"PromptTemplate: text may contain '{{image}}' at most once, got {text!r}")
         self.text = text
 
+    @property
+    def image_first(self) -> bool:
+        """Whether the image tokens come before all of the template's text."""
+        return "{image}" not in self.text or not self.text.split("{image}")[0].strip()
+
     def __call__(self, prompt: str) -> str:
-        return self.text.replace("{prompt}", prompt)
+        """The whole text with the instruction filled in (``{image}`` left out)."""
+        return " ".join(part for part in self.split(prompt) if part)
+
+    def split(self, prompt: str) -> tuple[str, str]:
+        """``(text before the image, text after it)`` with the instruction filled in."""
+        before, _, after = self.text.partition("{image}") if "{image}" in self.text else ("", "", self.text)
+        return before.replace("{prompt}", prompt).strip(), after.replace("{prompt}", prompt).strip()
 
     def __repr__(self) -> str:
         return f"PromptTemplate(text={self.text!r})"
@@ -125,12 +142,14 @@ class VLCollate:
             targets.append(t_in)
             transforms.append(geo)
             metas.append(s.meta)
-        enc_p = self.tokenizer([self.template(p) for p in prompts], add_special_tokens=False)["input_ids"]
+        parts = [self.template.split(p) for p in prompts]
+        enc_before = self.tokenizer([b for b, _ in parts], add_special_tokens=False)["input_ids"]
+        enc_p = self.tokenizer([a for _, a in parts], add_special_tokens=False)["input_ids"]
         enc_a = self.tokenizer([" " + a for a in answers], add_special_tokens=False)["input_ids"]
-        head = ([bos] if bos is not None else []) + [image_tok]
+        head = [bos] if bos is not None else []
         seqs, labs, prompt_seqs = [], [], []
-        for p_ids, a_ids in zip(enc_p, enc_a, strict=True):
-            prompt = head + list(p_ids)
+        for b_ids, p_ids, a_ids in zip(enc_before, enc_p, enc_a, strict=True):
+            prompt = head + list(b_ids) + [image_tok] + list(p_ids)
             answer = list(a_ids) + [eos]
             seq = (prompt + answer)[: self.max_length]
             lab = ([IGNORE_INDEX] * len(prompt) + answer)[: self.max_length]
@@ -194,6 +213,15 @@ class _SkipTolerant(Dataset):
 class _CountingLoader(DataLoader):
     """A DataLoader that drops all-bad batches and warns once per pass with the skip count."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """Empty: the training position is the datamodule's state (:meth:`VLDataModule.state_dict`,
+        restored before any loader exists).  Defined so that Lightning knows the loader resumes
+        mid-epoch and does not warn that it cannot."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to load: see :meth:`state_dict`."""
+
     def __iter__(self):  # type: ignore[override]
         skipped = 0
         for batch in super().__iter__():
@@ -211,6 +239,61 @@ class _CountingLoader(DataLoader):
                 "(on_bad_sample='skip'); set on_bad_sample='error' to see each one",
                 stacklevel=2,
             )
+
+
+def _unrepeated_sampler(dataset: Dataset) -> Any:
+    """Under ``torch.distributed`` (DDP, FSDP, ...) an evaluation sampler that gives each rank every
+    ``world``-th sample and repeats none; ``None`` in a single process.
+
+    Lightning would otherwise insert a ``DistributedSampler``, which pads the split with repeated
+    samples until it divides by the world size, so metrics would count some samples twice.  Here
+    ranks may run one batch more or fewer; the metrics sum their states across ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    world = dist.get_world_size()
+    if len(dataset) < world:  # type: ignore[arg-type]
+        raise ValueError(
+            f"VLDataModule: an evaluation split has {len(dataset)} sample(s), fewer than the {world} "  # type: ignore[arg-type]
+            "distributed ranks; give it at least one sample per rank or evaluate with trainer.devices=1"
+        )
+    return UnrepeatedDistributedSampler(dataset, shuffle=False)
+
+
+class ResumableShuffle(DistributedSampler):
+    """The training order: each epoch a permutation keyed on ``(seed, epoch)``, that can start
+    part-way into an epoch.
+
+    It is torch's :class:`~torch.utils.data.DistributedSampler` (one replica in a single process,
+    this rank's share under ``torch.distributed``; Lightning keeps it and calls ``set_epoch``),
+    so the order of an epoch never depends on how many epochs this process has run.  Lightning
+    restarts the epoch's dataloader when a run resumes from a mid-epoch checkpoint;
+    :meth:`resume_at` makes the next pass over that epoch leave out the batches already trained
+    on, so the resumed run sees the samples an uninterrupted run would, in the same order.
+    """
+
+    def __init__(
+        self, dataset: Dataset, *, seed: int, batch_size: int, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.batch_size = int(batch_size)
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Start at ``epoch``, leaving out its first ``batches_done`` batches (once)."""
+        self.set_epoch(epoch)
+        self._resume = (int(epoch), int(batches_done))
+
+    def __iter__(self):  # type: ignore[override]
+        indices = list(super().__iter__())
+        if self._resume is not None and self.epoch >= self._resume[0]:
+            if self.epoch == self._resume[0]:
+                indices = indices[self._resume[1] * self.batch_size :]
+            self._resume = None
+        return iter(indices)
 
 
 DatasetArg = Dataset | Mapping[str, Dataset] | None
@@ -231,12 +314,14 @@ class VLDataModule(L.LightningDataModule):
         answer_format: the paradigm's :class:`AnswerFormat` (injected; default the base one).
         image_mean, image_std, image_size: the vision backbone's input (injected).
         resize: ``"pad_square"`` (expand2square) or ``"resize"``.
-        template: :class:`PromptTemplate` or its text (with ``{prompt}``).
+        template: :class:`PromptTemplate` or its text (with ``{prompt}``, optionally ``{image}``).
         max_length: longest tokenized sequence; longer ones are cut at the end.
         on_bad_sample: ``"error"`` raises :class:`DataError`; ``"skip"`` drops the sample and
             warns once per pass with the count.
         keep_raw_images: keep the original uint8 images in ``batch.raw_images`` (overlays).
-        seed: seed of the training shuffle (injected).
+        seed: seed of the training shuffle (injected); epoch ``e`` is a permutation keyed on
+            ``(seed, e)`` that a resumed run continues mid-epoch (:class:`ResumableShuffle`, the
+            position travels in the checkpoint through :meth:`state_dict`).
     """
 
     def __init__(
@@ -285,6 +370,7 @@ class VLDataModule(L.LightningDataModule):
         self.on_bad_sample = on_bad_sample
         self.keep_raw_images = bool(keep_raw_images)
         self.seed = int(seed)
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
     @staticmethod
     def _named(value: DatasetArg, default: str) -> dict[str, Dataset]:
@@ -318,10 +404,11 @@ class VLDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, *, train: bool, batch_size: int, require_answers: bool = True) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if train else None
+        wrapped = _SkipTolerant(dataset, self.on_bad_sample)
         return _CountingLoader(
-            _SkipTolerant(dataset, self.on_bad_sample),
+            wrapped,
             batch_size=batch_size,
-            shuffle=train,
+            sampler=self._train_sampler(wrapped, batch_size) if train else _unrepeated_sampler(wrapped),
             num_workers=self.num_workers,
             collate_fn=self.collate(require_answers=require_answers),
             generator=generator,
@@ -331,11 +418,46 @@ class VLDataModule(L.LightningDataModule):
 
     def _need(self, dataset: Any, split: str) -> Any:
         if not dataset:
-            raise ValueError(f"VLDataModule: no {split} dataset was given")
+            example = "{_target_: vlzoo.data.ShapesDataset, split: test, size: 16}"
+            raise DataError(
+                f"the recipe's data slot has no '{split}' dataset (key data.{split}); add one to the recipe "
+                f"or on the command line, e.g. 'data.{split}={example}'"
+            )
         return dataset
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._need(self.train_dataset, "train"), train=True, batch_size=self.batch_size)
+
+    def _train_sampler(self, dataset: Dataset, batch_size: int) -> ResumableShuffle:
+        import torch.distributed as dist
+
+        world, rank = 1, 0
+        if dist.is_available() and dist.is_initialized():
+            world, rank = dist.get_world_size(), dist.get_rank()
+        sampler = ResumableShuffle(dataset, seed=self.seed, batch_size=batch_size, num_replicas=world, rank=rank)
+        if self._resume_at is not None:
+            sampler.resume_at(*self._resume_at)
+            self._resume_at = None
+        return sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the data (saved in every checkpoint by Lightning): the epoch
+        and how many of its batches were trained on; empty outside ``fit``."""
+        trainer = self.trainer
+        if trainer is None or self.train_dataset is None or trainer.state.fn != "fit":
+            return {}
+        epoch = int(trainer.current_epoch)
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        total = trainer.num_training_batches
+        if isinstance(total, int) and done >= total:  # saved at the end of an epoch: the next one is due
+            epoch, done = epoch + 1, 0
+        return {"train_epoch": epoch, "train_batches_done": done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training order where the checkpoint left it (Lightning calls this before
+        it asks for the train dataloader)."""
+        if "train_epoch" in state_dict:
+            self._resume_at = (int(state_dict["train_epoch"]), int(state_dict.get("train_batches_done", 0)))
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         loaders = [
