@@ -24,6 +24,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from vlzoo.config import (
     RecipeError,
@@ -180,6 +181,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if recipe.slot(slot) is None:
             raise RecipeError(f"vlzoo {args.verb} needs a '{slot}' slot, but recipe {recipe.path or recipe.name} has none")
     tracking_uri = resolve_tracking_uri(recipe, output_dir=args.output_dir, tracking_uri=args.tracking_uri)
+    from vlzoo.runs import ResilientMLFlowLogger, preflight_tracking
+
+    # an unreachable tracking store fails now: before --resume asks it, before anything is built
+    preflight_tracking(recipe, output_dir=args.output_dir, tracking_uri=args.tracking_uri)
     run_id = None
     ckpt_path = getattr(args, "checkpoint", None)
     if args.verb == "fit" and (args.resume or args.resume_from):
@@ -188,6 +193,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if run_id is None:
             checkpoint, _ = read_checkpoint(ckpt_path)
             run_id = checkpoint.get(RUN_ID_KEY)
+    # a missing, damaged or foreign checkpoint is refused before anything is built or tracked
+    weights = _checkpoint_weights(ckpt_path) if ckpt_path is not None else None
+    if run_id is not None:
+        _check_run_in_store(run_id, tracking_uri, ckpt_path)
     extra = []
     writer = None
     if args.verb == "predict":
@@ -205,9 +214,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
         extra_callbacks=extra,
     )
     trainer, model, data = built.trainer, built.model, built.datamodule
+    if weights is not None:
+        try:
+            _check_weights_fit(weights, model, ckpt_path, recipe, resuming=args.verb == "fit")
+        except RecipeError:
+            if run_id is None and built.logger is not None:
+                built.logger.finalize("failed")  # the run this command opened; a resumed run stays as it was
+            raise
     ckpt = str(ckpt_path) if ckpt_path is not None else None
     if args.verb == "fit":
-        trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
+        try:
+            trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
+        except FloatingPointError as err:  # the loss or the weights became NaN/inf (paradigms/base.py, runs.py)
+            if args.debug:
+                raise
+            import torch
+
+            last = built.checkpoint_dir / "last.ckpt"
+            kept = "no checkpoint had been written yet"
+            if last.is_file():
+                step = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+                kept = f"last good checkpoint: {last} (step {step}); `vlzoo fit ... --resume` continues from it"
+            print(f"vlzoo fit: training stopped: {err}\n{kept}\n(run again with --debug for the full traceback)",
+                  file=sys.stderr)
+            return 1
     elif args.verb == "validate":
         trainer.validate(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
     elif args.verb == "test":
@@ -218,7 +248,77 @@ def _cmd_run(args: argparse.Namespace) -> int:
               + (f" and {len(writer.overlay_paths)} overlays to {args.overlays}" if args.overlays else ""))
     if built.run_id:
         print(f"vlzoo: MLflow run {built.run_id} at {tracking_uri}; checkpoints in {built.checkpoint_dir}")
+    if isinstance(built.logger, ResilientMLFlowLogger) and built.logger.lost:
+        print(f"vlzoo: the tracking server was lost at step {built.logger.lost_at_step} ({built.logger.lost}); "
+              f"metrics from then on are in {built.logger.offline_folder / 'metrics.jsonl'}")
     return 0
+
+
+def _checkpoint_weights(path: str | Path) -> tuple[dict[str, tuple[int, ...]], Any]:
+    """``(name -> shape of each weight, the checkpoint's recipe)`` of a checkpoint that
+    ``vlzoo fit`` wrote; :class:`RecipeError` when the file is missing, damaged or not vlzoo's."""
+    from vlzoo.runs import read_checkpoint
+
+    checkpoint, stored = read_checkpoint(path)
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict) or "pytorch-lightning_version" not in checkpoint:
+        raise RecipeError(
+            f"checkpoint {path} holds a vlzoo recipe but no Lightning training state ('state_dict' and "
+            "'pytorch-lightning_version'); use a last.ckpt or best-*.ckpt written by `vlzoo fit`"
+        )
+    return {str(k): tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}, stored
+
+
+def _check_weights_fit(weights: tuple[dict[str, tuple[int, ...]], Any], model: Any, path: Any, recipe: Any,
+                       *, resuming: bool) -> None:
+    """:class:`RecipeError` when the checkpoint's weights do not fit the model the recipe built
+    (another paradigm, backbone or size): said before Lightning fails half-way with a long
+    ``load_state_dict`` report."""
+    shapes, stored = weights
+    own = {}
+    for name, tensor in model.state_dict().items():
+        try:
+            own[name] = tuple(tensor.shape)
+        except (AttributeError, RuntimeError, ValueError):  # e.g. an uninitialized lazy parameter
+            continue
+    strict = bool(getattr(model, "strict_loading", True))
+    wrong = [k for k in own if k in shapes and own[k] != shapes[k]]
+    missing = [k for k in own if k not in shapes] if strict else []
+    unexpected = [k for k in shapes if k not in own] if strict else []
+    if not (wrong or missing or unexpected):
+        return
+    parts = []
+    if wrong:
+        parts.append(f"{len(wrong)} weight(s) differ in shape (e.g. {wrong[0]}: {list(shapes[wrong[0]])} in the "
+                     f"checkpoint, {list(own[wrong[0]])} in the model)")
+    if missing:
+        parts.append(f"{len(missing)} weight(s) of the model are not in the checkpoint (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weight(s) of the checkpoint are not in the model (e.g. {unexpected[0]})")
+    written_by = stored.get("paradigm._target_") or "no paradigm"
+    hint = (
+        "resume with the recipe it was trained with (the same paradigm, backbone and sizes)"
+        if resuming
+        else "give the recipe it was trained with, or leave RECIPE out to use the checkpoint's own recipe"
+    )
+    raise RecipeError(
+        f"checkpoint {path} does not fit recipe {recipe.path or recipe.name}: it was written by recipe "
+        f"'{stored.name}' ({written_by}), and {'; '.join(parts)}. To use it, {hint}."
+    )
+
+
+def _check_run_in_store(run_id: str, tracking_uri: str, ckpt_path: Any) -> None:
+    """A resumed checkpoint's MLflow run must be in the tracking store this command uses."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    except MlflowException:
+        raise RecipeError(
+            f"--resume-from {ckpt_path}: the checkpoint belongs to MLflow run {run_id}, which is not in the "
+            f"tracking store {tracking_uri}; pass the --output-dir (or --tracking-uri) of the run that wrote it"
+        ) from None
 
 
 def _resume_target(value: str, recipe_name: str, tracking_uri: str, find_last):
@@ -244,6 +344,56 @@ def _resume_target(value: str, recipe_name: str, tracking_uri: str, find_last):
     return value, Path(folder) / "last.ckpt"
 
 
+def _study_cells(spec: Any) -> list[Any]:
+    """The cells of a study, as :class:`~vlzoo.study.runner.StudyRun` expands them, without
+    opening a tracking store."""
+    from vlzoo.study.runner import paradigm_supports
+    from vlzoo.study.spec import expand_grid
+
+    def supports(paradigm: str, task: str) -> tuple[bool, str]:
+        values = {**{k: v[0] for k, v in spec.grid.items()}, "paradigm": paradigm, "task": task}
+        return paradigm_supports((spec.path.parent / spec.recipe.format(**values)).resolve(), task)
+
+    try:
+        return expand_grid(spec, supports=supports)
+    except RecipeError as err:
+        raise StudyError(f"study file {spec.path}: key 'study.recipe': a recipe it names is broken: {err}") from None
+    except (KeyError, IndexError, ValueError) as err:
+        raise StudyError(f"study file {spec.path}: key 'study.recipe' ({spec.recipe}) cannot be filled in from "
+                         f"the grid: {type(err).__name__}: {err}") from None
+
+
+def _check_study(spec: Any) -> None:
+    """Before a study creates any run: every runnable cell's recipe, with the cell's overrides
+    (grid values, ``study.fixed``, the budget), and the stage-0 recipe load and validate, and at
+    least one cell can run.  A mistake ends the study with the cell and key named."""
+    cells = _study_cells(spec)
+    runnable = [c for c in cells if c.supported]
+    if not runnable:
+        reasons = "; ".join(f"cell {c.index} [{c.key}]: {c.reason}" for c in cells[:3])
+        raise StudyError(
+            f"study file {spec.path}: none of its {len(cells)} cells can run ({reasons}); check study.recipe "
+            f"({spec.recipe}) and study.grid"
+        )
+    for cell in runnable:
+        try:
+            validate(load_recipe(cell.recipe, list(cell.overrides)))
+        except RecipeError as err:
+            raise StudyError(
+                f"study file {spec.path}: cell {cell.index} [{cell.key}] (recipe {cell.recipe}) is wrong: "
+                f"{str(err).rstrip('.')}. "
+                "Fix the study's grid / fixed / budget keys or the recipe."
+            ) from None
+    if spec.stage0 is not None:
+        try:
+            validate(load_recipe(spec.stage0, list(spec.stage0_overrides)))
+        except RecipeError as err:
+            raise StudyError(
+                f"study file {spec.path}: key 'study.stage0' ({spec.stage0} with study.stage0_overrides) is "
+                f"wrong: {err}"
+            ) from None
+
+
 def _cmd_study(args: argparse.Namespace) -> int:
     from vlzoo.runs import tracking_uri_for
     from vlzoo.study import load_study, run_cell, run_study
@@ -257,12 +407,27 @@ def _cmd_study(args: argparse.Namespace) -> int:
         raise StudyError("usage: vlzoo study [report] STUDY_FILE [--jobs N] [--cell I]")
     spec = load_study(words[0])
     output_dir = Path(args.output_dir or Path("studies") / spec.name).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = args.tracking_uri or tracking_uri_for(output_dir)
     if rebuild:
-        path = StudyRun(spec, tracking_uri=tracking_uri, output_dir=output_dir).report()
+        from vlzoo.study.report import find_parent_run
+
+        again = (f"run `vlzoo study {words[0]}` first, or pass the --output-dir (or --tracking-uri) of the "
+                 "study's runs")
+        if args.tracking_uri is None and not (output_dir / "mlflow.db").is_file():
+            raise StudyError(f"no runs of study '{spec.name}' in {output_dir} (it has no mlflow.db); {again}")
+        study = StudyRun(spec, tracking_uri=tracking_uri, output_dir=output_dir)
+        try:
+            find_parent_run(study.client, study.experiment_name, spec.name)
+        except ValueError as err:
+            raise StudyError(f"{err} (tracking store {tracking_uri}); {again}") from None
+        path = study.report()
         print(f"vlzoo study: report at {path} (and {path.with_suffix('.html')})")
         return 0
+    if args.jobs < 1:
+        raise StudyError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.cell is None:
+        _check_study(spec)  # before the output folder, the tracking store or any run exists
+    output_dir.mkdir(parents=True, exist_ok=True)
     if args.prepare:
         study = StudyRun(spec, tracking_uri=tracking_uri, output_dir=output_dir)
         from vlzoo.study.runner import check_fairness
@@ -286,8 +451,43 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_error(err: BaseException) -> str | None:
+    """The message of a user mistake (bad recipe, override, study file, data or checkpoint), or
+    ``None`` for anything else, which stays a traceback: a bug should be seen as one.
+
+    ``err`` or one of its explicit causes (``raise ... from``) must be a :class:`RecipeError`,
+    :class:`StudyError`, :class:`~vlzoo.data.DataError` or Lightning's
+    ``MisconfigurationException``.  A ``DataError`` raised in a dataloader worker process arrives
+    re-raised by torch with the worker's traceback in its message; only the original message is
+    kept."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from vlzoo.data.errors import DataError
+
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (RecipeError, StudyError, DataError, MisconfigurationException)):
+            text = str(current)
+            if isinstance(current, DataError) and "Original Traceback" in text:
+                # torch's ExceptionWrapper: "Caught DataError in DataLoader worker ... DataError: <message>"
+                text = text.rsplit("DataError: ", 1)[-1]
+            return _one_paragraph(text)
+        current = current.__cause__
+    return None
+
+
+def _one_paragraph(text: str) -> str:
+    """``text`` without blank lines or trailing spaces (a YAML error keeps its pointer lines)."""
+    lines = [line.rstrip() for line in str(text).strip().splitlines()]
+    return "\n".join(line for line in lines if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 a mistake in the recipe or command)."""
+    """Run the command line; returns the exit status: 0 ok, 2 a mistake in the command, a recipe,
+    a study file, the data or a checkpoint (one paragraph on stderr, no traceback unless
+    ``--debug``).  Anything else is a bug and raises with its traceback."""
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     # overrides may also come after options (`fit r.yaml --resume trainer.max_epochs=2`)
@@ -304,18 +504,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # output piped into e.g. `head`, which stopped reading: not an error of ours
         sys.stderr.close()
         return 0
-    except (RecipeError, StudyError) as err:
-        if args.debug:
-            raise
-        print(f"vlzoo {args.verb}: error: {err}\n(run again with --debug for the full traceback)", file=sys.stderr)
-        return EXIT_USER_ERROR
     except Exception as err:
-        from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-        if isinstance(err, MisconfigurationException) and not args.debug:
-            print(f"vlzoo {args.verb}: error: {err}\n(run again with --debug for the full traceback)", file=sys.stderr)
-            return EXIT_USER_ERROR
-        raise
+        message = None if args.debug else _user_error(err)
+        if message is None:
+            raise
+        print(f"vlzoo {args.verb}: error: {message}\n(run again with --debug for the full traceback)", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

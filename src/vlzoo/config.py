@@ -29,6 +29,7 @@ import importlib
 import inspect
 import re
 import types
+import typing
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,7 +427,9 @@ def find_recipe(name: str | Path, *, recipes_dir: str | Path | None = None) -> P
             if candidate.is_file():
                 return candidate
             tried.append(str(candidate))
-    raise RecipeError(f"recipe {name} not found (looked at {', '.join(tried)}); `vlzoo recipes` lists them")
+    raise RecipeError(
+        f"recipe {name} not found (looked at {', '.join(dict.fromkeys(tried))}); `vlzoo recipes` lists them"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -773,6 +776,17 @@ def _validate_node(
                 f"recipe key {arg_key} (set in {recipe.source(arg_key)}): {node[_TARGET]} has no parameter "
                 f"'{arg}'.{_suggest(arg, named)} Its parameters are: {', '.join(named) or '(none)'}."
             )
+    hints = _scalar_hints(obj)
+    for arg in args:
+        allowed = hints.get(arg)
+        if allowed is not None and not _fits(node[arg], allowed):
+            arg_key = f"{key}.{arg}"
+            value = node[arg]
+            raise RecipeError(
+                f"recipe key {arg_key} (set in {recipe.source(arg_key)}): {node[_TARGET]} expects "
+                f"{_describe(allowed)} for '{arg}', got {type(value).__name__} {value!r}. Fix it where it was set, "
+                f"or override it: {arg_key}={_example(allowed)}"
+            )
     if partial:
         return
     missing = [
@@ -785,6 +799,83 @@ def _validate_node(
             f"recipe key {key} (set in {recipe.source(target_key)}): {node[_TARGET]} needs "
             f"{', '.join(missing)}, which the recipe does not set and vlzoo.build does not inject"
         )
+
+
+_SCALARS: tuple[type, ...] = (bool, int, float, str)
+
+
+@functools.lru_cache(maxsize=512)
+def _scalar_hints(obj: Callable[..., Any]) -> dict[str, tuple[Any, ...]]:
+    """Parameter name -> what a recipe value may be, for parameters annotated with plain scalar
+    types (``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, unions of them, optional or
+    not).  Parameters with any other annotation are not listed: they are not checked."""
+    target = obj.__init__ if inspect.isclass(obj) else obj
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: check nothing
+        return {}
+    out: dict[str, tuple[Any, ...]] = {}
+    for name, hint in hints.items():
+        members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        allowed: list[Any] = []
+        for member in members:
+            if member is type(None):
+                continue
+            if member in _SCALARS:
+                allowed.append(member)
+            elif getattr(member, "__module__", None) == "torch" and getattr(member, "__name__", None) == "Tensor":
+                continue  # `lr: float | Tensor`: YAML never gives a tensor (a _target_ node may build one)
+            elif typing.get_origin(member) is typing.Literal:
+                allowed.append(("literal", typing.get_args(member)))
+            else:
+                break
+        else:
+            if allowed:
+                out[name] = tuple(allowed)
+    return out
+
+
+def _fits(value: Any, allowed: tuple[Any, ...]) -> bool:
+    if value is None or (isinstance(value, Mapping) and _TARGET in value):
+        return True  # None: many APIs accept it unannotated; a node is built into whatever it makes
+    for kind in allowed:
+        if isinstance(kind, tuple):
+            if any(value == v and type(value) is type(v) for v in kind[1]):
+                return True
+        elif kind is bool:
+            if isinstance(value, bool):
+                return True
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return True
+        elif kind is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return True
+        elif isinstance(value, str):
+            return True
+    if isinstance(value, str) and any(kind in (int, float) for kind in allowed):
+        try:  # numbers from ${oc.env:...} arrive as text and are converted by the component
+            float(value)
+            return True
+        except ValueError:
+            return False
+    return False
+
+
+def _describe(allowed: tuple[Any, ...]) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+    parts = [names[kind] for kind in allowed if not isinstance(kind, tuple)]
+    literals = [repr(v) for kind in allowed if isinstance(kind, tuple) for v in kind[1]]
+    if literals:
+        parts.append("one of " + ", ".join(literals))
+    return " or ".join(dict.fromkeys(parts))
+
+
+def _example(allowed: tuple[Any, ...]) -> str:
+    kind = allowed[0]
+    if isinstance(kind, tuple):
+        return str(kind[1][0])
+    return {bool: "true|false", int: "<integer>", float: "<number>", str: "<text>"}[kind]
 
 
 # --------------------------------------------------------------------------------------------
@@ -839,8 +930,17 @@ def instantiate(
         return target(**kwargs)
     except (ValueError, TypeError, OSError) as err:
         # a constructor refusing its arguments (a wrong value, a missing file) is a recipe
-        # mistake; the original traceback stays attached as __cause__ (shown with --debug)
-        raise RecipeError(f"recipe key {key or '<root>'}: building {node[_TARGET]} failed: {type(err).__name__}: {err}") from err
+        # mistake; the original traceback stays attached as __cause__ (shown with --debug).
+        # When the message names exactly one of the node's scalar arguments, so does the key
+        # (not for vlzoo.data's DataError, which names a file and record and what to set).
+        data_error = any(c.__name__ == "DataError" for c in type(err).__mro__)
+        named = [
+            k for k in node
+            if not data_error and k not in _SPECIAL and isinstance(k, str) and not isinstance(node[k], (Mapping, list))
+            and re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", str(err))
+        ]
+        where = f"{key}.{named[0]}" if key and len(named) == 1 else key or "<root>"
+        raise RecipeError(f"recipe key {where}: building {node[_TARGET]} failed: {type(err).__name__}: {err}") from err
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -117,4 +117,7 @@ class PredictionWriter(Callback):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.output.write_text(json.dumps(self.records))
+        # written beside the target, then renamed into place: never a half-written result file
+        tmp = self.output.with_name(f".{self.output.name}.tmp")
+        tmp.write_text(json.dumps(self.records))
+        tmp.replace(self.output)

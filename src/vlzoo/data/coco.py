@@ -25,24 +25,77 @@ from vlzoo.data.images import load_image
 from vlzoo.data.templates import instruction
 from vlzoo.structures import Sample, Targets
 
-__all__ = ["CocoDataset", "load_coco_json", "decode_segmentation", "check_box"]
+__all__ = ["CocoDataset", "load_coco_json", "index_images", "index_categories", "decode_segmentation", "check_box"]
 
 _COCO_TASKS = ("det", "seg", "pose")
+#: What to do about a bad annotation (appended to the messages of records checked while loading).
+SKIP_RECORD_HINT = "fix or remove the record, or set on_bad_sample: skip on the dataset to leave bad records out"
+#: What to do about a bad sample found while reading it (image, mask, keypoints).
+SKIP_SAMPLE_HINT = (
+    "fix or remove it, or set on_bad_sample: skip on the datamodule (data.on_bad_sample=skip) to leave such "
+    "samples out"
+)
 
 
 def load_coco_json(path: str | Path, *, required: Sequence[str] = ("images", "annotations", "categories")) -> dict:
     """Parse a COCO-style JSON file; :class:`DataError` naming the file when it is malformed."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: annotation file not found")
+        raise DataError(
+            f"{path}: annotation file not found; check the recipe's path to it (and the COCO_ROOT / "
+            "REFCOCO_ROOT folder it may be read from)"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: malformed JSON: {e}") from e
+        raise DataError(f"{path}: malformed JSON: {e}; the file is damaged or cut short, get or export it again") from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the annotation file: {e}") from e
     if not isinstance(data, dict) or any(not isinstance(data.get(k), list) for k in required):
         raise DataError(f"{path}: not a COCO file (needs lists {list(required)})")
     return data
+
+
+def _record_int(record: Any, field: str, where: str, *, positive: bool = False) -> int:
+    value = record.get(field) if isinstance(record, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise DataError(f"{where}: field '{field}' must be an integer, got {value!r}")
+    if positive and value <= 0:
+        raise DataError(f"{where}: field '{field}' must be > 0, got {value!r}")
+    return int(value)
+
+
+def index_images(data: dict, path: str | Path) -> dict[int, dict]:
+    """``id -> image record`` of a COCO file; :class:`DataError` naming the record when one has
+    no integer ``id``, no ``file_name`` or no positive ``height`` / ``width``."""
+    images: dict[int, dict] = {}
+    for i, im in enumerate(data["images"]):
+        where = f"{path} images[{i}]" + (f" (id {im.get('id')})" if isinstance(im, dict) and "id" in im else "")
+        if not isinstance(im, dict):
+            raise DataError(f"{where}: an image record must be a mapping, got {type(im).__name__}")
+        image_id = _record_int(im, "id", where)
+        if not isinstance(im.get("file_name"), str) or not im["file_name"]:
+            raise DataError(f"{where}: field 'file_name' is missing or not text")
+        _record_int(im, "height", where, positive=True)
+        _record_int(im, "width", where, positive=True)
+        images[image_id] = im
+    return images
+
+
+def index_categories(data: dict, path: str | Path) -> dict[int, dict]:
+    """``id -> category record`` of a COCO file; :class:`DataError` naming the record when one
+    has no integer ``id`` or no ``name``."""
+    categories: dict[int, dict] = {}
+    for i, cat in enumerate(data["categories"]):
+        where = f"{path} categories[{i}]"
+        if not isinstance(cat, dict):
+            raise DataError(f"{where}: a category record must be a mapping, got {type(cat).__name__}")
+        cat_id = _record_int(cat, "id", where)
+        if not isinstance(cat.get("name"), str):
+            raise DataError(f"{where} (id {cat_id}): field 'name' is missing or not text")
+        categories[cat_id] = cat
+    return categories
 
 
 def check_box(bbox: Any, height: int, width: int, where: str) -> list[float]:
@@ -79,11 +132,11 @@ def decode_segmentation(segm: Any, height: int, width: int, where: str) -> np.nd
             raise TypeError(f"unknown segmentation type {type(segm).__name__}")
         m = mask_utils.decode(rle).astype(bool)
     except (TypeError, ValueError, KeyError, IndexError) as e:
-        raise DataError(f"{where}: cannot decode segmentation: {e}") from e
+        raise DataError(f"{where}: cannot decode segmentation: {e}; {SKIP_SAMPLE_HINT}") from e
     if m.ndim == 3:
         m = m.any(-1)
     if not m.any():
-        raise DataError(f"{where}: empty mask")
+        raise DataError(f"{where}: empty mask; {SKIP_SAMPLE_HINT}")
     return m
 
 
@@ -123,11 +176,15 @@ class CocoDataset(Dataset):
         self.seed = int(seed)
         self.num_skipped = 0
         data = load_coco_json(self.annotation_file)
-        self.categories = {int(c["id"]): c for c in data["categories"]}
-        self.images = {int(im["id"]): im for im in data["images"]}
+        self.categories = index_categories(data, self.annotation_file)
+        self.images = index_images(data, self.annotation_file)
         wanted = None if categories is None else set(categories)
         self.anns: dict[int, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
-        for ann in data["annotations"]:
+        for i, ann in enumerate(data["annotations"]):
+            if not isinstance(ann, dict):
+                raise DataError(
+                    f"{self.annotation_file} annotations[{i}]: an annotation must be a mapping, got {type(ann).__name__}"
+                )
             try:
                 self._check(ann)
             except DataError:
@@ -154,12 +211,18 @@ class CocoDataset(Dataset):
 
     def _check(self, ann: dict) -> None:
         where = f"{self.annotation_file} annotation {ann.get('id', '?')}"
-        if int(ann.get("image_id", -1)) not in self.images:
-            raise DataError(f"{where}: image_id {ann.get('image_id')} is not in 'images'")
-        if int(ann.get("category_id", -1)) not in self.categories:
-            raise DataError(f"{where}: category_id {ann.get('category_id')} is not in 'categories'")
-        im = self.images[int(ann["image_id"])]
-        ann["_xyxy"] = check_box(ann.get("bbox"), int(im["height"]), int(im["width"]), where)
+        try:
+            if "id" not in ann:
+                raise DataError(f"{where}: field 'id' is missing")
+            image_id, cat_id = ann.get("image_id"), ann.get("category_id")
+            if not isinstance(image_id, int) or image_id not in self.images:
+                raise DataError(f"{where}: image_id {image_id!r} is not in 'images'")
+            if not isinstance(cat_id, int) or cat_id not in self.categories:
+                raise DataError(f"{where}: category_id {cat_id!r} is not in 'categories'")
+            im = self.images[image_id]
+            ann["_xyxy"] = check_box(ann.get("bbox"), int(im["height"]), int(im["width"]), where)
+        except DataError as err:
+            raise DataError(f"{err}; {SKIP_RECORD_HINT}") from None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -171,8 +234,8 @@ class CocoDataset(Dataset):
         h, w = int(image.shape[1]), int(image.shape[2])
         if (h, w) != (int(info["height"]), int(info["width"])):
             raise DataError(
-                f"{self.image_dir / info['file_name']} (image {image_id}): size {w}x{h} differs from "
-                f"the annotation's {info['width']}x{info['height']}"
+                f"{self.image_dir / info['file_name']} (image {image_id} of {self.annotation_file}): size {w}x{h} "
+                f"differs from the annotation's {info['width']}x{info['height']}; {SKIP_SAMPLE_HINT}"
             )
         anns = self.anns[image_id][cat_id]
         if task == "pose":
@@ -198,7 +261,10 @@ class CocoDataset(Dataset):
             for a in anns:
                 kp = np.asarray(a.get("keypoints") or [0.0] * (3 * k), dtype=np.float32)
                 if kp.size != 3 * k:
-                    raise DataError(f"{self.annotation_file} annotation {a.get('id')}: expected {3 * k} keypoint values")
+                    raise DataError(
+                        f"{self.annotation_file} annotation {a.get('id')}: expected {3 * k} keypoint values, "
+                        f"got {kp.size}; {SKIP_SAMPLE_HINT}"
+                    )
                 kps.append(kp.reshape(k, 3))
             targets.keypoints = torch.from_numpy(np.stack(kps))
         rng = np.random.default_rng([self.seed, index])

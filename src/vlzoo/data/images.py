@@ -21,12 +21,16 @@ def load_image(path: str | Path, *, record: str = "") -> torch.Tensor:
     """
     path = Path(path)
     where = f"{path}" + (f" ({record})" if record else "")
+    hint = (
+        "fix or remove it, or set on_bad_sample: skip on the datamodule (data.on_bad_sample=skip) to leave such "
+        "samples out"
+    )
     if not path.is_file():
-        raise DataError(f"{where}: image file not found")
+        raise DataError(f"{where}: image file not found; check the dataset's image_dir, or {hint}")
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{where}: cannot read image: {e}") from e
+        raise DataError(f"{where}: cannot read image ({e}); the file is damaged or not an image: {hint}") from e
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()

@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vlzoo.data.coco import check_box, decode_segmentation, load_coco_json
+from vlzoo.data.coco import (
+    SKIP_RECORD_HINT,
+    SKIP_SAMPLE_HINT,
+    check_box,
+    decode_segmentation,
+    index_categories,
+    index_images,
+    load_coco_json,
+)
 from vlzoo.data.errors import DataError
 from vlzoo.data.images import load_image
 from vlzoo.data.templates import instruction
@@ -42,11 +50,14 @@ def load_refs(path: str | Path) -> list[dict]:
     """Read a REFER refs pickle with only plain data admitted; :class:`DataError` otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: refs file not found")
+        raise DataError(
+            f"{path}: refs file not found; check the recipe's refs_file (and the REFCOCO_ROOT folder it may be "
+            "read from)"
+        )
     try:
         refs = _PlainUnpickler(io.BytesIO(path.read_bytes()), encoding="utf-8", errors="replace").load()
     except Exception as e:  # any unpickling failure is a bad file, whatever the exception type
-        raise DataError(f"{path}: not a readable REFER refs pickle: {e}") from e
+        raise DataError(f"{path}: not a readable REFER refs pickle ({e}); the file is damaged or of another kind") from e
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
         raise DataError(f"{path}: a refs file holds a list of dicts, got {type(refs).__name__}")
     return refs
@@ -93,9 +104,13 @@ class RefCocoDataset(Dataset):
         self.num_skipped = 0
         refs = load_refs(self.refs_file)
         data = load_coco_json(self.instances_file)
-        self.images = {int(im["id"]): im for im in data["images"]}
-        self.anns = {int(a["id"]): a for a in data["annotations"]}
-        self.categories = {int(c["id"]): c for c in data["categories"]}
+        self.images = index_images(data, self.instances_file)
+        self.categories = index_categories(data, self.instances_file)
+        self.anns = {}
+        for i, a in enumerate(data["annotations"]):
+            if not isinstance(a, dict) or isinstance(a.get("id"), bool) or not isinstance(a.get("id"), int):
+                raise DataError(f"{self.instances_file} annotations[{i}]: field 'id' is missing or not an integer")
+            self.anns[a["id"]] = a
         present = sorted({str(r.get("split")) for r in refs})
         if split not in present:
             raise DataError(f"{self.refs_file}: no refs of split {split!r}; the file has splits {present}")
@@ -121,16 +136,26 @@ class RefCocoDataset(Dataset):
             )
 
     def _check(self, ref: dict) -> None:
+        try:
+            self._check_ref(ref)
+        except DataError as err:
+            raise DataError(f"{err}; {SKIP_RECORD_HINT}") from None
+
+    def _check_ref(self, ref: dict) -> None:
         where = f"{self.refs_file} ref {ref.get('ref_id', '?')}"
-        ann = self.anns.get(int(ref.get("ann_id", -1)))
+        for field in ("ann_id", "image_id"):
+            if isinstance(ref.get(field), bool) or not isinstance(ref.get(field), int):
+                raise DataError(f"{where}: field '{field}' is missing or not an integer (got {ref.get(field)!r})")
+        ann = self.anns.get(ref["ann_id"])
         if ann is None:
             raise DataError(
                 f"{where}: ann_id {ref.get('ann_id')} is not in {self.instances_file} "
                 "(is the refs file from another dataset?)"
             )
-        if int(ref.get("image_id", -1)) != int(ann["image_id"]) or int(ann["image_id"]) not in self.images:
+        image_id = ann.get("image_id")
+        if ref["image_id"] != image_id or not isinstance(image_id, int) or image_id not in self.images:
             raise DataError(f"{where}: image_id {ref.get('image_id')} does not match annotation {ann['id']}")
-        if int(ann.get("category_id", -1)) not in self.categories:
+        if not isinstance(ann.get("category_id"), int) or ann["category_id"] not in self.categories:
             raise DataError(f"{where}: category_id {ann.get('category_id')} is not in {self.instances_file}")
         sents = ref.get("sentences")
         if not isinstance(sents, list) or not sents or not all(isinstance(s, dict) and "sent" in s for s in sents):
@@ -149,8 +174,8 @@ class RefCocoDataset(Dataset):
         h, w = int(image.shape[1]), int(image.shape[2])
         if (h, w) != (int(info["height"]), int(info["width"])):
             raise DataError(
-                f"{self.image_dir / info['file_name']} (ref {ref.get('ref_id')}): size {w}x{h} differs from "
-                f"the annotation's {info['width']}x{info['height']}"
+                f"{self.image_dir / info['file_name']} (ref {ref.get('ref_id')} of {self.refs_file}): size {w}x{h} "
+                f"differs from the annotation's {info['width']}x{info['height']}; {SKIP_SAMPLE_HINT}"
             )
         rng = np.random.default_rng([self.seed, index])
         task = self.tasks[int(rng.integers(len(self.tasks)))]

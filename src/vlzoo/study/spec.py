@@ -122,6 +122,12 @@ def load_study(path: str | Path) -> StudySpec:
     for required in ("name", "recipe", "grid"):
         if required not in body:
             raise _fail(path, f"study.{required}", "is required")
+    for key in ("name", "recipe"):
+        if not isinstance(body[key], str) or not body[key].strip():
+            raise _fail(path, f"study.{key}", f"must be text, got {body[key]!r}")
+    for key in ("budget", "primary", "gallery"):
+        if body.get(key) is not None and not isinstance(body[key], dict):
+            raise _fail(path, f"study.{key}", f"must be a mapping, got {type(body[key]).__name__} {body[key]!r}")
     grid = body["grid"]
     if not isinstance(grid, dict) or not grid:
         raise _fail(path, "study.grid", "must map each grid key to a list of values")
@@ -135,6 +141,11 @@ def load_study(path: str | Path) -> StudySpec:
     bad = sorted(set(budget) - set(_BUDGET_KINDS))
     if bad:
         raise _fail(path, f"study.budget.{bad[0]}", f"unknown budget kind; use one of {sorted(_BUDGET_KINDS)}")
+    for kind, value in budget.items():
+        whole = kind != "minutes"
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or value <= 0:
+            what = "a positive integer" if whole else "a positive number"
+            raise _fail(path, f"study.budget.{kind}", f"must be {what}, got {value!r}")
     stage0 = body.get("stage0")
     stage0_path = (path.parent / stage0).resolve() if stage0 else None
     if stage0_path is not None and not stage0_path.is_file():
