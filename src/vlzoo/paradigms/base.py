@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from vlzoo.data.answers import AnswerFormat
 from vlzoo.structures import Batch, Predictions
@@ -128,13 +129,17 @@ class BaseParadigm(L.LightningModule):
         for method in ("loss", "predict"):
             if not callable(getattr(self, method, None)):
                 raise TypeError(
-                    f"{type(self).__name__} must define {method}(batch): see docs/add_a_paradigm.md"
+                    f"{type(self).__name__} must define {method}(batch): see docs/tutorials/add_a_paradigm.md"
                 )
         self.special_token_ids: dict[str, int] = {}
         if backbone is not None and self.answer_format.special_tokens:
             self.special_token_ids = backbone.add_special_tokens(list(self.answer_format.special_tokens))
         # metric collections are created in setup(), once the split names are known
         self.metrics = nn.ModuleDict()
+        # the evaluation loss per split, a sample-weighted mean summed across ranks by torchmetrics
+        # (Lightning 2.6's own sync_dist mean floors the per-rank sample counts when ranks
+        # evaluate unequal numbers of samples: Lightning-AI/pytorch-lightning#21838)
+        self.eval_losses = nn.ModuleDict()
 
     # ------------------------------------------------------------------ helpers for subclasses
     def generate_text(self, batch: Batch, *, logits_processor: Any | None = None) -> tuple[Tensor, list[str]]:
@@ -173,6 +178,9 @@ class BaseParadigm(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
+        for split in self._eval_split_names():
+            if split not in self.eval_losses:
+                self.eval_losses[split] = MeanMetric()
         if self.evaluator is None:
             return
         for split in self._eval_split_names():
@@ -220,9 +228,12 @@ class BaseParadigm(L.LightningModule):
         split = self._split_name(stage, dataloader_idx)
         parts = self.loss(batch)
         total = self.weighted_total(parts)
-        self.log(
-            f"{split}/loss", total.detach(), batch_size=len(batch), add_dataloader_idx=False, sync_dist=True
-        )
+        loss = self.eval_losses[split] if split in self.eval_losses else None
+        if loss is None:  # a split setup() did not name (no datamodule names): Lightning's mean
+            self.log(f"{split}/loss", total.detach(), batch_size=len(batch), add_dataloader_idx=False, sync_dist=True)
+        else:
+            loss.update(total.detach().float(), weight=len(batch))
+            self.log(f"{split}/loss", loss, batch_size=len(batch), add_dataloader_idx=False)
         preds = [to_original(p, batch, i) for i, p in enumerate(self.predict(batch))]
         self.update_metrics(split, batch, preds)
         return preds
@@ -248,11 +259,18 @@ class BaseParadigm(L.LightningModule):
             split, task = key.split("__")
             if not self._belongs(split, stage):
                 continue
-            if not any(m.update_count > 0 for m in collection.values()):
+            updated = any(m.update_count > 0 for m in collection.values())
+            if self._trainer is not None and self.trainer.world_size > 1:
+                # compute() is collective under DDP: every rank must take the same branch, also a
+                # rank that got no sample of this task
+                updated = self.trainer.strategy.reduce_boolean_decision(updated, all=False)
+            if not updated:
                 continue
-            values = collection.compute()
+            values = collection.compute()  # torchmetrics sums the states of every rank first
             for name, value in values.items():
-                self.log(f"{split}/{task}/{name}", value, add_dataloader_idx=False, sync_dist=False)
+                # the values are already global and equal on every rank; max keeps them exact and
+                # tells Lightning so (no "use sync_dist" warning)
+                self.log(f"{split}/{task}/{name}", value, add_dataloader_idx=False, sync_dist=True, reduce_fx="max")
             collection.reset()
 
     def _belongs(self, split: str, stage: str) -> bool:
