@@ -6,7 +6,15 @@ Each imports on its own, e.g. ``from vlzoo.decoders import SamMaskDecoder``.
 from __future__ import annotations
 
 from vlzoo.decoders.aligner import AlignerOutput, ConvAligner, DenseAligner
-from vlzoo.decoders.box import BoxDecoder, BoxEncoder, box_cycle_losses, box_losses
+from vlzoo.decoders.box import (
+    BoxDecoder,
+    BoxEncoder,
+    box_cycle_losses,
+    box_losses,
+    denormalise_boxes,
+    normalise_boxes,
+    valid_boxes,
+)
 from vlzoo.decoders.heatmap import (
     box_heatmap_targets,
     decode_boxes,
@@ -45,12 +53,15 @@ __all__ = [
     "box_losses",
     "box_projection_loss",
     "decode_boxes",
+    "denormalise_boxes",
     "extract_keypoints",
     "find_peaks",
     "gaussian_heatmap_targets",
     "heatmap_focal_loss",
     "interior_point",
     "mask_losses",
+    "normalise_boxes",
     "refine_subpixel",
     "text_to_image_attention",
+    "valid_boxes",
 ]
