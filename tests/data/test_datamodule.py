@@ -9,6 +9,7 @@ import torch
 
 from vlzoo.data.answers import AnswerFormat, plain_box_text
 from vlzoo.data.datamodule import PromptTemplate, VLDataModule
+from vlzoo.data.errors import DataError
 from vlzoo.data.shapes import ShapesDataset
 from vlzoo.data.tokenizer import shapes_tokenizer
 from vlzoo.structures import Batch
@@ -102,7 +103,7 @@ def test_eval_splits_predict_and_truncation():
     dm2 = VLDataModule(predict=ShapesDataset(tasks=["rec"], size=4), image_size=64, answer_format=AnswerFormat())
     b = next(iter(dm2.predict_dataloader()))
     assert b.answers == [""] * 4  # predict tolerates answers the format cannot write
-    with pytest.raises(ValueError, match="no train dataset"):
+    with pytest.raises(DataError, match="no 'train' dataset \\(key data.train\\)"):
         dm2.train_dataloader()
 
 

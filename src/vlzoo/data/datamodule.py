@@ -418,7 +418,8 @@ class VLDataModule(L.LightningDataModule):
 
     def _need(self, dataset: Any, split: str) -> Any:
         if not dataset:
-            example = "{_target_: vlzoo.data.ShapesDataset, split: test, size: 16}"
+            shapes_split = split if split in ("train", "val") else "test"
+            example = f"{{_target_: vlzoo.data.ShapesDataset, split: {shapes_split}, size: 16}}"
             raise DataError(
                 f"the recipe's data slot has no '{split}' dataset (key data.{split}); add one to the recipe "
                 f"or on the command line, e.g. 'data.{split}={example}'"
