@@ -1,0 +1,34 @@
+"""The analysis scripts that docs/results.md cites run on a real (tiny) checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from vlzoo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_rec_by_kind_on_a_trained_checkpoint(tmp_path):
+    argv = ["fit", str(ROOT / "recipes" / "shapes" / "heatmap_rec.yaml"), "trainer=smoke", "data.train.size=32",
+            "data.val.size=8", "data.test.size=24", "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    rows = _script("rec_by_kind").rec_by_kind(str(checkpoint), size=24)
+    assert rows["all"]["n"] == 24 == sum(r["n"] for k, r in rows.items() if k != "all")
+    assert set(rows) - {"all"} <= {"attribute", "ordinal", "superlative", "relation"}
+    for row in rows.values():
+        # a box whose IoU with the target is >= 0.5 has its centre inside the target
+        assert 0.0 <= row["acc_0.5"] <= row["centre_in_target"] <= 1.0
+        assert 0.0 < row["random_object"] <= 1.0  # the target is one of the scene's objects
