@@ -347,15 +347,13 @@ def _resume_target(value: str, recipe_name: str, tracking_uri: str, find_last):
 def _study_cells(spec: Any) -> list[Any]:
     """The cells of a study, as :class:`~vlzoo.study.runner.StudyRun` expands them, without
     opening a tracking store."""
-    from vlzoo.study.runner import paradigm_supports
+    from functools import partial
+
+    from vlzoo.study.runner import cell_supports
     from vlzoo.study.spec import expand_grid
 
-    def supports(paradigm: str, task: str) -> tuple[bool, str]:
-        values = {**{k: v[0] for k, v in spec.grid.items()}, "paradigm": paradigm, "task": task}
-        return paradigm_supports((spec.path.parent / spec.recipe.format(**values)).resolve(), task)
-
     try:
-        return expand_grid(spec, supports=supports)
+        return expand_grid(spec, supports=partial(cell_supports, spec))
     except RecipeError as err:
         raise StudyError(f"study file {spec.path}: key 'study.recipe': a recipe it names is broken: {err}") from None
     except (KeyError, IndexError, ValueError) as err:

@@ -38,7 +38,7 @@ from vlzoo.study.report import (
 )
 from vlzoo.study.spec import Cell, StudyError, StudySpec, expand_grid, load_study
 
-__all__ = ["StudyRun", "run_study", "run_cell", "paradigm_supports", "check_fairness"]
+__all__ = ["StudyRun", "run_study", "run_cell", "paradigm_supports", "cell_supports", "check_fairness"]
 
 STAGE0_TAG = "vlzoo.stage0_checkpoint"
 FAIRNESS_KEYS = (
@@ -106,6 +106,14 @@ def check_fairness(cells: Sequence[Cell], *, extra_overrides: Sequence[str] = ()
                     )
 
 
+def cell_supports(spec: StudySpec, paradigm: str, task: str) -> tuple[bool, str]:
+    """Whether the study's recipe for ``paradigm`` and ``task`` supports the task (other grid
+    keys in the recipe pattern take their first value)."""
+    values = {**{k: v[0] for k, v in spec.grid.items()}, "paradigm": paradigm, "task": task}
+    path = (spec.path.parent / spec.recipe.format(**values)).resolve()
+    return paradigm_supports(path, task)
+
+
 class StudyRun:
     """One study against one tracking store and one output folder."""
 
@@ -127,10 +135,7 @@ class StudyRun:
 
     # ------------------------------------------------------------------ tracking
     def _supports(self, paradigm: str, task: str) -> tuple[bool, str]:
-        # the recipe of this paradigm and task (other grid keys in the pattern take any value)
-        values = {**{k: v[0] for k, v in self.spec.grid.items()}, "paradigm": paradigm, "task": task}
-        path = (self.spec.path.parent / self.spec.recipe.format(**values)).resolve()
-        return paradigm_supports(path, task)
+        return cell_supports(self.spec, paradigm, task)
 
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment_name)
