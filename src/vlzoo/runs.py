@@ -59,6 +59,8 @@ __all__ = [
     "count_parameters",
     "read_checkpoint",
     "load_checkpoint",
+    "backbone_of_checkpoint",
+    "export_backbone",
     "find_last_checkpoint",
     "git_commit",
     "TrackingError",
@@ -340,17 +342,22 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], Recipe]:
 
 
 def load_checkpoint(
-    path: str | Path, *, allow_targets: Sequence[str] = (), strict: bool = True
+    path: str | Path, *, allow_targets: Sequence[str] = (), strict: bool = True, overrides: Sequence[str] = ()
 ) -> L.LightningModule:
     """Rebuild a model from a vlzoo checkpoint alone: its embedded recipe builds the model
     (no data, trainer or logger), then the weights are loaded.  The model is in eval mode.
 
     The checkpoint's ``allow_targets`` are not trusted blindly: each extra prefix it names must
-    also be given in ``allow_targets`` (the caller's explicit consent).
+    also be given in ``allow_targets`` (the caller's explicit consent).  ``overrides`` change the
+    embedded recipe before building (e.g. ``backbone.checkpoint=null``: the weights come from
+    the checkpoint anyway).
     """
     from vlzoo.build import build
+    from vlzoo.config import recipe_from_dict
 
     checkpoint, recipe = read_checkpoint(path)
+    if overrides:
+        recipe = recipe_from_dict(recipe.data, overrides=list(overrides), source=f"checkpoint {path}")
     asked = [p for p in recipe.data.get("allow_targets") or [] if p not in DEFAULT_ALLOWED_PREFIXES]
     unconfirmed = [p for p in asked if p not in allow_targets]
     if unconfirmed:
@@ -364,6 +371,31 @@ def load_checkpoint(
     built.model.load_state_dict(checkpoint["state_dict"], strict=strict)
     built.model.eval()
     return built.model
+
+
+def backbone_of_checkpoint(path: str | Path, *, allow_targets: Sequence[str] = ()) -> torch.nn.Module:
+    """The trained backbone of a ``vlzoo fit`` checkpoint (any paradigm), rebuilt from the
+    recipe it embeds - e.g. a grounding-trained LMM to keep frozen under ``attention_keypoints``
+    (``backbone.checkpoint=<that last.ckpt>`` does this).  The recipe's own
+    ``backbone.checkpoint`` is not needed: the weights come from the checkpoint."""
+    model = load_checkpoint(path, allow_targets=allow_targets, overrides=["backbone.checkpoint=null"])
+    backbone = getattr(model, "backbone", None)
+    if backbone is None or not hasattr(backbone, "backbone_blob"):
+        raise RecipeError(f"checkpoint {path}: its model has no vlzoo backbone to take the weights from")
+    return backbone
+
+
+def export_backbone(checkpoint: str | Path, output: str | Path, *, allow_targets: Sequence[str] = ()) -> Path:
+    """Write the backbone of a ``vlzoo fit`` checkpoint as a ``save_backbone`` file (LoRA
+    merged, added tokens kept): a small file for ``backbone.checkpoint=`` that no longer needs
+    the other recipe.  Written atomically."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    blob = backbone_of_checkpoint(checkpoint, allow_targets=allow_targets).backbone_blob()
+    tmp = output.with_name(output.name + ".tmp")
+    torch.save(blob, str(tmp))
+    tmp.replace(output)
+    return output
 
 
 def find_last_checkpoint(

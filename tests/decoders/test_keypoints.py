@@ -166,3 +166,27 @@ def test_extract_keypoints_top_k_and_threshold():
     assert none.shape == (0, 2)
     flat, _ = extract_keypoints(torch.zeros(8, 8), image_size=(32, 32))
     assert flat.shape == (1, 2)
+
+
+def test_match_heads_score_each_cell_against_the_query():
+    torch.manual_seed(0)
+    head = AttentionRefinementHead(in_channels=2, vision_dim=3, query_dim=3, hidden_channels=4, match_heads=2)
+    with torch.no_grad():
+        head.match_key.weight.zero_()
+        head.match_key.bias.zero_()
+        head.match_key.weight[:3, :, 0, 0] = torch.eye(3)  # head 0, channels 0-2: the features themselves
+        head.match_query.weight.zero_()
+        head.match_query.bias.zero_()
+        head.match_query.weight[:3] = torch.eye(3)
+    feats = torch.zeros(1, 3, 2, 2)
+    feats[0, :, 0, 1] = torch.tensor([1.0, 0.0, 0.0])
+    feats[0, :, 1, 0] = torch.tensor([0.0, 1.0, 0.0])
+    sims = head._match(feats, torch.tensor([[0.0, 2.0, 0.0]]), (2, 2))
+    assert sims.shape == (1, 2, 2, 2)
+    # head 0: the query matches only the cell whose feature points the same way (scaled by 1/sqrt(4))
+    assert torch.allclose(sims[0, 0], torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
+    assert torch.equal(sims[0, 1], torch.zeros(2, 2))
+    out = head(torch.rand(1, 2, 2, 2), image_features=feats, query=torch.tensor([[0.0, 2.0, 0.0]]))
+    assert out.shape == (1, 4, 4)
+    with pytest.raises(ValueError, match="match_heads needs image features"):
+        AttentionRefinementHead(in_channels=2, vision_dim=0, query_dim=3, match_heads=2)

@@ -41,8 +41,11 @@ def make_paradigm(backbone: MultimodalBackbone | None = None, **kwargs) -> Atten
     )
 
 
-def make_batches(backbone: MultimodalBackbone, *, tasks=("res",), n: int = 8, batch_size: int = 4, split="train"):
+def make_batches(backbone: MultimodalBackbone, *, tasks=("res",), n: int = 8, batch_size: int = 4, split="train",
+                 template: str | None = None):
+    extra = {} if template is None else {"template": template}
     dm = VLDataModule(
+        **extra,
         train=ShapesDataset(split=split, size=n, image_size=IMAGE, tasks=list(tasks), num_objects=(1, 3)),
         batch_size=batch_size,
         tokenizer=backbone.tokenizer,
@@ -80,6 +83,35 @@ def test_attention_is_read_from_query_text_to_image_tokens(backbone):
         att = out.attentions[1][b][[0, 2]][:, rows][:, :, img].mean(1)  # (heads, N)
         expected = att / att.sum(-1, keepdim=True) * att.shape[-1]
         assert torch.allclose(reading.attention[b].flatten(1), expected, atol=1e-5)
+
+
+def test_language_image_source_reads_the_frozen_image_token_states(backbone):
+    """image_source: language - with the instruction first, the head reads the LMM's last hidden
+    states at the image tokens (query-aware), still from the one frozen pass."""
+    paradigm = make_paradigm(backbone, image_source="language")
+    batch = make_batches(backbone, n=2, batch_size=2, template="user: {prompt} {image} assistant:")[0]
+    reading = paradigm._read(batch)
+    h, w = backbone.feature_grid
+    assert reading.image_features.shape == (2, backbone.hidden_size, h, w)
+    out = backbone(images=batch.images, input_ids=batch.prompt_ids, attention_mask=batch.prompt_attention_mask)
+    for b in range(2):
+        states = out.hidden_states[b, out.image_positions[b]]  # (N, hidden)
+        assert torch.allclose(reading.image_features[b].flatten(1).T, states, atol=1e-5)
+        # the instruction really comes first: text tokens sit before the image tokens
+        first = int(out.image_positions[b, 0])
+        assert int(out.attention_mask[b, :first].sum()) > 2
+    # the query pooling reads only what follows the image ("assistant:"), and attention is read
+    assert reading.attention.shape[-2:] == (h, w) and torch.isfinite(reading.heatmap).all()
+    parts = paradigm.loss(batch)
+    paradigm.weighted_total(parts).backward()
+    assert all(p.grad is None for p in backbone.parameters())
+    assert paradigm.embed[0].weight.grad is not None
+    with pytest.raises(ValueError, match="image_source"):
+        make_paradigm(backbone, image_source="pixels")
+    with pytest.raises(ValueError, match="paradigm.match_heads needs paradigm.use_image_features"):
+        make_paradigm(backbone, match_heads=2, use_image_features=False)
+    matched = make_paradigm(backbone, image_source="language", match_heads=2)
+    assert matched.head.match_key.in_channels == backbone.hidden_size
 
 
 def test_rejects_lora_and_bad_layer_choice(backbone):

@@ -493,24 +493,33 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
                 out[plain] = merged.get(key, value).detach().clone()
         return out
 
-    def save_backbone(self, path: str | Path) -> None:
-        """Write the weights (LoRA merged) and the added tokens to one file, loadable with the
-        ``checkpoint`` argument of a backbone built with the same architecture."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        blob = {
+    def backbone_blob(self) -> dict[str, Any]:
+        """What :meth:`save_backbone` writes: the weights (LoRA merged) and the added tokens."""
+        return {
             "format": CHECKPOINT_FORMAT,
             "class": type(self).__name__,
             "added_tokens": list(self.added_tokens),
             "token_ids": {t: int(self.tokenizer.convert_tokens_to_ids(t)) for t in self.added_tokens},
             "state_dict": self.plain_state_dict(),
         }
-        torch.save(blob, str(path))
+
+    def save_backbone(self, path: str | Path) -> None:
+        """Write the weights (LoRA merged) and the added tokens to one file, loadable with the
+        ``checkpoint`` argument of a backbone built with the same architecture."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.backbone_blob(), str(path))
 
     def _load_backbone(self, path: str | Path) -> None:
-        """Load a :meth:`save_backbone` file before any LoRA / freezing is applied."""
+        """Load a :meth:`save_backbone` file - or the backbone of another recipe's ``vlzoo fit``
+        checkpoint (``last.ckpt``) - before any LoRA / freezing is applied."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"backbone checkpoint {str(path)!r} does not exist")
         blob = torch.load(str(path), map_location="cpu", weights_only=True)
+        from vlzoo.runs import RECIPE_KEY, backbone_of_checkpoint
+
+        if isinstance(blob, dict) and RECIPE_KEY in blob:
+            del blob
+            blob = backbone_of_checkpoint(path).backbone_blob()
         if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
             raise BackboneCheckpointError(f"{path} is not a vlzoo backbone checkpoint (save_backbone)")
         ids = self.add_special_tokens(blob["added_tokens"])

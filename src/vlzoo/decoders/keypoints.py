@@ -138,6 +138,11 @@ class AttentionRefinementHead(nn.Module):
         num_layers: 3x3 convolutions before the 1x1 output.
         upsample: the heatmap is ``upsample`` times the token grid (bilinear, before the last
             two convolutions) so that peaks are finer than a token.
+        match_heads: number of query-to-location similarity maps added to the features (0:
+            none): each is the scaled dot product of a projection of the semantic feature with a
+            projection of the image feature at every cell - a direct "where does the query
+            match" signal that FiLM (a per-channel scale and shift) cannot express.  Needs
+            ``vision_dim`` and ``query_dim``.
     """
 
     def __init__(
@@ -149,8 +154,14 @@ class AttentionRefinementHead(nn.Module):
         hidden_channels: int = 64,
         num_layers: int = 3,
         upsample: int = 2,
+        match_heads: int = 0,
     ) -> None:
         super().__init__()
+        if match_heads < 0 or (match_heads and (vision_dim <= 0 or query_dim <= 0)):
+            raise ValueError(
+                "AttentionRefinementHead: match_heads needs image features and a query "
+                "(vision_dim > 0 and query_dim > 0)"
+            )
         if in_channels <= 0:
             raise ValueError("AttentionRefinementHead: in_channels must be positive (layers x heads)")
         if num_layers < 1 or upsample < 1:
@@ -172,6 +183,11 @@ class AttentionRefinementHead(nn.Module):
                 )
             )
         self.blocks = nn.ModuleList(blocks)
+        self.match_heads = match_heads
+        if match_heads:
+            self.match_query = nn.Linear(query_dim, match_heads * hidden_channels)
+            self.match_key = nn.Conv2d(vision_dim, match_heads * hidden_channels, 1)
+            self.match_in = nn.Conv2d(match_heads, hidden_channels, 1)
         self.out = nn.Conv2d(hidden_channels, 1, 1)
         # a low prior everywhere: one peak among many cells (as CenterNet's focal-loss init)
         nn.init.constant_(self.out.bias, -2.19)
@@ -194,12 +210,24 @@ class AttentionRefinementHead(nn.Module):
                 raise ValueError("AttentionRefinementHead was built with query_dim > 0: pass query")
             scale, shift = self.film(query.float()).chunk(2, dim=-1)
             x = x * (1 + scale[..., None, None]) + shift[..., None, None]
+        if self.match_heads:
+            x = x + self.match_in(self._match(image_features, query, x.shape[-2:]))
         split = max(0, len(self.blocks) - 2)
         for i, block in enumerate(self.blocks):
             if i == split and self.upsample > 1:
                 x = F.interpolate(x, scale_factor=self.upsample, mode="bilinear", align_corners=False)
             x = x + block(x)
         return self.out(x).squeeze(1)
+
+    def _match(self, image_features: Tensor, query: Tensor, size: tuple[int, int]) -> Tensor:
+        """``(B, match_heads, h, w)`` scaled dot products of the query with every cell."""
+        b = query.shape[0]
+        k = self.match_key(image_features.float())
+        if k.shape[-2:] != size:
+            k = F.interpolate(k, size=size, mode="bilinear", align_corners=False)
+        k = k.view(b, self.match_heads, -1, *size)
+        q = self.match_query(query.float()).view(b, self.match_heads, -1, 1, 1)
+        return (q * k).sum(2) / k.shape[2] ** 0.5
 
 
 class PointDescriptor(nn.Module):

@@ -83,7 +83,7 @@ class _Reading:
     heatmap: Tensor  # (B, H', W') logits
     attention: Tensor  # (B, C, h, w) text -> image attention channels
     semantic: Tensor  # (B, hidden) pooled query feature
-    image_features: Tensor  # (B, vision_dim, h, w) frozen vision features
+    image_features: Tensor  # (B, C, h, w) frozen vision features or image-token states
 
 
 class AttentionKeypoints(BaseParadigm):
@@ -102,10 +102,17 @@ class AttentionKeypoints(BaseParadigm):
         attention_layers: LM layers whose attention is read (negative counts from the end;
             default every layer).
         attention_heads: heads kept in every chosen layer (default all).
-        use_image_features: let the refinement head also see the frozen vision features, gated
-            by the semantic feature (LENS reads attention alone; a tiny LMM's attention is
-            coarse, see docs/paradigms/attention_keypoints.md).
+        use_image_features: let the refinement head also see the image features, gated by the
+            semantic feature (LENS reads attention alone; a tiny LMM's attention is coarse, see
+            docs/paradigms/attention_keypoints.md).
+        image_source: the image features the head, the point descriptors and the SAM decoder
+            read: ``"vision"`` (the frozen vision encoder's map, as in LENS) or ``"language"``
+            (the frozen LMM's last hidden states at the image tokens; with the instruction
+            before the image they are query-aware - still only what the frozen LMM computes).
         head_channels, head_layers: width and depth of the refinement head.
+        match_heads: query-to-cell similarity maps the head adds to its features (see
+            :class:`~vlzoo.decoders.keypoints.AttentionRefinementHead`; needs
+            ``use_image_features``).
         heatmap_upsample: the heatmap is this many times finer than the image-token grid.
         min_radius: smallest Gaussian radius of a target, in heatmap cells.
         refine: sub-pixel refinement, ``"quadratic"`` or ``"soft_argmax"``.
@@ -136,8 +143,10 @@ class AttentionKeypoints(BaseParadigm):
         attention_layers: list[int] | None = None,
         attention_heads: list[int] | None = None,
         use_image_features: bool = True,
+        image_source: str = "vision",
         head_channels: int = 64,
         head_layers: int = 3,
+        match_heads: int = 0,
         heatmap_upsample: int = 2,
         min_radius: int = 1,
         refine: str = "quadratic",
@@ -162,6 +171,10 @@ class AttentionKeypoints(BaseParadigm):
             loss_weights=loss_weights,
             tasks=tasks,
         )
+        if match_heads and not use_image_features:
+            raise ValueError("paradigm.match_heads needs paradigm.use_image_features: true (it matches the query to them)")
+        if image_source not in ("vision", "language"):
+            raise ValueError(f"paradigm.image_source must be 'vision' or 'language', got {image_source!r}")
         if refine not in ("quadratic", "soft_argmax"):
             raise ValueError(f"paradigm.refine must be 'quadratic' or 'soft_argmax', got {refine!r}")
         backbone.requires_grad_(False)
@@ -189,14 +202,17 @@ class AttentionKeypoints(BaseParadigm):
         self.peak_threshold = peak_threshold
         self.point_jitter = point_jitter
         self.mask_threshold = mask_threshold
+        self.image_source = image_source
+        feature_dim = vision_dim if image_source == "vision" else hidden_size
         self.pooling = QueryPooling(hidden_size=hidden_size)
         self.head = AttentionRefinementHead(
             in_channels=len(self.attention_layers) * len(heads),
-            vision_dim=vision_dim if use_image_features else 0,
+            vision_dim=feature_dim if use_image_features else 0,
             query_dim=hidden_size,
             hidden_channels=head_channels,
             num_layers=head_layers,
             upsample=heatmap_upsample,
+            match_heads=match_heads,
         )
         self.multimask = multimask
         if decoder is None:
@@ -206,10 +222,10 @@ class AttentionKeypoints(BaseParadigm):
         self.decoder = decoder
         dim = decoder.embed_dim
         # the frozen vision features as SAM image embeddings (SAM's neck ends with a LayerNorm)
-        self.embed = nn.Sequential(nn.Conv2d(vision_dim, dim, 1), nn.GroupNorm(1, dim))
+        self.embed = nn.Sequential(nn.Conv2d(feature_dim, dim, 1), nn.GroupNorm(1, dim))
         self.descriptor = PointDescriptor(
             embed_dim=dim,
-            vision_dim=vision_dim,
+            vision_dim=feature_dim,
             query_dim=hidden_size,
             num_heads=max(1, min(4, dim // 16)),
             positional_encoding=decoder.prompt_encoder.pe_layer,
@@ -242,9 +258,25 @@ class AttentionKeypoints(BaseParadigm):
             self.feature_grid,
             heads=self.attention_heads,
         )
-        feats = out.image_features.float()
+        feats = self._image_features(out).float()
         heat = self.head(attention, image_features=feats, query=semantic)
         return _Reading(heat, attention, semantic, feats)
+
+    def _image_features(self, out: Any) -> Tensor:
+        """``(B, C, h, w)``: the vision features, or the LMM's last hidden states at the image
+        tokens laid on the feature grid (``image_source``)."""
+        if self.image_source == "vision":
+            return out.image_features
+        states = out.hidden_states.gather(
+            1, out.image_positions.unsqueeze(-1).expand(-1, -1, out.hidden_states.shape[-1])
+        )
+        h, w = self.feature_grid
+        if states.shape[1] != h * w:
+            raise ValueError(
+                f"paradigm.image_source 'language': the LMM has {states.shape[1]} image tokens, not the "
+                f"{h}x{w} feature grid; use image_source: vision for this backbone"
+            )
+        return states.transpose(1, 2).reshape(states.shape[0], -1, h, w)
 
     # ------------------------------------------------------------------ targets
     def _points_of(self, target: Targets, task: str) -> tuple[Tensor, Tensor]:
