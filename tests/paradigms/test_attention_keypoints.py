@@ -112,6 +112,15 @@ def test_language_image_source_reads_the_frozen_image_token_states(backbone):
         make_paradigm(backbone, match_heads=2, use_image_features=False)
     matched = make_paradigm(backbone, image_source="language", match_heads=2)
     assert matched.head.match_key.in_channels == backbone.hidden_size
+    assert torch.equal(reading.mask_features, reading.image_features)  # mask_source follows image_source
+    with pytest.raises(ValueError, match="mask_source"):
+        make_paradigm(backbone, mask_source="pixels")
+    # SAM's embeddings from the vision map while the head reads the LMM's states
+    split = make_paradigm(backbone, image_source="language", mask_source="vision")
+    both = split._read(batch)
+    assert torch.equal(both.mask_features, out.image_features)
+    assert torch.equal(both.image_features, reading.image_features)
+    assert split.embed[0].in_channels == backbone.vision_dim
 
 
 def test_rejects_lora_and_bad_layer_choice(backbone):

@@ -84,6 +84,7 @@ class _Reading:
     attention: Tensor  # (B, C, h, w) text -> image attention channels
     semantic: Tensor  # (B, hidden) pooled query feature
     image_features: Tensor  # (B, C, h, w) frozen vision features or image-token states
+    mask_features: Tensor  # (B, C', h, w) what SAM's image embeddings are made from
 
 
 class AttentionKeypoints(BaseParadigm):
@@ -109,6 +110,9 @@ class AttentionKeypoints(BaseParadigm):
             read: ``"vision"`` (the frozen vision encoder's map, as in LENS) or ``"language"``
             (the frozen LMM's last hidden states at the image tokens; with the instruction
             before the image they are query-aware - still only what the frozen LMM computes).
+        mask_source: the features SAM's image embeddings are made from, ``"vision"`` or
+            ``"language"`` (default: ``image_source``).  The vision map keeps the image's
+            detail; query-aware LMM states are better at *which* object than at its outline.
         head_channels, head_layers: width and depth of the refinement head.
         match_heads: query-to-cell similarity maps the head adds to its features (see
             :class:`~vlzoo.decoders.keypoints.AttentionRefinementHead`; needs
@@ -144,6 +148,7 @@ class AttentionKeypoints(BaseParadigm):
         attention_heads: list[int] | None = None,
         use_image_features: bool = True,
         image_source: str = "vision",
+        mask_source: str | None = None,
         head_channels: int = 64,
         head_layers: int = 3,
         match_heads: int = 0,
@@ -173,8 +178,10 @@ class AttentionKeypoints(BaseParadigm):
         )
         if match_heads and not use_image_features:
             raise ValueError("paradigm.match_heads needs paradigm.use_image_features: true (it matches the query to them)")
-        if image_source not in ("vision", "language"):
-            raise ValueError(f"paradigm.image_source must be 'vision' or 'language', got {image_source!r}")
+        mask_source = image_source if mask_source is None else mask_source
+        for key, value in (("image_source", image_source), ("mask_source", mask_source)):
+            if value not in ("vision", "language"):
+                raise ValueError(f"paradigm.{key} must be 'vision' or 'language', got {value!r}")
         if refine not in ("quadratic", "soft_argmax"):
             raise ValueError(f"paradigm.refine must be 'quadratic' or 'soft_argmax', got {refine!r}")
         backbone.requires_grad_(False)
@@ -203,7 +210,9 @@ class AttentionKeypoints(BaseParadigm):
         self.point_jitter = point_jitter
         self.mask_threshold = mask_threshold
         self.image_source = image_source
+        self.mask_source = mask_source
         feature_dim = vision_dim if image_source == "vision" else hidden_size
+        mask_dim = vision_dim if mask_source == "vision" else hidden_size
         self.pooling = QueryPooling(hidden_size=hidden_size)
         self.head = AttentionRefinementHead(
             in_channels=len(self.attention_layers) * len(heads),
@@ -222,7 +231,7 @@ class AttentionKeypoints(BaseParadigm):
         self.decoder = decoder
         dim = decoder.embed_dim
         # the frozen vision features as SAM image embeddings (SAM's neck ends with a LayerNorm)
-        self.embed = nn.Sequential(nn.Conv2d(feature_dim, dim, 1), nn.GroupNorm(1, dim))
+        self.embed = nn.Sequential(nn.Conv2d(mask_dim, dim, 1), nn.GroupNorm(1, dim))
         self.descriptor = PointDescriptor(
             embed_dim=dim,
             vision_dim=feature_dim,
@@ -258,14 +267,15 @@ class AttentionKeypoints(BaseParadigm):
             self.feature_grid,
             heads=self.attention_heads,
         )
-        feats = self._image_features(out).float()
+        feats = self._image_features(out, self.image_source).float()
+        masks = feats if self.mask_source == self.image_source else self._image_features(out, self.mask_source).float()
         heat = self.head(attention, image_features=feats, query=semantic)
-        return _Reading(heat, attention, semantic, feats)
+        return _Reading(heat, attention, semantic, feats, masks)
 
-    def _image_features(self, out: Any) -> Tensor:
+    def _image_features(self, out: Any, source: str) -> Tensor:
         """``(B, C, h, w)``: the vision features, or the LMM's last hidden states at the image
-        tokens laid on the feature grid (``image_source``)."""
-        if self.image_source == "vision":
+        tokens laid on the feature grid (``image_source`` / ``mask_source``)."""
+        if source == "vision":
             return out.image_features
         states = out.hidden_states.gather(
             1, out.image_positions.unsqueeze(-1).expand(-1, -1, out.hidden_states.shape[-1])
@@ -273,8 +283,8 @@ class AttentionKeypoints(BaseParadigm):
         h, w = self.feature_grid
         if states.shape[1] != h * w:
             raise ValueError(
-                f"paradigm.image_source 'language': the LMM has {states.shape[1]} image tokens, not the "
-                f"{h}x{w} feature grid; use image_source: vision for this backbone"
+                f"paradigm image_source / mask_source 'language': the LMM has {states.shape[1]} image tokens, "
+                f"not the {h}x{w} feature grid; use 'vision' for this backbone"
             )
         return states.transpose(1, 2).reshape(states.shape[0], -1, h, w)
 
@@ -307,7 +317,7 @@ class AttentionKeypoints(BaseParadigm):
         feats = reading.image_features[sample_index]
         norm = (points / torch.tensor([w, h], dtype=points.dtype, device=points.device)).clamp(0, 1)
         extra = self.descriptor(norm[:, None], feats, reading.semantic[sample_index])
-        embeddings = self.embed(feats)
+        embeddings = self.embed(reading.mask_features[sample_index])
         if tuple(embeddings.shape[-2:]) != tuple(self.decoder.image_embedding_size):
             embeddings = F.interpolate(
                 embeddings, size=self.decoder.image_embedding_size, mode="bilinear", align_corners=False
