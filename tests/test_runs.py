@@ -149,3 +149,13 @@ def test_checkpoints_are_written_atomically(fitted: dict, tmp_path: Path, monkey
         io.save_checkpoint({"step": torch.tensor(2)}, path)
     assert torch.load(path, weights_only=True)["step"].item() == 1  # the previous checkpoint survives
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith("ckpt") or ".tmp-" in p.name] == ["last.ckpt"]
+
+
+def test_backbone_of_a_checkpoint_without_a_vlzoo_backbone_is_a_clear_error(fitted: dict) -> None:
+    from vlzoo.runs import backbone_of_checkpoint
+
+    path = fitted["folder"] / "last.ckpt"
+    with pytest.raises(RecipeError, match="asks to allow targets under support"):
+        backbone_of_checkpoint(path)
+    with pytest.raises(RecipeError, match="its model has no vlzoo backbone to take the weights from"):
+        backbone_of_checkpoint(path, allow_targets=["support"])

@@ -356,14 +356,16 @@ def load_checkpoint(
     from vlzoo.config import recipe_from_dict
 
     checkpoint, recipe = read_checkpoint(path)
-    if overrides:
-        recipe = recipe_from_dict(recipe.data, overrides=list(overrides), source=f"checkpoint {path}")
     asked = [p for p in recipe.data.get("allow_targets") or [] if p not in DEFAULT_ALLOWED_PREFIXES]
     unconfirmed = [p for p in asked if p not in allow_targets]
     if unconfirmed:
         raise RecipeError(
             f"checkpoint {path} asks to allow targets under {', '.join(unconfirmed)}; if you trust it, "
             f"pass allow_targets={unconfirmed!r} (command line: --allow-target {' --allow-target '.join(unconfirmed)})"
+        )
+    if overrides:
+        recipe = recipe_from_dict(
+            recipe.data, overrides=list(overrides), allow_targets=allow_targets, source=f"checkpoint {path}"
         )
     built = build(recipe, with_data=False, with_trainer=False, with_logger=False)
     if built.model is None:
@@ -378,7 +380,12 @@ def backbone_of_checkpoint(path: str | Path, *, allow_targets: Sequence[str] = (
     recipe it embeds - e.g. a grounding-trained LMM to keep frozen under ``attention_keypoints``
     (``backbone.checkpoint=<that last.ckpt>`` does this).  The recipe's own
     ``backbone.checkpoint`` is not needed: the weights come from the checkpoint."""
-    model = load_checkpoint(path, allow_targets=allow_targets, overrides=["backbone.checkpoint=null"])
+    _, recipe = read_checkpoint(path)
+    if not isinstance(recipe.data.get("backbone"), Mapping):
+        raise RecipeError(f"checkpoint {path}: its recipe '{recipe.name}' has no backbone slot to take an LMM from")
+    # the weights are in the file: the other recipe's own starting checkpoint need not exist any more
+    unset = ["backbone.checkpoint=null"] if "checkpoint" in recipe.data["backbone"] else []
+    model = load_checkpoint(path, allow_targets=allow_targets, overrides=unset)
     backbone = getattr(model, "backbone", None)
     if backbone is None or not hasattr(backbone, "backbone_blob"):
         raise RecipeError(f"checkpoint {path}: its model has no vlzoo backbone to take the weights from")
