@@ -75,6 +75,12 @@ class MultimodalOutput:
         index = self.positions.unsqueeze(-1).expand(-1, -1, self.hidden_states.shape[-1])
         return self.hidden_states.gather(1, index)
 
+    def image_hidden_states(self) -> Tensor:
+        """``(B, N, D)``: the last hidden state at every image token (query-aware when the
+        instruction comes before the image)."""
+        index = self.image_positions.unsqueeze(-1).expand(-1, -1, self.hidden_states.shape[-1])
+        return self.hidden_states.gather(1, index)
+
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     """``linear`` or ``mlp2x_gelu`` (LLaVA-1.5: Linear, GELU, Linear)."""

@@ -277,9 +277,7 @@ class AttentionKeypoints(BaseParadigm):
         tokens laid on the feature grid (``image_source`` / ``mask_source``)."""
         if source == "vision":
             return out.image_features
-        states = out.hidden_states.gather(
-            1, out.image_positions.unsqueeze(-1).expand(-1, -1, out.hidden_states.shape[-1])
-        )
+        states = out.image_hidden_states()
         h, w = self.feature_grid
         if states.shape[1] != h * w:
             raise ValueError(

@@ -270,9 +270,7 @@ class HeatmapMatching(BaseParadigm):
     def _image_features(self, out: Any) -> Tensor:
         if getattr(self.aligner, "image_source", "vision") == "vision":
             return out.image_features
-        tokens = out.hidden_states.gather(
-            1, out.image_positions.unsqueeze(-1).expand(-1, -1, out.hidden_states.shape[-1])
-        )
+        tokens = out.image_hidden_states()
         h, w = self.feature_grid or out.image_features.shape[-2:]
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
 

@@ -466,8 +466,7 @@ class Pixel2Emb(BaseParadigm):
             return out.image_features.flatten(2).transpose(1, 2)
         if source == "projected":
             return out.image_tokens
-        index = out.image_positions.unsqueeze(-1).expand(-1, -1, out.hidden_states.shape[-1])
-        return out.hidden_states.gather(1, index)
+        return out.image_hidden_states()
 
     def trigger_states(
         self,
