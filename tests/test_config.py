@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from vlzoo.config import (
-    DEFAULT_ALLOWED_PREFIXES,
     Recipe,
     RecipeError,
     flatten,
     instantiate,
-    is_allowed,
+    is_trusted,
     load_recipe,
     locate,
     recipe_from_dict,
@@ -184,7 +183,10 @@ def test_unimportable_and_unknown_targets(tmp_path: Path, monkeypatch: pytest.Mo
         validate(recipe_from_dict({"optimizer": {"_target_": "vlzoo.no_such_module.Thing"}}))
     write(tmp_path, "needs_missing_dep.py", "import vlzoo_not_installed_dependency\nclass Thing: ...\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    recipe = recipe_from_dict({"allow_targets": ["needs_missing_dep"], "optimizer": {"_target_": "needs_missing_dep.Thing"}})
+    recipe = recipe_from_dict(
+        {"allow_targets": ["needs_missing_dep"], "optimizer": {"_target_": "needs_missing_dep.Thing"}},
+        allow_targets=["needs_missing_dep"],
+    )
     with pytest.raises(RecipeError, match="cannot be imported: ModuleNotFoundError.*vlzoo_not_installed_dependency"):
         validate(recipe)
     with pytest.raises(RecipeError, match="has no _target_"):
@@ -214,28 +216,38 @@ def test_dangerous_targets_are_refused(target: str) -> None:
         instantiate(recipe.data["trainer"])
 
 
-def test_allowed_package_cannot_be_used_to_reach_other_modules() -> None:
-    # vlzoo.config imports importlib; the path through it must not count as "under vlzoo"
-    with pytest.raises(RecipeError, match="not allowed.*goes through module importlib"):
+def test_a_path_through_a_reviewed_package_is_judged_by_the_object_it_reaches() -> None:
+    # vlzoo.config imports importlib; reaching it through vlzoo does not make it reviewed
+    with pytest.raises(RecipeError, match="not allowed.*not on the reviewed list.*importlib"):
         locate("vlzoo.config.importlib.import_module")
     with pytest.raises(RecipeError, match="not allowed"):
-        locate("torch.load")  # denied even though torch is allowed
+        locate("torch.load")
     with pytest.raises(RecipeError, match="not allowed"):
         locate("torch.hub.load")
+    # identity: a reviewed class is reviewed under every path that reaches it
+    assert locate("torch.optim.adamw.AdamW") is locate("torch.optim.AdamW") is torch.optim.AdamW
+    assert locate("lightning.Trainer") is locate("lightning.pytorch.trainer.trainer.Trainer")
 
 
-def test_allow_targets_extends_the_list_visibly(tmp_path: Path) -> None:
+def test_allow_targets_extends_the_list_on_purpose_and_a_stored_recipe_needs_confirmation() -> None:
     data = {"paradigm": {"_target_": "collections.OrderedDict"}}
     with pytest.raises(RecipeError, match="not allowed"):
         validate(recipe_from_dict(data))
-    validate(recipe_from_dict({**data, "allow_targets": ["collections"]}))
+    validate(recipe_from_dict({**data, "allow_targets": ["collections"]}))  # the caller's own recipe says so
     recipe = recipe_from_dict(data, allow_targets=["collections"])  # the --allow-target flag
     validate(recipe)
     assert recipe.data["allow_targets"] == ["collections"] and recipe.source("allow_targets") == "--allow-target collections"
     assert "collections" in recipe.to_yaml()
-    assert recipe.allowed_prefixes == DEFAULT_ALLOWED_PREFIXES + ("collections",)
-    assert is_allowed("collections.OrderedDict", recipe.allowed_prefixes)
-    assert not is_allowed("collectionsX.Y", recipe.allowed_prefixes)
+    assert recipe.allowed_prefixes == ("collections",) and recipe.confirmed == ("collections",)
+    assert is_trusted("collections.OrderedDict", recipe.allowed_prefixes)
+    assert not is_trusted("collectionsX.Y", recipe.allowed_prefixes)
+    # the stored recipe (as a checkpoint holds it) trusts nothing until the caller confirms it
+    stored = recipe_from_yaml(recipe.to_yaml(), source="checkpoint c.ckpt")
+    assert stored.allowed_prefixes == () and stored.unconfirmed_targets == ("collections",)
+    with pytest.raises(RecipeError, match=r"allow_targets \(set in checkpoint c.ckpt\) asks to trust collections.*--allow-target collections"):
+        validate(stored)
+    again = recipe_from_dict(stored.data, trust_own_allow_targets=False, allow_targets=["collections"])
+    validate(again)
 
 
 # --- instantiate -----------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def test_checkpoint_embeds_recipe_and_loads_weights_only(fitted: dict) -> None:
 
 def test_load_checkpoint_rebuilds_the_model(fitted: dict) -> None:
     path = fitted["folder"] / "last.ckpt"
-    with pytest.raises(RecipeError, match="asks to allow targets under support"):
+    with pytest.raises(RecipeError, match="asks to trust support"):
         load_checkpoint(path)  # the checkpoint's own allowlist is not trusted blindly
     model = load_checkpoint(path, allow_targets=["support"])
     state = torch.load(path, weights_only=True)["state_dict"]
@@ -155,7 +155,7 @@ def test_backbone_of_a_checkpoint_without_a_vlzoo_backbone_is_a_clear_error(fitt
     from vlzoo.runs import backbone_of_checkpoint
 
     path = fitted["folder"] / "last.ckpt"
-    with pytest.raises(RecipeError, match="asks to allow targets under support"):
+    with pytest.raises(RecipeError, match="asks to trust support"):
         backbone_of_checkpoint(path)
     with pytest.raises(RecipeError, match="its model has no vlzoo backbone to take the weights from"):
         backbone_of_checkpoint(path, allow_targets=["support"])

@@ -92,7 +92,9 @@ def as_recipe(
     """A :class:`Recipe` from a recipe, a recipe file / name, or a plain mapping."""
     if isinstance(recipe, Recipe):
         if overrides or allow_targets:
-            return recipe_from_dict(recipe.data, overrides=overrides, allow_targets=allow_targets, path=recipe.path)
+            trusted = [*recipe.confirmed, *(p for p in allow_targets if p not in recipe.confirmed)]
+            return recipe_from_dict(recipe.data, overrides=overrides, allow_targets=trusted, path=recipe.path,
+                                    trust_own_allow_targets=False)
         return recipe
     if isinstance(recipe, Mapping):
         return recipe_from_dict(recipe, overrides=overrides, allow_targets=allow_targets)
@@ -141,7 +143,8 @@ def build(
     Args:
         recipe: a :class:`Recipe`, a recipe file or shipped name, or a plain mapping.
         overrides: command-line style overrides (``trainer=cpu``, ``optimizer.lr=1e-4``).
-        allow_targets: extra allowed module prefixes (recorded in the recipe's ``allow_targets``).
+        allow_targets: module prefixes trusted on purpose beyond the reviewed callables (recorded in
+            the recipe's ``allow_targets``; the recipe's own ``allow_targets`` count only where listed here).
         with_data: build the ``data`` slot.
         with_trainer: build the trainer (and, with ``with_logger``, the logger).
         with_logger: track the run (the recipe's logger, MLflow by default).

@@ -132,17 +132,9 @@ def _load(args: argparse.Namespace):
         from vlzoo.runs import read_checkpoint
 
         _, stored = read_checkpoint(checkpoint)
-        extra = [p for p in stored.data.get("allow_targets") or [] if p not in args.allow_target]
-        from vlzoo.config import DEFAULT_ALLOWED_PREFIXES
-
-        extra = [p for p in extra if p not in DEFAULT_ALLOWED_PREFIXES]
-        if extra:
-            raise RecipeError(
-                f"checkpoint {checkpoint} asks to allow targets under {', '.join(extra)}; if you trust it, "
-                f"add --allow-target {' --allow-target '.join(extra)}"
-            )
+        # the checkpoint's own allow_targets count only where --allow-target confirms them (validate)
         return recipe_from_dict(stored.data, overrides=overrides, allow_targets=args.allow_target,
-                                source=f"checkpoint {checkpoint}")
+                                source=f"checkpoint {checkpoint}", trust_own_allow_targets=False)
     return load_recipe(find_recipe(recipe_arg), overrides, allow_targets=args.allow_target)
 
 

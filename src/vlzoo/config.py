@@ -13,8 +13,12 @@ A recipe is YAML with flat top-level slots (see :data:`SLOTS`).  The rules (``do
 4. ``${...}`` interpolation (OmegaConf) is resolved after all merging.
 5. :func:`validate` checks, before anything heavy is built, that every ``_target_`` is allowed
    and importable and that every argument binds against its signature.
-6. Only targets under :data:`DEFAULT_ALLOWED_PREFIXES` (plus the recipe's ``allow_targets`` and
-   the command line's ``--allow-target``) are imported or constructed.
+6. A recipe may construct only the reviewed callables of :mod:`vlzoo.targets`, checked by
+   identity, plus what the *caller* trusts on purpose (``--allow-target PREFIX``,
+   ``allow_targets=[...]``). A recipe's (or a checkpoint's) own ``allow_targets`` key grants
+   nothing by itself: each prefix it names must be confirmed by the caller. Only the resolvers
+   in :data:`vlzoo.targets.ALLOWED_RESOLVERS` are resolved; argument names that switch on code
+   loading (:data:`vlzoo.targets.REFUSED_ARGUMENTS`) are refused.
 
 Every key remembers which file or override set it (:attr:`Recipe.sources`), for ``vlzoo
 print`` and for error messages.
@@ -39,13 +43,13 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vlzoo.targets import ALLOWED_RESOLVERS, REFUSED_ARGUMENTS, REVIEWED_PACKAGES, is_reviewed
+
 __all__ = [
     "RecipeError",
     "Recipe",
     "SLOTS",
     "TOP_LEVEL_KEYS",
-    "DEFAULT_ALLOWED_PREFIXES",
-    "DENIED_TARGETS",
     "INJECTABLE",
     "load_recipe",
     "recipe_from_yaml",
@@ -53,7 +57,7 @@ __all__ = [
     "shipped_recipes_dir",
     "find_recipe",
     "apply_overrides",
-    "is_allowed",
+    "is_trusted",
     "locate",
     "validate",
     "instantiate",
@@ -76,35 +80,6 @@ SLOTS: tuple[str, ...] = (
 #: ``mode``, ``save_top_k`` of the best checkpoint).
 PLAIN_KEYS: tuple[str, ...] = ("seed", "name", "allow_targets", "tags", "checkpoint")
 TOP_LEVEL_KEYS: tuple[str, ...] = SLOTS + PLAIN_KEYS
-
-#: Module prefixes whose callables a recipe may construct: vlzoo and its declared dependencies.
-DEFAULT_ALLOWED_PREFIXES: tuple[str, ...] = (
-    "vlzoo",
-    "torch",
-    "torchvision",
-    "lightning",
-    "torchmetrics",
-    "transformers",
-    "peft",
-    "timm",
-    "segment_anything",
-    "omegaconf",
-    "mlflow",
-)
-#: Callables inside allowed packages that load or run arbitrary code; refused even when their
-#: package is allowed (a recipe is data, not a way to run code).
-DENIED_TARGETS: tuple[str, ...] = (
-    "torch.load",
-    "torch.hub",
-    "torch.package",
-    "torch.jit.load",
-    "torch.utils.cpp_extension",
-    "torch.compile",
-    "mlflow.pyfunc",
-    "mlflow.projects",
-    "mlflow.run",
-    "omegaconf.OmegaConf.register_new_resolver",
-)
 
 #: Names :func:`vlzoo.build.build` injects (by parameter name) into each slot's nodes.
 INJECTABLE: dict[str, frozenset[str]] = {
@@ -181,11 +156,14 @@ class Recipe:
         sources: dotted key path -> where it was set (a file path, ``override a.b=1``,
             ``slot swap trainer=cpu``, ``--allow-target``, ``checkpoint``).
         path: the recipe file, if it came from one.
+        confirmed: the module prefixes the caller trusts on purpose (``--allow-target``,
+            ``allow_targets=``); only these of the recipe's ``allow_targets`` take effect.
     """
 
     data: dict[str, Any]
     sources: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
+    confirmed: tuple[str, ...] = ()
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value at a dotted key path (``paradigm.box_loss_weight``), or ``default``."""
@@ -231,10 +209,20 @@ class Recipe:
         return None if seed is None else int(seed)
 
     @property
+    def requested_targets(self) -> tuple[str, ...]:
+        """The module prefixes the recipe's ``allow_targets`` asks to trust."""
+        return tuple(str(p) for p in self.data.get("allow_targets") or [])
+
+    @property
+    def unconfirmed_targets(self) -> tuple[str, ...]:
+        """Requested prefixes the caller has not confirmed (:func:`validate` refuses them)."""
+        return tuple(p for p in self.requested_targets if p not in self.confirmed)
+
+    @property
     def allowed_prefixes(self) -> tuple[str, ...]:
-        """The default allowlist plus the recipe's ``allow_targets``."""
-        extra = self.data.get("allow_targets") or []
-        return DEFAULT_ALLOWED_PREFIXES + tuple(str(p) for p in extra)
+        """The prefixes trusted beyond the reviewed callables: the recipe's ``allow_targets``
+        that the caller confirmed."""
+        return tuple(p for p in self.requested_targets if p in self.confirmed)
 
     def to_yaml(self) -> str:
         """The resolved recipe as YAML: what runs and checkpoints store."""
@@ -517,7 +505,33 @@ def apply_overrides(
 # --------------------------------------------------------------------------------------------
 # Building a Recipe
 # --------------------------------------------------------------------------------------------
+#: ``${name:`` where ``name`` is an OmegaConf resolver (not preceded by the escape ``\\``).
+_RESOLVER_CALL = re.compile(r"(?<!\\)\$\{\s*([^\s:{}]+)\s*:")
+
+
+def _check_resolvers(node: Any, path: _Path, sources: Mapping[str, str]) -> None:
+    """Refuse every resolver but :data:`vlzoo.targets.ALLOWED_RESOLVERS` before OmegaConf
+    runs any: a resolver is a function call, and other packages may register their own."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            _check_resolvers(value, path + (key,), sources)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_resolvers(value, path + (i,), sources)
+    elif isinstance(node, str):
+        for name in _RESOLVER_CALL.findall(node):
+            if name not in ALLOWED_RESOLVERS:
+                key = _dotted(path)
+                raise RecipeError(
+                    f"recipe key {key} (set in {sources.get(key, '?')}): the interpolation resolver '{name}' is "
+                    f"not allowed: a recipe may use {', '.join(sorted(ALLOWED_RESOLVERS))} and plain "
+                    f"${{key.path}} references (a resolver is a function call, and a recipe is data). Write the "
+                    "value itself, or escape a literal as \\${...}."
+                )
+
+
 def _resolve(data: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
+    _check_resolvers(data, (), sources)
     try:
         conf = OmegaConf.create(data)
         resolved = OmegaConf.to_container(conf, resolve=True)
@@ -538,11 +552,17 @@ def recipe_from_dict(
     source: str = "<dict>",
     recipes_dir: str | Path | None = None,
     path: Path | None = None,
+    trust_own_allow_targets: bool = True,
 ) -> Recipe:
     """A :class:`Recipe` from an in-memory mapping (``_base_`` paths relative to the current
-    directory), with overrides applied and interpolations resolved."""
+    directory), with overrides applied and interpolations resolved.
+
+    ``trust_own_allow_targets=False`` is for mappings that were not written by the caller (a
+    checkpoint's stored recipe): their ``allow_targets`` then count only where ``allow_targets``
+    repeats them."""
     layer = _expand_bases(copy.deepcopy(dict(data)), source, Path.cwd() if path is None else path.parent, (), ())
-    return _finish(layer, overrides=overrides, allow_targets=allow_targets, path=path, recipes_dir=recipes_dir)
+    return _finish(layer, overrides=overrides, allow_targets=allow_targets, path=path, recipes_dir=recipes_dir,
+                   trust_own=trust_own_allow_targets)
 
 
 def load_recipe(
@@ -556,16 +576,19 @@ def load_recipe(
     command-line ``overrides`` and extra allowed target prefixes, resolve interpolations."""
     file = find_recipe(path, recipes_dir=recipes_dir)
     layer = _load_file(file)
-    return _finish(layer, overrides=overrides, allow_targets=allow_targets, path=file, recipes_dir=recipes_dir)
+    return _finish(layer, overrides=overrides, allow_targets=allow_targets, path=file, recipes_dir=recipes_dir,
+                   trust_own=True)
 
 
 def recipe_from_yaml(text: str, *, source: str = "<checkpoint>") -> Recipe:
-    """A :class:`Recipe` from an already resolved YAML text (a run artifact or checkpoint)."""
+    """A :class:`Recipe` from an already resolved YAML text (a run artifact or checkpoint).
+    Its ``allow_targets`` are not trusted: rebuild it with :func:`recipe_from_dict`
+    (``trust_own_allow_targets=False, allow_targets=[...]``) to confirm them."""
     data = _parse_yaml(text, source)
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a mapping, got {type(data).__name__}")
     layer = _layer_of(data, source)
-    return _finish(layer, overrides=(), allow_targets=(), path=None, recipes_dir=None)
+    return _finish(layer, overrides=(), allow_targets=(), path=None, recipes_dir=None, trust_own=False)
 
 
 def _finish(
@@ -575,11 +598,16 @@ def _finish(
     allow_targets: Sequence[str],
     path: Path | None,
     recipes_dir: str | Path | None,
+    trust_own: bool,
 ) -> Recipe:
     if not isinstance(layer.data, dict):
         raise RecipeError(f"{path or 'recipe'}: a recipe must be a mapping of slots, got {type(layer.data).__name__}")
     sources = {_dotted(p): s for p, s in layer.prov.items() if p}
     data, sources = apply_overrides(layer.data, sources, overrides, roots=_recipe_roots(path, recipes_dir))
+    # what the caller trusts on purpose: --allow-target, and the allow_targets of a recipe the
+    # caller wrote or chose (a file, a mapping, an override) - not those of a stored recipe
+    own = data.get("allow_targets") if trust_own else None
+    confirmed = [*(own if isinstance(own, list) else []), *allow_targets]
     if allow_targets:
         current = list(data.get("allow_targets") or [])
         for prefix in allow_targets:
@@ -594,7 +622,7 @@ def _finish(
     resolved = _resolve(data, sources)
     sources = {k: v for k, v in sources.items() if k}
     _check_top_level(resolved, sources)
-    return Recipe(data=resolved, sources=sources, path=path)
+    return Recipe(data=resolved, sources=sources, path=path, confirmed=tuple(dict.fromkeys(str(p) for p in confirmed)))
 
 
 def _check_top_level(data: Mapping[str, Any], sources: Mapping[str, str]) -> None:
@@ -613,51 +641,38 @@ def _check_top_level(data: Mapping[str, Any], sources: Mapping[str, str]) -> Non
 
 
 # --------------------------------------------------------------------------------------------
-# Targets: allowlist and import
+# Targets: the reviewed callables, what the caller trusts, and import
 # --------------------------------------------------------------------------------------------
 def _under(name: str, prefix: str) -> bool:
     prefix = prefix.rstrip(".")
     return name == prefix or name.startswith(prefix + ".")
 
 
-def is_allowed(target: str, prefixes: Collection[str] = DEFAULT_ALLOWED_PREFIXES) -> bool:
-    """Whether a dotted target name is under an allowed prefix and not denied."""
-    if any(_under(target, denied) for denied in DENIED_TARGETS):
-        return False
+def is_trusted(target: str, prefixes: Collection[str]) -> bool:
+    """Whether a dotted name is under one of the caller's trusted prefixes."""
     return any(_under(target, prefix) for prefix in prefixes)
 
 
 def _refusal(target: str, prefixes: Collection[str], why: str = "") -> str:
-    extra = [p for p in prefixes if p not in DEFAULT_ALLOWED_PREFIXES]
+    trusted = f" Trusted on purpose here: {', '.join(prefixes)}." if prefixes else ""
     return (
-        f"_target_ {target} is not allowed{why}: a recipe may only construct callables under "
-        f"{', '.join(DEFAULT_ALLOWED_PREFIXES + tuple(extra))}"
-        + ("" if not any(_under(target, d) for d in DENIED_TARGETS) else f" (and never {', '.join(DENIED_TARGETS)})")
-        + ". To trust another package, add its prefix to the recipe's allow_targets list or pass "
-        "--allow-target PREFIX."
+        f"_target_ {target} is not allowed{why}: a recipe may only construct vlzoo's components and the "
+        "reviewed third-party classes (optimizers and schedulers, torch.nn layers, Lightning's Trainer, callbacks, "
+        "strategies, plugins and loggers, transformers and peft configuration classes; the list is in "
+        f"docs/recipes.md, 'What a recipe may construct').{trusted} To trust your own package on purpose, pass "
+        "--allow-target PREFIX on the command line (Python: allow_targets=['PREFIX']) and, so that the run "
+        "records it, name it in the recipe's allow_targets list."
     )
 
 
-def locate(target: str, prefixes: Collection[str] = DEFAULT_ALLOWED_PREFIXES) -> Callable[..., Any]:
-    """Import ``target`` (``package.module.Name``) after checking the allowlist.
-
-    Every module traversed and the module the object is defined in must be allowed too, so
-    that ``vlzoo.config.os.system`` cannot reach ``os.system`` through an allowed package.
-    Raises :class:`RecipeError` (message without key path; callers add it).
-    """
-    if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", target):
-        raise RecipeError(f"_target_ {target!r} is not a dotted import path like torch.optim.AdamW")
-    if not is_allowed(target, prefixes):
-        raise RecipeError(_refusal(target, prefixes))
-    parts = target.split(".")
-    module: types.ModuleType | None = None
+def _import_longest(parts: Sequence[str], target: str) -> tuple[types.ModuleType, int]:
+    """The longest importable module prefix of ``parts`` and how many parts it spans."""
     index = len(parts)
     error: Exception | None = None
     while index > 0:
         name = ".".join(parts[:index])
         try:
-            module = importlib.import_module(name)
-            break
+            return importlib.import_module(name), index
         except ModuleNotFoundError as err:
             error = err
             if err.name is None or not _under(name, err.name):
@@ -666,12 +681,35 @@ def locate(target: str, prefixes: Collection[str] = DEFAULT_ALLOWED_PREFIXES) ->
         except Exception as err:  # noqa: BLE001 - report any import failure as a recipe error
             error = err
             break
-    if module is None:
-        detail = f": {type(error).__name__}: {error}" if error else ""
-        raise RecipeError(f"_target_ {target} cannot be imported{detail}")
+    detail = f": {type(error).__name__}: {error}" if error else ""
+    raise RecipeError(f"_target_ {target} cannot be imported{detail}")
+
+
+def locate(target: str, prefixes: Collection[str] = ()) -> Callable[..., Any]:
+    """The callable a ``_target_`` names, if a recipe may construct it.
+
+    The object the path resolves to must be on the reviewed list (:mod:`vlzoo.targets`; checked
+    by identity, so every path to a reviewed class works and no path to anything else does), or
+    lie under one of ``prefixes``, the caller's trusted module prefixes (then every module the
+    path goes through and the module the object is defined in must be trusted too, so that
+    ``mylab.os.system`` does not reach ``os.system``). Nothing is imported unless the path is
+    under a package that holds reviewed callables or under a trusted prefix, and no part of the
+    path may be private (``_name``). Raises :class:`RecipeError` (message without key path;
+    callers add it).
+    """
+    if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", target):
+        raise RecipeError(f"_target_ {target!r} is not a dotted import path like torch.optim.AdamW")
+    parts = target.split(".")
+    private = next((part for part in parts if part.startswith("_")), None)
+    if private is not None:
+        raise RecipeError(_refusal(target, prefixes, f" (its path goes through the private name {private})"))
+    trusted = is_trusted(target, prefixes)
+    if not trusted and not is_trusted(target, REVIEWED_PACKAGES):
+        raise RecipeError(_refusal(target, prefixes))
+    module, index = _import_longest(parts, target)
     obj: Any = module
     for depth, attr in enumerate(parts[index:], start=index):
-        if isinstance(obj, types.ModuleType) and not is_allowed(obj.__name__, prefixes):
+        if trusted and isinstance(obj, types.ModuleType) and not is_trusted(obj.__name__, prefixes):
             raise RecipeError(_refusal(target, prefixes, f" (it goes through module {obj.__name__})"))
         try:
             obj = getattr(obj, attr)
@@ -683,8 +721,13 @@ def locate(target: str, prefixes: Collection[str] = DEFAULT_ALLOWED_PREFIXES) ->
         raise RecipeError(f"_target_ {target} is a module, not a class or function")
     if not callable(obj):
         raise RecipeError(f"_target_ {target} is not callable")
+    if is_reviewed(obj):
+        return obj
     defined_in = getattr(obj, "__module__", None)
-    if defined_in is not None and (not isinstance(defined_in, str) or not is_allowed(defined_in, prefixes)):
+    if not trusted:
+        where = f" (it is {defined_in}.{getattr(obj, '__qualname__', '?')})" if isinstance(defined_in, str) else ""
+        raise RecipeError(_refusal(target, prefixes, f": it is not on the reviewed list{where}"))
+    if not isinstance(defined_in, str) or not is_trusted(defined_in, prefixes):
         raise RecipeError(_refusal(target, prefixes, f" (it is defined in {defined_in})"))
     return obj
 
@@ -725,7 +768,24 @@ def validate(recipe: Recipe, *, injectable: Mapping[str, Collection[str]] | None
     Raises :class:`RecipeError` naming the key path and the file that set it.
     """
     injectable = INJECTABLE if injectable is None else injectable
+    unconfirmed = recipe.unconfirmed_targets
+    if unconfirmed:
+        flags = " ".join(f"--allow-target {p}" for p in unconfirmed)
+        raise RecipeError(
+            f"recipe key allow_targets (set in {recipe.source('allow_targets')}) asks to trust "
+            f"{', '.join(unconfirmed)}, whose code would run. A stored recipe (a checkpoint's, a run's) cannot "
+            f"extend what it may construct by itself: if you trust it, confirm on the command line with {flags} "
+            f"(Python: allow_targets={list(unconfirmed)!r})."
+        )
     prefixes = recipe.allowed_prefixes
+    _check_arguments(recipe, recipe.data, ())
+    for key in PLAIN_KEYS:
+        for path, _ in _iter_nodes(recipe.data.get(key), (key,)):
+            where = _dotted(path + (_TARGET,))
+            raise RecipeError(
+                f"recipe key {where} (set in {recipe.source(where)}): only the slots ({', '.join(SLOTS)}) are "
+                f"built; a _target_ under '{key}' would never be, so it is refused rather than ignored"
+            )
     for slot in SLOTS:
         node = recipe.data.get(slot)
         if node is None:
@@ -742,6 +802,23 @@ def validate(recipe: Recipe, *, injectable: Mapping[str, Collection[str]] | None
     seed = recipe.data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RecipeError(f"recipe key seed (set in {recipe.source('seed')}) must be an integer, got {seed!r}")
+
+
+def _check_arguments(recipe: Recipe, node: Any, path: _Path) -> None:
+    """Refuse the argument names that switch on code loading, at any depth."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            if key in REFUSED_ARGUMENTS:
+                where = _dotted(path + (key,))
+                raise RecipeError(
+                    f"recipe key {where} (set in {recipe.source(where)}): '{key}' may not be set by a recipe: "
+                    "vlzoo never loads code with model files (no trust_remote_code, weights are loaded with "
+                    "weights_only=True or from safetensors). Remove the key."
+                )
+            _check_arguments(recipe, value, path + (key,))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_arguments(recipe, value, path + (i,))
 
 
 def _validate_node(
@@ -885,7 +962,7 @@ def instantiate(
     node: Any,
     *,
     inject: Mapping[str, Any] | None = None,
-    allow: Collection[str] = DEFAULT_ALLOWED_PREFIXES,
+    allow: Collection[str] = (),
     key: str = "",
 ) -> Any:
     """Build a recipe node.
@@ -896,7 +973,8 @@ def instantiate(
 
     ``inject`` maps parameter names to built objects: a target whose signature has such a
     parameter, and whose node does not set it, receives it (at every depth).
-    Targets are checked against ``allow`` (module prefixes) before import.
+    Targets are checked by :func:`locate`: reviewed callables, or under ``allow`` (the
+    caller's trusted module prefixes).
     """
     inject = inject or {}
     if isinstance(node, list):
@@ -909,6 +987,9 @@ def instantiate(
         target = locate(node[_TARGET], allow)
     except RecipeError as err:
         raise RecipeError(f"recipe key {key}._target_: {err}") from None
+    refused = sorted(k for k in node if k in REFUSED_ARGUMENTS)
+    if refused:
+        raise RecipeError(f"recipe key {key}.{refused[0]}: '{refused[0]}' may not be set by a recipe")
     kwargs = {
         k: instantiate(v, inject=inject, allow=allow, key=f"{key}.{k}" if key else str(k))
         for k, v in node.items()

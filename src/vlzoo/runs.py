@@ -42,7 +42,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 import vlzoo
-from vlzoo.config import DEFAULT_ALLOWED_PREFIXES, Recipe, RecipeError, flatten, instantiate, recipe_from_yaml
+from vlzoo.config import Recipe, RecipeError, flatten, instantiate, recipe_from_yaml
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
@@ -356,16 +356,11 @@ def load_checkpoint(
     from vlzoo.config import recipe_from_dict
 
     checkpoint, recipe = read_checkpoint(path)
-    asked = [p for p in recipe.data.get("allow_targets") or [] if p not in DEFAULT_ALLOWED_PREFIXES]
-    unconfirmed = [p for p in asked if p not in allow_targets]
-    if unconfirmed:
-        raise RecipeError(
-            f"checkpoint {path} asks to allow targets under {', '.join(unconfirmed)}; if you trust it, "
-            f"pass allow_targets={unconfirmed!r} (command line: --allow-target {' --allow-target '.join(unconfirmed)})"
-        )
-    if overrides:
+    if overrides or allow_targets:
+        # the checkpoint's own allow_targets count only where the caller confirms them (validate)
         recipe = recipe_from_dict(
-            recipe.data, overrides=list(overrides), allow_targets=allow_targets, source=f"checkpoint {path}"
+            recipe.data, overrides=list(overrides), allow_targets=allow_targets, source=f"checkpoint {path}",
+            trust_own_allow_targets=False,
         )
     built = build(recipe, with_data=False, with_trainer=False, with_logger=False)
     if built.model is None:

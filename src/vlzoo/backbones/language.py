@@ -30,8 +30,8 @@ def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     if gguf_file is not None:
-        return AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file)
-    return AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file, trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
 
 
 class CausalLM(nn.Module):
@@ -76,7 +76,7 @@ class CausalLM(nn.Module):
                 self.tokenizer.add_special_tokens({"pad_token": "<pad>"})
         torch_dtype = _dtype(dtype)
         if name_or_path is not None:
-            extra: dict[str, Any] = {"dtype": torch_dtype}
+            extra: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": False}
             if gguf_file is not None:
                 extra["gguf_file"] = gguf_file
             if attn_implementation is not None:

@@ -50,11 +50,11 @@ class LlavaBackbone(_SplicingBackbone):
         from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
         self._init_state()
-        extra: dict[str, Any] = {"dtype": _dtype(dtype)}
+        extra: dict[str, Any] = {"dtype": _dtype(dtype), "trust_remote_code": False}
         if attn_implementation is not None:
             extra["attn_implementation"] = attn_implementation
         self.model = LlavaForConditionalGeneration.from_pretrained(name_or_path, **extra)
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         config = self.model.config

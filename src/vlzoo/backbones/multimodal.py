@@ -37,6 +37,7 @@ from vlzoo.backbones.policies import (
     set_trainable,
     train_rows,
 )
+from vlzoo.weights import load_weights
 
 __all__ = [
     "MultimodalOutput",
@@ -518,9 +519,7 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
     def _load_backbone(self, path: str | Path) -> None:
         """Load a :meth:`save_backbone` file - or the backbone of another recipe's ``vlzoo fit``
         checkpoint (``last.ckpt``) - before any LoRA / freezing is applied."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"backbone checkpoint {str(path)!r} does not exist")
-        blob = torch.load(str(path), map_location="cpu", weights_only=True)
+        blob = load_weights(path, what="backbone checkpoint")
         from vlzoo.runs import RECIPE_KEY, backbone_of_checkpoint
 
         if isinstance(blob, dict) and RECIPE_KEY in blob:

@@ -9,6 +9,7 @@ side in pixels), ``feature_grid`` ``(h, w)`` and ``data_config`` (``mean``, ``st
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from vlzoo.weights import load_weights
 
 __all__ = [
     "VisionOutput",
@@ -117,7 +120,18 @@ class TimmVisionEncoder(_VisionEncoder):
             kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
             pretrained = True
         self.model_name = model_name
-        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+        try:
+            # timm reads the file with torch.load(weights_only=True): a pickle of objects is refused
+            self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+        except (pickle.UnpicklingError, RuntimeError) as err:
+            if checkpoint_path is None:
+                raise
+            first = str(err).strip().splitlines()[0]
+            raise ValueError(
+                f"timm checkpoint_path {checkpoint_path} could not be loaded ({type(err).__name__}: {first}). A file "
+                "that holds Python objects is refused: vlzoo never unpickles (it could run code); re-save it as a "
+                "state dict of tensors"
+            ) from err
         config = resolve_data_config({}, model=self.model)
         self.input_size = int(config["input_size"][-1])
         self.mean = tuple(float(v) for v in config["mean"])
@@ -279,7 +293,7 @@ class SamImageEncoder(_VisionEncoder):
 
     def load_sam_checkpoint(self, path: str | Path) -> None:
         """Load the ``image_encoder.`` part of a SAM checkpoint file."""
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = load_weights(path, what="SAM checkpoint")
         prefix = "image_encoder."
         own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not own:

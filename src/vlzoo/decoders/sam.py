@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vlzoo.weights import load_weights
+
 __all__ = ["SamMaskDecoder", "SAM_DECODER_VARIANTS"]
 
 _OFFICIAL = {
@@ -124,7 +126,7 @@ class SamMaskDecoder(nn.Module):
 
     def load_sam_checkpoint(self, path: str | Path) -> None:
         """Load the ``prompt_encoder.`` and ``mask_decoder.`` weights of a SAM checkpoint file."""
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = load_weights(path, what="SAM checkpoint")
         own = {k: v for k, v in state.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
         if not own:
             raise ValueError(f"{path}: no 'prompt_encoder.' / 'mask_decoder.' keys; is this a SAM checkpoint?")

@@ -57,6 +57,7 @@ from vlzoo.decoders.prompt import mask_losses
 from vlzoo.decoders.sam import SamMaskDecoder
 from vlzoo.paradigms.base import BaseParadigm, OptimizerFactory, SchedulerFactory
 from vlzoo.structures import Batch, Predictions, Sample, Targets
+from vlzoo.weights import load_weights
 
 __all__ = ["AttentionKeypoints", "AttentionKeypointsAnswer", "HEAD_FORMAT"]
 
@@ -442,7 +443,7 @@ class AttentionKeypoints(BaseParadigm):
     def load_head(self, path: str | Path, *, check_backbone: bool = True) -> None:
         """Load a :meth:`save_head` file; the LMM must be the one the head was trained on
         (``check_backbone=False`` skips that check, e.g. for a re-saved copy of the same LMM)."""
-        blob = torch.load(str(path), map_location="cpu", weights_only=True)
+        blob = load_weights(path, what="attention_keypoints head file")
         if not isinstance(blob, dict) or blob.get("format") != HEAD_FORMAT:
             raise ValueError(f"{path} is not an attention_keypoints head file (save_head)")
         if (blob["attention_layers"], blob["attention_heads"]) != (self.attention_layers, self.attention_heads):
