@@ -63,6 +63,11 @@ class DecodingState:
             return self.prompt_hidden
         return torch.cat([self.prompt_hidden, torch.stack(self.generated_hidden, 1)], 1)
 
+    def text_positions(self) -> Tensor:
+        """``(B, L + step)``: the expanded index of every text id so far (prompt and generated)."""
+        generated = self.prompt_hidden.shape[1] + torch.arange(len(self.generated_hidden), device=self.positions.device)
+        return torch.cat([self.positions, generated.expand(self.positions.shape[0], -1)], 1)
+
     @property
     def last_position(self) -> int:
         """Expanded index of the newest position."""
@@ -109,8 +114,9 @@ class DecodingHooks:
             return self.inputs_embeds_fn(embeds, token[:, None])
         return embeds
 
-    def attention_layers(self, token: Tensor) -> Sequence[int] | None:
-        """Layers whose attention the pass over ``token`` (B,) returns (``None``: none)."""
+    def attention_layers(self, token: Tensor | None) -> Sequence[int] | None:
+        """Layers whose attention the pass over ``token`` (B,) returns (``None``: none); ``token``
+        is ``None`` for the prompt pass."""
         return None
 
     def final_pass(self, state: DecodingState, token: Tensor) -> bool:
@@ -184,7 +190,7 @@ def greedy_decode(
         # the newest query's row, whether the pass covered one position (cache) or all of them
         return hidden, {k: v[:, :, -1] for k, v in captured.items()}
 
-    hidden, attentions = run(embeds, positions, hooks.attention_layers(prompt_ids[:, -1]))
+    hidden, attentions = run(embeds, positions, hooks.attention_layers(None))
     state = DecodingState(
         step=0,
         ids=prompt_ids,

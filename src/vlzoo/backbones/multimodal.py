@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,12 +349,14 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
 
                     handle = attn.register_forward_hook(_hook)
                     stack.callback(handle.remove)
+            # transformers 5 names the KV cache `cache` (`past_key_values` is deprecated until 5.40)
+            cache_name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
             out = decoder(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=past_key_values is not None,
+                **{cache_name: past_key_values},
             )
         return out.last_hidden_state, captured
 

@@ -91,6 +91,8 @@ class BaseParadigm(L.LightningModule):
             the paradigm does not produce is an error.
         tasks: the tasks this run evaluates (default: the evaluator's, else every supported task).
         max_new_tokens: generation budget for paradigms that generate.
+        use_cache: generate with the KV cache; ``False`` re-runs the whole sequence at every
+            step (the same answers, slower: a check of the cache).
     """
 
     name: ClassVar[str] = "base"
@@ -108,6 +110,7 @@ class BaseParadigm(L.LightningModule):
         loss_weights: dict[str, float] | None = None,
         tasks: list[str] | None = None,
         max_new_tokens: int = 32,
+        use_cache: bool = True,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -117,6 +120,7 @@ class BaseParadigm(L.LightningModule):
         self.scheduler_factory = scheduler
         self.loss_weights = dict(loss_weights or {})
         self.max_new_tokens = max_new_tokens
+        self.use_cache = bool(use_cache)
         self._checked_weights = False
         chosen = list(tasks) if tasks else list(getattr(evaluator, "tasks", None) or self.supported_tasks)
         unsupported = [t for t in chosen if t not in self.supported_tasks]
@@ -152,6 +156,7 @@ class BaseParadigm(L.LightningModule):
             batch.prompt_attention_mask,
             max_new_tokens=self.max_new_tokens,
             logits_processor=logits_processor,
+            use_cache=self.use_cache,
         )
         texts = self.backbone.tokenizer.batch_decode(new_ids, skip_special_tokens=False)
         return new_ids, [self._clean_text(t) for t in texts]
