@@ -100,7 +100,7 @@ class HeatmapMatching(BaseParadigm):
     """Lumen: ``[LOC]`` -> dense aligner -> heatmaps -> task decoders (see the module doc).
 
     Args:
-        backbone, evaluator, optimizer, scheduler, loss_weights, tasks, max_new_tokens: see
+        backbone, evaluator, optimizer, scheduler, loss_weights, tasks, max_new_tokens, use_cache: see
             :class:`~vlzoo.paradigms.BaseParadigm`.  Loss parts: ``lm``, ``heatmap``, ``size``,
             ``keypoints`` (with keypoint queries), ``mask`` (BCE) and ``dice`` (with a mask decoder).
         aligner: a built :class:`~vlzoo.decoders.DenseAligner` / :class:`~vlzoo.decoders.ConvAligner`
@@ -157,6 +157,7 @@ class HeatmapMatching(BaseParadigm):
         loss_weights: dict[str, float] | None = None,
         tasks: list[str] | None = None,
         max_new_tokens: int = 24,
+        use_cache: bool = True,
     ) -> None:
         if route not in ("given", "generated"):
             raise ValueError(f"paradigm.route must be 'given' or 'generated', got {route!r}")
@@ -174,6 +175,7 @@ class HeatmapMatching(BaseParadigm):
             loss_weights=loss_weights,
             tasks=chosen,
             max_new_tokens=max_new_tokens,
+            use_cache=use_cache,
         )
         if backbone is not None:
             hidden_size = hidden_size or int(backbone.hidden_size)
