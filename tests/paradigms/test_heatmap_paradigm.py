@@ -202,7 +202,16 @@ def test_generated_route_follows_the_emitted_task_token():
     width = max(len(answer), len(no_loc))
     rows = [answer + [tok.pad_token_id] * (width - len(answer)), no_loc + [tok.pad_token_id] * (width - len(no_loc))]
     rows.append(answer[:4] + [tok.eos_token_id] + [tok.pad_token_id] * (width - 5))  # [LOC] but no task token
-    p.backbone.generate = lambda *args, **kwargs: torch.tensor(rows)
+    head = p.backbone._lm().get_output_embeddings()
+    original_head, calls = head.forward, []
+
+    def scripted_head(hidden):  # step k of the decoding loop says rows[r][k]
+        logits = torch.full((*hidden.shape[:-1], original_head(hidden).shape[-1]), -1e4)
+        logits[torch.arange(len(rows)), [r[min(len(calls), width - 1)] for r in rows]] = 0
+        calls.append(1)
+        return logits
+
+    head.forward = scripted_head
     p.eval()
     with torch.no_grad():
         preds = p.predict(batch)
@@ -317,3 +326,14 @@ def test_generated_route_same_with_and_without_cache_and_batched_as_alone():
     for a, b, c in zip(cached, full, alone, strict=True):
         _same_predictions(a, b)
         _same_predictions(a, c)
+    # the [LOC] state read while decoding is the one a forward pass over prompt + answer gives
+    with torch.no_grad():
+        _, maps, _, _ = p._generated_pass(batch)
+        new_ids, _ = p.generate_text(batch)
+        ids = torch.cat([batch.prompt_ids, new_ids], 1)
+        eos = p.backbone.tokenizer.eos_token_id
+        after_eos = ((new_ids == eos).long().cumsum(1) > 0) & (new_ids != eos)
+        out = p.backbone(batch.images, ids, torch.cat([batch.prompt_attention_mask, (~after_eos).long()], 1))
+        rows = [i for i, pred in enumerate(cached) if pred.parsed]
+        ref = p.aligner(p._image_features(out), p._loc_states(out, ids, [""] * len(batch), batch.image_ids))
+    assert torch.allclose(maps.centre[rows], ref.centre[rows], atol=1e-5)

@@ -146,18 +146,35 @@ class BaseParadigm(L.LightningModule):
         self.eval_losses = nn.ModuleDict()
 
     # ------------------------------------------------------------------ helpers for subclasses
-    def generate_text(self, batch: Batch, *, logits_processor: Any | None = None) -> tuple[Tensor, list[str]]:
-        """Greedy generation from the prompt; returns (new token ids, decoded texts)."""
+    def generate_text(
+        self, batch: Batch, *, logits_processor: Any | None = None, hooks: Any | None = None
+    ) -> tuple[Tensor, list[str]]:
+        """Greedy generation from the prompt; returns (new token ids, decoded texts).
+
+        ``hooks`` (a :class:`~vlzoo.backbones.generation.DecodingHooks`) replace plain greedy
+        decoding in the backbone's shared loop, e.g. to read a hidden state while generating."""
         if self.backbone is None:
             raise ValueError(f"paradigm '{self.name}' needs a backbone to generate text")
-        new_ids = self.backbone.generate(
-            batch.images,
-            batch.prompt_ids,
-            batch.prompt_attention_mask,
-            max_new_tokens=self.max_new_tokens,
-            logits_processor=logits_processor,
-            use_cache=self.use_cache,
-        )
+        if hooks is None:
+            new_ids = self.backbone.generate(
+                batch.images,
+                batch.prompt_ids,
+                batch.prompt_attention_mask,
+                max_new_tokens=self.max_new_tokens,
+                logits_processor=logits_processor,
+                use_cache=self.use_cache,
+            )
+        else:
+            if logits_processor is not None:
+                raise ValueError("generate_text: give the logits processor to the hooks, not both")
+            new_ids = self.backbone.decode(
+                batch.images,
+                batch.prompt_ids,
+                batch.prompt_attention_mask,
+                hooks=hooks,
+                max_new_tokens=self.max_new_tokens,
+                use_cache=self.use_cache,
+            )
         texts = self.backbone.tokenizer.batch_decode(new_ids, skip_special_tokens=False)
         return new_ids, [self._clean_text(t) for t in texts]
 
