@@ -32,15 +32,18 @@ PARADIGMS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest of ``repeats`` timed calls after one warm-up (the least disturbed by other load)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def best_of(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Fastest of ``repeats`` timed calls of each function after one warm-up; the functions
+    take turns, so each pair of figures saw the same load on the shared machine."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [min(t) for t in times]
 
 
 def generated_tokens(model, batches) -> float:
@@ -74,14 +77,41 @@ def bench_paradigm(name: str, recipe: str, overrides: list[str], *, queries: int
     big = collate([dataset[i] for i in range(32)])
     row = {"paradigm": name, "max_new_tokens": model.max_new_tokens}
     with torch.no_grad():
-        for cache in (True, False):
-            model.use_cache = cache
-            key = "cache" if cache else "rerun"
-            row[f"latency_{key}"] = best_of(lambda: [model.predict(b) for b in singles], repeats) / queries
-            row[f"throughput_{key}"] = 32 / best_of(lambda: model.predict(big), repeats)
+        def run(batches: list, cache: bool) -> Callable[[], object]:
+            def call() -> None:
+                model.use_cache = cache
+                for b in batches:
+                    model.predict(b)
+
+            return call
+
+        cached, rerun = best_of([run(singles, True), run(singles, False)], repeats)
+        row["latency_cache"], row["latency_rerun"] = cached / queries, rerun / queries
+        cached, rerun = best_of([run([big], True), run([big], False)], repeats)
+        row["throughput_cache"], row["throughput_rerun"] = 32 / cached, 32 / rerun
         model.use_cache = True
         row["tokens_per_query"] = generated_tokens(model, singles)
     return row
+
+
+def reference_row(bb, config, batch, *, tokens: int, repeats: int) -> dict:
+    """Tokens/s of ``backbone.generate`` and of transformers' ``generate`` on one batch."""
+    images, ids, mask = batch.images, batch.prompt_ids, batch.prompt_attention_mask
+
+    def ours() -> torch.Tensor:
+        return bb.generate(images, ids, mask, max_new_tokens=tokens, eos_token_id=[])
+
+    def theirs() -> torch.Tensor:
+        # the same image encoding and splice, then transformers' own decoding loop
+        _, image_tokens = bb.encode_images(images)
+        sp = bb.splice(bb.embed_tokens(ids), ids, mask, image_tokens)
+        return bb.language.model.generate(inputs_embeds=sp.embeds, attention_mask=sp.attention_mask, generation_config=config)
+
+    with torch.no_grad():
+        same = torch.equal(ours(), theirs()[:, -tokens:])
+        t_ours, t_theirs = best_of([ours, theirs], repeats)
+    size = len(batch)
+    return {"batch": size, "ours": size * tokens / t_ours, "hf": size * tokens / t_theirs, "same": same}
 
 
 def bench_reference(*, tokens: int, repeats: int) -> list[dict]:
@@ -90,41 +120,20 @@ def bench_reference(*, tokens: int, repeats: int) -> list[dict]:
 
     built = build(RECIPES / "base_lmm.yaml", with_trainer=False, with_logger=False)
     bb = built.model.backbone.eval()
-    dm = built.datamodule
-    dataset = dm.val_datasets["val"]
-    collate = dm.collate()
-    lm = bb.language.model
+    dataset, collate = built.datamodule.val_datasets["val"], built.datamodule.collate()
     config = GenerationConfig(
         max_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=bb.tokenizer.pad_token_id
     )
-    rows = []
-    for size in (1, 32):
-        batch = collate([dataset[i] for i in range(size)])
-        images, ids, mask = batch.images, batch.prompt_ids, batch.prompt_attention_mask
-
-        def ours() -> torch.Tensor:
-            return bb.generate(images, ids, mask, max_new_tokens=tokens, eos_token_id=[])
-
-        def spliced() -> tuple[torch.Tensor, torch.Tensor]:
-            _, image_tokens = bb.encode_images(images)
-            sp = bb.splice(bb.embed_tokens(ids), ids, mask, image_tokens)
-            return sp.embeds, sp.attention_mask
-
-        def theirs() -> torch.Tensor:
-            embeds, attention = spliced()  # the same image encoding and splice, then HF's loop
-            return lm.generate(inputs_embeds=embeds, attention_mask=attention, generation_config=config)
-
-        with torch.no_grad():
-            same = torch.equal(ours(), theirs()[:, -tokens:])
-            t_ours, t_theirs = best_of(ours, repeats), best_of(theirs, repeats)
-        rows.append({"batch": size, "ours": size * tokens / t_ours, "hf": size * tokens / t_theirs, "same": same})
-    return rows
+    return [
+        reference_row(bb, config, collate([dataset[i] for i in range(size)]), tokens=tokens, repeats=repeats)
+        for size in (1, 32)
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--queries", type=int, default=8, help="batch-1 queries per latency figure")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (the fastest is kept)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (the fastest is kept)")
     parser.add_argument("--tokens", type=int, default=24, help="tokens per row in the reference comparison")
     args = parser.parse_args()
     torch.set_num_threads(1)

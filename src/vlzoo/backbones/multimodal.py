@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -349,14 +350,12 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
 
                     handle = attn.register_forward_hook(_hook)
                     stack.callback(handle.remove)
-            # transformers 5 names the KV cache `cache` (`past_key_values` is deprecated until 5.40)
-            cache_name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
             out = decoder(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=past_key_values is not None,
-                **{cache_name: past_key_values},
+                **{_cache_argument(decoder): past_key_values},
             )
         return out.last_hidden_state, captured
 
@@ -550,6 +549,18 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
 def _trainable(weight: nn.Parameter) -> bool:
     """Whether a weight is trainable as a whole (a row-masked weight counts as frozen)."""
     return weight.requires_grad and not getattr(weight, "_vlzoo_row_masked", False)
+
+
+@functools.cache
+def _cache_argument_of(forward: Any) -> str:
+    parameters = inspect.signature(forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _cache_argument(decoder: nn.Module) -> str:
+    """The decoder's name for its KV cache: transformers 5 calls it ``cache`` (``past_key_values``
+    is deprecated until 5.40); older decoders and remote code say ``past_key_values``."""
+    return _cache_argument_of(type(decoder).forward)
 
 
 def _find_attention(layer: nn.Module) -> nn.Module:
