@@ -285,6 +285,34 @@ def test_generation_same_with_and_without_cache_and_batched_as_alone(options):
     for i in range(4):
         alone = p.predict(make_batch(p, tasks=("rec",), n=1, index=8 + i))[0]
         _same_answers(cached[i], alone)
+    # the boxes are those a forward pass over prompt + answer gives (the answer's <loc> carrying
+    # the fed-back boxes), read at each trigger with the keys of the tokens before it
+    bb, generated = p.backbone, []
+    original = bb.decode
+    bb.decode = lambda *a, **k: generated.append(original(*a, **k)) or generated[-1]
+    preds = p.predict(batch)
+    del bb.decode
+    new_ids = generated[0]
+    ids = torch.cat([batch.prompt_ids, new_ids], 1)
+    pad, eos, start = bb.tokenizer.pad_token_id, bb.tokenizer.eos_token_id, batch.prompt_ids.shape[1]
+    mask = torch.cat([batch.prompt_attention_mask, (new_ids != pad).long()], 1)
+    plan = {}
+    for r in range(len(batch)):
+        locs = [c for c in range(start, ids.shape[1]) if int(ids[r, c]) == p.loc_id]
+        for k, c in enumerate(locs):
+            plan[(r, c)] = normalise_boxes(preds[r].boxes[k], batch.input_size)
+    with torch.no_grad():
+        out = bb(batch.images, ids, mask, output_attentions=[-1], inputs_embeds_fn=p._embeds_fn(plan, torch.zeros(0, 32)))
+        rows, cols = (ids[:, start:] == p.trigger_id).nonzero(as_tuple=True)
+        cols = cols + start
+        keys = []
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            before = [i for i in range(start, c) if int(ids[r, i]) not in (p.trigger_id, p.loc_id, pad, eos)]
+            keys.append(out.positions[r, before])
+        states, _ = p.trigger_states(out, rows, out.positions[rows, cols], keys)
+        expected = p.box_decoder(states)
+    got = torch.cat([normalise_boxes(pred.boxes, batch.input_size) for pred in preds])
+    assert len(rows) == len(got) and torch.allclose(got, expected, atol=1e-5)
 
 
 def test_loss_falls():
