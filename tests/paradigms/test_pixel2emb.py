@@ -245,10 +245,13 @@ def test_generation_decodes_each_trigger_and_feeds_its_box_back(use_cache):
             assert torch.allclose(embeds[row, col], p.box_encoder(box), atol=1e-4)
 
 
-def _trained_grounded_paradigm(**kwargs):
+def _trained_grounded_paradigm(task="rec", **kwargs):
     """A grounded NExT-Chat model after a few steps, so generation says text, then triggers."""
-    p = make_paradigm(fmt=EmbeddingAnswerFormat(grounded=True), tasks=["rec"], max_new_tokens=12, **kwargs)
-    batch = make_batch(p, tasks=("rec",), n=8)
+    bb = make_backbone()
+    if task == "res":
+        kwargs["mask_decoder"] = _mask_decoder(bb)
+    p = make_paradigm(bb, fmt=EmbeddingAnswerFormat(grounded=True), tasks=[task], max_new_tokens=12, **kwargs)
+    batch = make_batch(p, tasks=(task,), n=8)
     opt = torch.optim.AdamW(p.param_groups(), lr=1e-2)
     for _ in range(25):
         loss = p.weighted_total(p.loss(batch))
@@ -266,24 +269,31 @@ def _same_answers(a, b, atol=1e-5):
         assert torch.equal(a.masks, b.masks)
 
 
-@pytest.mark.parametrize("options", [{}, {"attention": True, "refocus_lambda": 0.1}], ids=["plain", "refocus+attention"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"attention": True, "refocus_lambda": 0.1}, {"task": "res"}],
+    ids=["plain", "refocus+attention", "masks"],
+)
 def test_generation_same_with_and_without_cache_and_batched_as_alone(options):
-    """The KV-cached NExT-Chat loop gives the tokens and boxes of re-running the whole sequence
-    every step, and a left-padded batch of prompts of different lengths gives each prompt's
-    answer alone."""
+    """The KV-cached NExT-Chat loop gives the tokens, boxes and masks of re-running the whole
+    sequence every step, and a left-padded batch of prompts of different lengths gives each
+    prompt's answer alone."""
     p = _trained_grounded_paradigm(**options)
-    batch = make_batch(p, tasks=("rec",), n=4, index=8)
+    task = options.get("task", "rec")
+    batch = make_batch(p, tasks=(task,), n=4, index=8)
     assert len(set(batch.prompt_attention_mask.sum(1).tolist())) > 1  # prompts of different lengths
     cached = p.predict(batch)
     p.use_cache = False
     full = p.predict(batch)
     p.use_cache = True
     assert sum(len(pred) for pred in cached) >= 2  # triggers were generated and decoded
+    if task == "res":
+        assert all(pred.masks is not None and len(pred.masks) == len(pred) for pred in cached)
     assert any(pred.text.split("<trigger>")[0].strip() for pred in cached)  # text before a trigger
     for a, b in zip(cached, full, strict=True):
         _same_answers(a, b)
     for i in range(4):
-        alone = p.predict(make_batch(p, tasks=("rec",), n=1, index=8 + i))[0]
+        alone = p.predict(make_batch(p, tasks=(task,), n=1, index=8 + i))[0]
         _same_answers(cached[i], alone)
     # the boxes are those a forward pass over prompt + answer gives (the answer's <loc> carrying
     # the fed-back boxes), read at each trigger with the keys of the tokens before it
