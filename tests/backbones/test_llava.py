@@ -52,6 +52,32 @@ def test_llava_matches_the_native_forward(llava_dir):
     assert torch.equal(cached, bb.generate(images, ids, mask, max_new_tokens=4, eos_token_id=[], use_cache=False))
 
 
+def test_llava_generation_matches_native_generate_batched_and_alone(llava_dir):
+    """Greedy decoding through the splice (KV cache over the image prefix) gives transformers' own
+    LLaVA generate's tokens, row by row; a left-padded batch of four prompts of different lengths
+    gives each row's tokens alone."""
+    from transformers import LlavaForConditionalGeneration
+
+    bb = LlavaBackbone(name_or_path=llava_dir).eval()
+    native = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    torch.manual_seed(1)
+    images = torch.randn(4, 3, 32, 32)
+    prompts = ["a", "the blue square is in", "what colour is the circle", "is the red"]
+    ids, mask = encode(bb.tokenizer, prompts, left=True)
+    batched = bb.generate(images, ids, mask, max_new_tokens=6)
+    pad = bb.tokenizer.pad_token_id
+    for i, prompt in enumerate(prompts):
+        one, one_mask = encode(bb.tokenizer, [prompt])
+        alone = bb.generate(images[i : i + 1], one, one_mask, max_new_tokens=6)[0]
+        expanded = torch.cat([one[:, :1], one[:, 1:2].repeat(1, 16), one[:, 2:]], 1)
+        with torch.no_grad():
+            ref = native.generate(input_ids=expanded, pixel_values=images[i : i + 1],
+                                  attention_mask=torch.ones_like(expanded), max_new_tokens=6, do_sample=False)
+        assert alone.tolist() == ref[0, expanded.shape[1] :].tolist()
+        row = batched[i][: len(alone)]
+        assert torch.equal(row, alone) and bool((batched[i][len(alone) :] == pad).all())
+
+
 def test_llava_policies_tokens_and_round_trip(llava_dir, tmp_path):
     bb = LlavaBackbone(name_or_path=llava_dir, freeze_lm=True, lora={"r": 2, "target_modules": ["q_proj", "v_proj"]})
     ids = bb.add_special_tokens(["<loc>"])

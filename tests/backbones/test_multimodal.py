@@ -120,15 +120,17 @@ def test_add_special_tokens_is_idempotent_and_resizes(make_backbone):
 
 def test_generation_with_and_without_cache_agree(make_backbone):
     bb = make_backbone().eval()
-    images = torch.randn(3, 3, 32, 32)
-    ids, mask = encode(bb.tokenizer, ["a", "the blue square is in", "what colour is the circle"], left=True)
+    images = torch.randn(4, 3, 32, 32)
+    prompts = ["a", "the blue square is in", "what colour is the circle", "is the red"]
+    ids, mask = encode(bb.tokenizer, prompts, left=True)
     cached = bb.generate(images, ids, mask, max_new_tokens=8, eos_token_id=[])
     full = bb.generate(images, ids, mask, max_new_tokens=8, eos_token_id=[], use_cache=False)
-    assert cached.shape == (3, 8) and torch.equal(cached, full)
-    # a row generated alone (no padding) gives the same tokens as in the left-padded batch
-    alone_ids, alone_mask = encode(bb.tokenizer, ["a"], left=True)
-    alone = bb.generate(images[:1], alone_ids, alone_mask, max_new_tokens=8, eos_token_id=[])
-    assert torch.equal(alone[0], cached[0])
+    assert cached.shape == (4, 8) and torch.equal(cached, full)
+    # each row generated alone (no padding) gives the same tokens as in the left-padded batch
+    for i, prompt in enumerate(prompts):
+        alone_ids, alone_mask = encode(bb.tokenizer, [prompt], left=True)
+        alone = bb.generate(images[i : i + 1], alone_ids, alone_mask, max_new_tokens=8, eos_token_id=[])
+        assert torch.equal(alone[0], cached[i])
     # greedy = argmax of the forward logits over the prompt + generated text
     seq = torch.cat([ids, cached[:, :-1]], 1)
     out = bb(images, seq, torch.cat([mask, torch.ones_like(cached[:, :-1])], 1))

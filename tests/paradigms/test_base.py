@@ -118,3 +118,27 @@ def test_warmup_cosine_and_no_decay_on_row_masked_embeddings():
     assert len(no_decay) == 1
     names = {id(p): n for n, p in model.named_parameters()}
     assert all("embed" in names[id(p)] or "lm_head" in names[id(p)] for p in no_decay[0]["params"])
+
+
+def test_stage0_generation_same_with_and_without_cache_and_batched_as_alone():
+    """LanguageModeling generates through the backbone's shared loop: the KV cache gives the
+    re-run's texts, and a left-padded batch of four prompts of different lengths each one's alone."""
+    bb = backbone()
+    model = LanguageModeling(backbone=bb, max_new_tokens=6).eval()
+    dm = datamodule(bb)
+    ds = ShapesDataset(split="val", size=12, image_size=IMAGE, tasks={"caption": 1.0, "vqa": 1.0})
+    collate = dm.collate()
+    samples = [ds[i] for i in range(12)]
+    by_length: dict[int, object] = {}
+    for s in samples:  # four prompts of different tokenized lengths
+        by_length.setdefault(int(collate([s]).prompt_attention_mask.sum()), s)
+    chosen = list(by_length.values())[:4]
+    assert len(chosen) == 4
+    batch = collate(chosen)
+    with torch.no_grad():
+        cached = [p.text for p in model.predict(batch)]
+        model.use_cache = False
+        full = [p.text for p in model.predict(batch)]
+        model.use_cache = True
+        alone = [model.predict(collate([s]))[0].text for s in chosen]
+    assert cached == full == alone and all(cached)

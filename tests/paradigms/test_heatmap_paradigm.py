@@ -202,7 +202,16 @@ def test_generated_route_follows_the_emitted_task_token():
     width = max(len(answer), len(no_loc))
     rows = [answer + [tok.pad_token_id] * (width - len(answer)), no_loc + [tok.pad_token_id] * (width - len(no_loc))]
     rows.append(answer[:4] + [tok.eos_token_id] + [tok.pad_token_id] * (width - 5))  # [LOC] but no task token
-    p.backbone.generate = lambda *args, **kwargs: torch.tensor(rows)
+    head = p.backbone._lm().get_output_embeddings()
+    original_head, calls = head.forward, []
+
+    def scripted_head(hidden):  # step k of the decoding loop says rows[r][k]
+        logits = torch.full((*hidden.shape[:-1], original_head(hidden).shape[-1]), -1e4)
+        logits[torch.arange(len(rows)), [r[min(len(calls), width - 1)] for r in rows]] = 0
+        calls.append(1)
+        return logits
+
+    head.forward = scripted_head
     p.eval()
     with torch.no_grad():
         preds = p.predict(batch)
@@ -281,3 +290,50 @@ def test_mask_decoder_learns_a_box_prompted_mask():
         opt.step()
         losses.append(float(total.detach()))
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+def _same_predictions(a, b, atol=1e-5):
+    assert a.parsed == b.parsed and a.text == b.text
+    assert a.boxes.shape == b.boxes.shape and torch.allclose(a.boxes, b.boxes, atol=atol)
+    assert torch.allclose(a.scores, b.scores, atol=atol)
+
+
+@pytest.mark.slow
+def test_generated_route_same_with_and_without_cache_and_batched_as_alone():
+    """route=generated: the KV-cached answer equals re-running the sequence every step, and a
+    left-padded batch of prompts of different lengths gives each prompt's prediction alone."""
+    torch.manual_seed(0)
+    p = make_paradigm(tasks=("rec",), route="generated", max_new_tokens=10)
+    train = next(iter(shapes_loader(p, ("rec",), n=8, batch_size=8)))
+    opt = torch.optim.AdamW([q for q in p.parameters() if q.requires_grad], lr=1e-2)
+    for _ in range(50):  # enough for the LM to say the answer sentence
+        loss = p.weighted_total(p.loss(train))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p.eval()
+    samples = shapes_loader(p, ("rec",), n=4, batch_size=4, split="val").dataset
+    collate = shapes_loader(p, ("rec",), n=4, batch_size=4, split="val").collate_fn
+    batch = collate([samples[i] for i in range(4)])
+    assert len(set(batch.prompt_attention_mask.sum(1).tolist())) > 1  # prompts of different lengths
+    with torch.no_grad():
+        cached = p.predict(batch)
+        p.use_cache = False
+        full = p.predict(batch)
+        p.use_cache = True
+        alone = [p.predict(collate([samples[i]]))[0] for i in range(4)]
+    assert sum(pred.parsed for pred in cached) >= 2 and all(LOC_TOKEN in pred.text for pred in cached if pred.parsed)
+    for a, b, c in zip(cached, full, alone, strict=True):
+        _same_predictions(a, b)
+        _same_predictions(a, c)
+    # the [LOC] state read while decoding is the one a forward pass over prompt + answer gives
+    with torch.no_grad():
+        _, maps, _, _ = p._generated_pass(batch)
+        new_ids, _ = p.generate_text(batch)
+        ids = torch.cat([batch.prompt_ids, new_ids], 1)
+        eos = p.backbone.tokenizer.eos_token_id
+        after_eos = ((new_ids == eos).long().cumsum(1) > 0) & (new_ids != eos)
+        out = p.backbone(batch.images, ids, torch.cat([batch.prompt_attention_mask, (~after_eos).long()], 1))
+        rows = [i for i, pred in enumerate(cached) if pred.parsed]
+        ref = p.aligner(p._image_features(out), p._loc_states(out, ids, [""] * len(batch), batch.image_ids))
+    assert torch.allclose(maps.centre[rows], ref.centre[rows], atol=1e-5)

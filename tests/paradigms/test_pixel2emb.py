@@ -200,40 +200,129 @@ def test_gradients_reach_exactly_the_trained_parts():
     assert sum(len(g["params"]) for g in groups) == sum(1 for q in p.parameters() if q.requires_grad)
 
 
-def test_generation_decodes_each_trigger_and_feeds_its_box_back():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_decodes_each_trigger_and_feeds_its_box_back(use_cache):
     """A trigger emitted during generation is decoded at once and followed by <loc> carrying
-    BoxEncoder(decoded box), as NExT-Chat generates; two triggers give two boxes."""
-    p = make_paradigm(tasks=["rec", "det"])
+    BoxEncoder(decoded box), as NExT-Chat generates; two triggers give two boxes.  The LM head is
+    scripted; what the LM is fed is recorded at the decoder (one position per step with the cache)."""
+    p = make_paradigm(tasks=["rec", "det"], use_cache=use_cache)
     p.eval()
     batch = make_batch(p, tasks=("rec",), n=2)
     bb = p.backbone
-    original = bb.forward
-    seen = []
     eos = bb.tokenizer.eos_token_id
+    head = bb._lm().get_output_embeddings()
+    original_head, original_decode, original_generate = head.forward, bb._decode, bb.decode
+    calls, fed, generated_ids = [], [], []
 
-    def scripted(images, input_ids, attention_mask, labels=None, output_attentions=None, inputs_embeds_fn=None):
-        embeds = bb.embed_tokens(input_ids)
-        seen.append((input_ids.clone(), inputs_embeds_fn(embeds, input_ids)))
-        out = original(images, input_ids, attention_mask, labels, output_attentions, inputs_embeds_fn)
-        generated = input_ids.shape[1] - batch.prompt_ids.shape[1]
-        logits = torch.full_like(out.logits[:, -1], -1e4)
-        logits[:, p.trigger_id if generated in (0, 2) else (bb.tokenizer.convert_tokens_to_ids("▁and") if generated == 4 else eos)] = 0
+    def scripted_head(hidden):
+        generated = len(calls)
+        calls.append(generated)
+        logits = torch.full((*hidden.shape[:-1], original_head(hidden).shape[-1]), -1e4)
+        logits[..., p.trigger_id if generated in (0, 2) else (bb.tokenizer.convert_tokens_to_ids("▁and") if generated == 4 else eos)] = 0
         if generated == 1:
-            logits[:, p.trigger_id] = 0  # must be overridden: a trigger is always followed by <loc>
-        out.logits[:, -1] = logits
-        return out
+            logits[..., p.trigger_id] = 0  # must be overridden: a trigger is always followed by <loc>
+        return logits
 
-    bb.forward = scripted
+    def recording_decode(embeds, mask, positions, **kwargs):
+        fed.append(embeds)
+        return original_decode(embeds, mask, positions, **kwargs)
+
+    def recording_generate(*args, **kwargs):
+        generated_ids.append(original_generate(*args, **kwargs))
+        return generated_ids[-1]
+
+    head.forward, bb._decode, bb.decode = scripted_head, recording_decode, recording_generate
     preds = p.predict(batch)
-    ids, embeds = seen[-1]
-    start = batch.prompt_ids.shape[1]
-    assert ids[0, start:].tolist()[:4] == [p.trigger_id, p.loc_id, p.trigger_id, p.loc_id]
+    embeds = torch.cat(fed, 1) if use_cache else fed[-1]
+    assert all(e.shape[1] == 1 for e in fed[1:]) == use_cache  # the cache feeds one position per step
+    prompt = fed[0].shape[1]
+    assert generated_ids[0][0].tolist()[:4] == [p.trigger_id, p.loc_id, p.trigger_id, p.loc_id]
     for pred, row in zip(preds, range(2), strict=True):
         assert len(pred) == 2 and pred.parsed and pred.boxes.shape == (2, 4)
         # the embedding fed at each <loc> is the box encoder of the box decoded at its trigger
-        for k, col in enumerate([start + 1, start + 3]):
+        for k, col in enumerate([prompt + 1, prompt + 3]):
             box = normalise_boxes(pred.boxes[k], (32, 32))
             assert torch.allclose(embeds[row, col], p.box_encoder(box), atol=1e-4)
+
+
+def _trained_grounded_paradigm(task="rec", **kwargs):
+    """A grounded NExT-Chat model after a few steps, so generation says text, then triggers."""
+    bb = make_backbone()
+    if task == "res":
+        kwargs["mask_decoder"] = _mask_decoder(bb)
+    p = make_paradigm(bb, fmt=EmbeddingAnswerFormat(grounded=True), tasks=[task], max_new_tokens=12, **kwargs)
+    batch = make_batch(p, tasks=(task,), n=8)
+    opt = torch.optim.AdamW(p.param_groups(), lr=1e-2)
+    for _ in range(25):
+        loss = p.weighted_total(p.loss(batch))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return p.eval()
+
+
+def _same_answers(a, b, atol=1e-5):
+    assert a.text == b.text
+    assert a.boxes.shape == b.boxes.shape and torch.allclose(a.boxes, b.boxes, atol=atol), (a.boxes, b.boxes)
+    assert torch.allclose(a.scores, b.scores, atol=atol)
+    if a.masks is not None or b.masks is not None:
+        assert torch.equal(a.masks, b.masks)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"attention": True, "refocus_lambda": 0.1}, {"task": "res"}],
+    ids=["plain", "refocus+attention", "masks"],
+)
+def test_generation_same_with_and_without_cache_and_batched_as_alone(options):
+    """The KV-cached NExT-Chat loop gives the tokens, boxes and masks of re-running the whole
+    sequence every step, and a left-padded batch of prompts of different lengths gives each
+    prompt's answer alone."""
+    p = _trained_grounded_paradigm(**options)
+    task = options.get("task", "rec")
+    batch = make_batch(p, tasks=(task,), n=4, index=8)
+    assert len(set(batch.prompt_attention_mask.sum(1).tolist())) > 1  # prompts of different lengths
+    cached = p.predict(batch)
+    p.use_cache = False
+    full = p.predict(batch)
+    p.use_cache = True
+    assert sum(len(pred) for pred in cached) >= 2  # triggers were generated and decoded
+    if task == "res":
+        assert all(pred.masks is not None and len(pred.masks) == len(pred) for pred in cached)
+    assert any(pred.text.split("<trigger>")[0].strip() for pred in cached)  # text before a trigger
+    for a, b in zip(cached, full, strict=True):
+        _same_answers(a, b)
+    for i in range(4):
+        alone = p.predict(make_batch(p, tasks=(task,), n=1, index=8 + i))[0]
+        _same_answers(cached[i], alone)
+    # the boxes are those a forward pass over prompt + answer gives (the answer's <loc> carrying
+    # the fed-back boxes), read at each trigger with the keys of the tokens before it
+    bb, generated = p.backbone, []
+    original = bb.decode
+    bb.decode = lambda *a, **k: generated.append(original(*a, **k)) or generated[-1]
+    preds = p.predict(batch)
+    del bb.decode
+    new_ids = generated[0]
+    ids = torch.cat([batch.prompt_ids, new_ids], 1)
+    pad, eos, start = bb.tokenizer.pad_token_id, bb.tokenizer.eos_token_id, batch.prompt_ids.shape[1]
+    mask = torch.cat([batch.prompt_attention_mask, (new_ids != pad).long()], 1)
+    plan = {}
+    for r in range(len(batch)):
+        locs = [c for c in range(start, ids.shape[1]) if int(ids[r, c]) == p.loc_id]
+        for k, c in enumerate(locs):
+            plan[(r, c)] = normalise_boxes(preds[r].boxes[k], batch.input_size)
+    with torch.no_grad():
+        out = bb(batch.images, ids, mask, output_attentions=[-1], inputs_embeds_fn=p._embeds_fn(plan, torch.zeros(0, 32)))
+        rows, cols = (ids[:, start:] == p.trigger_id).nonzero(as_tuple=True)
+        cols = cols + start
+        keys = []
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            before = [i for i in range(start, c) if int(ids[r, i]) not in (p.trigger_id, p.loc_id, pad, eos)]
+            keys.append(out.positions[r, before])
+        states, _ = p.trigger_states(out, rows, out.positions[rows, cols], keys)
+        expected = p.box_decoder(states)
+    got = torch.cat([normalise_boxes(pred.boxes, batch.input_size) for pred in preds])
+    assert len(rows) == len(got) and torch.allclose(got, expected, atol=1e-5)
 
 
 def test_loss_falls():

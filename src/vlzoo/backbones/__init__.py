@@ -6,6 +6,7 @@
 same interface.  Training policies live in :mod:`vlzoo.backbones.policies`.
 """
 
+from vlzoo.backbones.generation import DecodingHooks, DecodingState, greedy_decode
 from vlzoo.backbones.language import CausalLM, load_tokenizer
 from vlzoo.backbones.llava import LlavaBackbone
 from vlzoo.backbones.multimodal import (
@@ -35,6 +36,9 @@ __all__ = [
     "BackboneCheckpointError",
     "LlavaBackbone",
     "build_projector",
+    "DecodingHooks",
+    "DecodingState",
+    "greedy_decode",
     "apply_lora",
     "enable_gradient_checkpointing",
     "parameter_report",

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlzoo.backbones.generation import DecodingHooks, greedy_decode
 from vlzoo.backbones.language import CausalLM
 from vlzoo.backbones.policies import (
     apply_lora,
@@ -352,8 +355,8 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=past_key_values is not None,
+                **{_cache_argument(decoder): past_key_values},
             )
         return out.last_hidden_state, captured
 
@@ -424,58 +427,46 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
         text ids so far — prompt then generated, without image tokens — and the next-token scores.
         After a row emits an eos token it is filled with the pad id; decoding stops when every
         row has finished.  ``use_cache=False`` recomputes the whole sequence each step.
+        ``inputs_embeds_fn`` is applied to the prompt's and to every generated token's text
+        embeddings.  The loop is :func:`vlzoo.backbones.generation.greedy_decode`, which
+        paradigms with their own decoding steps call with their hooks (:meth:`decode`).
         """
-        if eos_token_id is None:
-            eos_token_id = self.tokenizer.eos_token_id
-        eos = torch.as_tensor(
-            [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
-            dtype=torch.long,
-            device=prompt_ids.device,
+        return self.decode(
+            images,
+            prompt_ids,
+            prompt_attention_mask,
+            hooks=DecodingHooks(logits_processor=logits_processor, inputs_embeds_fn=inputs_embeds_fn),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            use_cache=use_cache,
+            inputs_embeds_fn=inputs_embeds_fn,
         )
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        _, image_tokens = self.encode_images(images)
-        text = self.embed_tokens(prompt_ids)
-        if inputs_embeds_fn is not None:
-            text = inputs_embeds_fn(text, prompt_ids)
-        sp = self.splice(text, prompt_ids, prompt_attention_mask, image_tokens)
-        embeds, mask = sp.embeds, sp.attention_mask
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache = None
-        if use_cache:
-            from transformers import DynamicCache
 
-            cache = DynamicCache(config=self._lm().get_decoder().config)
-        head = self._lm().get_output_embeddings()
-        ids = prompt_ids
-        finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-        new_tokens: list[Tensor] = []
-        step_embeds, step_positions = embeds, positions
-        for _ in range(max_new_tokens):
-            hidden, _ = self._decode(step_embeds, mask, step_positions, past_key_values=cache)
-            scores = head(hidden[:, -1]).float()
-            if logits_processor is not None:
-                scores = logits_processor(ids, scores)
-            token = scores.argmax(-1)
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            new_tokens.append(token)
-            ids = torch.cat([ids, token[:, None]], 1)
-            finished |= torch.isin(token, eos)
-            if bool(finished.all()):
-                break
-            token_embeds = self.embed_tokens(token[:, None])
-            if inputs_embeds_fn is not None:
-                token_embeds = inputs_embeds_fn(token_embeds, token[:, None])
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            next_position = positions[:, -1:] + 1
-            positions = torch.cat([positions, next_position], 1)
-            if use_cache:
-                step_embeds, step_positions = token_embeds, next_position
-            else:
-                embeds = torch.cat([embeds, token_embeds.to(embeds.dtype)], 1)
-                step_embeds, step_positions = embeds, positions
-        if not new_tokens:
-            return prompt_ids.new_zeros(prompt_ids.shape[0], 0)
-        return torch.stack(new_tokens, 1)
+    def decode(
+        self,
+        images: Tensor,
+        prompt_ids: Tensor,
+        prompt_attention_mask: Tensor,
+        *,
+        hooks: DecodingHooks,
+        max_new_tokens: int = 32,
+        eos_token_id: int | Sequence[int] | None = None,
+        use_cache: bool = True,
+        inputs_embeds_fn: InputsEmbedsFn | None = None,
+    ) -> Tensor:
+        """Greedy decoding with a paradigm's :class:`~vlzoo.backbones.generation.DecodingHooks`
+        (see :func:`~vlzoo.backbones.generation.greedy_decode`); returns the new token ids."""
+        return greedy_decode(
+            self,
+            images,
+            prompt_ids,
+            prompt_attention_mask,
+            hooks=hooks,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            use_cache=use_cache,
+            inputs_embeds_fn=inputs_embeds_fn,
+        )
 
     # --- checkpoints ----------------------------------------------------------------------------
     def plain_state_dict(self) -> dict[str, Tensor]:
@@ -557,6 +548,18 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
 def _trainable(weight: nn.Parameter) -> bool:
     """Whether a weight is trainable as a whole (a row-masked weight counts as frozen)."""
     return weight.requires_grad and not getattr(weight, "_vlzoo_row_masked", False)
+
+
+@functools.cache
+def _cache_argument_of(forward: Any) -> str:
+    parameters = inspect.signature(forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _cache_argument(decoder: nn.Module) -> str:
+    """The decoder's name for its KV cache: transformers 5 calls it ``cache`` (``past_key_values``
+    is deprecated until 5.40); older decoders and remote code say ``past_key_values``."""
+    return _cache_argument_of(type(decoder).forward)
 
 
 def _find_attention(layer: nn.Module) -> nn.Module:

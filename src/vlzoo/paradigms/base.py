@@ -91,6 +91,8 @@ class BaseParadigm(L.LightningModule):
             the paradigm does not produce is an error.
         tasks: the tasks this run evaluates (default: the evaluator's, else every supported task).
         max_new_tokens: generation budget for paradigms that generate.
+        use_cache: generate with the KV cache; ``False`` re-runs the whole sequence at every
+            step (the same answers, slower: a check of the cache).
     """
 
     name: ClassVar[str] = "base"
@@ -108,6 +110,7 @@ class BaseParadigm(L.LightningModule):
         loss_weights: dict[str, float] | None = None,
         tasks: list[str] | None = None,
         max_new_tokens: int = 32,
+        use_cache: bool = True,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -117,6 +120,7 @@ class BaseParadigm(L.LightningModule):
         self.scheduler_factory = scheduler
         self.loss_weights = dict(loss_weights or {})
         self.max_new_tokens = max_new_tokens
+        self.use_cache = bool(use_cache)
         self._checked_weights = False
         chosen = list(tasks) if tasks else list(getattr(evaluator, "tasks", None) or self.supported_tasks)
         unsupported = [t for t in chosen if t not in self.supported_tasks]
@@ -142,17 +146,35 @@ class BaseParadigm(L.LightningModule):
         self.eval_losses = nn.ModuleDict()
 
     # ------------------------------------------------------------------ helpers for subclasses
-    def generate_text(self, batch: Batch, *, logits_processor: Any | None = None) -> tuple[Tensor, list[str]]:
-        """Greedy generation from the prompt; returns (new token ids, decoded texts)."""
+    def generate_text(
+        self, batch: Batch, *, logits_processor: Any | None = None, hooks: Any | None = None
+    ) -> tuple[Tensor, list[str]]:
+        """Greedy generation from the prompt; returns (new token ids, decoded texts).
+
+        ``hooks`` (a :class:`~vlzoo.backbones.generation.DecodingHooks`) replace plain greedy
+        decoding in the backbone's shared loop, e.g. to read a hidden state while generating."""
         if self.backbone is None:
             raise ValueError(f"paradigm '{self.name}' needs a backbone to generate text")
-        new_ids = self.backbone.generate(
-            batch.images,
-            batch.prompt_ids,
-            batch.prompt_attention_mask,
-            max_new_tokens=self.max_new_tokens,
-            logits_processor=logits_processor,
-        )
+        if hooks is None:
+            new_ids = self.backbone.generate(
+                batch.images,
+                batch.prompt_ids,
+                batch.prompt_attention_mask,
+                max_new_tokens=self.max_new_tokens,
+                logits_processor=logits_processor,
+                use_cache=self.use_cache,
+            )
+        else:
+            if logits_processor is not None:
+                raise ValueError("generate_text: give the logits processor to the hooks, not both")
+            new_ids = self.backbone.decode(
+                batch.images,
+                batch.prompt_ids,
+                batch.prompt_attention_mask,
+                hooks=hooks,
+                max_new_tokens=self.max_new_tokens,
+                use_cache=self.use_cache,
+            )
         texts = self.backbone.tokenizer.batch_decode(new_ids, skip_special_tokens=False)
         return new_ids, [self._clean_text(t) for t in texts]
 

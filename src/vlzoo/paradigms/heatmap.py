@@ -18,7 +18,9 @@ Lumen's two stages, each a swappable part:
 
 Because the answer sentence carries no coordinates, ``route="given"`` reads ``[LOC]`` from one
 teacher-forced forward pass (no generation), which is exact and fast; ``route="generated"``
-decodes the sentence first, as the model would be used in a chat.
+decodes the sentence first, as the model would be used in a chat, in the backbone's shared
+KV-cached loop (:func:`~vlzoo.backbones.generation.greedy_decode`), whose pass over ``[LOC]``
+gives its state - no second pass over the answer.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlzoo.backbones.generation import DecodingHooks, DecodingState
 from vlzoo.data.answers import AnswerFormat
 from vlzoo.decoders.aligner import AlignerOutput, DenseAligner
 from vlzoo.decoders.heatmap import (
@@ -100,7 +103,7 @@ class HeatmapMatching(BaseParadigm):
     """Lumen: ``[LOC]`` -> dense aligner -> heatmaps -> task decoders (see the module doc).
 
     Args:
-        backbone, evaluator, optimizer, scheduler, loss_weights, tasks, max_new_tokens: see
+        backbone, evaluator, optimizer, scheduler, loss_weights, tasks, max_new_tokens, use_cache: see
             :class:`~vlzoo.paradigms.BaseParadigm`.  Loss parts: ``lm``, ``heatmap``, ``size``,
             ``keypoints`` (with keypoint queries), ``mask`` (BCE) and ``dice`` (with a mask decoder).
         aligner: a built :class:`~vlzoo.decoders.DenseAligner` / :class:`~vlzoo.decoders.ConvAligner`
@@ -157,6 +160,7 @@ class HeatmapMatching(BaseParadigm):
         loss_weights: dict[str, float] | None = None,
         tasks: list[str] | None = None,
         max_new_tokens: int = 24,
+        use_cache: bool = True,
     ) -> None:
         if route not in ("given", "generated"):
             raise ValueError(f"paradigm.route must be 'given' or 'generated', got {route!r}")
@@ -174,6 +178,7 @@ class HeatmapMatching(BaseParadigm):
             loss_weights=loss_weights,
             tasks=chosen,
             max_new_tokens=max_new_tokens,
+            use_cache=use_cache,
         )
         if backbone is not None:
             hidden_size = hidden_size or int(backbone.hidden_size)
@@ -445,18 +450,18 @@ class HeatmapMatching(BaseParadigm):
         return preds
 
     def _generated_pass(self, batch: Batch) -> tuple[Any, AlignerOutput, list[str | None], list[str | None]]:
-        """Generate the answer, then read ``[LOC]`` from prompt + generated tokens.
+        """Generate the answer, reading each row's ``[LOC]`` state from the decoding pass over it.
 
         The task is the first task token generated after ``[LOC]``; a row without ``[LOC]`` or a
         task token is unparsed (no prediction, counted by the evaluator)."""
-        new_ids, texts = self.generate_text(batch)
+        hooks = _LocReader(int(self.loc_token_id))
+        new_ids, texts = self.generate_text(batch, hooks=hooks)
         eos = self.backbone.tokenizer.eos_token_id
         finished = torch.zeros_like(new_ids, dtype=torch.bool)
         if eos is not None:
             finished = (new_ids == eos).long().cumsum(1) > 0
             finished = finished & ~(new_ids == eos)  # eos itself stays attended
-        gen_mask = (~finished).long()
-        has_loc = (new_ids == self.loc_token_id) & gen_mask.bool()
+        has_loc = (new_ids == self.loc_token_id) & ~finished
         tasks: list[str | None] = []
         id_to_task = {v: k for k, v in self.task_token_ids.items()}
         for row, loc_row in zip(new_ids.tolist(), has_loc.tolist(), strict=True):
@@ -465,15 +470,8 @@ class HeatmapMatching(BaseParadigm):
                 continue
             after = row[loc_row.index(True) + 1 :]
             tasks.append(next((id_to_task[t] for t in after if t in id_to_task), None))
-        # rows without [LOC] get one appended so the pass is well defined; they stay unparsed
-        missing = ~has_loc.any(1)
-        loc_col = torch.full_like(new_ids[:, :1], int(self.loc_token_id))
-        ids = torch.cat([batch.prompt_ids, new_ids, loc_col], 1)
-        mask = torch.cat([batch.prompt_attention_mask, gen_mask, missing.long()[:, None]], 1)
-        # _loc_states takes the first [LOC]: for rows that have one it is in the generated part
-        out = self._backbone_pass(batch.images, ids, mask, None)
-        loc = self._loc_states(out, ids, [""] * len(batch), batch.image_ids)
-        maps = self.aligner(self._image_features(out), loc)
+        out = hooks.last  # image features and image-token states of the prompt pass
+        maps = self.aligner(self._image_features(out), hooks.states)
         return out, maps, tasks, texts
 
     def decode(self, task: str, maps: AlignerOutput, index: int, batch: Batch, out: Any) -> Predictions:
@@ -562,3 +560,31 @@ class HeatmapMatching(BaseParadigm):
         with torch.no_grad():
             _, maps = self.match(batch)
         return find_peaks(maps.centre.sigmoid(), k, -1.0, self.nms_kernel)  # type: ignore[return-value]
+
+
+class _LocReader(DecodingHooks):
+    """Plain greedy decoding that keeps every row's last-layer state at its first generated
+    ``[LOC]`` (from the pass over it; zeros for a row that never says it), so reading ``[LOC]``
+    needs no second pass over prompt + answer."""
+
+    def __init__(self, loc_token_id: int) -> None:
+        super().__init__()
+        self.loc_token_id = loc_token_id
+        self.states: Tensor | None = None
+        self.found: Tensor | None = None
+        self.last: DecodingState | None = None
+
+    def observe(self, state: DecodingState) -> None:
+        self.last = state
+        if self.states is None:
+            self.states = torch.zeros_like(state.hidden)
+            self.found = torch.zeros(state.hidden.shape[0], dtype=torch.bool, device=state.hidden.device)
+        if state.step == 0:
+            return
+        fresh = (state.ids[:, -1] == self.loc_token_id) & ~self.found
+        if bool(fresh.any()):
+            self.states = torch.where(fresh[:, None], state.hidden, self.states)
+            self.found = self.found | fresh
+
+    def final_pass(self, state: DecodingState, token: Tensor) -> bool:
+        return bool(((token == self.loc_token_id) & ~self.found).any())  # a last [LOC] still gets read

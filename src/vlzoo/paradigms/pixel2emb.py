@@ -17,11 +17,12 @@ The method, in the order one batch meets it:
    (:class:`~vlzoo.decoders.TriggerImageAttention`), then goes to ``BoxDecoder`` (L1 + GIoU) and
    to ``PromptMLP`` -> SAM mask decoder (decoded box as extra box prompt) for masks (BCE / focal
    + Dice + IoU MSE).  The cycle losses tie ``BoxEncoder`` and ``BoxDecoder``.
-4. **Generation** (``predict``) is greedy, in this module's own loop because the box to embed
-   after a trigger depends on the hidden state at that trigger: when a row emits a trigger, its
-   box (and mask) is decoded and the next input of the row is forced to ``<loc>`` carrying
-   ``BoxEncoder(decoded box)``, as NExT-Chat does.  The loop re-runs the backbone over the whole
-   sequence every step (no KV cache through the public backbone API): answers are short.
+4. **Generation** (``predict``) is greedy, through the backbone's shared KV-cached loop
+   (:func:`~vlzoo.backbones.generation.greedy_decode`) with NExT-Chat's hooks: when a row emits
+   a trigger, its box (and mask) is decoded from the hidden state of the pass over the trigger
+   and the row's next input is forced to ``<loc>`` carrying ``BoxEncoder(decoded box)`` - that
+   embedding is appended to the cache like any token's.  Rows decode in a left-padded batch as
+   they would alone; ``use_cache=False`` re-runs the sequence every step with the same answers.
 
 Loss parts (weights in ``loss_weights``; defaults in :data:`DEFAULT_LOSS_WEIGHTS`): ``lm``,
 ``box_l1``, ``box_giou``, ``cycle_embedding``, ``cycle_box``, ``mask_bce`` or ``mask_focal``,
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlzoo.backbones.generation import DecodingHooks, DecodingState
 from vlzoo.data.answers import AnswerFormat
 from vlzoo.decoders.box import (
     BoxDecoder,
@@ -177,14 +179,16 @@ def refocus(hidden: Tensor, attention: Tensor, *, query: int, keys: Tensor, stre
 
     Args:
         hidden: ``(T, D)`` last-layer hidden states of one sequence.
-        attention: ``(heads, T, T)`` last-layer attention probabilities of that sequence.
+        attention: ``(heads, T, T)`` last-layer attention probabilities of that sequence, or
+            ``(heads, T)``: the query's row alone (what a cached decoding step computes).
         query: index of the trigger / ``[SEG]`` position.
         keys: ``(K,)`` indices of the answer tokens it attends to.
         strength: lambda.
     """
     if keys.numel() == 0 or strength == 0.0:
         return hidden[query]
-    a = attention[:, query, keys].float().mean(0)
+    row = attention[:, query] if attention.dim() == 3 else attention
+    a = row[:, keys].float().mean(0)
     a = a / a.sum().clamp(min=1e-9)
     return hidden[query] + strength * (a.to(hidden.dtype)[:, None] * hidden[keys]).sum(0)
 
@@ -243,7 +247,8 @@ class Pixel2Emb(BaseParadigm):
         head_lr: learning rate of the heads (box / prompt / attention / mask decoder); ``None``
             uses the optimizer's.  Heads trained from scratch on a pretrained LMM often want more.
         lm_loss: train the LM cross-entropy on the answer (off: heads only).
-        evaluator, optimizer, scheduler, loss_weights, tasks, max_new_tokens: see ``BaseParadigm``.
+        evaluator, optimizer, scheduler, loss_weights, tasks, max_new_tokens, use_cache: see
+            ``BaseParadigm``.
     """
 
     name: ClassVar[str] = "pixel2emb"
@@ -271,6 +276,7 @@ class Pixel2Emb(BaseParadigm):
         loss_weights: dict[str, float] | None = None,
         tasks: list[str] | None = None,
         max_new_tokens: int = 32,
+        use_cache: bool = True,
     ) -> None:
         fmt = answer_format if answer_format is not None else EmbeddingAnswerFormat()
         if mask_loss not in ("bce", "focal"):
@@ -293,6 +299,7 @@ class Pixel2Emb(BaseParadigm):
             loss_weights={**defaults, **(loss_weights or {})},
             tasks=tasks,
             max_new_tokens=max_new_tokens,
+            use_cache=use_cache,
         )
         self._check_heads(fmt, box_decoder, box_encoder, mask_decoder)
         self.box_decoder = box_decoder
@@ -596,87 +603,40 @@ class Pixel2Emb(BaseParadigm):
     def predict(self, batch: Batch) -> list[Predictions]:
         b = len(batch)
         device = batch.images.device
-        ids, mask = batch.prompt_ids, batch.prompt_attention_mask
-        start = ids.shape[1]
-        plan, crop_tokens = self._embedding_plan(batch, ids)
+        plan, crop_tokens = self._embedding_plan(batch, batch.prompt_ids)
         tok = self.backbone.tokenizer
-        eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else 0
-        finished = torch.zeros(b, dtype=torch.bool, device=device)
-        boxes: list[list[Tensor]] = [[] for _ in range(b)]
-        scores: list[list[float]] = [[] for _ in range(b)]
-        masks: list[list[Tensor]] = [[] for _ in range(b)]
-        mask_scores: list[list[float]] = [[] for _ in range(b)]
-        trigger_prob = torch.zeros(b, device=device)
-        banned = [t for t in (self.loc_id, self.ref_id, getattr(self.backbone, "image_token_id", -1)) if t >= 0]
-        for step in range(self.max_new_tokens + 1):
-            fresh = (ids[:, -1] == self.trigger_id) & (step > 0)
-            out = self.backbone(
-                images=batch.images,
-                input_ids=ids,
-                attention_mask=mask,
-                output_attentions=[-1] if self.refocus_lambda > 0 and bool(fresh.any()) else None,
-                inputs_embeds_fn=self._embeds_fn(plan, crop_tokens),
-            )
-            last = out.hidden_states.shape[1] - 1
-            if bool(fresh.any()):
-                rows = fresh.nonzero().flatten()
-                positions = torch.full_like(rows, last)
-                keys = []
-                if self.refocus_lambda > 0:
-                    for r in rows.tolist():
-                        gen = torch.arange(start, ids.shape[1] - 1, device=device)
-                        gen = gen[(ids[r, gen] != self.trigger_id) & (ids[r, gen] != self.loc_id) & (ids[r, gen] != pad)]
-                        keys.append(out.positions[r, gen])
-                states, _ = self.trigger_states(out, rows, positions, keys)
-                decoded = self.box_decoder(states) if self.box_decoder is not None else None
-                if self.mask_decoder is not None:
-                    logits, iou = self.decode_masks(out, rows, states, decoded)
-                for k, r in enumerate(rows.tolist()):
-                    if decoded is not None:
-                        boxes[r].append(decoded[k])
-                        scores[r].append(float(trigger_prob[r]))
-                    if self.mask_decoder is not None:
-                        masks[r].append(logits[k] > 0)
-                        mask_scores[r].append(float(iou[k]))
-                        if decoded is None:
-                            scores[r].append(float(trigger_prob[r]))
-            if step == self.max_new_tokens or bool(finished.all()):
-                break
-            logits_next = out.logits[:, -1].float()
-            if banned:
-                logits_next[:, banned] = float("-inf")
-            probs = logits_next.softmax(-1)
-            token = logits_next.argmax(-1)
-            force = fresh & ~finished if self.answer_format.box_after_trigger else torch.zeros_like(fresh)
-            token = torch.where(force, torch.full_like(token, self.loc_id), token)
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            trigger_prob = torch.where(token == self.trigger_id, probs[torch.arange(b), self.trigger_id], trigger_prob)
-            for r in force.nonzero().flatten().tolist():
-                # the encoder was taught on ordered ground-truth boxes: feed the ordered decoded box
-                size = batch.input_size
-                plan[(r, ids.shape[1])] = normalise_boxes(denormalise_boxes(boxes[r][-1], size), size)
-            ids = torch.cat([ids, token[:, None]], 1)
-            mask = torch.cat([mask, (~finished).long()[:, None]], 1)
-            finished |= token == eos
-        texts = tok.batch_decode(ids[:, start:], skip_special_tokens=False)
+        hooks = _NextChatDecoding(self, batch)
+        new_ids = self.backbone.decode(
+            batch.images,
+            batch.prompt_ids,
+            batch.prompt_attention_mask,
+            hooks=hooks,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=[] if tok.eos_token_id is None else tok.eos_token_id,
+            use_cache=self.use_cache,
+            inputs_embeds_fn=self._embeds_fn(plan, crop_tokens),
+        )
+        texts = tok.batch_decode(new_ids, skip_special_tokens=False)
         preds = []
         size = batch.input_size
         for r in range(b):
             text = self._clean_text(texts[r])
-            box_t = torch.stack(boxes[r]) if boxes[r] else torch.zeros(0, 4, device=device)
+            boxes = hooks.boxes[r]
+            box_t = torch.stack(boxes) if boxes else torch.zeros(0, 4, device=device)
             pred = Predictions(
                 boxes=denormalise_boxes(box_t, size),
-                scores=torch.tensor(scores[r], dtype=torch.float32),
+                scores=torch.tensor(hooks.scores[r], dtype=torch.float32),
                 text=text,
-                parsed=bool(boxes[r] or masks[r]) or batch.tasks[r] not in _BOX_TASKS,
+                parsed=bool(boxes or hooks.masks[r]) or batch.tasks[r] not in _BOX_TASKS,
                 image_id=batch.image_ids[r],
                 image_size=size,
             )
             if self.mask_decoder is not None:
-                m = torch.stack(masks[r]) if masks[r] else torch.zeros(0, *size, dtype=torch.bool, device=device)
+                masks = hooks.masks[r]
+                m = torch.stack(masks) if masks else torch.zeros(0, *size, dtype=torch.bool, device=device)
                 if m.shape[-2:] != size:
                     m = F.interpolate(m[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
-                pred = pred.replace(masks=m, mask_scores=torch.tensor(mask_scores[r], dtype=torch.float32))
+                pred = pred.replace(masks=m, mask_scores=torch.tensor(hooks.mask_scores[r], dtype=torch.float32))
             preds.append(pred)
         return preds
 
@@ -711,3 +671,93 @@ class Pixel2Emb(BaseParadigm):
             head_group["lr"] = self.head_lr
         groups.append(head_group)
         return groups
+
+
+class _NextChatDecoding(DecodingHooks):
+    """NExT-Chat's steps in the shared greedy loop: a pass over a trigger decodes the row's box
+    (and mask) from the trigger's state; the row's next token is forced to ``<loc>`` and its
+    input embedding is ``BoxEncoder(decoded box)``.  ``<loc>``, ``<ref>`` and ``<image>`` are
+    never generated freely.  Collects boxes, masks and scores per row."""
+
+    def __init__(self, paradigm: Pixel2Emb, batch: Batch) -> None:
+        super().__init__()
+        self.paradigm = paradigm
+        self.batch = batch
+        b = len(batch)
+        device = batch.images.device
+        self.boxes: list[list[Tensor]] = [[] for _ in range(b)]
+        self.scores: list[list[float]] = [[] for _ in range(b)]
+        self.masks: list[list[Tensor]] = [[] for _ in range(b)]
+        self.mask_scores: list[list[float]] = [[] for _ in range(b)]
+        self.trigger_prob = torch.zeros(b, device=device)
+        self.fresh = torch.zeros(b, dtype=torch.bool, device=device)
+        self.force = torch.zeros(b, dtype=torch.bool, device=device)
+        self.start = batch.prompt_ids.shape[1]
+        p = paradigm
+        self.banned = [t for t in (p.loc_id, p.ref_id, getattr(p.backbone, "image_token_id", -1)) if t >= 0]
+        pad = p.backbone.tokenizer.pad_token_id
+        self.pad = pad if pad is not None else 0
+
+    def attention_layers(self, token: Tensor | None) -> list[int] | None:
+        p = self.paradigm
+        if p.refocus_lambda > 0 and token is not None and bool((token == p.trigger_id).any()):
+            return [-1]
+        return None
+
+    def final_pass(self, state: DecodingState, token: Tensor) -> bool:
+        return bool((token == self.paradigm.trigger_id).any())  # a last trigger still gets its box
+
+    def observe(self, state: DecodingState) -> None:
+        p = self.paradigm
+        self.fresh = (state.ids[:, -1] == p.trigger_id) & (state.step > 0)
+        if not bool(self.fresh.any()):
+            return
+        rows = self.fresh.nonzero().flatten()
+        positions = torch.full_like(rows, state.last_position)
+        keys = []
+        if p.refocus_lambda > 0:
+            ids, text_positions = state.ids, state.text_positions()
+            for r in rows.tolist():
+                gen = torch.arange(self.start, ids.shape[1] - 1, device=ids.device)
+                gen = gen[(ids[r, gen] != p.trigger_id) & (ids[r, gen] != p.loc_id) & (ids[r, gen] != self.pad)]
+                keys.append(text_positions[r, gen])
+        states, _ = p.trigger_states(state, rows, positions, keys)
+        decoded = p.box_decoder(states) if p.box_decoder is not None else None
+        if p.mask_decoder is not None:
+            logits, iou = p.decode_masks(state, rows, states, decoded)
+        for k, r in enumerate(rows.tolist()):
+            if decoded is not None:
+                self.boxes[r].append(decoded[k])
+                self.scores[r].append(float(self.trigger_prob[r]))
+            if p.mask_decoder is not None:
+                self.masks[r].append(logits[k] > 0)
+                self.mask_scores[r].append(float(iou[k]))
+                if decoded is None:
+                    self.scores[r].append(float(self.trigger_prob[r]))
+
+    def choose(self, state: DecodingState) -> Tensor:
+        p = self.paradigm
+        scores = state.scores.clone()
+        if self.banned:
+            scores[:, self.banned] = float("-inf")
+        probs = scores.softmax(-1)
+        token = scores.argmax(-1)
+        live = ~state.finished
+        self.force = self.fresh & live if p.answer_format.box_after_trigger else torch.zeros_like(self.fresh)
+        token = torch.where(self.force, torch.full_like(token, p.loc_id), token)
+        is_trigger = (token == p.trigger_id) & live
+        rows = torch.arange(token.shape[0], device=token.device)
+        self.trigger_prob = torch.where(is_trigger, probs[rows, p.trigger_id], self.trigger_prob)
+        return token
+
+    def next_embeds(self, state: DecodingState, token: Tensor, embeds: Tensor) -> Tensor:
+        if not bool(self.force.any()):
+            return embeds
+        p = self.paradigm
+        rows = self.force.nonzero().flatten()
+        size = self.batch.input_size
+        # the encoder was taught on ordered ground-truth boxes: feed the ordered decoded box
+        boxes = torch.stack([normalise_boxes(denormalise_boxes(self.boxes[r][-1], size), size) for r in rows.tolist()])
+        out = embeds.clone()
+        out[rows, 0] = p.box_encoder(boxes).to(embeds.dtype)
+        return out

@@ -432,7 +432,7 @@ class Pixel2Seq(BaseParadigm):
         constrained: constrain generation to each task's answer grammar.
         coordinate_sigma: > 0 trains coordinate tokens with a Gaussian target of that width in
             bins (grid cells for Kosmos-2) instead of one-hot; token codecs only.
-        evaluator, optimizer, scheduler, loss_weights, tasks, max_new_tokens: see
+        evaluator, optimizer, scheduler, loss_weights, tasks, max_new_tokens, use_cache: see
             :class:`~vlzoo.paradigms.base.BaseParadigm`.
     """
 
@@ -456,6 +456,7 @@ class Pixel2Seq(BaseParadigm):
         loss_weights: dict[str, float] | None = None,
         tasks: list[str] | None = None,
         max_new_tokens: int = 64,
+        use_cache: bool = True,
     ) -> None:
         codec = codec if codec is not None else BinsCodec(bins=64)
         if coordinate_sigma < 0:
@@ -481,6 +482,7 @@ class Pixel2Seq(BaseParadigm):
             loss_weights=loss_weights,
             tasks=tasks,
             max_new_tokens=max_new_tokens,
+            use_cache=use_cache,
         )
         self.codec = codec
         self.constrained = bool(constrained)
