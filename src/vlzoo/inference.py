@@ -517,5 +517,12 @@ def run_infer(
 
 
 def json_text(result: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str:
-    """The answer as JSON text (what ``vlzoo infer`` prints)."""
-    return json.dumps(result, indent=1)
+    """The answer as JSON text (what ``vlzoo infer`` prints): indented, with each list of
+    numbers (a box, a keypoint) on one line."""
+    import re
+
+    text = json.dumps(result, indent=1)
+    def one_line(match: re.Match[str]) -> str:
+        return "[" + ", ".join(v.strip() for v in match.group(1).split(",")) + "]"
+
+    return re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]", one_line, text)
