@@ -224,9 +224,10 @@ class TrainedModel:
     ) -> Sample:
         """The :class:`Sample` a dataset would give for this image and expression (no targets)."""
         task = task or self.tasks[0]
-        if task not in self.supported_tasks:
+        if task not in self.tasks:
             raise ValueError(
-                f"model {self.name} ({self.source}) does not do task '{task}'; it does {list(self.supported_tasks)}"
+                f"model {self.name} ({self.source}) does not do task '{task}': it was trained for {self.tasks} "
+                "(choose one with --task / task=)"
             )
         pixels = read_image(image)
         h, w = int(pixels.shape[1]), int(pixels.shape[2])
