@@ -126,7 +126,8 @@ def make_app(models: Sequence[TrainedModel], *, examples_dir: str | Path | None 
                 with gr.Column():
                     gr.Markdown(f"### {model.name}\n`{getattr(model.model, 'name', '')}` · {', '.join(model.tasks)} · "
                                 f"`{model.source.name}`")
-                    outputs.append(gr.Image(label=f"overlay ({model.name})", type="filepath", interactive=False))
+                    outputs.append(gr.Image(label=f"overlay ({model.name})", show_label=False, type="filepath",
+                                            interactive=False))
                     outputs.append(gr.JSON(label=f"answer ({model.name})", elem_id=f"answer-{index}"))
         rows = shapes_examples(models, work / "examples")
         if rows:
