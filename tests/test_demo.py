@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 import vlzoo
-from vlzoo.cli import main
-
 from support.trained import fit_tiny
+from vlzoo.cli import main
 
 gradio = pytest.importorskip("gradio", reason="the demo needs the optional [demo] extra: pip install -e '.[demo]'")
 gradio_client = pytest.importorskip("gradio_client", reason="needs gradio_client (the [demo] extra)")

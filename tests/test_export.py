@@ -14,6 +14,7 @@ import yaml
 from safetensors import safe_open
 
 import vlzoo
+from support.trained import RECIPES, fit_tiny
 from vlzoo.build import build
 from vlzoo.cli import main
 from vlzoo.config import instantiate, load_recipe
@@ -21,8 +22,6 @@ from vlzoo.data import ShapesDataset
 from vlzoo.export import export, self_contained_recipe
 from vlzoo.inference import EXPORT_MANIFEST, RECIPE_FILE, TOKENIZER_DIR, WEIGHTS_FILE
 from vlzoo.runs import RECIPE_KEY
-
-from support.trained import RECIPES, fit_tiny
 
 STAGE0_TOKENS = ["<stage0_a>", "<stage0_b>"]
 

@@ -13,12 +13,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import vlzoo
+from support.trained import fit_tiny
 from vlzoo.cli import main
 from vlzoo.data import ShapesDataset
 from vlzoo.data.templates import instruction
 from vlzoo.inference import TrainedModel, image_files, read_image
-
-from support.trained import fit_tiny
 
 pytestmark = pytest.mark.slow
 TASKS = "[res,rec]"
