@@ -17,7 +17,7 @@ import vlzoo
 from support.trained import RECIPES, fit_tiny
 from vlzoo.build import build
 from vlzoo.cli import main
-from vlzoo.config import instantiate, load_recipe
+from vlzoo.config import RecipeError, instantiate, load_recipe
 from vlzoo.data import ShapesDataset
 from vlzoo.export import export, self_contained_recipe
 from vlzoo.inference import EXPORT_MANIFEST, RECIPE_FILE, TOKENIZER_DIR, WEIGHTS_FILE
@@ -65,6 +65,8 @@ def test_export_reloads_alone_with_the_same_answers_and_token_ids(run: dict, tmp
     assert not [p for p in folder.rglob("*") if p.suffix in (".pt", ".ckpt", ".bin", ".pkl")]  # nothing to unpickle
     # the stage-0 file, the run and its MLflow store are gone: the export alone must do
     shutil.rmtree(run["stage0"].parent)
+    with pytest.raises(RecipeError, match="backbone.checkpoint names .* no longer exists.*vlzoo export"):
+        vlzoo.load(run["ckpt"])  # the checkpoint itself needs it (it fixes the ids of the tokens it added)
     moved = tmp_path / "elsewhere"
     shutil.move(str(folder), str(moved))
     reloaded = vlzoo.load(moved)

@@ -394,11 +394,33 @@ def _build(recipe: Recipe, source: str) -> Any:
     return built
 
 
+def _checkpoint_files(node: Any, key: str = "") -> list[tuple[str, str]]:
+    """``(recipe key, file)`` of every ``checkpoint`` file a recipe's nodes load."""
+    found: list[tuple[str, str]] = []
+    if isinstance(node, dict):
+        if "_target_" in node and isinstance(node.get("checkpoint"), str):
+            found.append((f"{key}.checkpoint", node["checkpoint"]))
+        for k, v in node.items():
+            found += _checkpoint_files(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += _checkpoint_files(v, f"{key}.{i}")
+    return found
+
+
 def _load_checkpoint_file(path: Path, allow_targets: Sequence[str]) -> tuple[Any, Any, Recipe]:
     from vlzoo.runs import read_checkpoint
 
     checkpoint, recipe = read_checkpoint(path)
     _check_consent(recipe, allow_targets, f"checkpoint {path}")
+    for key, file in _checkpoint_files(recipe.data):
+        if not Path(file).is_file():
+            raise RecipeError(
+                f"checkpoint {path}: its recipe key {key} names {file}, which no longer exists. The trained weights "
+                "are in the checkpoint, but the model is rebuilt as it was trained, from that file (it also fixes the "
+                "ids of the tokens it added). Put the file back, or - while you have it - write a self-contained "
+                "folder with `vlzoo export`"
+            )
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
         raise RecipeError(f"checkpoint {path} holds no 'state_dict'; use a last.ckpt or best-*.ckpt written by `vlzoo fit`")

@@ -40,7 +40,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             p.add_argument("image", metavar="IMAGE", help="an image file, a folder of images or a glob pattern")
             p.add_argument("expression", nargs="?", default=None, metavar="EXPRESSION",
                            help="what to find (a category name for det / seg / pose; not needed for reg)")
-            p.add_argument("--task", default=None, choices=[t for t in TASKS if t != "caption"],
+            p.add_argument("--task", default=None, choices=list(TASKS),
                            help="default: the first task the model was trained for")
             p.add_argument("--box", default=None, metavar="x1,y1,x2,y2", help="a region in the image's pixels (reg)")
             p.add_argument("--prompt", default=None, help="the whole instruction, verbatim (instead of the task's)")
