@@ -151,3 +151,37 @@ def test_infer_names_a_file_that_is_not_an_image(ckpt: Path, tmp_path: Path, cap
     assert "broken.png" in err and "cannot read image" in err
     assert main(["infer", str(tmp_path / "nothing-here"), str(bad), "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_predictions_to_json_maps_evidence_to_the_image_pixels() -> None:
+    from vlzoo.data.transforms import ResizeTransform
+    from vlzoo.inference import json_text, predictions_to_json
+    from vlzoo.structures import Predictions
+
+    geo = ResizeTransform(size=64).geometry((40, 80))  # a wide image padded to a square, halved
+    heat = torch.zeros(16, 16)
+    heat[10, 4] = 0.9  # cell centre (4.5, 10.5) of 16 -> input pixels (18, 42)
+    mask = torch.zeros(1, 40, 80, dtype=torch.bool)
+    mask[0, 5:9, 10:30] = True
+    pred = Predictions(boxes=torch.tensor([[10.0, 5.0, 30.0, 9.0]]), scores=torch.tensor([0.5]),
+                       labels=torch.tensor([2]), masks=mask, keypoints=torch.tensor([[[1.0, 2.0, 0.7]]]),
+                       text="a cross", image_size=(40, 80),
+                       evidence={"heatmap": heat, "points": torch.tensor([[18.0, 42.0]])})
+    out = predictions_to_json(pred, task="res", prompt="segment the cross.", transform=geo)
+    assert out["boxes"] == [[10.0, 5.0, 30.0, 9.0]] and out["labels"] == [2] and out["text"] == "a cross"
+    assert mask_utils.decode({"size": out["masks"][0]["size"], "counts": out["masks"][0]["counts"].encode()}).sum() == 80
+    assert out["keypoints"] == [[[1.0, 2.0, 0.7]]]
+    peak = out["evidence"]["heatmap_peak"]
+    # input = original * 0.8 + (0, 16): (18, 42) in the input is (22.5, 32.5) in the image
+    assert (peak["x"], peak["y"], peak["value"], peak["grid"]) == (22.5, 32.5, pytest.approx(0.9), [16, 16])
+    assert out["evidence"]["points"] == [[22.5, 32.5]]
+    assert json.loads(json_text(out)) == out
+
+
+def test_demo_without_gradio_says_how_to_install(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                                 ckpt: Path) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if the [demo] extra were not installed
+    assert main(["demo", str(ckpt)]) == 2
+    assert "pip install -e '.[demo]'" in capsys.readouterr().err
