@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlzoo.config import DEFAULT_ALLOWED_PREFIXES, Recipe, RecipeError, recipe_from_dict
+from vlzoo import config as _config
+from vlzoo.config import Recipe, RecipeError, recipe_from_dict
 from vlzoo.structures import ImageTransform, Predictions, Sample, Targets
 
 __all__ = [
@@ -127,7 +128,9 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _check_consent(recipe: Recipe, allow_targets: Sequence[str], where: str) -> None:
-    asked = [p for p in recipe.data.get("allow_targets") or [] if p not in DEFAULT_ALLOWED_PREFIXES]
+    """A stored recipe's ``allow_targets`` count only where the caller repeats them."""
+    default = tuple(getattr(_config, "DEFAULT_ALLOWED_PREFIXES", ()))
+    asked = [str(p) for p in recipe.data.get("allow_targets") or [] if p not in default]
     unconfirmed = [p for p in asked if p not in allow_targets]
     if unconfirmed:
         raise RecipeError(
@@ -136,7 +139,18 @@ def _check_consent(recipe: Recipe, allow_targets: Sequence[str], where: str) -> 
         )
 
 
-def _without_datasets(recipe: Recipe, source: str) -> Recipe:
+def _stored_recipe(data: Mapping[str, Any], allow_targets: Sequence[str], source: str) -> Recipe:
+    """A recipe from a checkpoint or an export (not written by the caller): its own
+    ``allow_targets`` are trusted only as far as ``allow_targets`` confirms them."""
+    import inspect
+
+    extra: dict[str, Any] = {}
+    if "trust_own_allow_targets" in inspect.signature(recipe_from_dict).parameters:
+        extra["trust_own_allow_targets"] = False
+    return recipe_from_dict(data, allow_targets=list(allow_targets), source=source, **extra)
+
+
+def _without_datasets(recipe: Recipe, allow_targets: Sequence[str], source: str) -> Recipe:
     """The recipe with the data slot's datasets left out: its transform, template and collate
     stay, and no dataset file is needed."""
     data = copy.deepcopy(recipe.data)
@@ -144,7 +158,7 @@ def _without_datasets(recipe: Recipe, source: str) -> Recipe:
     if isinstance(node, dict):
         for key in DATASET_KEYS:
             node.pop(key, None)
-    return recipe_from_dict(data, source=source)
+    return _stored_recipe(data, allow_targets, source)
 
 
 class TrainedModel:
@@ -383,10 +397,12 @@ def predictions_to_json(
     return out
 
 
-def _build(recipe: Recipe, source: str) -> Any:
+def _build(recipe: Recipe, allow_targets: Sequence[str], source: str) -> Any:
     from vlzoo.build import build
 
-    built = build(_without_datasets(recipe, source), with_data=True, with_trainer=False, with_logger=False)
+    _check_consent(recipe, allow_targets, source)
+    built = build(_without_datasets(recipe, allow_targets, source), with_data=True, with_trainer=False,
+                  with_logger=False)
     if built.model is None:
         raise RecipeError(f"{source}: its recipe has no paradigm slot, so there is no model to load")
     if built.datamodule is None:
@@ -413,6 +429,7 @@ def _load_checkpoint_file(path: Path, allow_targets: Sequence[str]) -> tuple[Any
 
     checkpoint, recipe = read_checkpoint(path)
     _check_consent(recipe, allow_targets, f"checkpoint {path}")
+    recipe = _stored_recipe(recipe.data, allow_targets, f"checkpoint {path}")
     for key, file in _checkpoint_files(recipe.data):
         if not Path(file).is_file():
             raise RecipeError(
@@ -424,14 +441,15 @@ def _load_checkpoint_file(path: Path, allow_targets: Sequence[str]) -> tuple[Any
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
         raise RecipeError(f"checkpoint {path} holds no 'state_dict'; use a last.ckpt or best-*.ckpt written by `vlzoo fit`")
-    built = _build(recipe, f"checkpoint {path}")
+    built = _build(recipe, allow_targets, f"checkpoint {path}")
     built.model.load_state_dict(state, strict=True)
     return built.model, built.datamodule, recipe
 
 
-def read_export(folder: str | Path) -> tuple[dict[str, Any], Recipe]:
+def read_export(folder: str | Path, *, allow_targets: Sequence[str] = ()) -> tuple[dict[str, Any], Recipe]:
     """The manifest and the recipe of a ``vlzoo export`` folder, with the recipe's paths into the
-    folder (the tokenizer) made absolute."""
+    folder (the tokenizer) made absolute.  The recipe's ``allow_targets`` count only where
+    ``allow_targets`` repeats them."""
     from vlzoo.config import recipe_from_yaml
 
     folder = Path(folder)
@@ -452,15 +470,15 @@ def read_export(folder: str | Path) -> tuple[dict[str, Any], Recipe]:
     data = copy.deepcopy(recipe.data)
     for key, relative in (manifest.get("paths") or {}).items():
         _set_dotted(data, key, str((folder / relative).resolve()))
-    return manifest, recipe_from_dict(data, source=f"export {folder}")
+    _check_consent(recipe, allow_targets, f"export {folder}")
+    return manifest, _stored_recipe(data, allow_targets, f"export {folder}")
 
 
 def _load_export(folder: Path, allow_targets: Sequence[str]) -> tuple[Any, Any, Recipe]:
     from safetensors.torch import load_model
 
-    manifest, recipe = read_export(folder)
-    _check_consent(recipe, allow_targets, f"export {folder}")
-    built = _build(recipe, f"export {folder}")
+    manifest, recipe = read_export(folder, allow_targets=allow_targets)
+    built = _build(recipe, allow_targets, f"export {folder}")
     missing, unexpected = load_model(built.model, str(folder / WEIGHTS_FILE), strict=False)
     if missing or unexpected:
         parts = [f"{len(v)} {what} (e.g. {sorted(v)[0]})" for what, v in (("missing", missing), ("unexpected", unexpected)) if v]
