@@ -185,3 +185,17 @@ def test_demo_without_gradio_says_how_to_install(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if the [demo] extra were not installed
     assert main(["demo", str(ckpt)]) == 2
     assert "pip install -e '.[demo]'" in capsys.readouterr().err
+
+
+def test_load_asks_consent_for_the_targets_a_checkpoint_allows(tmp_path: Path) -> None:
+    from vlzoo.config import RecipeError, load_recipe
+    from vlzoo.runs import RECIPE_KEY
+
+    recipe = load_recipe(Path(__file__).parent / "support" / "recipes" / "tiny.yaml")  # allow_targets: [support]
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": {}, RECIPE_KEY: recipe.to_yaml()}, ckpt)
+    with pytest.raises(RecipeError, match=r"asks to allow targets under support.*--allow-target support"):
+        vlzoo.load(ckpt)
+    # with consent it is built - and its datamodule, which has no collate, is named
+    with pytest.raises(RecipeError, match=r"TinyData\) has no collate\(\)"):
+        vlzoo.load(ckpt, allow_targets=["support"])

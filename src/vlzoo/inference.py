@@ -407,6 +407,11 @@ def _build(recipe: Recipe, allow_targets: Sequence[str], source: str) -> Any:
         raise RecipeError(f"{source}: its recipe has no paradigm slot, so there is no model to load")
     if built.datamodule is None:
         raise RecipeError(f"{source}: its recipe has no data slot, so it does not say how an image is prepared")
+    if getattr(built.datamodule, "collate", None) is None or getattr(built.datamodule, "transform", None) is None:
+        raise RecipeError(
+            f"{source}: the recipe's data slot ({recipe.get('data._target_')}) has no collate() / transform, "
+            "so an image cannot be prepared as in training; use vlzoo.data.VLDataModule"
+        )
     return built
 
 
