@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "build", "load_checkpoint"]
+__all__ = ["__version__", "build", "load", "load_checkpoint"]
 
 
 def __getattr__(name: str):
@@ -13,6 +13,10 @@ def __getattr__(name: str):
         from vlzoo.build import build
 
         return build
+    if name == "load":
+        from vlzoo.inference import load
+
+        return load
     if name == "load_checkpoint":
         from vlzoo.runs import load_checkpoint
 

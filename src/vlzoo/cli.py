@@ -10,6 +10,9 @@
     vlzoo recipes
     vlzoo study STUDY [--jobs N] [--cell I] [--tracking-uri U] [--output-dir D]
     vlzoo study report STUDY [--tracking-uri U] [--output-dir D]
+    vlzoo infer CHECKPOINT|DIR IMAGE [EXPRESSION] [--task T] [--box x1,y1,x2,y2] [--overlay OUT]
+    vlzoo export CHECKPOINT DIR
+    vlzoo demo CHECKPOINT|DIR [...] [--port N]
 
 RECIPE is a file or a shipped recipe name (``vlzoo recipes``); with ``--checkpoint`` it may be
 left out and the checkpoint's own recipe is used.  Overrides are ``slot=name`` (swap a slot for
@@ -95,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--output", default=None, help="result JSON (default OUTPUT_DIR/predictions.json)")
             p.add_argument("--overlays", default=None, metavar="DIR", help="also draw overlay PNGs here")
             p.add_argument("--max-overlays", type=int, default=None, help="at most this many overlays")
+    from vlzoo.use_commands import add_parsers
+
+    add_parsers(sub)  # infer / export / demo (vlzoo.use_commands)
     return parser
 
 
@@ -487,6 +493,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest:
         args.overrides = list(args.overrides) + rest
     commands = {"print": _cmd_print, "check": _cmd_check, "recipes": _cmd_recipes, "study": _cmd_study}
+    from vlzoo.use_commands import COMMANDS as USE_COMMANDS
+
+    commands.update(USE_COMMANDS)  # infer / export / demo
     command = commands.get(args.verb, _cmd_run)
     try:
         return command(args)

@@ -1,0 +1,154 @@
+"""``vlzoo demo CHECKPOINT|DIR [...]``: ask trained models about an image in the browser.
+
+A Gradio app (the optional ``demo`` extra: ``pip install -e '.[demo]'``) served on 127.0.0.1:
+upload an image or pick one of the examples (scenes of the Shapes test split), type an
+expression, choose the task, and see each model's overlay and its JSON answer
+(:func:`vlzoo.inference.predictions_to_json`).  Several models answer side by side - the
+head-to-head study, live.  The answer is the one :func:`vlzoo.load` gives (the endpoint
+``/answer`` serves it to ``gradio_client`` as well).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vlzoo.config import RecipeError
+from vlzoo.inference import CATEGORY_TASKS, TrainedModel, load
+
+__all__ = ["make_app", "shapes_examples", "serve", "API_NAME"]
+
+#: The endpoint of the answer (``gradio_client``: ``client.predict(..., api_name="/answer")``).
+API_NAME = "answer"
+
+
+def _gradio() -> Any:
+    try:
+        import gradio as gr
+    except ImportError:
+        raise RecipeError(
+            "vlzoo demo needs Gradio, an optional dependency: pip install -e '.[demo]' (or pip install gradio)"
+        ) from None
+    return gr
+
+
+def shapes_examples(models: Sequence[TrainedModel], folder: str | Path, *, count: int = 4) -> list[list[Any]]:
+    """``[[image.png, expression, task, box], ...]``: scenes of the Shapes test split (the
+    first model recipe's own test split when it is Shapes) saved as PNG files in ``folder``, one
+    per task the models do, taken in turn."""
+    from PIL import Image
+
+    from vlzoo.data import ShapesDataset
+
+    tasks = [t for t in dict.fromkeys(t for m in models for t in m.tasks) if t in ("rec", "res", "det", "seg", "pose", "reg")]
+    if not tasks:
+        return []
+    node = models[0].recipe.get("data.test")
+    image_size = 64
+    if isinstance(node, dict) and str(node.get("_target_", "")).endswith("ShapesDataset"):
+        image_size = int(node.get("image_size", image_size))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows: list[list[Any]] = []
+    for i in range(count):
+        task = tasks[i % len(tasks)]
+        sample = ShapesDataset(split="test", size=count, image_size=image_size, tasks=[task], seed=0)[i]
+        path = folder / f"shapes-test-{i}-{task}.png"
+        Image.fromarray(sample.image.permute(1, 2, 0).numpy()).save(path)
+        box = ""
+        if task in CATEGORY_TASKS:
+            expression = str(sample.meta["category"])
+        elif task == "reg":
+            expression = ""
+            box = ",".join(f"{v:.0f}" for v in sample.meta["prompt_boxes"][0])
+        else:
+            expression = sample.targets.expressions[0]
+        rows.append([str(path), expression, task, box])
+    return rows
+
+
+def _box(text: str | None) -> list[float] | None:
+    if not text or not str(text).strip():
+        return None
+    values = [v for v in str(text).replace(" ", "").split(",") if v]
+    try:
+        box = [float(v) for v in values]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        raise ValueError(f"box {text!r}: give four numbers x1,y1,x2,y2 in the image's pixels")
+    return box
+
+
+def make_app(models: Sequence[TrainedModel], *, examples_dir: str | Path | None = None, title: str = "vlzoo demo") -> Any:
+    """The Gradio ``Blocks`` app answering with every model in ``models`` side by side."""
+    gr = _gradio()
+    if not models:
+        raise RecipeError("vlzoo demo needs at least one checkpoint or export folder")
+    work = Path(examples_dir) if examples_dir is not None else Path(tempfile.mkdtemp(prefix="vlzoo-demo-"))
+    overlays = work / "overlays"
+    overlays.mkdir(parents=True, exist_ok=True)
+    tasks = list(dict.fromkeys(t for m in models for t in m.tasks))  # what the models were trained for
+    counter = {"n": 0}
+
+    def answer(image: str | None, expression: str, task: str, box: str) -> list[Any]:
+        if image is None:
+            raise gr.Error("upload an image or pick an example first")
+        out: list[Any] = []
+        counter["n"] += 1
+        for index, model in enumerate(models):
+            target = overlays / f"answer-{counter['n']}-{index}.png"
+            try:
+                result = model.answer(image, expression or None, task=task, box=_box(box), overlay=target)
+                result.pop("image", None)
+                result.pop("overlay", None)
+                out += [str(target), result]
+            except ValueError as err:
+                out += [None, {"error": str(err)}]
+        return out
+
+    with gr.Blocks(title=title) as app:
+        gr.Markdown(f"# {title}\nAsk {'these models' if len(models) > 1 else 'a trained model'} where things are: "
+                    "upload an image or pick an example, type an expression (a category name for det / seg / pose), "
+                    "choose the task. For reg, give the region as x1,y1,x2,y2.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type="filepath", format="png", label="image", sources=["upload", "clipboard"])
+                expression = gr.Textbox(label="expression", placeholder="the red circle", elem_id="expression")
+                task = gr.Dropdown(choices=tasks, value=tasks[0], label="task", elem_id="task")
+                box = gr.Textbox(label="box (x1,y1,x2,y2, for reg)", value="", elem_id="box")
+                button = gr.Button("Answer", variant="primary", elem_id="answer-button")
+        outputs: list[Any] = []
+        with gr.Row():
+            for index, model in enumerate(models):
+                with gr.Column():
+                    gr.Markdown(f"### {model.name}\n`{getattr(model.model, 'name', '')}` · {', '.join(model.tasks)} · "
+                                f"`{model.source.name}`")
+                    outputs.append(gr.Image(label=f"overlay ({model.name})", show_label=False, type="filepath",
+                                            interactive=False))
+                    outputs.append(gr.JSON(label=f"answer ({model.name})", elem_id=f"answer-{index}"))
+        rows = shapes_examples(models, work / "examples")
+        if rows:
+            gr.Examples(examples=rows, inputs=[image, expression, task, box], label="Shapes test scenes")
+        button.click(answer, inputs=[image, expression, task, box], outputs=outputs, api_name=API_NAME)
+    return app
+
+
+def serve(
+    paths: Sequence[str | Path],
+    *,
+    port: int | None = None,
+    allow_targets: Sequence[str] = (),
+    block: bool = True,
+) -> Any:
+    """Load every model in ``paths`` and serve the app on ``127.0.0.1:port`` (Gradio picks a free
+    port from 7860 when ``port`` is ``None``).  With ``block=False`` it returns the running app
+    (``app.close()`` stops it)."""
+    _gradio()
+    models = [load(p, allow_targets=allow_targets) for p in paths]
+    app = make_app(models)
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=not block, share=False,
+               show_error=True, quiet=not block)
+    return app

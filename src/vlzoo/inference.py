@@ -1,0 +1,578 @@
+"""Use a trained model on your own images: ``vlzoo.load(path)`` and ``vlzoo infer``.
+
+``load`` takes a ``vlzoo fit`` checkpoint (``last.ckpt``, ``best-*.ckpt``) or a folder written by
+``vlzoo export`` (:mod:`vlzoo.export`) and returns a :class:`TrainedModel`: call it with an image
+(a path, a PIL image, an ``(H, W, 3)`` array or a ``(3, H, W)`` uint8 tensor), an expression and a
+task, and it answers with :class:`~vlzoo.structures.Predictions` in the pixels of that image.
+
+The image goes through the transform and the collate of the recipe's own datamodule (built from
+its ``data`` slot without its datasets), and the model through the ``predict_step`` that
+``vlzoo predict`` runs, so one image answered here and the same sample answered by ``vlzoo
+predict`` agree.  How the instruction is written from the expression is the datasets' one
+(:func:`vlzoo.data.templates.instruction`, its first phrasing): ``rec`` "where is {expr}?",
+``res`` "segment {expr}.", ``det`` "detect every {category}." ...; ``prompt=`` gives the
+instruction verbatim instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vlzoo import config as _config
+from vlzoo.config import Recipe, RecipeError, recipe_from_dict
+from vlzoo.structures import ImageTransform, Predictions, Sample, Targets
+
+__all__ = [
+    "TrainedModel",
+    "load",
+    "read_image",
+    "image_files",
+    "predictions_to_json",
+    "read_export",
+    "run_infer",
+    "json_text",
+    "CATEGORY_TASKS",
+    "EXPORT_MANIFEST",
+    "WEIGHTS_FILE",
+    "RECIPE_FILE",
+    "TOKENIZER_DIR",
+]
+
+#: Files of a ``vlzoo export`` folder.
+EXPORT_MANIFEST = "vlzoo_export.json"
+WEIGHTS_FILE = "model.safetensors"
+RECIPE_FILE = "recipe.yaml"
+TOKENIZER_DIR = "tokenizer"
+#: The dataset slots of a datamodule: left out when only its transform and collate are needed.
+DATASET_KEYS = ("train", "val", "test", "predict")
+#: Tasks whose expression is a category name (the instruction names what to find everywhere).
+CATEGORY_TASKS = ("det", "seg", "pose")
+
+
+def read_image(image: Any, *, name: str = "image") -> Tensor:
+    """``(3, H, W)`` uint8 RGB from a path (any file PIL reads, EXIF orientation honoured), a PIL
+    image, an ``(H, W)`` / ``(H, W, 3|4)`` array (uint8, or floats in [0, 1]) or a ``(3, H, W)``
+    uint8 tensor."""
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        from vlzoo.data.images import load_image
+
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        from PIL import ImageOps
+
+        return torch.from_numpy(np.asarray(ImageOps.exif_transpose(image).convert("RGB")).copy()).permute(2, 0, 1)
+    if isinstance(image, Tensor):
+        if image.ndim == 3 and image.shape[0] in (1, 3) and image.dtype == torch.uint8:
+            return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image.contiguous()
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.dtype != np.uint8:
+            if not np.issubdtype(array.dtype, np.floating):
+                raise ValueError(f"{name}: an image array must be uint8 or floats in [0, 1], got {array.dtype}")
+            array = (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=2)
+        if array.ndim != 3 or array.shape[2] not in (3, 4):
+            raise ValueError(f"{name}: an image array must be (H, W) or (H, W, 3|4), got shape {array.shape}")
+        return torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1).contiguous()
+    raise TypeError(
+        f"{name}: expected a file path, a PIL image, an (H, W, 3) array or a (3, H, W) uint8 tensor, "
+        f"got {type(image).__name__}"
+    )
+
+
+def image_files(spec: str | Path) -> list[Path]:
+    """The images ``spec`` names: one file, every image file of a directory (sorted), or the
+    files a glob pattern matches.  :class:`RecipeError` when it names none."""
+    from PIL import Image
+
+    text = str(spec)
+    path = Path(text)
+    extensions = {ext.lower() for ext in Image.registered_extensions()}
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+        if not files:
+            raise RecipeError(f"image folder {path} holds no image file (looked for {', '.join(sorted(extensions)[:8])} ...)")
+        return files
+    if glob.has_magic(text):
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not files:
+            raise RecipeError(f"image pattern {text!r} matches no file")
+        return files
+    raise RecipeError(f"image {text} does not exist (give an image file, a folder of images or a glob pattern)")
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node: Any = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _check_consent(recipe: Recipe, allow_targets: Sequence[str], where: str) -> None:
+    """A stored recipe's ``allow_targets`` count only where the caller repeats them."""
+    default = tuple(getattr(_config, "DEFAULT_ALLOWED_PREFIXES", ()))
+    asked = [str(p) for p in recipe.data.get("allow_targets") or [] if p not in default]
+    unconfirmed = [p for p in asked if p not in allow_targets]
+    if unconfirmed:
+        raise RecipeError(
+            f"{where} asks to allow targets under {', '.join(unconfirmed)}; if you trust it, pass "
+            f"allow_targets={unconfirmed!r} (command line: --allow-target {' --allow-target '.join(unconfirmed)})"
+        )
+
+
+def _stored_recipe(data: Mapping[str, Any], allow_targets: Sequence[str], source: str) -> Recipe:
+    """A recipe from a checkpoint or an export (not written by the caller): its own
+    ``allow_targets`` are trusted only as far as ``allow_targets`` confirms them."""
+    import inspect
+
+    extra: dict[str, Any] = {}
+    if "trust_own_allow_targets" in inspect.signature(recipe_from_dict).parameters:
+        extra["trust_own_allow_targets"] = False
+    return recipe_from_dict(data, allow_targets=list(allow_targets), source=source, **extra)
+
+
+def _without_datasets(recipe: Recipe, allow_targets: Sequence[str], source: str) -> Recipe:
+    """The recipe with the data slot's datasets left out: its transform, template and collate
+    stay, and no dataset file is needed."""
+    data = copy.deepcopy(recipe.data)
+    node = data.get("data")
+    if isinstance(node, dict):
+        for key in DATASET_KEYS:
+            node.pop(key, None)
+    return _stored_recipe(data, allow_targets, source)
+
+
+class TrainedModel:
+    """A trained vlzoo model ready to answer about images (what :func:`load` returns).
+
+    Call it: ``model(image, expression, task="rec")`` -> :class:`Predictions` in the image's
+    pixels; with lists of images (and optionally of expressions / tasks / boxes) it answers a
+    list, in batches of ``batch_size``.
+
+    Attributes:
+        model: the paradigm (a LightningModule in eval mode).
+        recipe: the recipe it was built from.
+        tasks: the tasks the model was trained for; ``tasks[0]`` is the default.
+        special_token_ids: the ids of the tokens the paradigm added to the tokenizer.
+        source: the checkpoint file or export folder it was loaded from.
+    """
+
+    def __init__(self, model: Any, datamodule: Any, recipe: Recipe, *, source: Path, batch_size: int = 8) -> None:
+        collate = getattr(datamodule, "collate", None)
+        if collate is None or getattr(datamodule, "transform", None) is None:
+            raise RecipeError(
+                f"{source}: the recipe's data slot ({recipe.get('data._target_')}) has no collate() / transform, "
+                "so an image cannot be prepared as in training; use vlzoo.data.VLDataModule"
+            )
+        self.model = model
+        self.datamodule = datamodule
+        self.recipe = recipe
+        self.source = Path(source)
+        self.batch_size = int(batch_size)
+        self.collate = collate(require_answers=False)
+        self.transform = datamodule.transform
+        supported = tuple(getattr(model, "supported_tasks", ()) or ())
+        self.tasks: list[str] = list(getattr(model, "tasks", None) or supported)
+        self.supported_tasks: tuple[str, ...] = supported or tuple(self.tasks)
+        self.special_token_ids: dict[str, int] = dict(getattr(model, "special_token_ids", {}) or {})
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> TrainedModel:
+        self.model.to(device)
+        return self
+
+    def geometry(self, image_size: tuple[int, int]) -> ImageTransform:
+        """The map from an image of ``image_size`` ``(H, W)`` to the network input."""
+        return self.transform.geometry(tuple(int(v) for v in image_size))
+
+    def instruction(self, expression: str | None, task: str, *, box: Sequence[float] | None = None) -> str:
+        """The instruction the datasets write for ``task`` around ``expression``."""
+        from vlzoo.data.templates import instruction
+
+        if task in ("reg",):
+            if box is None:
+                raise ValueError("task 'reg' describes a region: give its box (box=[x1, y1, x2, y2], --box x1,y1,x2,y2)")
+            return instruction("reg")
+        if task == "caption":
+            return instruction("caption")
+        if not expression:
+            what = "a category name" if task in CATEGORY_TASKS else "an expression"
+            raise ValueError(f"task '{task}' needs {what} (e.g. 'red circle')")
+        if task in CATEGORY_TASKS:
+            return instruction(task, category=expression)
+        if task in ("rec", "res"):
+            return instruction(task, expr=expression)
+        return expression  # vqa: the expression is the question
+
+    def sample(
+        self,
+        image: Any,
+        expression: str | None = None,
+        *,
+        task: str | None = None,
+        box: Sequence[float] | None = None,
+        prompt: str | None = None,
+        image_id: int = 0,
+    ) -> Sample:
+        """The :class:`Sample` a dataset would give for this image and expression (no targets)."""
+        task = task or self.tasks[0]
+        if task not in self.tasks:
+            raise ValueError(
+                f"model {self.name} ({self.source}) does not do task '{task}': it was trained for {self.tasks} "
+                "(choose one with --task / task=)"
+            )
+        pixels = read_image(image)
+        h, w = int(pixels.shape[1]), int(pixels.shape[2])
+        text = prompt if prompt is not None else self.instruction(expression, task, box=box)
+        meta: dict[str, Any] = {}
+        if box is not None:
+            values = [float(v) for v in box]
+            if len(values) != 4 or not (values[2] > values[0] and values[3] > values[1]):
+                raise ValueError(f"box must be x1,y1,x2,y2 with x2 > x1 and y2 > y1 (original pixels), got {box}")
+            from vlzoo.data.answers import BOX_PLACEHOLDER
+
+            if BOX_PLACEHOLDER in text:
+                meta["prompt_boxes"] = [values]
+            elif prompt is not None:
+                raise ValueError(f"a box is given but the prompt has no '{BOX_PLACEHOLDER}' where it goes: {prompt!r}")
+        if task in CATEGORY_TASKS and expression:
+            meta["category"] = expression
+        targets = Targets(image_id=int(image_id), image_size=(h, w))
+        if expression and task in ("rec", "res"):
+            targets = targets.replace(expressions=[expression])
+        return Sample(pixels, task, text, targets, image_id=int(image_id), meta=meta)
+
+    @torch.inference_mode()
+    def predict_samples(self, samples: Sequence[Sample]) -> list[Predictions]:
+        """Answer prepared samples (original pixels), in batches of ``batch_size``."""
+        out: list[Predictions] = []
+        device = self.device
+        for start in range(0, len(samples), self.batch_size):
+            batch = self.collate(list(samples[start : start + self.batch_size])).to(device)
+            out.extend(self.model.predict_step(batch, start // self.batch_size))
+        return out
+
+    def __call__(
+        self,
+        image: Any,
+        expression: str | Sequence[str | None] | None = None,
+        *,
+        task: str | Sequence[str] | None = None,
+        box: Sequence[float] | Sequence[Sequence[float] | None] | None = None,
+        prompt: str | Sequence[str | None] | None = None,
+    ) -> Predictions | list[Predictions]:
+        """Answer about one image (-> :class:`Predictions`) or a list of images (-> a list)."""
+        batched = isinstance(image, (list, tuple))
+        images = list(image) if batched else [image]
+        n = len(images)
+
+        def spread(value: Any, *, nested: bool = False) -> list[Any]:
+            if batched and isinstance(value, (list, tuple)) and (
+                not nested or (len(value) > 0 and (value[0] is None or isinstance(value[0], (list, tuple))))
+            ):
+                if len(value) != n:
+                    raise ValueError(f"{len(value)} values for {n} images")
+                return list(value)
+            return [value] * n
+
+        exprs, tasks, prompts = spread(expression), spread(task), spread(prompt)
+        boxes = spread(box, nested=True)
+        samples = [
+            self.sample(img, exprs[i], task=tasks[i], box=boxes[i], prompt=prompts[i], image_id=i)
+            for i, img in enumerate(images)
+        ]
+        preds = self.predict_samples(samples)
+        return preds if batched else preds[0]
+
+    def answer(self, image: Any, expression: str | None = None, *, task: str | None = None,
+               box: Sequence[float] | None = None, prompt: str | None = None,
+               overlay: str | Path | None = None) -> dict[str, Any]:
+        """One image's answer as JSON-ready data (:func:`predictions_to_json`); with ``overlay``
+        also draws it into that PNG."""
+        sample = self.sample(image, expression, task=task, box=box, prompt=prompt)
+        (pred,) = self.predict_samples([sample])
+        geo = self.geometry((int(sample.image.shape[1]), int(sample.image.shape[2])))
+        result = predictions_to_json(pred, task=sample.task, prompt=sample.prompt, transform=geo)
+        if expression is not None:
+            result["expression"] = expression
+        if box is not None:
+            result["box"] = [float(v) for v in box]
+        if isinstance(image, (str, Path)):
+            result["image"] = str(image)
+        if overlay is not None:
+            from vlzoo.visualize import draw_overlay
+
+            title = f"{sample.task}: {sample.prompt}" + (f"\n-> {pred.text}" if pred.text else "")
+            boxes = torch.tensor([result["box"]]) if box is not None else torch.zeros(0, 4)
+            given = Targets(boxes=boxes, image_size=pred.image_size) if box is not None else None
+            result["overlay"] = str(draw_overlay(sample.image, given, pred, overlay, title[:200], transform=geo))
+        return result
+
+    def __repr__(self) -> str:
+        return f"TrainedModel({self.name!r}, paradigm={getattr(self.model, 'name', '?')}, tasks={self.tasks}, source={str(self.source)!r})"
+
+
+def _peak(heatmap: Tensor, transform: ImageTransform | None) -> dict[str, float]:
+    """The heatmap's top cell: its value and its centre in original pixels."""
+    heat = heatmap.detach().float().cpu()
+    h, w = int(heat.shape[-2]), int(heat.shape[-1])
+    index = int(torch.argmax(heat))
+    row, col = divmod(index, w)
+    if transform is not None:
+        ih, iw = transform.input_size
+        point = torch.tensor([[(col + 0.5) * iw / w, (row + 0.5) * ih / h]])
+        x, y = (float(v) for v in transform.points_to_original(point)[0])
+    else:
+        x, y = float(col + 0.5), float(row + 0.5)
+    return {"x": x, "y": y, "value": float(heat.reshape(-1)[index]), "grid": [h, w]}
+
+
+def predictions_to_json(
+    pred: Predictions, *, task: str | None = None, prompt: str | None = None, transform: ImageTransform | None = None
+) -> dict[str, Any]:
+    """One sample's :class:`Predictions` (original pixels) as JSON-ready data: ``boxes`` (``xyxy``),
+    ``scores``, ``labels``, ``masks`` (COCO RLE, text ``counts``), ``mask_scores``, ``keypoints``
+    (``[x, y, score]`` per keypoint), ``text``, ``parsed`` and the paradigm's ``evidence``: the
+    heatmap's peak (``{x, y, value, grid}``, original pixels with ``transform``) and point
+    prompts (original pixels)."""
+    from vlzoo.predictions import encode_rle
+
+    def floats(t: Tensor) -> list[Any]:
+        return [[round(float(v), 4) for v in row] for row in t.tolist()] if t.ndim > 1 else [round(float(v), 4) for v in t.tolist()]
+
+    out: dict[str, Any] = {}
+    if task is not None:
+        out["task"] = task
+    if prompt is not None:
+        out["prompt"] = prompt
+    out["image_size"] = [int(v) for v in pred.image_size]
+    out["boxes"] = floats(pred.boxes.reshape(-1, 4))
+    out["scores"] = floats(pred.scores.reshape(-1))
+    out["labels"] = [int(v) for v in pred.labels.reshape(-1).tolist()]
+    if pred.masks is not None:
+        out["masks"] = [encode_rle(m) for m in pred.masks]
+    if pred.mask_scores is not None:
+        out["mask_scores"] = floats(pred.mask_scores.reshape(-1))
+    if pred.keypoints is not None:
+        out["keypoints"] = [floats(k) for k in pred.keypoints]
+    out["text"] = pred.text
+    out["parsed"] = bool(pred.parsed)
+    evidence: dict[str, Any] = {}
+    if "heatmap" in pred.evidence:
+        evidence["heatmap_peak"] = _peak(pred.evidence["heatmap"], transform)
+    points = pred.evidence.get("points")
+    if points is not None and points.numel():
+        pts = points.detach().float().cpu().reshape(-1, points.shape[-1])[:, :2]
+        if transform is not None:
+            pts = transform.points_to_original(pts)
+        evidence["points"] = floats(pts)
+    if evidence:
+        out["evidence"] = evidence
+    return out
+
+
+def _build(recipe: Recipe, allow_targets: Sequence[str], source: str) -> Any:
+    from vlzoo.build import build
+
+    _check_consent(recipe, allow_targets, source)
+    built = build(_without_datasets(recipe, allow_targets, source), with_data=True, with_trainer=False,
+                  with_logger=False)
+    if built.model is None:
+        raise RecipeError(f"{source}: its recipe has no paradigm slot, so there is no model to load")
+    if built.datamodule is None:
+        raise RecipeError(f"{source}: its recipe has no data slot, so it does not say how an image is prepared")
+    if getattr(built.datamodule, "collate", None) is None or getattr(built.datamodule, "transform", None) is None:
+        raise RecipeError(
+            f"{source}: the recipe's data slot ({recipe.get('data._target_')}) has no collate() / transform, "
+            "so an image cannot be prepared as in training; use vlzoo.data.VLDataModule"
+        )
+    return built
+
+
+def _checkpoint_files(node: Any, key: str = "") -> list[tuple[str, str]]:
+    """``(recipe key, file)`` of every ``checkpoint`` file a recipe's nodes load."""
+    found: list[tuple[str, str]] = []
+    if isinstance(node, dict):
+        if "_target_" in node and isinstance(node.get("checkpoint"), str):
+            found.append((f"{key}.checkpoint", node["checkpoint"]))
+        for k, v in node.items():
+            found += _checkpoint_files(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += _checkpoint_files(v, f"{key}.{i}")
+    return found
+
+
+def _load_checkpoint_file(path: Path, allow_targets: Sequence[str]) -> tuple[Any, Any, Recipe]:
+    from vlzoo.runs import read_checkpoint
+
+    checkpoint, recipe = read_checkpoint(path)
+    _check_consent(recipe, allow_targets, f"checkpoint {path}")
+    recipe = _stored_recipe(recipe.data, allow_targets, f"checkpoint {path}")
+    for key, file in _checkpoint_files(recipe.data):
+        if not Path(file).is_file():
+            raise RecipeError(
+                f"checkpoint {path}: its recipe key {key} names {file}, which no longer exists. The trained weights "
+                "are in the checkpoint, but the model is rebuilt as it was trained, from that file (it also fixes the "
+                "ids of the tokens it added). Put the file back, or - while you have it - write a self-contained "
+                "folder with `vlzoo export`"
+            )
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        raise RecipeError(f"checkpoint {path} holds no 'state_dict'; use a last.ckpt or best-*.ckpt written by `vlzoo fit`")
+    built = _build(recipe, allow_targets, f"checkpoint {path}")
+    built.model.load_state_dict(state, strict=True)
+    return built.model, built.datamodule, recipe
+
+
+def read_export(folder: str | Path, *, allow_targets: Sequence[str] = ()) -> tuple[dict[str, Any], Recipe]:
+    """The manifest and the recipe of a ``vlzoo export`` folder, with the recipe's paths into the
+    folder (the tokenizer) made absolute.  The recipe's ``allow_targets`` count only where
+    ``allow_targets`` repeats them."""
+    from vlzoo.config import recipe_from_yaml
+
+    folder = Path(folder)
+    manifest_path = folder / EXPORT_MANIFEST
+    if not manifest_path.is_file():
+        raise RecipeError(
+            f"{folder} is not a vlzoo export folder (it has no {EXPORT_MANIFEST}); write one with "
+            "`vlzoo export CHECKPOINT DIR`, or give a checkpoint file"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise RecipeError(f"{manifest_path} is damaged ({err}); export the checkpoint again") from None
+    for name in (RECIPE_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise RecipeError(f"export folder {folder} has no {name}; export the checkpoint again")
+    recipe = recipe_from_yaml((folder / RECIPE_FILE).read_text(), source=f"export {folder / RECIPE_FILE}")
+    data = copy.deepcopy(recipe.data)
+    for key, relative in (manifest.get("paths") or {}).items():
+        _set_dotted(data, key, str((folder / relative).resolve()))
+    _check_consent(recipe, allow_targets, f"export {folder}")
+    return manifest, _stored_recipe(data, allow_targets, f"export {folder}")
+
+
+def _load_export(folder: Path, allow_targets: Sequence[str]) -> tuple[Any, Any, Recipe]:
+    from safetensors.torch import load_model
+
+    manifest, recipe = read_export(folder, allow_targets=allow_targets)
+    built = _build(recipe, allow_targets, f"export {folder}")
+    missing, unexpected = load_model(built.model, str(folder / WEIGHTS_FILE), strict=False)
+    if missing or unexpected:
+        parts = [f"{len(v)} {what} (e.g. {sorted(v)[0]})" for what, v in (("missing", missing), ("unexpected", unexpected)) if v]
+        raise RecipeError(
+            f"export {folder}: {WEIGHTS_FILE} does not fit the model its recipe builds ({'; '.join(parts)}); "
+            "export the checkpoint again with this vlzoo version"
+        )
+    saved_ids = manifest.get("special_token_ids") or {}
+    own = dict(getattr(built.model, "special_token_ids", {}) or {})
+    moved = {t: (own.get(t), i) for t, i in saved_ids.items() if own.get(t) != i}
+    if moved:
+        raise RecipeError(
+            f"export {folder}: the tokenizer gives other ids to the model's special tokens (token: (now, exported)) "
+            f"{moved}; its {TOKENIZER_DIR}/ folder does not belong to these weights - export again"
+        )
+    return built.model, built.datamodule, recipe
+
+
+def load(
+    path: str | Path, *, allow_targets: Sequence[str] = (), device: str | torch.device | None = None,
+    batch_size: int = 8,
+) -> TrainedModel:
+    """A trained model from a ``vlzoo fit`` checkpoint file or a ``vlzoo export`` folder.
+
+    Nothing is unpickled (checkpoints load with ``weights_only=True``, exports are safetensors).
+    A recipe asking for targets beyond vlzoo's allowlist needs those prefixes in
+    ``allow_targets`` (your consent).  ``device`` defaults to the CPU."""
+    path = Path(path)
+    if path.is_dir():
+        model, datamodule, recipe = _load_export(path, allow_targets)
+    elif path.is_file():
+        model, datamodule, recipe = _load_checkpoint_file(path, allow_targets)
+    else:
+        raise RecipeError(f"{path} does not exist: give a checkpoint file (last.ckpt) or a `vlzoo export` folder")
+    model.eval()
+    trained = TrainedModel(model, datamodule, recipe, source=path, batch_size=batch_size)
+    if device is not None:
+        trained.to(device)
+    return trained
+
+
+def _parse_box(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise RecipeError(f"--box {text!r}: give four numbers x1,y1,x2,y2 in the image's pixels")
+    return values
+
+
+def run_infer(
+    model_path: str | Path,
+    images: str | Path,
+    expression: str | None = None,
+    *,
+    task: str | None = None,
+    box: str | Sequence[float] | None = None,
+    prompt: str | None = None,
+    overlay: str | Path | None = None,
+    allow_targets: Sequence[str] = (),
+) -> dict[str, Any] | list[dict[str, Any]]:
+    """What ``vlzoo infer`` prints: one image's answer, or a list for a folder / glob.  With
+    several images ``overlay`` is a folder receiving ``<image stem>.png`` each."""
+    files = image_files(images)
+    values = _parse_box(box) if isinstance(box, str) or box is None else [float(v) for v in box]
+    trained = load(model_path, allow_targets=allow_targets)
+    several = len(files) > 1 or Path(str(images)).is_dir() or glob.has_magic(str(images))
+    results = []
+    for file in files:
+        target = None
+        if overlay is not None:
+            target = Path(overlay) / f"{file.stem}.png" if several else Path(overlay)
+        try:
+            results.append(trained.answer(file, expression, task=task, box=values, prompt=prompt, overlay=target))
+        except ValueError as err:
+            raise RecipeError(f"{file}: {err}") from None
+    return results if several else results[0]
+
+
+def json_text(result: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str:
+    """The answer as JSON text (what ``vlzoo infer`` prints): indented, with each list of
+    numbers (a box, a keypoint) on one line."""
+    import re
+
+    text = json.dumps(result, indent=1)
+    def one_line(match: re.Match[str]) -> str:
+        return "[" + ", ".join(v.strip() for v in match.group(1).split(",")) + "]"
+
+    return re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]", one_line, text)
