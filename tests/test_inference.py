@@ -194,7 +194,7 @@ def test_load_asks_consent_for_the_targets_a_checkpoint_allows(tmp_path: Path) -
     recipe = load_recipe(Path(__file__).parent / "support" / "recipes" / "tiny.yaml")  # allow_targets: [support]
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": {}, RECIPE_KEY: recipe.to_yaml()}, ckpt)
-    with pytest.raises(RecipeError, match=r"asks to allow targets under support.*--allow-target support"):
+    with pytest.raises(RecipeError, match=r"asks to trust support.*--allow-target support"):
         vlzoo.load(ckpt)
     # with consent it is built - and its datamodule, which has no collate, is named
     with pytest.raises(RecipeError, match=r"TinyData\) has no collate\(\)"):

@@ -60,6 +60,7 @@ __all__ = [
     "is_trusted",
     "locate",
     "validate",
+    "check_trust",
     "instantiate",
     "flatten",
 ]
@@ -760,6 +761,20 @@ def _iter_nodes(node: Any, path: _Path) -> Iterator[tuple[_Path, Mapping[str, An
             yield from _iter_nodes(value, path + (i,))
 
 
+def check_trust(recipe: Recipe) -> None:
+    """Refuse a recipe whose ``allow_targets`` name a prefix the caller has not confirmed (a
+    stored recipe's, see :attr:`Recipe.confirmed`); part of :func:`validate`."""
+    unconfirmed = recipe.unconfirmed_targets
+    if unconfirmed:
+        flags = " ".join(f"--allow-target {p}" for p in unconfirmed)
+        raise RecipeError(
+            f"recipe key allow_targets (set in {recipe.source('allow_targets')}) asks to trust "
+            f"{', '.join(unconfirmed)}, whose code would run. A stored recipe (a checkpoint's, a run's, an export's) "
+            f"cannot extend what it may construct by itself: if you trust it, confirm on the command line with "
+            f"{flags} (Python: allow_targets={list(unconfirmed)!r})."
+        )
+
+
 def validate(recipe: Recipe, *, injectable: Mapping[str, Collection[str]] | None = None) -> None:
     """Check a recipe without building anything: every ``_target_`` allowed and importable,
     every argument a parameter of its target (with a nearest-name suggestion for typos), every
@@ -768,15 +783,7 @@ def validate(recipe: Recipe, *, injectable: Mapping[str, Collection[str]] | None
     Raises :class:`RecipeError` naming the key path and the file that set it.
     """
     injectable = INJECTABLE if injectable is None else injectable
-    unconfirmed = recipe.unconfirmed_targets
-    if unconfirmed:
-        flags = " ".join(f"--allow-target {p}" for p in unconfirmed)
-        raise RecipeError(
-            f"recipe key allow_targets (set in {recipe.source('allow_targets')}) asks to trust "
-            f"{', '.join(unconfirmed)}, whose code would run. A stored recipe (a checkpoint's, a run's) cannot "
-            f"extend what it may construct by itself: if you trust it, confirm on the command line with {flags} "
-            f"(Python: allow_targets={list(unconfirmed)!r})."
-        )
+    check_trust(recipe)
     prefixes = recipe.allowed_prefixes
     _check_arguments(recipe, recipe.data, ())
     for key in PLAIN_KEYS:

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlzoo import config as _config
-from vlzoo.config import Recipe, RecipeError, recipe_from_dict
+from vlzoo.config import Recipe, RecipeError, check_trust, recipe_from_dict
 from vlzoo.structures import ImageTransform, Predictions, Sample, Targets
 
 __all__ = [
@@ -127,27 +126,10 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         node[parts[-1]] = value
 
 
-def _check_consent(recipe: Recipe, allow_targets: Sequence[str], where: str) -> None:
-    """A stored recipe's ``allow_targets`` count only where the caller repeats them."""
-    default = tuple(getattr(_config, "DEFAULT_ALLOWED_PREFIXES", ()))
-    asked = [str(p) for p in recipe.data.get("allow_targets") or [] if p not in default]
-    unconfirmed = [p for p in asked if p not in allow_targets]
-    if unconfirmed:
-        raise RecipeError(
-            f"{where} asks to allow targets under {', '.join(unconfirmed)}; if you trust it, pass "
-            f"allow_targets={unconfirmed!r} (command line: --allow-target {' --allow-target '.join(unconfirmed)})"
-        )
-
-
 def _stored_recipe(data: Mapping[str, Any], allow_targets: Sequence[str], source: str) -> Recipe:
     """A recipe from a checkpoint or an export (not written by the caller): its own
-    ``allow_targets`` are trusted only as far as ``allow_targets`` confirms them."""
-    import inspect
-
-    extra: dict[str, Any] = {}
-    if "trust_own_allow_targets" in inspect.signature(recipe_from_dict).parameters:
-        extra["trust_own_allow_targets"] = False
-    return recipe_from_dict(data, allow_targets=list(allow_targets), source=source, **extra)
+    ``allow_targets`` are trusted only as far as ``allow_targets`` confirms them (``validate``)."""
+    return recipe_from_dict(data, allow_targets=list(allow_targets), source=source, trust_own_allow_targets=False)
 
 
 def _without_datasets(recipe: Recipe, allow_targets: Sequence[str], source: str) -> Recipe:
@@ -400,7 +382,6 @@ def predictions_to_json(
 def _build(recipe: Recipe, allow_targets: Sequence[str], source: str) -> Any:
     from vlzoo.build import build
 
-    _check_consent(recipe, allow_targets, source)
     built = build(_without_datasets(recipe, allow_targets, source), with_data=True, with_trainer=False,
                   with_logger=False)
     if built.model is None:
@@ -433,8 +414,8 @@ def _load_checkpoint_file(path: Path, allow_targets: Sequence[str]) -> tuple[Any
     from vlzoo.runs import read_checkpoint
 
     checkpoint, recipe = read_checkpoint(path)
-    _check_consent(recipe, allow_targets, f"checkpoint {path}")
     recipe = _stored_recipe(recipe.data, allow_targets, f"checkpoint {path}")
+    check_trust(recipe)
     for key, file in _checkpoint_files(recipe.data):
         if not Path(file).is_file():
             raise RecipeError(
@@ -475,8 +456,9 @@ def read_export(folder: str | Path, *, allow_targets: Sequence[str] = ()) -> tup
     data = copy.deepcopy(recipe.data)
     for key, relative in (manifest.get("paths") or {}).items():
         _set_dotted(data, key, str((folder / relative).resolve()))
-    _check_consent(recipe, allow_targets, f"export {folder}")
-    return manifest, _stored_recipe(data, allow_targets, f"export {folder}")
+    stored = _stored_recipe(data, allow_targets, f"export {folder}")
+    check_trust(stored)
+    return manifest, stored
 
 
 def _load_export(folder: Path, allow_targets: Sequence[str]) -> tuple[Any, Any, Recipe]:
