@@ -124,3 +124,17 @@ def test_unknown_expression_kind_names_the_sample_and_the_key() -> None:
         metric.update([Predictions()], [target])
     with pytest.raises(ValueError, match="distinct names"):
         ReferringSegmentation(kinds=("a", "a"))
+
+
+@pytest.mark.parametrize("task", ["rec", "res"])
+def test_weights_make_a_sample_count_as_a_fraction(task) -> None:
+    preds, targets = rec_samples(4, 30) if task == "rec" else res_samples(5, 30)
+    cls = ReferringBoxAccuracy if task == "rec" else ReferringSegmentation
+    doubled = cls()
+    doubled.update(preds + preds[:10], targets + targets[:10])
+    weighted = cls()
+    weighted.update(preds, targets, weights=[2.0] * 10 + [1.0] * 20)
+    for name, value in doubled.compute().items():
+        assert float(weighted.compute()[name]) == pytest.approx(float(value), abs=1e-7), name
+    with pytest.raises(ValueError, match="non-negative"):
+        weighted.update(preds[:2], targets[:2], weights=[1.0, -1.0])

@@ -30,6 +30,15 @@ def _check_kinds(kinds: Sequence[str], metric: str) -> tuple[str, ...]:
     return out
 
 
+def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    out = [float(w) for w in weights]
+    if len(out) != n or any(not (w >= 0.0) for w in out):
+        raise ValueError(f"referring metrics: weights must be {n} non-negative numbers, got {list(weights)}")
+    return out
+
+
 def _kind_index(target: Targets, kinds: tuple[str, ...], metric: str) -> int | None:
     """Index in ``kinds`` of the sample's expression kind; ``None`` when it has none (or no kinds
     are broken down)."""
@@ -123,21 +132,25 @@ class ReferringBoxAccuracy(Metric):
             return 0.0
         return box_iou_pair(box.detach().cpu(), target.boxes[0].detach().cpu())
 
-    def update(self, preds: list[Predictions], targets: list[Targets]) -> None:
-        """Accumulate one batch of samples (original-image pixels)."""
+    def update(
+        self, preds: list[Predictions], targets: list[Targets], weights: Sequence[float] | None = None
+    ) -> None:
+        """Accumulate one batch of samples (original-image pixels).  ``weights`` (default 1
+        each) lets a sample count as a fraction of one: an expectation over several candidate
+        answers of one sample (the random-object baseline) is their update with weights 1/n."""
         check_pairs(preds, targets, metric="ReferringBoxAccuracy")
         thr = torch.tensor(self.thresholds, dtype=torch.float64)
-        for pred, target in zip(preds, targets, strict=True):
+        for pred, target, w in zip(preds, targets, _weights(weights, len(preds)), strict=True):
             iou = self.sample_iou(pred, target)
-            hit = (torch.tensor(iou, dtype=torch.float64) >= thr).to(self.hits)
+            hit = (torch.tensor(iou, dtype=torch.float64) >= thr).to(self.hits) * w
             self.hits += hit
-            self.iou_sum += iou
-            self.count += 1
+            self.iou_sum += w * iou
+            self.count += w
             k = _kind_index(target, self.kinds, "ReferringBoxAccuracy")
             if k is not None:
                 self.kind_hits[k] += hit
-                self.kind_iou_sum[k] += iou
-                self.kind_count[k] += 1
+                self.kind_iou_sum[k] += w * iou
+                self.kind_count[k] += w
 
     def compute(self) -> dict[str, Tensor]:
         """``acc_<t>`` per threshold and ``miou``, float32 scalars (and the same per kind)."""
@@ -225,26 +238,30 @@ class ReferringSegmentation(Metric):
         union = float((pm | gt).sum())
         return inter, union
 
-    def update(self, preds: list[Predictions], targets: list[Targets]) -> None:
-        """Accumulate one batch of samples (original-image pixels)."""
+    def update(
+        self, preds: list[Predictions], targets: list[Targets], weights: Sequence[float] | None = None
+    ) -> None:
+        """Accumulate one batch of samples (original-image pixels); ``weights`` as in
+        :meth:`ReferringBoxAccuracy.update` (``ciou`` then sums weighted pixel counts: the ratio
+        of the expected cumulative intersection and union)."""
         check_pairs(preds, targets, metric="ReferringSegmentation")
         thr = torch.tensor(self.thresholds, dtype=torch.float64)
-        for pred, target in zip(preds, targets, strict=True):
+        for pred, target, w in zip(preds, targets, _weights(weights, len(preds)), strict=True):
             inter, union = self.sample_intersection_union(pred, target)
             iou = inter / union if union > 0 else 1.0
-            hit = (torch.tensor(iou, dtype=torch.float64) >= thr).to(self.hits)
-            self.cum_intersection += inter
-            self.cum_union += union
-            self.iou_sum += iou
+            hit = (torch.tensor(iou, dtype=torch.float64) >= thr).to(self.hits) * w
+            self.cum_intersection += w * inter
+            self.cum_union += w * union
+            self.iou_sum += w * iou
             self.hits += hit
-            self.count += 1
+            self.count += w
             k = _kind_index(target, self.kinds, "ReferringSegmentation")
             if k is not None:
-                self.kind_intersection[k] += inter
-                self.kind_union[k] += union
-                self.kind_iou_sum[k] += iou
+                self.kind_intersection[k] += w * inter
+                self.kind_union[k] += w * union
+                self.kind_iou_sum[k] += w * iou
                 self.kind_hits[k] += hit
-                self.kind_count[k] += 1
+                self.kind_count[k] += w
 
     def compute(self) -> dict[str, Tensor]:
         """``ciou``, ``giou`` and ``prec_<t>`` per threshold, float32 scalars (and the same per kind)."""
