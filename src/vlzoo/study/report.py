@@ -210,7 +210,8 @@ def _flag(text: str, result: CellResult, column: str, mean: float, selection: di
     if result.baseline or not _higher_is_better(column) or column.startswith(("cost/", "params/")):
         return text
     base = selection.get(result.setting, {}).get(column)
-    if base is not None and not math.isnan(mean) and mean < base[0] - 1e-9:
+    # a random object at the maximum (one object per image) is the answer itself: nothing to select
+    if base is not None and base[0] < 1.0 - 1e-9 and not math.isnan(mean) and mean < base[0] - 1e-9:
         return text + BELOW_MARK
     return text
 
@@ -233,14 +234,20 @@ def _tables(results: list[CellResult], primary: dict[str, str]) -> list[_Table]:
         cols += [c for c in COST_KEYS]
         groups = list(dict.fromkeys(r.group for r in rs))
         cell_groups = {r.group for r in cell_rs}
-        best: dict[str, float] = {}
+        # the best per column among the cells of one setting (one rung: the same data)
+        setting_of = {r.group: r.setting for r in rs}
+        best: dict[tuple[str, str], float] = {}
         for c in cols:
-            vals = [
-                agg[g][c][0] for g in groups if g in cell_groups and g in agg and c in agg[g] and not math.isnan(agg[g][c][0])
-            ]
-            # a column where every cell has the same value has no best
-            if vals and len(set(vals)) > 1 and not c.startswith(("cost/", "params/")):
-                best[c] = max(vals) if _higher_is_better(c) else min(vals)
+            for setting in dict.fromkeys(setting_of.values()):
+                vals = [
+                    agg[g][c][0]
+                    for g in groups
+                    if g in cell_groups and setting_of[g] == setting and g in agg and c in agg[g]
+                    and not math.isnan(agg[g][c][0])
+                ]
+                # a column where every cell has the same value has no best
+                if vals and len(set(vals)) > 1 and not c.startswith(("cost/", "params/")):
+                    best[(setting, c)] = max(vals) if _higher_is_better(c) else min(vals)
         header = ["cell", "status"] + [c.split("/", 1)[1] if c.startswith("test/") else c for c in cols]
         rows = []
         for g in groups:
@@ -261,7 +268,8 @@ def _tables(results: list[CellResult], primary: dict[str, str]) -> list[_Table]:
                         cell = f"{m:,.0f}"
                     else:
                         cell = _fmt(m, s, n, digits=1 if c.startswith("cost/") else 3)
-                    if c in best and g in cell_groups and not math.isnan(m) and abs(m - best[c]) < 1e-12:
+                    top = best.get((setting_of[g], c))
+                    if top is not None and g in cell_groups and not math.isnan(m) and abs(m - top) < 1e-12:
                         cell = f"**{cell}**"
                     row.append(_flag(cell, members[0], c, m, selection))
                 else:
@@ -692,12 +700,12 @@ def build_report(
     for r in cells:
         counts[r.status] += 1
     tags = parent.data.tags
-    intro = ([summary] if summary else []) + [
+    intro = ([summary, ""] if summary else []) + [
         f"Study `{study}`: {tags.get('vlzoo.description', '')}",
         f"Cells: {len(cells)} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}). "
         f"Budget: {tags.get('vlzoo.budget', '-')}. Stage 0: {tags.get('vlzoo.stage0', 'none')}.",
         f"Command: `{tags.get('vlzoo.command', '')}`",
-        "Values are mean ± std over seeds; the best per column is in bold; costs are measured by one "
+        "Values are mean ± std over seeds; the best per column (among cells on the same data) is in bold; costs are measured by one "
         "harness on one machine (latency per query at batch size 1, tokens per object generated). "
         "Baseline rows are computed on the same splits by the same evaluator, without training.",
     ]
