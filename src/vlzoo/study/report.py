@@ -399,7 +399,8 @@ def _plot_cost(results: list[CellResult], primary: dict[str, str], out: Path) ->
         lat = agg[r.group].get("cost/latency_ms_per_query")
         acc = agg[r.group].get(key)
         if lat and acc:
-            points.append((r.paradigm, r.task, lat[0], acc[0], metric))
+            rung = r.values.get("rung")
+            points.append((r.paradigm + (f" ({rung})" if rung else ""), r.task, lat[0], acc[0], metric))
     points = list(dict.fromkeys(points))
     if not points:
         return None
@@ -430,7 +431,8 @@ def _plot_splits(results: list[CellResult], primary: dict[str, str], out: Path) 
         for split in ("test", "comp_test"):
             v = agg.get(group, {}).get(f"{split}/{r.task}/{metric}")
             if v:
-                bars.append((f"{r.paradigm}\n{r.task}", split, v[0], v[1]))
+                rest = [f"{k}={val}" for k, val in r.values.items() if k not in ("paradigm", "task", "seed")]
+                bars.append(("\n".join([r.paradigm, r.task, *rest]), split, v[0], v[1]))
     splits = list(dict.fromkeys(b[1] for b in bars))
     if len(splits) < 2:
         return None
