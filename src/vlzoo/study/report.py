@@ -461,14 +461,14 @@ def _plot_splits(results: list[CellResult], primary: dict[str, str], out: Path) 
 
 
 def _gallery(client: MlflowClient, results: list[CellResult], out: Path) -> list[Path]:
-    """Per task: rows are the same test samples, one column per paradigm (first seed)."""
+    """Per task (and rung: each rung has its own images): rows are the same test samples, one
+    column per paradigm (first seed)."""
     paths = []
-    for task in dict.fromkeys(r.task for r in results):
+    for task, rung in dict.fromkeys((r.task, r.values.get("rung", "")) for r in results):
+        mine = [r for r in results if r.task == task and r.values.get("rung", "") == rung]
         columns = []
-        for paradigm in dict.fromkeys(r.paradigm for r in results if r.task == task):
-            cell = next(
-                (r for r in results if r.task == task and r.paradigm == paradigm and r.status == "finished"), None
-            )
+        for paradigm in dict.fromkeys(r.paradigm for r in mine):
+            cell = next((r for r in mine if r.paradigm == paradigm and r.status == "finished"), None)
             if cell is None:
                 continue
             try:
@@ -491,9 +491,10 @@ def _gallery(client: MlflowClient, results: list[CellResult], out: Path) -> list
                     ax.imshow(plt.imread(images[i]))
                 if i == 0:
                     ax.set_title(paradigm, fontsize=9)
-        fig.suptitle(f"{task}: ground truth (green) and prediction (red), same samples per row", fontsize=9)
+        where = f" ({rung} rung)" if rung else ""
+        fig.suptitle(f"{task}{where}: ground truth (green) and prediction (red), same samples per row", fontsize=9)
         fig.tight_layout()
-        path = out / f"gallery_{task}.png"
+        path = out / (f"gallery_{task}_{rung}.png" if rung else f"gallery_{task}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
