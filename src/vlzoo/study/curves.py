@@ -24,6 +24,8 @@ __all__ = ["DEFAULT_THRESHOLDS", "mean_curve", "first_reaching", "value_at", "ti
 
 #: Acc@0.5 / cIoU levels the time-to-accuracy table asks about (0.73: twice the random object on full Shapes)
 DEFAULT_THRESHOLDS = (0.5, 0.73)
+#: MLflow metric of a cell: CPU seconds of the cell process since ``fit`` began, logged at each
+#: validation with the global step
 CPU_KEY = "cost/cpu_seconds"
 
 Curve = list[tuple[int, float]]

@@ -28,6 +28,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 from mlflow.tracking import MlflowClient
 
+from vlzoo.study.curves import CPU_KEY as CPU_CURVE_KEY
 from vlzoo.study.report import (
     BASELINE_TAG,
     CELL_KEY_TAG,
@@ -50,9 +51,6 @@ __all__ = [
     "CpuTimeCurve",
 ]
 
-#: MLflow metric of a cell: CPU seconds of the cell process since ``fit`` began, logged at each
-#: validation with the global step (the x axis of time-to-accuracy)
-CPU_CURVE_KEY = "cost/cpu_seconds"
 
 STAGE0_TAG = "vlzoo.stage0_checkpoint"
 FAIRNESS_KEYS = (
