@@ -62,7 +62,9 @@ def test_quick_study_at_smoke_size_end_to_end(tmp_path):
     cells = client.search_runs([exp.experiment_id], filter_string="tags.`vlzoo.role` = 'cell'")
     assert len(cells) == 4 and {r.data.tags["vlzoo.cell_status"] for r in cells} == {"finished"}
     for run in cells:
-        assert client.get_metric_history(run.info.run_id, "cost/cpu_seconds"), run.data.tags["vlzoo.cell_key"]
+        cpu = {m.step for m in client.get_metric_history(run.info.run_id, "cost/cpu_seconds")}
+        val = {m.step for m in client.get_metric_history(run.info.run_id, "val/rec/acc_0.5")}
+        assert cpu and cpu == val, run.data.tags["vlzoo.cell_key"]  # the CPU curve at the validation steps
         assert any(k.startswith("test/rec/by_kind/") for k in run.data.metrics)
         if run.data.tags["grid.rung"] == "one":  # a lone object: attribute expressions only
             kinds = {k.split("/")[3] for k in run.data.metrics if k.startswith("test/rec/by_kind/")}

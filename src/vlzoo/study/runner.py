@@ -386,24 +386,22 @@ def run_study(
 
 class CpuTimeCurve(Callback):
     """Lightning callback: the CPU seconds of this process since ``fit`` began, logged at every
-    validation with the global step, so the report can say how much compute a validation
-    figure cost (time-to-accuracy).  CPU time, not wall time: it does not depend on what else
-    the machine runs."""
+    validation through the module's logger (so at the very steps of the validation figures), so
+    the report can say how much compute a validation figure cost (time-to-accuracy).  CPU time,
+    not wall time: it does not depend on what else the machine runs."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
-        self.client = client
-        self.run_id = run_id
+    def __init__(self) -> None:
         self.start = time.process_time()
         self.seconds = 0.0
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.start = time.process_time()
 
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking:
             return
         self.seconds = time.process_time() - self.start
-        self.client.log_metric(self.run_id, CPU_CURVE_KEY, self.seconds, step=int(trainer.global_step))
+        pl_module.log(CPU_CURVE_KEY, self.seconds, add_dataloader_idx=False)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.seconds = time.process_time() - self.start
@@ -454,7 +452,7 @@ def run_cell(
         overrides = list(cell.overrides)
         if stage0 is not None:
             overrides.append(f"backbone.checkpoint={stage0}")
-        curve = CpuTimeCurve(client, run_id)
+        curve = CpuTimeCurve()
         built = build(
             cell.recipe,
             overrides=overrides,
