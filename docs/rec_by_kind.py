@@ -5,7 +5,9 @@ Shapes expressions are programs (``vlzoo.data.shapes.language.Ref``): an attribu
 ("the topmost square") or a relation to an anchor object ("the circle to the right of the
 diamond").  Telling them apart shows *what* a paradigm has learned to select.  Beside each
 kind: the random-object baseline (IoU >= 0.5 with one object of the image picked uniformly,
-in expectation) on the same samples.
+in expectation) on the same samples.  (Every run's evaluator now logs Acc@0.5 per kind,
+``test/rec/by_kind/<kind>/acc_0.5``, and a study reports the baselines; this script adds the
+"box centre in the target" figure.)
 
     python docs/rec_by_kind.py CHECKPOINT [--split test] [--size 1000] [--markdown]
 """
@@ -52,7 +54,7 @@ def rec_by_kind(checkpoint: str, *, split: str = "test", size: int | None = None
                     continue
                 pred = to_original(pred, batch, i)
                 target = batch.original_targets[i]
-                kind = batch.meta[i]["ref"].kind
+                kind = target.expression_kinds[0]
                 ok = inside = 0.0
                 if len(pred.boxes):
                     box = pred.boxes[0].float()

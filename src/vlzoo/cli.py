@@ -431,6 +431,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         check_fairness(study.cells)
         parent = study.parent()
         stage0 = study.stage0_checkpoint()
+        study.baselines()
         print(f"vlzoo study: parent run {parent} at {tracking_uri}; stage 0: {stage0 or 'none'}; "
               f"cells 0..{len(study.cells) - 1}")
         return 0

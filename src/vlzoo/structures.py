@@ -23,6 +23,7 @@ from torch import Tensor
 __all__ = [
     "TASKS",
     "LOCALIZATION_TASKS",
+    "EXPRESSION_KINDS",
     "Targets",
     "Predictions",
     "ImageTransform",
@@ -35,6 +36,11 @@ __all__ = [
 #: keypoints per instance, ``reg`` box -> expression, ``caption`` / ``vqa`` text only.
 TASKS = ("rec", "res", "det", "seg", "pose", "reg", "caption", "vqa")
 LOCALIZATION_TASKS = ("rec", "res", "det", "seg", "pose")
+#: Kinds of referring expression that referring scores are broken down by (``Targets.expression_kinds``):
+#: attributes only ("the small red circle"), an ordinal ("the second circle from the left", "the
+#: leftmost square"), a superlative ("the largest circle") or a relation to another object ("the
+#: cross left of the blue circle").  The Shapes programs have exactly these kinds.
+EXPRESSION_KINDS = ("attribute", "ordinal", "superlative", "relation")
 
 
 def _empty_boxes() -> Tensor:
@@ -60,6 +66,9 @@ class Targets:
     iscrowd: Tensor | None = None  # (N,) bool; crowd regions are ignored by COCO matching
     areas: Tensor | None = None  # (N,) float; COCO "area" (mask area); used for OKS scale
     expressions: list[str] = field(default_factory=list)  # referring expression(s) of the sample
+    #: the kind (one of EXPRESSION_KINDS) of each expression, parallel to ``expressions``; empty
+    #: when the dataset does not say (RefCOCO).  Evaluation only: methods never read targets.
+    expression_kinds: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)  # one region caption per box (REG)
     text: str | None = None  # reference answer text (caption / vqa / reg)
     image_id: int = 0

@@ -13,9 +13,9 @@ def test_unreferable_scene_is_redrawn_deterministically(monkeypatch):
     real = ShapesDataset._reference
     calls = {"n": 0}
 
-    def first_fails(scene, focus, rng):
+    def first_fails(scene, focus, rng, kinds):
         calls["n"] += 1
-        return None if calls["n"] == 1 else real(scene, focus, rng)
+        return None if calls["n"] == 1 else real(scene, focus, rng, kinds)
 
     monkeypatch.setattr(ShapesDataset, "_reference", staticmethod(first_fails))
     sample = ds[2]
@@ -29,6 +29,6 @@ def test_unreferable_scene_is_redrawn_deterministically(monkeypatch):
 
 def test_never_referable_is_a_clear_error(monkeypatch):
     ds = ShapesDataset(split="val", size=4, tasks=["res"])
-    monkeypatch.setattr(ShapesDataset, "_reference", staticmethod(lambda scene, focus, rng: None))
+    monkeypatch.setattr(ShapesDataset, "_reference", staticmethod(lambda scene, focus, rng, kinds: None))
     with pytest.raises(DataError, match=r"ShapesDataset\(val\) item 3: no object could be referred to"):
         ds[3]

@@ -95,3 +95,19 @@ def test_recipe_builds_the_evaluator() -> None:
     assert node.pop("_target_") == "vlzoo.evaluation.Evaluator"
     evaluator = Evaluator(**node)
     assert evaluator.tasks == list(TASKS)
+
+
+@pytest.mark.parametrize("task", ["rec", "res"])
+def test_referring_collections_break_scores_down_by_expression_kind(task: str) -> None:
+    preds, targets = _samples(task)
+    kinds = ["attribute", "relation"]
+    targets = [t.replace(expression_kinds=[kinds[i % 2]]) for i, t in enumerate(targets)]
+    collection = Evaluator().collection(task)
+    collection.update(preds, targets)
+    out = collection.compute()
+    per_kind = {f"by_kind/{k}/{name}" for k in kinds for name in EXPECTED[task] | {"count"}}
+    assert set(out) == EXPECTED[task] | {"parse_fail_rate"} | per_kind
+    assert float(out["by_kind/attribute/count"]) + float(out["by_kind/relation/count"]) == len(targets)
+    plain = Evaluator(expression_kinds=()).collection(task)
+    plain.update(preds, targets)
+    assert set(plain.compute()) == EXPECTED[task] | {"parse_fail_rate"}

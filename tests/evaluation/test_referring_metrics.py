@@ -91,3 +91,50 @@ def test_res_errors_and_empty() -> None:
         metric.update([Predictions()], [Targets(masks=gt, image_id=13, image_size=(5, 4))])
     with pytest.raises(ValueError, match="image_id=14"):
         metric.update([Predictions()], [Targets(image_id=14)])
+
+
+@pytest.mark.parametrize("task", ["rec", "res"])
+def test_per_kind_figures_equal_the_metric_on_each_kind_alone(task) -> None:
+    kinds = ("attribute", "ordinal", "superlative", "relation")
+    preds, targets = rec_samples(2, 200) if task == "rec" else res_samples(3, 120)
+    cls = ReferringBoxAccuracy if task == "rec" else ReferringSegmentation
+    # every fifth sample has no kind (RefCOCO-like): it counts overall only; "relation" never occurs
+    labelled = [t.replace(expression_kinds=[] if i % 5 == 0 else [kinds[i % 3]]) for i, t in enumerate(targets)]
+    metric = cls()
+    metric.update(preds, labelled)
+    out = metric.compute()
+    whole = cls()
+    whole.update(preds, targets)
+    for name, value in whole.compute().items():
+        assert float(out[name]) == pytest.approx(float(value), abs=1e-7)
+    assert not any(k.startswith("by_kind/relation/") for k in out)
+    for kind in kinds[:3]:
+        idx = [i for i, t in enumerate(labelled) if t.expression_kinds == [kind]]
+        alone = cls()
+        alone.update([preds[i] for i in idx], [targets[i] for i in idx])
+        assert float(out[f"by_kind/{kind}/count"]) == len(idx)
+        for name, value in alone.compute().items():
+            assert float(out[f"by_kind/{kind}/{name}"]) == pytest.approx(float(value), abs=1e-7), (kind, name)
+
+
+def test_unknown_expression_kind_names_the_sample_and_the_key() -> None:
+    metric = ReferringBoxAccuracy(kinds=("attribute",))
+    target = Targets(boxes=torch.ones(1, 4), image_id=9, expression_kinds=["relation"])
+    with pytest.raises(ValueError, match=r"image_id=9 .*'relation'.*evaluator.expression_kinds"):
+        metric.update([Predictions()], [target])
+    with pytest.raises(ValueError, match="distinct names"):
+        ReferringSegmentation(kinds=("a", "a"))
+
+
+@pytest.mark.parametrize("task", ["rec", "res"])
+def test_weights_make_a_sample_count_as_a_fraction(task) -> None:
+    preds, targets = rec_samples(4, 30) if task == "rec" else res_samples(5, 30)
+    cls = ReferringBoxAccuracy if task == "rec" else ReferringSegmentation
+    doubled = cls()
+    doubled.update(preds + preds[:10], targets + targets[:10])
+    weighted = cls()
+    weighted.update(preds, targets, weights=[2.0] * 10 + [1.0] * 20)
+    for name, value in doubled.compute().items():
+        assert float(weighted.compute()[name]) == pytest.approx(float(value), abs=1e-7), name
+    with pytest.raises(ValueError, match="non-negative"):
+        weighted.update(preds[:2], targets[:2], weights=[1.0, -1.0])

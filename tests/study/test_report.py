@@ -104,3 +104,82 @@ def test_report_of_a_study_that_never_ran_is_a_clear_error(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(ValueError, match="has study 'nothing' run"):
         build_report(study="nothing", tracking_uri=uri, out_dir=tmp_path / "r")
+
+
+def _ladder_store(tmp_path):
+    """Two paradigms on the `one` and `full` rungs with known curves, CPU curves and baselines."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("study-ladder", artifact_location=(tmp_path / "mlruns").as_uri())
+    parent = client.create_run(
+        exp, tags={"vlzoo.study": "ladder", "vlzoo.role": "study", "vlzoo.primary.rec": "acc_0.5"}
+    ).info.run_id
+    client.log_metric(parent, "retention/before/vqa/exact_match", 0.5)
+    final = {("a", "one"): 0.95, ("a", "full"): 0.30, ("b", "one"): 0.92, ("b", "full"): 0.60}
+    for index, ((paradigm, rung), acc) in enumerate(final.items()):
+        tags = {
+            "mlflow.parentRunId": parent,
+            "vlzoo.study": "ladder",
+            "vlzoo.role": "cell",
+            "vlzoo.cell_key": f"paradigm={paradigm},task=rec,rung={rung},seed=0",
+            "vlzoo.cell_index": str(index),
+            "vlzoo.grid_order": "paradigm,task,rung,seed",
+            "grid.paradigm": paradigm,
+            "grid.task": "rec",
+            "grid.rung": rung,
+            "grid.seed": "0",
+            "vlzoo.cell_status": "finished",
+        }
+        run = client.create_run(exp, tags=tags).info.run_id
+        for step, share in ((100, 0.4), (200, 0.8), (300, 1.0)):
+            client.log_metric(run, "val/rec/acc_0.5", acc * share, step=step)
+            client.log_metric(run, "cost/cpu_seconds", step / 10, step=step)
+        client.log_metric(run, "cost/train_steps", 300)
+        client.log_metric(run, "test/rec/acc_0.5", acc)
+        client.log_metric(run, "test/rec/by_kind/attribute/acc_0.5", acc)
+        client.log_metric(run, "test/rec/by_kind/attribute/count", 10)
+        client.log_metric(run, "retention/after/vqa/exact_match", 0.5 if paradigm == "a" else 0.1)
+    for index, (rung, rand) in enumerate((("one", 1.0), ("full", 0.36))):
+        run = client.create_run(
+            exp,
+            tags={
+                "mlflow.parentRunId": parent,
+                "vlzoo.role": "baseline",
+                "vlzoo.baseline": "random_object",
+                "vlzoo.cell_key": f"random_object:task=rec,rung={rung},seed=0",
+                "vlzoo.cell_index": str(index),
+                "vlzoo.grid_order": "task,rung,seed",
+                "grid.task": "rec",
+                "grid.rung": rung,
+                "grid.seed": "0",
+                "vlzoo.cell_status": "finished",
+            },
+        ).info.run_id
+        client.log_metric(run, "test/rec/acc_0.5", rand)
+        client.log_metric(run, "test/rec/by_kind/attribute/acc_0.5", rand)
+        client.log_metric(run, "test/rec/by_kind/attribute/count", 10)
+    return uri
+
+
+def test_report_with_ladder_baselines_and_curves(tmp_path):
+    uri = _ladder_store(tmp_path)
+    text = build_report(study="ladder", tracking_uri=uri, out_dir=tmp_path / "report").read_text()
+    first = text.split("\n\n")[1]
+    assert "a (0.95) and b (0.92) localize a lone object" in first
+    assert "b (0.60) selects; a (0.30) does not" in first
+    assert "a (100%) keeps them; b (20%) loses them" in first
+    # baselines are rows of the same table; a cell below the random object of its rung is flagged
+    assert "| random object (baseline): task=rec,rung=full | baseline (no training) | 0.360 |" in text
+    assert "| paradigm=a,task=rec,rung=full | finished | 0.300 ↓ |" in text
+    # one object per image: the random object is the answer itself, nothing is flagged against it
+    assert "| paradigm=a,task=rec,rung=one | finished | **0.950** |" in text
+    assert "| paradigm=b,task=rec,rung=one | finished | 0.920 |" in text
+    assert "| paradigm=b,task=rec,rung=full | finished | **0.600** |" in text
+    # the per-kind table
+    assert "| cell | attribute (acc_0.5) | samples per kind |" in text
+    assert "| paradigm=a,task=rec,rung=full | 0.300 ↓ | 10 |" in text
+    # time to accuracy from the curves: a/full reaches 0.5 never (best 0.3); b/full at step 300
+    assert "| paradigm=a,task=rec,rung=full | 300 | > budget (300 steps, best 0.300) | > budget (300 steps, best 0.300) |" in text
+    assert "| paradigm=b,task=rec,rung=full | 300 | 300 steps, 30 CPU s | > budget (300 steps, best 0.600) |" in text
+    assert "| paradigm=a,task=rec,rung=one | 300 | 200 steps, 20 CPU s | 200 steps, 20 CPU s |" in text
+    assert (tmp_path / "report" / "accuracy_vs_compute.png").stat().st_size > 1000

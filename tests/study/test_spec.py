@@ -134,3 +134,59 @@ def test_shipped_studies_are_valid_and_fair(name):
         unsupported = {c.key: c.reason for c in study.cells if not c.supported}
         assert "pixel2seq does not support seg" in unsupported["paradigm=pixel2seq,task=seg,seed=0"]
     check_fairness(study.cells)
+
+
+def test_rung_and_budget_are_axes_not_overrides(tmp_path):
+    shapes = Path(__file__).resolve().parents[2] / "recipes" / "shapes"
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "heatmap_rec.yaml").write_text(f"_base_: {shapes / 'heatmap_rec.yaml'}\n")
+    path = _write(
+        tmp_path,
+        """# the ladder and the budget axis
+study:
+  name: t
+  recipe: r/{paradigm}_{task}.yaml
+  grid:
+    paradigm: [heatmap]
+    task: [rec]
+    rung: [one, full]
+    budget: [1, 4]
+  fixed:
+    - data.test=null
+    - "data.test={test: {_target_: vlzoo.data.ShapesDataset, split: test, size: 3}, comp_test: {_target_: vlzoo.data.ShapesDataset, split: comp_test, size: 3}}"
+  budget: {steps: 25}
+""",
+    )
+    from vlzoo.config import load_recipe
+
+    cells = expand_grid(load_study(path))
+    assert [c.key for c in cells] == [
+        "paradigm=heatmap,task=rec,rung=one,budget=1",
+        "paradigm=heatmap,task=rec,rung=one,budget=4",
+        "paradigm=heatmap,task=rec,rung=full,budget=1",
+        "paradigm=heatmap,task=rec,rung=full,budget=4",
+    ]
+    one4 = cells[1]
+    assert not any(o.startswith(("rung=", "budget=")) for o in one4.overrides)
+    assert one4.overrides[-1] == "trainer.max_steps=100"
+    assert cells[0].overrides[-1] == "trainer.max_steps=25"
+    recipe = load_recipe(one4.recipe, list(one4.overrides))
+    for key in ("data.train", "data.val", "data.test.test", "data.test.comp_test"):
+        assert recipe.get(f"{key}.rung") == "one", key
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ("rung: [one, hard]", "unknown rung"),
+        ("budget: [1, 0]", "positive multipliers"),
+    ],
+)
+def test_bad_axes_name_the_key(tmp_path, grid, message):
+    _recipes(tmp_path, ["a_rec"])
+    path = _write(tmp_path, f"study:\n  name: t\n  recipe: r/a_rec.yaml\n  grid:\n    {grid}\n  budget: {{steps: 3}}\n")
+    with pytest.raises(StudyError, match=message):
+        load_study(path)
+    path = _write(tmp_path, "study:\n  name: t\n  recipe: r/a_rec.yaml\n  grid:\n    budget: [1, 2]\n")
+    with pytest.raises(StudyError, match="study.grid.budget.*not set"):
+        load_study(path)

@@ -10,7 +10,7 @@ from vlzoo.evaluation.detection import DetectionMAP
 from vlzoo.evaluation.keypoints import KeypointAP
 from vlzoo.evaluation.referring import ReferringBoxAccuracy, ReferringSegmentation
 from vlzoo.evaluation.text import CaptionScores, ExactMatch, ParseFailureRate
-from vlzoo.structures import TASKS
+from vlzoo.structures import EXPRESSION_KINDS, TASKS
 
 __all__ = ["Evaluator"]
 
@@ -36,7 +36,9 @@ class Evaluator:
     vqa        ``exact_match``
     ========== ===========================================================================
 
-    plus ``parse_fail_rate`` in every collection.
+    plus ``parse_fail_rate`` in every collection, and for rec / res the same figures per kind of
+    referring expression, ``by_kind/<kind>/<figure>`` and ``by_kind/<kind>/count``, for the
+    samples whose targets name their kind (``Targets.expression_kinds``: every Shapes sample).
 
     Args:
         tasks: the tasks this evaluator serves (default: all of :data:`vlzoo.structures.TASKS`).
@@ -45,6 +47,7 @@ class Evaluator:
         keypoint_sigmas: per-keypoint OKS sigmas (default: the 17 COCO person sigmas).
         keypoint_default_label: category of pose instances whose ``labels`` are empty.
         max_detection_thresholds: COCO's three detection budgets for det / seg recall.
+        expression_kinds: the expression kinds rec / res are broken down by (empty: none).
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class Evaluator:
         keypoint_sigmas: list[float] | None = None,
         keypoint_default_label: int = 1,
         max_detection_thresholds: Sequence[int] = (1, 10, 100),
+        expression_kinds: Sequence[str] = EXPRESSION_KINDS,
     ) -> None:
         chosen = list(TASKS) if tasks is None else list(tasks)
         unknown = [t for t in chosen if t not in TASKS]
@@ -67,15 +71,16 @@ class Evaluator:
         self.keypoint_sigmas = None if keypoint_sigmas is None else [float(s) for s in keypoint_sigmas]
         self.keypoint_default_label = int(keypoint_default_label)
         self.max_detection_thresholds = tuple(int(d) for d in max_detection_thresholds)
+        self.expression_kinds = tuple(str(k) for k in expression_kinds)
         # build each collection once so bad arguments fail at construction, not mid-validation
         for task in self.tasks:
             self.collection(task)
 
     def _task_metric(self, task: str) -> tuple[str, Metric]:
         if task == "rec":
-            return "rec", ReferringBoxAccuracy(thresholds=self.rec_thresholds)
+            return "rec", ReferringBoxAccuracy(thresholds=self.rec_thresholds, kinds=self.expression_kinds)
         if task == "res":
-            return "res", ReferringSegmentation(thresholds=self.res_thresholds)
+            return "res", ReferringSegmentation(thresholds=self.res_thresholds, kinds=self.expression_kinds)
         if task in ("det", "seg"):
             iou_type = "bbox" if task == "det" else "segm"
             return task, DetectionMAP(iou_type=iou_type, max_detection_thresholds=self.max_detection_thresholds)

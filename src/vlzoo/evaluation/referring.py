@@ -9,9 +9,48 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from vlzoo.evaluation.common import check_finite, check_pairs
-from vlzoo.structures import Predictions, Targets
+from vlzoo.structures import EXPRESSION_KINDS, Predictions, Targets
 
-__all__ = ["ReferringBoxAccuracy", "ReferringSegmentation", "box_iou_pair", "threshold_key"]
+__all__ = ["ReferringBoxAccuracy", "ReferringSegmentation", "box_iou_pair", "threshold_key", "kind_key"]
+
+#: namespace of the per-kind figures: ``by_kind/<kind>/<figure>`` (e.g. ``by_kind/relation/acc_0.5``)
+KIND_PREFIX = "by_kind"
+
+
+def kind_key(kind: str, name: str) -> str:
+    """``kind_key("relation", "acc_0.5") == "by_kind/relation/acc_0.5"``: a figure of the samples
+    whose expression is of that kind (``by_kind/<kind>/count`` is their number)."""
+    return f"{KIND_PREFIX}/{kind}/{name}"
+
+
+def _check_kinds(kinds: Sequence[str], metric: str) -> tuple[str, ...]:
+    out = tuple(str(k) for k in kinds)
+    if len(set(out)) != len(out) or any(not k or "/" in k for k in out):
+        raise ValueError(f"{metric}: expression kinds must be distinct names without '/', got {list(kinds)}")
+    return out
+
+
+def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    out = [float(w) for w in weights]
+    if len(out) != n or any(not (w >= 0.0) for w in out):
+        raise ValueError(f"referring metrics: weights must be {n} non-negative numbers, got {list(weights)}")
+    return out
+
+
+def _kind_index(target: Targets, kinds: tuple[str, ...], metric: str) -> int | None:
+    """Index in ``kinds`` of the sample's expression kind; ``None`` when it has none (or no kinds
+    are broken down)."""
+    if not kinds or not target.expression_kinds:
+        return None
+    kind = target.expression_kinds[0]
+    if kind not in kinds:
+        raise ValueError(
+            f"{metric}: the target of image_id={target.image_id} has expression kind {kind!r}, which is not "
+            f"one of the kinds scored ({list(kinds)}); add it to evaluator.expression_kinds"
+        )
+    return kinds.index(kind)
 
 
 def threshold_key(prefix: str, threshold: float) -> str:
@@ -55,17 +94,28 @@ class ReferringBoxAccuracy(Metric):
     answer box has a NaN/inf coordinate scores IoU 0 (a miss, still counted).  A target without a
     box or with a non-finite box raises ``ValueError`` naming its ``image_id``.  With no samples every
     figure is 0.
+
+    Samples whose target names its expression kind (``Targets.expression_kinds``, e.g. Shapes)
+    are also scored per kind: ``by_kind/<kind>/acc_<t>``, ``by_kind/<kind>/miou`` and
+    ``by_kind/<kind>/count`` for every kind of ``kinds`` that occurred.
     """
 
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, *, thresholds: Sequence[float] = (0.5, 0.75, 0.9)) -> None:
+    def __init__(
+        self, *, thresholds: Sequence[float] = (0.5, 0.75, 0.9), kinds: Sequence[str] = EXPRESSION_KINDS
+    ) -> None:
         super().__init__()
         self.thresholds = _check_thresholds(thresholds, "thresholds")
-        self.add_state("hits", default=torch.zeros(len(self.thresholds), dtype=torch.float64), dist_reduce_fx="sum")
+        self.kinds = _check_kinds(kinds, "ReferringBoxAccuracy")
+        t, k = len(self.thresholds), len(self.kinds)
+        self.add_state("hits", default=torch.zeros(t, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("iou_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("kind_hits", default=torch.zeros((k, t), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("kind_iou_sum", default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("kind_count", default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
 
     def sample_iou(self, pred: Predictions, target: Targets) -> float:
         """The IoU this metric scores for one sample (validates the target)."""
@@ -82,21 +132,39 @@ class ReferringBoxAccuracy(Metric):
             return 0.0
         return box_iou_pair(box.detach().cpu(), target.boxes[0].detach().cpu())
 
-    def update(self, preds: list[Predictions], targets: list[Targets]) -> None:
-        """Accumulate one batch of samples (original-image pixels)."""
+    def update(
+        self, preds: list[Predictions], targets: list[Targets], weights: Sequence[float] | None = None
+    ) -> None:
+        """Accumulate one batch of samples (original-image pixels).  ``weights`` (default 1
+        each) lets a sample count as a fraction of one: an expectation over several candidate
+        answers of one sample (the random-object baseline) is their update with weights 1/n."""
         check_pairs(preds, targets, metric="ReferringBoxAccuracy")
         thr = torch.tensor(self.thresholds, dtype=torch.float64)
-        for pred, target in zip(preds, targets, strict=True):
+        for pred, target, w in zip(preds, targets, _weights(weights, len(preds)), strict=True):
             iou = self.sample_iou(pred, target)
-            self.hits += (torch.tensor(iou, dtype=torch.float64) >= thr).to(self.hits)
-            self.iou_sum += iou
-            self.count += 1
+            hit = (torch.tensor(iou, dtype=torch.float64) >= thr).to(self.hits) * w
+            self.hits += hit
+            self.iou_sum += w * iou
+            self.count += w
+            k = _kind_index(target, self.kinds, "ReferringBoxAccuracy")
+            if k is not None:
+                self.kind_hits[k] += hit
+                self.kind_iou_sum[k] += w * iou
+                self.kind_count[k] += w
 
     def compute(self) -> dict[str, Tensor]:
-        """``acc_<t>`` per threshold and ``miou``, float32 scalars."""
+        """``acc_<t>`` per threshold and ``miou``, float32 scalars (and the same per kind)."""
         n = self.count.clamp(min=1)
         out = {threshold_key("acc", t): (self.hits[i] / n).float() for i, t in enumerate(self.thresholds)}
         out["miou"] = (self.iou_sum / n).float()
+        for k, kind in enumerate(self.kinds):
+            m = self.kind_count[k]
+            if float(m) == 0:
+                continue
+            for i, t in enumerate(self.thresholds):
+                out[kind_key(kind, threshold_key("acc", t))] = (self.kind_hits[k, i] / m).float()
+            out[kind_key(kind, "miou")] = (self.kind_iou_sum[k] / m).float()
+            out[kind_key(kind, "count")] = m.float()
         return out
 
 
@@ -114,19 +182,31 @@ class ReferringSegmentation(Metric):
     LISA adds 1e-5 / 1e-10 to denominators for numerical safety; here the division is exact.
     A missing target mask, or a predicted / target mask whose size differs from the target's
     raises ``ValueError`` naming the ``image_id``.  With no samples every figure is 0.
+
+    As :class:`ReferringBoxAccuracy`, samples with an expression kind are also scored per kind
+    (``by_kind/<kind>/ciou``, ``giou``, ``prec_<t>``, ``count``).
     """
 
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, *, thresholds: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9)) -> None:
+    def __init__(
+        self, *, thresholds: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9), kinds: Sequence[str] = EXPRESSION_KINDS
+    ) -> None:
         super().__init__()
         self.thresholds = _check_thresholds(thresholds, "thresholds")
-        self.add_state("hits", default=torch.zeros(len(self.thresholds), dtype=torch.float64), dist_reduce_fx="sum")
+        self.kinds = _check_kinds(kinds, "ReferringSegmentation")
+        t, k = len(self.thresholds), len(self.kinds)
+        self.add_state("hits", default=torch.zeros(t, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("iou_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("cum_intersection", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("cum_union", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("kind_hits", default=torch.zeros((k, t), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("kind_iou_sum", default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("kind_intersection", default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("kind_union", default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("kind_count", default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
 
     @staticmethod
     def _binary(masks: Tensor) -> Tensor:
@@ -158,24 +238,49 @@ class ReferringSegmentation(Metric):
         union = float((pm | gt).sum())
         return inter, union
 
-    def update(self, preds: list[Predictions], targets: list[Targets]) -> None:
-        """Accumulate one batch of samples (original-image pixels)."""
+    def update(
+        self, preds: list[Predictions], targets: list[Targets], weights: Sequence[float] | None = None
+    ) -> None:
+        """Accumulate one batch of samples (original-image pixels); ``weights`` as in
+        :meth:`ReferringBoxAccuracy.update` (``ciou`` then sums weighted pixel counts: the ratio
+        of the expected cumulative intersection and union)."""
         check_pairs(preds, targets, metric="ReferringSegmentation")
         thr = torch.tensor(self.thresholds, dtype=torch.float64)
-        for pred, target in zip(preds, targets, strict=True):
+        for pred, target, w in zip(preds, targets, _weights(weights, len(preds)), strict=True):
             inter, union = self.sample_intersection_union(pred, target)
             iou = inter / union if union > 0 else 1.0
-            self.cum_intersection += inter
-            self.cum_union += union
-            self.iou_sum += iou
-            self.hits += (torch.tensor(iou, dtype=torch.float64) >= thr).to(self.hits)
-            self.count += 1
+            hit = (torch.tensor(iou, dtype=torch.float64) >= thr).to(self.hits) * w
+            self.cum_intersection += w * inter
+            self.cum_union += w * union
+            self.iou_sum += w * iou
+            self.hits += hit
+            self.count += w
+            k = _kind_index(target, self.kinds, "ReferringSegmentation")
+            if k is not None:
+                self.kind_intersection[k] += w * inter
+                self.kind_union[k] += w * union
+                self.kind_iou_sum[k] += w * iou
+                self.kind_hits[k] += hit
+                self.kind_count[k] += w
 
     def compute(self) -> dict[str, Tensor]:
-        """``ciou``, ``giou`` and ``prec_<t>`` per threshold, float32 scalars."""
-        n = self.count.clamp(min=1)
-        ciou = self.cum_intersection / self.cum_union if float(self.cum_union) > 0 else self.cum_union * 0
-        out = {"ciou": ciou.float(), "giou": (self.iou_sum / n).float()}
+        """``ciou``, ``giou`` and ``prec_<t>`` per threshold, float32 scalars (and the same per kind)."""
+        out = self._figures(self.cum_intersection, self.cum_union, self.iou_sum, self.hits, self.count)
+        for k, kind in enumerate(self.kinds):
+            m = self.kind_count[k]
+            if float(m) == 0:
+                continue
+            figures = self._figures(
+                self.kind_intersection[k], self.kind_union[k], self.kind_iou_sum[k], self.kind_hits[k], m
+            )
+            out.update({kind_key(kind, name): value for name, value in figures.items()})
+            out[kind_key(kind, "count")] = m.float()
+        return out
+
+    def _figures(self, inter: Tensor, union: Tensor, iou_sum: Tensor, hits: Tensor, count: Tensor) -> dict[str, Tensor]:
+        n = count.clamp(min=1)
+        ciou = inter / union if float(union) > 0 else union * 0
+        out = {"ciou": ciou.float(), "giou": (iou_sum / n).float()}
         for i, t in enumerate(self.thresholds):
-            out[threshold_key("prec", t)] = (self.hits[i] / n).float()
+            out[threshold_key("prec", t)] = (hits[i] / n).float()
         return out

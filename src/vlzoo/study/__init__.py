@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from vlzoo.study.baselines import baseline_figures, recipe_baselines
 from vlzoo.study.report import build_report, collect_results
 from vlzoo.study.runner import StudyRun, check_fairness, run_cell, run_study
 from vlzoo.study.spec import Cell, StudyError, StudySpec, expand_grid, load_study
+from vlzoo.study.summary import first_paragraph
 
 __all__ = [
     "Cell",
     "StudyError",
     "StudyRun",
     "StudySpec",
+    "baseline_figures",
     "build_report",
     "check_fairness",
     "collect_results",
     "expand_grid",
+    "first_paragraph",
     "load_study",
+    "recipe_baselines",
     "run_cell",
     "run_study",
 ]

@@ -12,6 +12,7 @@ import base64
 import csv
 import html
 import math
+import re
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -27,13 +28,19 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 __all__ = ["CellResult", "collect_results", "build_report", "STUDY_TAG", "ROLE_TAG"]
 
 STUDY_TAG = "vlzoo.study"
-ROLE_TAG = "vlzoo.role"  # "study" for the parent, "cell" for a child
+ROLE_TAG = "vlzoo.role"  # "study" for the parent, "cell" or "baseline" for a child
+BASELINE_TAG = "vlzoo.baseline"  # which baseline a "baseline" child run holds
 CELL_KEY_TAG = "vlzoo.cell_key"
 STATUS_TAG = "vlzoo.cell_status"  # finished | failed | unsupported
 ERROR_TAG = "vlzoo.error"
 GRID_PREFIX = "grid."
+#: grid keys a baseline does not depend on (it depends on the data only)
+NOT_DATA_KEYS = ("paradigm", "seed", "budget")
+#: marker of a figure below the random-object baseline of the same data
+BELOW_MARK = " ↓"
 COST_KEYS = (
     "cost/train_seconds",
+    "cost/train_cpu_seconds",
     "cost/peak_memory_mb",
     "cost/latency_ms_per_query",
     "cost/latency_ms_per_object",
@@ -51,6 +58,7 @@ class CellResult:
     status: str
     error: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    baseline: str = ""  # the baseline's name for a baseline run ("random_object", ...), else ""
 
     @property
     def paradigm(self) -> str:
@@ -61,8 +69,24 @@ class CellResult:
         return self.values.get("task", "")
 
     @property
+    def setting(self) -> str:
+        """The data the result was measured on: grid values without paradigm, seed and budget
+        (cells and baselines of one setting are compared)."""
+        return ",".join(f"{k}={v}" for k, v in self.values.items() if k not in NOT_DATA_KEYS)
+
+    @property
     def group(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in self.values.items() if k != "seed")
+        rest = ",".join(f"{k}={v}" for k, v in self.values.items() if k != "seed")
+        return f"baseline={self.baseline},{rest}" if self.baseline else rest
+
+    @property
+    def label(self) -> str:
+        """The row name in the report's tables."""
+        if self.baseline:
+            from vlzoo.study.baselines import BASELINE_LABELS
+
+            return f"{BASELINE_LABELS.get(self.baseline, self.baseline)} (baseline): {self.setting}"
+        return self.group
 
 
 def find_parent_run(client: MlflowClient, experiment_name: str, study: str) -> Any:
@@ -81,10 +105,16 @@ def find_parent_run(client: MlflowClient, experiment_name: str, study: str) -> A
 
 
 def collect_results(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[CellResult]:
-    """One CellResult per cell (the newest run of each cell key)."""
+    """One CellResult per cell (the newest run of each cell key), then one per baseline run."""
+    return _collect(client, experiment_id, parent_run_id, "cell") + _collect(
+        client, experiment_id, parent_run_id, "baseline"
+    )
+
+
+def _collect(client: MlflowClient, experiment_id: str, parent_run_id: str, role: str) -> list[CellResult]:
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{ROLE_TAG}` = 'cell'",
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{ROLE_TAG}` = '{role}'",
         order_by=["attributes.start_time ASC"],
         max_results=10000,
     )
@@ -108,6 +138,7 @@ def collect_results(client: MlflowClient, experiment_id: str, parent_run_id: str
                 status=tags.get(STATUS_TAG, "running"),
                 error=tags.get(ERROR_TAG, ""),
                 metrics=dict(run.data.metrics),
+                baseline=tags.get(BASELINE_TAG, "") if role == "baseline" else "",
             )
         )
     return results
@@ -163,26 +194,60 @@ class _Table:
     title: str
     header: list[str]
     rows: list[list[str]]
+    note: str = ""
+
+
+def _selection_baselines(results: list[CellResult]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """setting -> aggregated figures of its random-object baseline."""
+    from vlzoo.study.baselines import SELECTION_BASELINE
+
+    agg = _aggregate(results)
+    return {r.setting: agg[r.group] for r in results if r.baseline == SELECTION_BASELINE and r.group in agg}
+
+
+def _flag(text: str, result: CellResult, column: str, mean: float, selection: dict[str, dict]) -> str:
+    """Mark a cell's figure below the random-object baseline of the same data."""
+    if result.baseline or not _higher_is_better(column) or column.startswith(("cost/", "params/")):
+        return text
+    base = selection.get(result.setting, {}).get(column)
+    # a random object at the maximum (one object per image) is the answer itself: nothing to select
+    if base is not None and base[0] < 1.0 - 1e-9 and not math.isnan(mean) and mean < base[0] - 1e-9:
+        return text + BELOW_MARK
+    return text
+
+
+_BELOW_NOTE = "↓: below the random-object baseline of the same data (the cell does not select the referred object)."
 
 
 def _tables(results: list[CellResult], primary: dict[str, str]) -> list[_Table]:
     agg = _aggregate(results)
+    selection = _selection_baselines(results)
     tables = []
-    tasks = list(dict.fromkeys(r.task for r in results))
+    tasks = list(dict.fromkeys(r.task for r in results if not r.baseline))
     for task in tasks:
         rs = [r for r in results if r.task == task]
-        metric_names = _task_metrics(rs, task, "test")
-        splits = sorted({k.split("/")[0] for r in rs for k in r.metrics if k.count("/") == 2 and k.split("/")[1] == task})
+        cell_rs = [r for r in rs if not r.baseline]
+        metric_names = [m for m in _task_metrics(cell_rs, task, "test") if "/" not in m]  # by_kind/...: own table
+        splits = sorted({k.split("/")[0] for r in cell_rs for k in r.metrics if k.count("/") == 2 and k.split("/")[1] == task})
         cols = [f"test/{task}/{m}" for m in metric_names]
         cols += [f"{s}/{task}/{primary.get(task, metric_names[0] if metric_names else '')}" for s in splits if s not in ("test", "val", "train")]
         cols += [c for c in COST_KEYS]
         groups = list(dict.fromkeys(r.group for r in rs))
-        best: dict[str, float] = {}
+        cell_groups = {r.group for r in cell_rs}
+        # the best per column among the cells of one setting (one rung: the same data)
+        setting_of = {r.group: r.setting for r in rs}
+        best: dict[tuple[str, str], float] = {}
         for c in cols:
-            vals = [agg[g][c][0] for g in groups if g in agg and c in agg[g] and not math.isnan(agg[g][c][0])]
-            # a column where every cell has the same value has no best
-            if vals and len(set(vals)) > 1 and not c.startswith(("cost/", "params/")):
-                best[c] = max(vals) if _higher_is_better(c) else min(vals)
+            for setting in dict.fromkeys(setting_of.values()):
+                vals = [
+                    agg[g][c][0]
+                    for g in groups
+                    if g in cell_groups and setting_of[g] == setting and g in agg and c in agg[g]
+                    and not math.isnan(agg[g][c][0])
+                ]
+                # a column where every cell has the same value has no best
+                if vals and len(set(vals)) > 1 and not c.startswith(("cost/", "params/")):
+                    best[(setting, c)] = max(vals) if _higher_is_better(c) else min(vals)
         header = ["cell", "status"] + [c.split("/", 1)[1] if c.startswith("test/") else c for c in cols]
         rows = []
         for g in groups:
@@ -193,7 +258,9 @@ def _tables(results: list[CellResult], primary: dict[str, str]) -> list[_Table]:
                 status = "unsupported: " + members[0].error
             elif any(r.status == "failed" for r in members):
                 status = "failed: " + next(r.error for r in members if r.status == "failed")[:80]
-            row = [g, status]
+            elif members[0].baseline:
+                status = "baseline (no training)"
+            row = [members[0].label, status]
             for c in cols:
                 if g in agg and c in agg[g]:
                     m, s, n = agg[g][c]
@@ -201,13 +268,53 @@ def _tables(results: list[CellResult], primary: dict[str, str]) -> list[_Table]:
                         cell = f"{m:,.0f}"
                     else:
                         cell = _fmt(m, s, n, digits=1 if c.startswith("cost/") else 3)
-                    if c in best and not math.isnan(m) and abs(m - best[c]) < 1e-12:
+                    top = best.get((setting_of[g], c))
+                    if top is not None and g in cell_groups and not math.isnan(m) and abs(m - top) < 1e-12:
                         cell = f"**{cell}**"
-                    row.append(cell)
+                    row.append(_flag(cell, members[0], c, m, selection))
                 else:
                     row.append("-")
             rows.append(row)
-        tables.append(_Table(title=f"Task `{task}`", header=header, rows=rows))
+        note = _BELOW_NOTE if selection else ""
+        tables.append(_Table(title=f"Task `{task}`", header=header, rows=rows, note=note))
+    return tables
+
+
+def _kind_tables(results: list[CellResult], primary: dict[str, str]) -> list[_Table]:
+    """Per task: the primary test figure per kind of referring expression (Shapes), cells and
+    baselines, with the number of samples of each kind."""
+    from vlzoo.structures import EXPRESSION_KINDS
+
+    agg = _aggregate(results)
+    selection = _selection_baselines(results)
+    tables = []
+    for task in dict.fromkeys(r.task for r in results if not r.baseline):
+        metric = primary.get(task)
+        prefix = f"test/{task}/by_kind/"
+        found = {k[len(prefix) :].split("/")[0] for r in results if r.task == task for k in r.metrics if k.startswith(prefix)}
+        kinds = [k for k in EXPRESSION_KINDS if k in found] + sorted(found - set(EXPRESSION_KINDS))
+        if not kinds or metric is None:
+            continue
+        header = ["cell"] + [f"{kind} ({metric})" for kind in kinds] + ["samples per kind"]
+        rows = []
+        for g in dict.fromkeys(r.group for r in results if r.task == task and r.status == "finished"):
+            member = next(r for r in results if r.group == g)
+            row = [member.label]
+            for kind in kinds:
+                column = f"{prefix}{kind}/{metric}"
+                value = agg.get(g, {}).get(column)
+                row.append("-" if value is None else _flag(_fmt(*value), member, column, value[0], selection))
+            counts = [agg.get(g, {}).get(f"{prefix}{kind}/count") for kind in kinds]
+            row.append(" / ".join("-" if c is None else f"{c[0]:.0f}" for c in counts))
+            rows.append(row)
+        tables.append(
+            _Table(
+                title=f"Task `{task}` by kind of referring expression (test)",
+                header=header,
+                rows=rows,
+                note=_BELOW_NOTE if selection else "",
+            )
+        )
     return tables
 
 
@@ -252,12 +359,13 @@ def _plot_curves(client: MlflowClient, results: list[CellResult], primary: dict[
         metric = primary.get(task) or next(iter(_task_metrics(results, task, "val")), None)
         if metric is None:
             continue
-        for paradigm in dict.fromkeys(r.paradigm for r in results if r.task == task):
+        for group in dict.fromkeys(r.group for r in results if r.task == task):
             curves = [
                 _metric_history(client, r.run_id, f"val/{task}/{metric}")
                 for r in results
-                if r.task == task and r.paradigm == paradigm and r.status == "finished"
+                if r.task == task and r.group == group and r.status == "finished"
             ]
+            paradigm = ",".join(part for part in group.split(",") if part != f"task={task}").replace("paradigm=", "")
             curves = [c for c in curves if c]
             if not curves:
                 continue
@@ -291,7 +399,8 @@ def _plot_cost(results: list[CellResult], primary: dict[str, str], out: Path) ->
         lat = agg[r.group].get("cost/latency_ms_per_query")
         acc = agg[r.group].get(key)
         if lat and acc:
-            points.append((r.paradigm, r.task, lat[0], acc[0], metric))
+            rung = r.values.get("rung")
+            points.append((r.paradigm + (f" ({rung})" if rung else ""), r.task, lat[0], acc[0], metric))
     points = list(dict.fromkeys(points))
     if not points:
         return None
@@ -322,7 +431,8 @@ def _plot_splits(results: list[CellResult], primary: dict[str, str], out: Path) 
         for split in ("test", "comp_test"):
             v = agg.get(group, {}).get(f"{split}/{r.task}/{metric}")
             if v:
-                bars.append((f"{r.paradigm}\n{r.task}", split, v[0], v[1]))
+                rest = [f"{k}={val}" for k, val in r.values.items() if k not in ("paradigm", "task", "seed")]
+                bars.append(("\n".join([r.paradigm, r.task, *rest]), split, v[0], v[1]))
     splits = list(dict.fromkeys(b[1] for b in bars))
     if len(splits) < 2:
         return None
@@ -351,14 +461,14 @@ def _plot_splits(results: list[CellResult], primary: dict[str, str], out: Path) 
 
 
 def _gallery(client: MlflowClient, results: list[CellResult], out: Path) -> list[Path]:
-    """Per task: rows are the same test samples, one column per paradigm (first seed)."""
+    """Per task (and rung: each rung has its own images): rows are the same test samples, one
+    column per paradigm (first seed)."""
     paths = []
-    for task in dict.fromkeys(r.task for r in results):
+    for task, rung in dict.fromkeys((r.task, r.values.get("rung", "")) for r in results):
+        mine = [r for r in results if r.task == task and r.values.get("rung", "") == rung]
         columns = []
-        for paradigm in dict.fromkeys(r.paradigm for r in results if r.task == task):
-            cell = next(
-                (r for r in results if r.task == task and r.paradigm == paradigm and r.status == "finished"), None
-            )
+        for paradigm in dict.fromkeys(r.paradigm for r in mine):
+            cell = next((r for r in mine if r.paradigm == paradigm and r.status == "finished"), None)
             if cell is None:
                 continue
             try:
@@ -381,13 +491,119 @@ def _gallery(client: MlflowClient, results: list[CellResult], out: Path) -> list
                     ax.imshow(plt.imread(images[i]))
                 if i == 0:
                     ax.set_title(paradigm, fontsize=9)
-        fig.suptitle(f"{task}: ground truth (green) and prediction (red), same samples per row", fontsize=9)
+        where = f" ({rung} rung)" if rung else ""
+        fig.suptitle(f"{task}{where}: ground truth (green) and prediction (red), same samples per row", fontsize=9)
         fig.tight_layout()
-        path = out / f"gallery_{task}.png"
+        path = out / (f"gallery_{task}_{rung}.png" if rung else f"gallery_{task}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _largest_budgets(results: list[CellResult]) -> dict[tuple[str, str, str], str]:
+    """``(task, paradigm, rung) -> group`` of its largest budget (finished cells)."""
+    chosen: dict[tuple[str, str, str], tuple[float, str]] = {}
+    for r in results:
+        if r.baseline or r.status != "finished":
+            continue
+        key = (r.task, r.paradigm, r.values.get("rung", ""))
+        budget = float(r.values.get("budget", 1))
+        if key not in chosen or budget > chosen[key][0]:
+            chosen[key] = (budget, r.group)
+    return {k: g for k, (_, g) in chosen.items()}
+
+
+def _summary(results: list[CellResult], primary: dict[str, str], before: dict[str, float]) -> str:
+    from vlzoo.study.baselines import SELECTION_BASELINE
+    from vlzoo.study.summary import first_paragraph
+
+    agg = _aggregate(results)
+    scores = {}
+    for (task, paradigm, rung), group in _largest_budgets(results).items():
+        value = agg.get(group, {}).get(f"test/{task}/{primary.get(task)}")
+        if value is not None and not math.isnan(value[0]):
+            scores[(task, paradigm, rung)] = value[0]
+    selection = {}
+    for r in results:
+        if r.baseline == SELECTION_BASELINE and r.group in agg:
+            value = agg[r.group].get(f"test/{r.task}/{primary.get(r.task)}")
+            if value is not None:
+                selection.setdefault((r.task, r.values.get("rung", "")), value[0])
+    retention: dict[str, dict[str, tuple[float, float]]] = {}
+    for r in results:
+        if r.baseline or r.status != "finished":
+            continue
+        for key, after in r.metrics.items():
+            if not key.startswith("retention/after/") or key.endswith("parse_fail_rate"):
+                continue
+            name = key[len("retention/after/") :]
+            b = before.get(f"retention/before/{name}")
+            if b is None:
+                continue
+            known = retention.setdefault(r.paradigm, {}).get(name)
+            if known is None or after < known[1]:
+                retention[r.paradigm][name] = (b, after)
+    return first_paragraph(scores=scores, selection=selection, retention=retention, primary=primary)
+
+
+def _time_to_accuracy(client: MlflowClient, results: list[CellResult], primary: dict[str, str]) -> list[_Table]:
+    from vlzoo.study.curves import CPU_KEY, DEFAULT_THRESHOLDS, time_to_accuracy_rows
+
+    tables = []
+    for task in dict.fromkeys(r.task for r in results if r.status == "finished" and not r.baseline):
+        metric = primary.get(task)
+        if metric is None:
+            continue
+        groups = []
+        for g in dict.fromkeys(r.group for r in results if r.task == task and r.status == "finished" and not r.baseline):
+            members = [r for r in results if r.group == g and r.status == "finished"]
+            curves = [_metric_history(client, r.run_id, f"val/{task}/{metric}") for r in members]
+            cpu = [_metric_history(client, r.run_id, CPU_KEY) for r in members]
+            steps = [r.metrics["cost/train_steps"] for r in members if "cost/train_steps" in r.metrics]
+            groups.append((g, curves, cpu, max(steps) if steps else None))
+        rows = time_to_accuracy_rows(groups, DEFAULT_THRESHOLDS)
+        if rows:
+            header = ["cell", "budget (steps)"] + [f"val {metric} >= {t:g}" for t in DEFAULT_THRESHOLDS]
+            tables.append(_Table(
+                title=f"Time to accuracy: `{task}`",
+                header=header,
+                rows=rows,
+                note="First validation step at which the seed-mean figure reaches the level, and the training "
+                "CPU seconds of the cell process by then (process CPU time: independent of other load).",
+            ))
+    return tables
+
+
+def _plot_compute(client: MlflowClient, results: list[CellResult], primary: dict[str, str], out: Path) -> Path | None:
+    from vlzoo.study.baselines import SELECTION_BASELINE
+    from vlzoo.study.curves import CPU_KEY, mean_curve, plot_compute
+
+    agg = _aggregate(results)
+    panels = []
+    largest = _largest_budgets(results)
+    for task in dict.fromkeys(t for t, _, _ in largest):
+        metric = primary.get(task)
+        if metric is None:
+            continue
+        lines = []
+        for (t, paradigm, rung), group in largest.items():
+            if t != task:
+                continue
+            members = [r for r in results if r.group == group and r.status == "finished"]
+            curve = mean_curve([_metric_history(client, r.run_id, f"val/{task}/{metric}") for r in members])
+            cpu = mean_curve([_metric_history(client, r.run_id, CPU_KEY) for r in members])
+            lines.append((paradigm + (f", {rung}" if rung else ""), curve, cpu))
+        references = []
+        for r in results:
+            if r.baseline == SELECTION_BASELINE and r.task == task and r.group in agg:
+                value = agg[r.group].get(f"test/{task}/{metric}")
+                rung = r.values.get("rung", "")
+                label = f"random object{', ' + rung if rung else ''}"
+                if value is not None and label not in {lab for lab, _ in references}:
+                    references.append((label, value[0]))
+        panels.append((task, lines, references))
+    return plot_compute(panels, out, ylabel=lambda task: f"val {primary.get(task)}")
 
 
 def _markdown(title: str, intro: list[str], tables: list[_Table], images: list[Path]) -> str:
@@ -396,6 +612,8 @@ def _markdown(title: str, intro: list[str], tables: list[_Table], images: list[P
         lines += [f"## {t.title}", "", "| " + " | ".join(t.header) + " |", "|" + "---|" * len(t.header)]
         lines += ["| " + " | ".join(r) + " |" for r in t.rows]
         lines.append("")
+        if t.note:
+            lines += [t.note, ""]
     if images:
         lines += ["## Plots", ""]
         lines += [f"![{p.stem}]({p.name})" for p in images]
@@ -405,10 +623,7 @@ def _markdown(title: str, intro: list[str], tables: list[_Table], images: list[P
 
 def _html(title: str, intro: list[str], tables: list[_Table], images: list[Path]) -> str:
     def cell(text: str) -> str:
-        text = html.escape(text)
-        if text.startswith("**") and text.endswith("**"):
-            return f"<b>{text[2:-2]}</b>"
-        return text
+        return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
 
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -426,6 +641,8 @@ def _html(title: str, intro: list[str], tables: list[_Table], images: list[Path]
         for r in t.rows:
             parts.append("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in r) + "</tr>")
         parts.append("</table>")
+        if t.note:
+            parts.append(f"<p>{html.escape(t.note)}</p>")
     for p in images:
         data = base64.b64encode(p.read_bytes()).decode()
         parts.append(f"<h3>{html.escape(p.stem)}</h3><img alt='{p.stem}' src='data:image/png;base64,{data}'>")
@@ -463,31 +680,37 @@ def build_report(
                 [r.key, *(r.values.get(k, "") for k in grid_keys), r.status, r.error, r.run_id]
                 + [r.metrics.get(k, "") for k in keys]
             )
+    cells = [r for r in results if not r.baseline]
     tables = _tables(results, primary)
-    kept = _retention_table(results, dict(parent.data.metrics))
+    tables += _kind_tables(results, primary)
+    tables += _time_to_accuracy(client, cells, primary)
+    kept = _retention_table(cells, dict(parent.data.metrics))
     if kept is not None:
         tables.append(kept)
     images = [
         p
         for p in (
-            _plot_curves(client, results, primary, out),
-            _plot_cost(results, primary, out),
-            _plot_splits(results, primary, out),
+            _plot_curves(client, cells, primary, out),
+            _plot_compute(client, results, primary, out),
+            _plot_cost(cells, primary, out),
+            _plot_splits(cells, primary, out),
         )
         if p is not None
     ]
-    images += _gallery(client, results, out)
+    images += _gallery(client, cells, out)
+    summary = _summary(results, primary, dict(parent.data.metrics))
     counts = defaultdict(int)
-    for r in results:
+    for r in cells:
         counts[r.status] += 1
     tags = parent.data.tags
-    intro = [
+    intro = ([summary, ""] if summary else []) + [
         f"Study `{study}`: {tags.get('vlzoo.description', '')}",
-        f"Cells: {len(results)} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}). "
+        f"Cells: {len(cells)} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}). "
         f"Budget: {tags.get('vlzoo.budget', '-')}. Stage 0: {tags.get('vlzoo.stage0', 'none')}.",
         f"Command: `{tags.get('vlzoo.command', '')}`",
-        "Values are mean ± std over seeds; the best per column is in bold; costs are measured by one "
-        "harness on one machine (latency per query at batch size 1, tokens per object generated).",
+        "Values are mean ± std over seeds; the best per column (among cells on the same data) is in bold; costs are measured by one "
+        "harness on one machine (latency per query at batch size 1, tokens per object generated). "
+        "Baseline rows are computed on the same splits by the same evaluator, without training.",
     ]
     title = f"vlzoo study report: {study}"
     (out / "report.md").write_text(_markdown(title, intro, tables, images))

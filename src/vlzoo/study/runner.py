@@ -25,9 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
 from mlflow.tracking import MlflowClient
 
+from vlzoo.study.curves import CPU_KEY as CPU_CURVE_KEY
 from vlzoo.study.report import (
+    BASELINE_TAG,
     CELL_KEY_TAG,
     ERROR_TAG,
     GRID_PREFIX,
@@ -36,9 +39,18 @@ from vlzoo.study.report import (
     STUDY_TAG,
     build_report,
 )
-from vlzoo.study.spec import Cell, StudyError, StudySpec, expand_grid, load_study
+from vlzoo.study.spec import BUDGET_KEY, Cell, StudyError, StudySpec, expand_grid, load_study
 
-__all__ = ["StudyRun", "run_study", "run_cell", "paradigm_supports", "cell_supports", "check_fairness"]
+__all__ = [
+    "StudyRun",
+    "run_study",
+    "run_cell",
+    "paradigm_supports",
+    "cell_supports",
+    "check_fairness",
+    "CpuTimeCurve",
+]
+
 
 STAGE0_TAG = "vlzoo.stage0_checkpoint"
 FAIRNESS_KEYS = (
@@ -223,6 +235,65 @@ class StudyRun:
         self.client.set_tag(parent, STAGE0_TAG, str(path))
         return path
 
+    # ------------------------------------------------------------------ baselines
+    def baseline_groups(self) -> dict[str, tuple[dict[str, Any], Cell]]:
+        """Settings that baselines are computed for: the supported rec/res cells' grid values
+        without paradigm and budget (a baseline depends on the data, not on them), each with
+        its first cell (whose resolved recipe gives the splits and the evaluator)."""
+        from vlzoo.study.baselines import BASELINE_TASKS
+
+        out: dict[str, tuple[dict[str, Any], Cell]] = {}
+        for cell in self.cells:
+            if not cell.supported or cell.task not in BASELINE_TASKS:
+                continue
+            values = {k: v for k, v in cell.values.items() if k not in ("paradigm", BUDGET_KEY)}
+            key = ",".join(f"{k}={v}" for k, v in values.items())
+            out.setdefault(key, (values, cell))
+        return out
+
+    def baselines(self, *, log: Any = print) -> int:
+        """Compute and record (once) every baseline of the study: a child run per baseline and
+        setting, role ``baseline``, with the same metric names as the cells.  Returns how many
+        settings were computed now."""
+        if self.spec.baselines is None:
+            return 0
+        from vlzoo.config import load_recipe
+        from vlzoo.study.baselines import recipe_baselines
+
+        parent = self.parent()
+        runs = self.client.search_runs(
+            [self._experiment_id()],
+            filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.`{ROLE_TAG}` = 'baseline'",
+            max_results=10000,
+        )
+        done = {r.data.tags.get(CELL_KEY_TAG) for r in runs if r.data.tags.get(STATUS_TAG) == "finished"}
+        computed = 0
+        for key, (values, cell) in self.baseline_groups().items():
+            if any(k.endswith(f":{key}") for k in done):
+                continue
+            recipe = load_recipe(cell.recipe, list(cell.overrides))
+            start = time.perf_counter()
+            figures = recipe_baselines(recipe, cell.task, train_samples=int(self.spec.baselines["train_samples"]))
+            for name, metrics in figures.items():
+                tags = {
+                    "mlflow.parentRunId": parent,
+                    STUDY_TAG: self.spec.name,
+                    ROLE_TAG: "baseline",
+                    BASELINE_TAG: name,
+                    CELL_KEY_TAG: f"{name}:{key}",
+                    "vlzoo.grid_order": ",".join(values),
+                    STATUS_TAG: "finished",
+                    "vlzoo.cell_index": str(cell.index),
+                }
+                tags.update({f"{GRID_PREFIX}{k}": str(v) for k, v in values.items()})
+                run = self.client.create_run(self._experiment_id(), tags=tags, run_name=f"{name}:{key}")
+                for metric, value in metrics.items():
+                    self.client.log_metric(run.info.run_id, metric, value)
+                self.client.set_terminated(run.info.run_id, "FINISHED")
+            log(f"  baselines [{key}]: {', '.join(figures)} in {time.perf_counter() - start:.1f} s")
+            computed += 1
+        return computed
+
     # ------------------------------------------------------------------ execution
     def pending(self) -> list[Cell]:
         done = self.cell_runs()
@@ -263,6 +334,7 @@ class StudyRun:
         check_fairness(self.cells)
         self.parent()
         self.stage0_checkpoint()
+        self.baselines(log=log)
         todo = self.pending()
         log(f"study {self.spec.name}: {len(self.cells)} cells, {len(todo)} to run, {jobs} at a time")
         logs = self.output_dir / "logs"
@@ -312,6 +384,29 @@ def run_study(
     return study.report() if report else None
 
 
+class CpuTimeCurve(Callback):
+    """Lightning callback: the CPU seconds of this process since ``fit`` began, logged at every
+    validation through the module's logger (so at the very steps of the validation figures), so
+    the report can say how much compute a validation figure cost (time-to-accuracy).  CPU time,
+    not wall time: it does not depend on what else the machine runs."""
+
+    def __init__(self) -> None:
+        self.start = time.process_time()
+        self.seconds = 0.0
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self.start = time.process_time()
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        self.seconds = time.process_time() - self.start
+        pl_module.log(CPU_CURVE_KEY, self.seconds, add_dataloader_idx=False)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self.seconds = time.process_time() - self.start
+
+
 def _peak_memory_mb() -> float:
     """Peak resident memory of this process in MB.
 
@@ -357,6 +452,7 @@ def run_cell(
         overrides = list(cell.overrides)
         if stage0 is not None:
             overrides.append(f"backbone.checkpoint={stage0}")
+        curve = CpuTimeCurve()
         built = build(
             cell.recipe,
             overrides=overrides,
@@ -364,12 +460,18 @@ def run_cell(
             tracking_uri=tracking_uri,
             run_id=run_id,
             keep_raw_images=True,
+            extra_callbacks=[curve],
         )
         start = time.perf_counter()
         built.trainer.fit(built.model, datamodule=built.datamodule)
         train_seconds = time.perf_counter() - start
         built.trainer.test(built.model, datamodule=built.datamodule, verbose=False)
-        metrics = {"cost/train_seconds": train_seconds, "cost/peak_memory_mb": _peak_memory_mb()}
+        metrics = {
+            "cost/train_seconds": train_seconds,
+            "cost/train_cpu_seconds": curve.seconds,
+            "cost/train_steps": float(built.trainer.global_step),
+            "cost/peak_memory_mb": _peak_memory_mb(),
+        }
         from vlzoo.runs import count_parameters
 
         trainable, total = count_parameters(built.model)

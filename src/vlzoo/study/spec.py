@@ -19,6 +19,13 @@ A study file (``recipes/studies/*.yaml``)::
       stage0_overrides: [trainer.max_steps=600]  # optional: overrides of the stage-0 recipe
       primary: {rec: acc_0.5, res: ciou}         # the metric the report ranks per task
       gallery: {samples: 6, split: test}
+      baselines: {train_samples: 2000}           # or false: no baseline rows
+
+Two grid keys are axes with a meaning of their own, not recipe overrides:
+
+* ``rung: [one, attribute, spatial, full]`` - the Shapes difficulty ladder: the rung is set on
+  every ``ShapesDataset`` of the cell's data slot (after ``fixed``);
+* ``budget: [1, 4, 16]`` - multipliers of ``study.budget`` (every kind in it).
 
 A cell whose recipe file does not exist, or whose paradigm does not support its task, is kept
 as an *unsupported* cell: the report shows it, it is never silently dropped.
@@ -34,10 +41,15 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Cell", "StudySpec", "StudyError", "load_study", "expand_grid"]
+__all__ = ["Cell", "StudySpec", "StudyError", "load_study", "expand_grid", "rung_overrides", "AXES"]
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 _BUDGET_KINDS = {"steps": "trainer.max_steps", "epochs": "trainer.max_epochs", "minutes": "trainer.max_time"}
+#: grid keys that are axes of the protocol, not recipe overrides
+RUNG_KEY = "rung"
+BUDGET_KEY = "budget"
+AXES = (RUNG_KEY, BUDGET_KEY)
+_SHAPES_TARGETS = ("vlzoo.data.ShapesDataset", "vlzoo.data.shapes.ShapesDataset", "vlzoo.data.shapes.dataset.ShapesDataset")
 
 
 class StudyError(ValueError):
@@ -87,13 +99,18 @@ class StudySpec:
     primary: dict[str, str] = field(default_factory=dict)
     gallery: dict[str, Any] = field(default_factory=lambda: {"samples": 6, "split": "test"})
     description: str = ""
+    #: ``None``: no baselines; else ``{"train_samples": N}`` (training samples the mean box is taken over)
+    baselines: dict[str, Any] | None = field(default_factory=lambda: {"train_samples": 2000})
 
-    def budget_overrides(self) -> list[str]:
+    def budget_overrides(self, multiplier: float = 1) -> list[str]:
+        """The budget as trainer overrides, every kind scaled by ``multiplier`` (the budget axis)."""
         out = []
         for kind, value in self.budget.items():
             if kind == "minutes":
-                total = int(round(float(value) * 60))
+                total = int(round(float(value) * multiplier * 60))
                 value = f"00:{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}"
+            else:
+                value = max(1, int(round(value * multiplier)))
             out.append(f"{_BUDGET_KINDS[kind]}={value}")
         return out
 
@@ -115,7 +132,7 @@ def load_study(path: str | Path) -> StudySpec:
     if not isinstance(raw, dict) or not isinstance(raw.get("study"), dict):
         raise StudyError(f"study file {path}: expected a top-level mapping 'study:'")
     body = raw["study"]
-    known = {"name", "recipe", "grid", "fixed", "budget", "stage0", "stage0_overrides", "primary", "gallery"}
+    known = {"name", "recipe", "grid", "fixed", "budget", "stage0", "stage0_overrides", "primary", "gallery", "baselines"}
     unknown = sorted(set(body) - known)
     if unknown:
         raise _fail(path, f"study.{unknown[0]}", f"unknown key; the keys are {sorted(known)}")
@@ -137,7 +154,19 @@ def load_study(path: str | Path) -> StudySpec:
     for name in _PLACEHOLDER.findall(str(body["recipe"])):
         if name not in grid:
             raise _fail(path, "study.recipe", f"placeholder {{{name}}} is not a grid key")
+    if RUNG_KEY in grid:
+        from vlzoo.data.shapes import RUNGS
+
+        bad_rungs = [v for v in grid[RUNG_KEY] if v not in RUNGS]
+        if bad_rungs:
+            raise _fail(path, f"study.grid.{RUNG_KEY}", f"unknown rung(s) {bad_rungs}; the Shapes ladder is {list(RUNGS)}")
     budget = body.get("budget") or {}
+    if BUDGET_KEY in grid:
+        bad_mult = [v for v in grid[BUDGET_KEY] if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0]
+        if bad_mult:
+            raise _fail(path, f"study.grid.{BUDGET_KEY}", f"must be positive multipliers of study.budget, got {bad_mult}")
+        if not budget:
+            raise _fail(path, f"study.grid.{BUDGET_KEY}", "multiplies study.budget, which is not set (e.g. budget: {steps: 300})")
     bad = sorted(set(budget) - set(_BUDGET_KINDS))
     if bad:
         raise _fail(path, f"study.budget.{bad[0]}", f"unknown budget kind; use one of {sorted(_BUDGET_KINDS)}")
@@ -160,6 +189,18 @@ def load_study(path: str | Path) -> StudySpec:
     stage0_overrides = body.get("stage0_overrides") or []
     if not isinstance(stage0_overrides, list) or not all(isinstance(x, str) and "=" in x for x in stage0_overrides):
         raise _fail(path, "study.stage0_overrides", "must be a list of key=value strings")
+    baselines = body.get("baselines", {"train_samples": 2000})
+    if baselines is False:
+        baselines = None
+    elif baselines is True or baselines is None:
+        baselines = {"train_samples": 2000}
+    elif not isinstance(baselines, dict) or set(baselines) - {"train_samples"}:
+        raise _fail(path, "study.baselines", f"must be false or a mapping with train_samples, got {baselines!r}")
+    else:
+        n = baselines.get("train_samples", 2000)
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise _fail(path, "study.baselines.train_samples", f"must be a positive integer, got {n!r}")
+        baselines = {"train_samples": n}
     first = text.splitlines()[0] if text else ""
     return StudySpec(
         name=str(body["name"]),
@@ -173,6 +214,7 @@ def load_study(path: str | Path) -> StudySpec:
         primary={str(k): str(v) for k, v in (body.get("primary") or {}).items()},
         gallery=dict(body.get("gallery") or {"samples": 6, "split": "test"}),
         description=first.lstrip("# ").strip() if first.startswith("#") else "",
+        baselines=baselines,
     )
 
 
@@ -189,6 +231,25 @@ def _fill(item: str, values: dict[str, Any]) -> str:
     return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), item)
 
 
+def rung_overrides(recipe: Path, overrides: list[str], rung: str) -> list[str]:
+    """``<key>.rung=<rung>`` for every ShapesDataset node of the recipe's data slot (as the
+    recipe resolves with ``overrides``), so a rung reaches train, val and every named test split."""
+    from vlzoo.config import load_recipe
+
+    data = load_recipe(recipe, overrides).get("data")
+    out: list[str] = []
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            if node.get("_target_") in _SHAPES_TARGETS:
+                out.append(f"{key}.rung={rung}")
+            for k, v in node.items():
+                walk(v, f"{key}.{k}")
+
+    walk(data, "data")
+    return out
+
+
 def expand_grid(spec: StudySpec, *, supports: Any = None) -> list[Cell]:
     """The cells of a study in a stable order (the grid's key order, values in listed order).
 
@@ -201,9 +262,11 @@ def expand_grid(spec: StudySpec, *, supports: Any = None) -> list[Cell]:
     for index, combo in enumerate(itertools.product(*(spec.grid[k] for k in keys))):
         values = dict(zip(keys, combo, strict=True))
         recipe = (spec.path.parent / spec.recipe.format(**values)).resolve()
-        overrides = [f"{k}={_override_value(v)}" for k, v in values.items() if k not in selecting]
+        overrides = [f"{k}={_override_value(v)}" for k, v in values.items() if k not in selecting and k not in AXES]
         overrides += [_fill(item, values) for item in spec.fixed]
-        overrides += spec.budget_overrides()
+        if RUNG_KEY in values and recipe.is_file():
+            overrides += rung_overrides(recipe, overrides, str(values[RUNG_KEY]))
+        overrides += spec.budget_overrides(values.get(BUDGET_KEY, 1))
         supported, reason = True, ""
         if "paradigm" in values and "task" in values and supports is not None:
             supported, reason = supports(str(values["paradigm"]), str(values["task"]))

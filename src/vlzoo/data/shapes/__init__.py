@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vlzoo.data.shapes.dataset import SPLITS, ShapesDataset
+from vlzoo.data.shapes.dataset import RUNG_KINDS, RUNGS, SPLITS, ShapesDataset
 from vlzoo.data.shapes.language import (
     Ref,
     caption,
@@ -28,6 +28,8 @@ from vlzoo.data.shapes.world import (
 __all__ = [
     "ShapesDataset",
     "SPLITS",
+    "RUNGS",
+    "RUNG_KINDS",
     "SHAPES_CATEGORIES",
     "CATEGORY_NAMES",
     "COLOUR_NAMES",

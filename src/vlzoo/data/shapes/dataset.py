@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -18,12 +19,27 @@ from vlzoo.data.shapes.language import (
 )
 from vlzoo.data.shapes.world import Scene, generate_scene
 from vlzoo.data.templates import instruction
-from vlzoo.structures import TASKS, Sample, Targets
+from vlzoo.structures import EXPRESSION_KINDS, TASKS, Sample, Targets
 
-__all__ = ["ShapesDataset", "SPLITS"]
+__all__ = ["ShapesDataset", "SPLITS", "RUNGS", "RUNG_KINDS"]
 
 #: split name -> seed stream; disjoint streams give disjoint scenes for the same index
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "comp_test": 3}
+
+#: The difficulty ladder, easiest first (docs/data.md).  ``one``: one object per image, pure
+#: localization (the positive control); ``attribute``: several objects, expressions that name
+#: attributes only; ``spatial``: ordinal, superlative and relational expressions only; ``full``:
+#: every kind, drawn uniformly among those available (the default).
+RUNGS: tuple[str, ...] = ("one", "attribute", "spatial", "full")
+#: rung -> the expression kinds its referring samples (rec, res, reg) may use.  ``one`` keeps
+#: every kind, so it is exactly ``full`` with ``num_objects=(1, 1)``: with a lone object only
+#: attribute expressions exist.
+RUNG_KINDS: dict[str, tuple[str, ...]] = {
+    "one": EXPRESSION_KINDS,
+    "attribute": ("attribute",),
+    "spatial": ("ordinal", "superlative", "relation"),
+    "full": EXPRESSION_KINDS,
+}
 
 
 class ShapesDataset(Dataset):
@@ -34,7 +50,8 @@ class ShapesDataset(Dataset):
     asks for:
 
     * ``rec`` / ``res``: the referred object (``res`` also its mask); ``expressions`` the
-      expression, ``meta["ref"]`` its :class:`~vlzoo.data.shapes.language.Ref` program;
+      expression, ``expression_kinds`` its kind, ``meta["ref"]`` its
+      :class:`~vlzoo.data.shapes.language.Ref` program;
     * ``det`` / ``seg`` / ``pose``: every instance of ``meta["category"]`` (``seg`` masks,
       ``pose`` keypoints ``(N, 5, 3)``);
     * ``reg``: the region (box) in ``meta["prompt_boxes"]`` and a ``{box}`` placeholder in the
@@ -48,7 +65,10 @@ class ShapesDataset(Dataset):
         image_size: side of the square image in pixels.
         tasks: task names (drawn uniformly) or ``{task: weight}``; the task of an item is drawn
             from ``(seed, split, index)``.
-        num_objects: inclusive range of objects per scene.
+        rung: the difficulty ladder's rung (:data:`RUNGS`): ``one`` object per image,
+            ``attribute``-only expressions, ``spatial``-only expressions or the ``full`` mix.
+        num_objects: inclusive range of objects per scene; by default ``(1, 1)`` on the
+            ``one`` rung and ``(2, 4)`` otherwise (``attribute`` and ``spatial`` need >= 2).
         occlusion: largest fraction of an object later objects may cover (0: none).
         noise: standard deviation of Gaussian pixel noise, as a fraction of 255.
         texture: striped background texture.
@@ -65,7 +85,8 @@ class ShapesDataset(Dataset):
         size: int = 10000,
         image_size: int = 64,
         tasks: Mapping[str, float] | Sequence[str] = ("rec",),
-        num_objects: tuple[int, int] | Sequence[int] = (2, 4),
+        rung: Literal["one", "attribute", "spatial", "full"] = "full",
+        num_objects: tuple[int, int] | Sequence[int] | None = None,
         occlusion: float = 0.0,
         noise: float = 0.0,
         texture: bool = False,
@@ -84,9 +105,23 @@ class ShapesDataset(Dataset):
         total = float(sum(weights.values()))
         if total <= 0 or any(w < 0 for w in weights.values()):
             raise ValueError(f"ShapesDataset: task weights must be >= 0 and not all 0, got {weights}")
+        if rung not in RUNGS:
+            raise ValueError(f"ShapesDataset: unknown rung {rung!r}; choose from {list(RUNGS)}")
+        if num_objects is None:
+            num_objects = (1, 1) if rung == "one" else (2, 4)
         lo, hi = (int(v) for v in num_objects)
         if not 1 <= lo <= hi <= 10:
             raise ValueError(f"ShapesDataset: num_objects must satisfy 1 <= lo <= hi <= 10, got {num_objects}")
+        if rung == "one" and (lo, hi) != (1, 1):
+            raise ValueError(
+                f"ShapesDataset: rung 'one' has one object per image, but num_objects is {list(num_objects)}; "
+                "leave num_objects out (or [1, 1]), or use another rung"
+            )
+        if rung in ("attribute", "spatial") and lo < 2:
+            raise ValueError(
+                f"ShapesDataset: rung {rung!r} needs several objects per image (num_objects >= 2), got "
+                f"{list(num_objects)}; use rung 'one' for a lone object"
+            )
         if not 0.0 <= occlusion < 1.0:
             raise ValueError(f"ShapesDataset: occlusion must be in [0, 1), got {occlusion}")
         if image_size < 16:
@@ -96,6 +131,8 @@ class ShapesDataset(Dataset):
         self.image_size = int(image_size)
         self.tasks = list(weights)
         self._cum = np.cumsum([weights[t] / total for t in self.tasks])
+        self.rung = rung
+        self.kinds = RUNG_KINDS[rung]
         self.num_objects = (lo, hi)
         self.occlusion = float(occlusion)
         self.noise = float(noise)
@@ -139,12 +176,13 @@ class ShapesDataset(Dataset):
             focus = 0 if self.split == "comp_test" else int(rng.integers(n))
             if task not in ("rec", "res", "reg"):
                 return scene, focus, None
-            picked = self._reference(scene, focus, rng)
+            picked = self._reference(scene, focus, rng, self.kinds)
             if picked is not None:
                 return scene, focus, picked
         raise DataError(
             f"ShapesDataset({self.split}) item {index}: no object could be referred to uniquely in "
-            f"{self.MAX_SCENE_ATTEMPTS} scenes; use more object variety (num_objects, twin_prob)"
+            f"{self.MAX_SCENE_ATTEMPTS} scenes with {self.rung!r}-rung expressions; use more object variety "
+            "(num_objects, twin_prob)"
         )
 
     def _scene(self, rng: np.random.Generator) -> Scene:
@@ -178,6 +216,7 @@ class ShapesDataset(Dataset):
             target, ref = picked
             expr = render(ref, rng)
             t = self._targets(scene, [target], base, masks=task == "res", keypoints=False)
+            t = t.replace(expression_kinds=[ref.kind])
             meta = {"category": scene.objects[target].category_name, "object_ids": [target], "ref": ref}
             if task == "reg":
                 box = [float(v) for v in scene.objects[target].box]
@@ -205,10 +244,12 @@ class ShapesDataset(Dataset):
         return Sample(image, "caption", instruction("caption", rng), t, answer=text, image_id=index, meta={})
 
     @staticmethod
-    def _reference(scene: Scene, focus: int, rng: np.random.Generator) -> tuple[int, Ref] | None:
+    def _reference(
+        scene: Scene, focus: int, rng: np.random.Generator, kinds: tuple[str, ...] = EXPRESSION_KINDS
+    ) -> tuple[int, Ref] | None:
         order = [focus] + [i for i in range(len(scene.objects)) if i != focus]
         for i in order:
-            ref = choose_reference(i, scene, rng)
+            ref = choose_reference(i, scene, rng, kinds)
             if ref is not None:
                 return i, ref
         return None

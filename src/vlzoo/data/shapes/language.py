@@ -14,6 +14,7 @@ from itertools import product
 import numpy as np
 
 from vlzoo.data.shapes.world import CATEGORY_NAMES, CATEGORY_PLURALS, COLOUR_NAMES, Scene, ShapeObject
+from vlzoo.structures import EXPRESSION_KINDS
 
 __all__ = [
     "Ref",
@@ -190,7 +191,7 @@ def _simplest_unique(i: int, v: _View) -> Ref | None:
     return None
 
 
-_KINDS = ("attribute", "ordinal", "superlative", "relation")
+_KINDS = EXPRESSION_KINDS  # the kinds of Ref.kind, in the order generation draws from
 
 
 def _candidates_of_kind(kind: str, target: int, v: _View) -> list[Ref]:
@@ -237,13 +238,18 @@ def referring_candidates(target: int, scene: Scene) -> dict[str, list[Ref]]:
     return {kind: _candidates_of_kind(kind, target, v) for kind in _KINDS}
 
 
-def choose_reference(target: int, scene: Scene, rng: np.random.Generator) -> Ref | None:
-    """A random unique program for ``target``: a kind uniformly among those available (the
-    first available kind of a random permutation), then a program of that kind uniformly.
-    ``None`` when nothing denotes the target alone."""
+def choose_reference(
+    target: int, scene: Scene, rng: np.random.Generator, kinds: tuple[str, ...] = _KINDS
+) -> Ref | None:
+    """A random unique program for ``target``: a kind uniformly among those of ``kinds`` that
+    are available (the first available kind of a random permutation), then a program of that
+    kind uniformly.  ``None`` when nothing of those kinds denotes the target alone."""
+    unknown = [k for k in kinds if k not in _KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"choose_reference: unknown expression kinds {unknown or kinds}; choose from {_KINDS}")
     v = _View(scene)
-    for k in rng.permutation(len(_KINDS)):
-        refs = _candidates_of_kind(_KINDS[int(k)], target, v)
+    for k in rng.permutation(len(kinds)):
+        refs = _candidates_of_kind(kinds[int(k)], target, v)
         if refs:
             return refs[int(rng.integers(len(refs)))]
     return None
