@@ -17,7 +17,7 @@ from pycocotools import mask as mask_utils
 from torch import Tensor
 from torchmetrics import Metric
 
-from vlzoo.evaluation.cocoeval import coco_summary
+from vlzoo.evaluation.cocoeval import coco_summary, paused_gc
 from vlzoo.evaluation.common import ObjectListSync, check_finite, check_pairs
 from vlzoo.structures import Predictions, Targets
 
@@ -284,9 +284,10 @@ class DetectionMAP(ObjectListSync, Metric):
         undefined = {k: torch.tensor(-1.0) for k in self.report_keys}
         if not self.num_samples or not any(rows.shape[0] for rows in self.gt_rows):
             return undefined
-        gt, dt = self.coco_datasets()
-        stats = coco_summary(
-            gt, dt, iou_type=self.iou_type, count=len(self.report_keys), iou_thresholds=self.iou_thresholds,
-            rec_thresholds=self.rec_thresholds, max_dets=self.max_detection_thresholds,
-        )
+        with paused_gc():
+            gt, dt = self.coco_datasets()
+            stats = coco_summary(
+                gt, dt, iou_type=self.iou_type, count=len(self.report_keys), iou_thresholds=self.iou_thresholds,
+                rec_thresholds=self.rec_thresholds, max_dets=self.max_detection_thresholds,
+            )
         return {k: torch.tensor(float(v), dtype=torch.float32) for k, v in zip(self.report_keys, stats, strict=True)}
