@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -38,6 +39,37 @@ def box_iou_pair(a: Tensor, b: Tensor) -> float:
     return float(inter / union) if float(union) > 0 else 0.0
 
 
+def _box_ious(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise IoU of ``(N, 4)`` ``xyxy`` boxes in float64, as :func:`box_iou_pair`; a box with a
+    NaN/inf coordinate in ``a`` scores 0."""
+    a, b = a.double(), b.double()
+    iw = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
+    ih = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
+    inter = iw * ih
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    union = area_a + area_b - inter
+    ok = (union > 0) & torch.isfinite(a).all(dim=1)
+    return torch.where(ok, inter / torch.where(ok, union, torch.ones_like(union)), torch.zeros_like(union))
+
+
+def _union(masks: Tensor) -> Tensor:
+    """``(N, H, W)`` masks -> their ``(H, W)`` union; booleans as they are, other dtypes above 0.5."""
+    binary = masks if masks.dtype == torch.bool else masks > 0.5
+    return binary[0] if binary.shape[0] == 1 else binary.any(dim=0)
+
+
+def _segment_sums(flags: Tensor, lengths: Tensor) -> Tensor:
+    """Sums (float64, on the CPU) of consecutive segments of ``lengths`` elements of a 1-D bool tensor."""
+    if flags.device.type == "cpu":
+        starts = (torch.cumsum(lengths, 0) - lengths).numpy()
+        return torch.from_numpy(np.add.reduceat(flags.numpy().view(np.uint8), starts, dtype=np.int64)).double()
+    ends = torch.cumsum(lengths, 0).to(flags.device) - 1
+    totals = torch.cumsum(flags, 0)[ends].cpu().double()
+    totals[1:] -= totals[:-1].clone()
+    return totals
+
+
 def _check_thresholds(thresholds: Sequence[float], name: str) -> tuple[float, ...]:
     out = tuple(float(t) for t in thresholds)
     if not out or any(not 0.0 <= t <= 1.0 for t in out):
@@ -69,28 +101,54 @@ class ReferringBoxAccuracy(Metric):
 
     def sample_iou(self, pred: Predictions, target: Targets) -> float:
         """The IoU this metric scores for one sample (validates the target)."""
-        if len(target) == 0:
-            raise ValueError(f"ReferringBoxAccuracy: the target of image_id={target.image_id} has no box")
-        check_finite(target.boxes, what="target boxes", image_id=target.image_id, metric="ReferringBoxAccuracy")
-        if not pred.parsed or len(pred) == 0:
-            return 0.0
-        index = 0
-        if pred.scores.numel() == len(pred):
-            index = int(torch.argmax(pred.scores.float()))
-        box = pred.boxes[index]
-        if not bool(torch.isfinite(box.float()).all()):
-            return 0.0
-        return box_iou_pair(box.detach().cpu(), target.boxes[0].detach().cpu())
+        return float(self.batch_ious([pred], [target])[0])
+
+    def batch_ious(self, preds: Sequence[Predictions], targets: Sequence[Targets]) -> Tensor:
+        """The IoU this metric scores for each sample, float64 ``(B,)``, computed for the whole batch at
+        once (validates the targets)."""
+        name = "ReferringBoxAccuracy"
+        for t in targets:
+            if len(t) == 0:
+                raise ValueError(f"{name}: the target of image_id={t.image_id} has no box")
+        if not targets:
+            return torch.zeros(0, dtype=torch.float64)
+        target_boxes = [t.boxes.detach().reshape(-1, 4) for t in targets]
+        all_boxes = torch.cat(target_boxes).cpu().double()
+        counts = torch.tensor([b.shape[0] for b in target_boxes])
+        finite = torch.isfinite(all_boxes).all(dim=1)
+        if not bool(finite.all()):
+            bad = int(torch.repeat_interleave(torch.arange(len(targets)), counts)[~finite][0])
+            check_finite(targets[bad].boxes, what="target boxes", image_id=targets[bad].image_id, metric=name)
+        gt = all_boxes[torch.cumsum(counts, 0) - counts]  # the referred box: each target's first
+        ious = torch.zeros(len(targets), dtype=torch.float64)
+        answering = [i for i, p in enumerate(preds) if p.parsed and len(p) > 0]
+        if not answering:
+            return ious
+        boxes = [preds[i].boxes.detach().reshape(-1, 4) for i in answering]
+        sizes = torch.tensor([b.shape[0] for b in boxes])
+        owner = torch.repeat_interleave(torch.arange(len(answering)), sizes)
+        # the answer: the top-scored box (first of equal scores), else the first box
+        keys = torch.cat([
+            preds[i].scores.detach().reshape(-1).cpu().double() if preds[i].scores.numel() == n
+            else -torch.arange(n, dtype=torch.float64)
+            for i, n in zip(answering, sizes.tolist(), strict=True)
+        ])
+        order = torch.argsort(keys, descending=True, stable=True)
+        order = order[torch.argsort(owner[order], stable=True)]
+        first = torch.ones(order.numel(), dtype=torch.bool)
+        first[1:] = owner[order][1:] != owner[order][:-1]
+        answer = torch.cat(boxes).cpu().double()[order[first]]
+        ious[torch.tensor(answering)] = _box_ious(answer, gt[torch.tensor(answering)])
+        return ious
 
     def update(self, preds: list[Predictions], targets: list[Targets]) -> None:
         """Accumulate one batch of samples (original-image pixels)."""
         check_pairs(preds, targets, metric="ReferringBoxAccuracy")
+        ious = self.batch_ious(preds, targets)
         thr = torch.tensor(self.thresholds, dtype=torch.float64)
-        for pred, target in zip(preds, targets, strict=True):
-            iou = self.sample_iou(pred, target)
-            self.hits += (torch.tensor(iou, dtype=torch.float64) >= thr).to(self.hits)
-            self.iou_sum += iou
-            self.count += 1
+        self.hits += (ious[:, None] >= thr).sum(dim=0).to(self.hits)
+        self.iou_sum += ious.sum().to(self.iou_sum)
+        self.count += len(preds)
 
     def compute(self) -> dict[str, Tensor]:
         """``acc_<t>`` per threshold and ``miou``, float32 scalars."""
@@ -128,48 +186,65 @@ class ReferringSegmentation(Metric):
         self.add_state("cum_union", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    @staticmethod
-    def _binary(masks: Tensor) -> Tensor:
-        return masks.bool() if masks.dtype == torch.bool else masks > 0.5
-
     def sample_intersection_union(self, pred: Predictions, target: Targets) -> tuple[float, float]:
         """Intersection and union (pixel counts) of the unioned masks of one sample."""
+        inter, union = self.batch_intersection_union([pred], [target])
+        return float(inter[0]), float(union[0])
+
+    def batch_intersection_union(self, preds: Sequence[Predictions], targets: Sequence[Targets]) -> tuple[Tensor, Tensor]:
+        """Intersection and union (pixel counts, float64 ``(B,)``) of each sample's unioned masks.
+
+        Samples are validated one by one (shapes only); the pixel work runs once for the whole batch
+        on the masks laid end to end, so samples of different sizes cost no extra passes."""
         name = "ReferringSegmentation"
-        if target.masks is None or target.masks.dim() != 3:
-            raise ValueError(f"{name}: the target of image_id={target.image_id} has no (N, H, W) masks")
-        size = tuple(target.masks.shape[-2:])
-        if target.image_size != (0, 0) and tuple(target.image_size) != size:
-            raise ValueError(
-                f"{name}: target masks of image_id={target.image_id} are {size} but image_size is "
-                f"{tuple(target.image_size)}"
-            )
-        gt = self._binary(target.masks).any(dim=0) if target.masks.shape[0] else torch.zeros(size, dtype=torch.bool)
-        gt = gt.cpu()
-        if pred.parsed and pred.masks is not None and pred.masks.numel() and pred.masks.shape[0] > 0:
-            if pred.masks.dim() != 3 or tuple(pred.masks.shape[-2:]) != size:
+        sizes: list[tuple[int, int]] = []
+        gts: list[Tensor | None] = []
+        pms: list[Tensor | None] = []
+        for i, (pred, target) in enumerate(zip(preds, targets, strict=True)):
+            if target.masks is None or target.masks.dim() != 3:
+                raise ValueError(f"{name}: the target of image_id={target.image_id} has no (N, H, W) masks")
+            size = (int(target.masks.shape[-2]), int(target.masks.shape[-1]))
+            if target.image_size != (0, 0) and tuple(target.image_size) != size:
                 raise ValueError(
-                    f"{name}: predicted masks of image_id={target.image_id} have shape "
-                    f"{tuple(pred.masks.shape)}, expected (N, {size[0]}, {size[1]})"
+                    f"{name}: target masks of image_id={target.image_id} are {size} but image_size is "
+                    f"{tuple(target.image_size)}"
                 )
-            pm = self._binary(pred.masks).any(dim=0).cpu()
-        else:
-            pm = torch.zeros(size, dtype=torch.bool)
-        inter = float((pm & gt).sum())
-        union = float((pm | gt).sum())
-        return inter, union
+            pm = None
+            if pred.parsed and pred.masks is not None and pred.masks.numel() and pred.masks.shape[0] > 0:
+                if pred.masks.dim() != 3 or tuple(pred.masks.shape[-2:]) != size:
+                    raise ValueError(
+                        f"{name}: predicted masks of image_id={target.image_id} have shape "
+                        f"{tuple(pred.masks.shape)}, expected (N, {size[0]}, {size[1]})"
+                    )
+                pm = _union(pred.masks)
+            gts.append(_union(target.masks) if target.masks.shape[0] else None)
+            pms.append(pm)
+            sizes.append(size)
+        if not gts:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        # every sample's pixels end to end: one pass of & / | and one sum per sample, whatever the
+        # mix of mask sizes
+        device = next((m.device for m in (*gts, *pms) if m is not None), torch.device("cpu"))
+        lengths = torch.tensor([h * w for h, w in sizes])
+        flat_g, flat_m = [], []
+        for g, m, (h, w) in zip(gts, pms, sizes, strict=True):
+            empty = None if g is not None and m is not None else torch.zeros(h * w, dtype=torch.bool, device=device)
+            flat_g.append(g.reshape(-1).to(device) if g is not None else empty)
+            flat_m.append(m.reshape(-1).to(device) if m is not None else empty)
+        g_all, m_all = torch.cat(flat_g), torch.cat(flat_m)
+        return _segment_sums(g_all & m_all, lengths), _segment_sums(g_all | m_all, lengths)
 
     def update(self, preds: list[Predictions], targets: list[Targets]) -> None:
         """Accumulate one batch of samples (original-image pixels)."""
         check_pairs(preds, targets, metric="ReferringSegmentation")
+        inter, union = self.batch_intersection_union(preds, targets)
+        ious = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
         thr = torch.tensor(self.thresholds, dtype=torch.float64)
-        for pred, target in zip(preds, targets, strict=True):
-            inter, union = self.sample_intersection_union(pred, target)
-            iou = inter / union if union > 0 else 1.0
-            self.cum_intersection += inter
-            self.cum_union += union
-            self.iou_sum += iou
-            self.hits += (torch.tensor(iou, dtype=torch.float64) >= thr).to(self.hits)
-            self.count += 1
+        self.cum_intersection += inter.sum().to(self.cum_intersection)
+        self.cum_union += union.sum().to(self.cum_union)
+        self.iou_sum += ious.sum().to(self.iou_sum)
+        self.hits += (ious[:, None] >= thr).sum(dim=0).to(self.hits)
+        self.count += len(preds)
 
     def compute(self) -> dict[str, Tensor]:
         """``ciou``, ``giou`` and ``prec_<t>`` per threshold, float32 scalars."""
