@@ -205,6 +205,13 @@ def test_florence2_matches_transformers_post_processor(size):
     assert torch.equal(codec.decode_points(ptext, (h, w)).double(), post.dequantize(pref, (w, h)).double())
 
 
+def test_paligemma_tokens_are_the_processors():
+    """transformers ships PaliGemma's location-token names (not a quantizer or parser): the spelling
+    is checked against them; the binning against big_vision's formula below."""
+    paligemma = pytest.importorskip("transformers.models.paligemma.processing_paligemma")
+    assert list(PaliGemmaCodec().coordinate_tokens) == [t for t in paligemma.EXTRA_TOKENS if t.startswith("<loc")]
+
+
 def test_paligemma_matches_big_vision_binning():
     codec = PaliGemmaCodec()
     size = (480, 640)
