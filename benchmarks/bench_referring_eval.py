@@ -5,6 +5,11 @@ count); print the times, the ratio and the largest difference between the figure
 
     OMP_NUM_THREADS=1 python benchmarks/bench_referring_eval.py --samples 100000
 
+``--baseline path/to/referring.py`` also times another version's metrics on the same batches in the
+same run (e.g. the per-sample implementation before vectorisation:
+``git archive 37550d8 src | tar -x -C /tmp/before`` then ``--baseline
+/tmp/before/src/vlzoo/evaluation/referring.py``).
+
 Samples are generated batch by batch (not timed) so that 100,000 RES samples never sit in memory
 at once: REC answers of 1-3 scored boxes (some unparsed, some without a box, some NaN); RES masks of
 1-2 predicted instances against one target mask, image sides 24-96 px (same size within a batch
@@ -14,6 +19,7 @@ with ``--same-size``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 from collections.abc import Iterator
 
@@ -113,10 +119,14 @@ def res_figures(iu: np.ndarray) -> np.ndarray:
     return np.array([iu[:, 0].sum() / iu[:, 1].sum(), ious.mean(), *(float((ious >= t).mean()) for t in RES_T)])
 
 
-def run(name: str, batches, metric, reference, figures, keys) -> None:
-    t_ours = t_ref = 0.0
+def run(name: str, batches, make_metric, reference, figures, keys, baseline=None) -> None:
+    """Feed every batch to vlzoo's metric, the per-sample loop and (if given) a baseline metric of
+    another vlzoo version, timing each on the same batches in turn."""
+    t_ours = t_ref = t_base = 0.0
     parts = []
     count = 0
+    metric = make_metric()
+    base = baseline() if baseline is not None else None
     for preds, targets in batches:
         tic = time.perf_counter()
         metric.update(preds, targets)
@@ -124,6 +134,10 @@ def run(name: str, batches, metric, reference, figures, keys) -> None:
         tic = time.perf_counter()
         parts.append(reference(preds, targets))
         t_ref += time.perf_counter() - tic
+        if base is not None:
+            tic = time.perf_counter()
+            base.update(preds, targets)
+            t_base += time.perf_counter() - tic
         count += len(preds)
     tic = time.perf_counter()
     out = metric.compute()
@@ -135,6 +149,21 @@ def run(name: str, batches, metric, reference, figures, keys) -> None:
     print(f"{name}: {count} samples   vlzoo {t_ours:7.2f} s   per-sample loop {t_ref:7.2f} s   "
           f"loop / vlzoo {t_ref / t_ours:5.1f}x   max |difference| {np.abs(ours - ref).max():.1e}   "
           f"({', '.join(f'{k}={v:.4f}' for k, v in zip(keys, ours, strict=True))})")
+    if base is not None:
+        tic = time.perf_counter()
+        theirs = base.compute()
+        t_base += time.perf_counter() - tic
+        diff = np.abs(ours - np.array([float(theirs[k]) for k in keys])).max()
+        print(f"{name}: baseline {t_base:7.2f} s   baseline / vlzoo {t_base / t_ours:5.1f}x   "
+              f"max |difference| {diff:.1e}")
+
+
+def load_baseline(path: str):
+    """The ``referring`` module of another vlzoo version (e.g. ``git archive <commit> src``)."""
+    spec = importlib.util.spec_from_file_location("baseline_referring", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:
@@ -143,13 +172,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="samples per update() call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--same-size", action="store_true", help="one mask size per RES batch")
+    parser.add_argument("--baseline", help="a vlzoo/evaluation/referring.py of another version to time alongside")
     args = parser.parse_args()
     print(f"torch threads {torch.get_num_threads()}, batches of {args.batch}")
-    run("REC", rec_batches(args.samples, args.batch, args.seed), ReferringBoxAccuracy(thresholds=REC_T),
-        reference_rec, rec_figures, [*(f"acc_{t:g}" for t in REC_T), "miou"])
+    old = load_baseline(args.baseline) if args.baseline else None
+    run("REC", rec_batches(args.samples, args.batch, args.seed), lambda: ReferringBoxAccuracy(thresholds=REC_T),
+        reference_rec, rec_figures, [*(f"acc_{t:g}" for t in REC_T), "miou"],
+        baseline=(lambda: old.ReferringBoxAccuracy(thresholds=REC_T)) if old else None)
     run("RES", res_batches(args.samples, args.batch, args.seed, args.same_size),
-        ReferringSegmentation(thresholds=RES_T), reference_res, res_figures,
-        ["ciou", "giou", *(f"prec_{t:g}" for t in RES_T)])
+        lambda: ReferringSegmentation(thresholds=RES_T), reference_res, res_figures,
+        ["ciou", "giou", *(f"prec_{t:g}" for t in RES_T)],
+        baseline=(lambda: old.ReferringSegmentation(thresholds=RES_T)) if old else None)
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ class ReferringSegmentation(Metric):
         sizes: list[tuple[int, int]] = []
         gts: list[Tensor | None] = []
         pms: list[Tensor | None] = []
-        for i, (pred, target) in enumerate(zip(preds, targets, strict=True)):
+        for pred, target in zip(preds, targets, strict=True):
             if target.masks is None or target.masks.dim() != 3:
                 raise ValueError(f"{name}: the target of image_id={target.image_id} has no (N, H, W) masks")
             size = (int(target.masks.shape[-2]), int(target.masks.shape[-1]))
