@@ -91,3 +91,20 @@ def test_res_errors_and_empty() -> None:
         metric.update([Predictions()], [Targets(masks=gt, image_id=13, image_size=(5, 4))])
     with pytest.raises(ValueError, match="image_id=14"):
         metric.update([Predictions()], [Targets(image_id=14)])
+
+
+def test_res_accelerator_path_equals_cpu_path() -> None:
+    """The torch path (used when masks live on an accelerator) counts what the numpy path counts;
+    run here on CPU tensors, with mixed sizes, several instances, missing masks and a 0-pixel image."""
+    from vlzoo.evaluation.referring import _intersection_union_torch
+
+    preds, targets = res_samples(2, 40)
+    metric = ReferringSegmentation()
+    inter, union = metric.batch_intersection_union(preds, targets)
+    gts = [t.masks if t.masks.shape[0] else None for t in targets]
+    pms = [p.masks if p.parsed and p.masks is not None and p.masks.shape[0] else None for p in preds]
+    lengths = [t.masks.shape[-2] * t.masks.shape[-1] for t in targets]
+    t_inter, t_union = _intersection_union_torch([None, *gts], [None, *pms], [0, *lengths], torch.device("cpu"))
+    assert torch.equal(t_inter, torch.cat([torch.zeros(1, dtype=torch.float64), inter]))
+    assert torch.equal(t_union, torch.cat([torch.zeros(1, dtype=torch.float64), union]))
+    assert float(union.sum()) > float(inter.sum()) > 0

@@ -59,13 +59,41 @@ def _union(masks: Tensor) -> Tensor:
     return binary[0] if binary.shape[0] == 1 else binary.any(dim=0)
 
 
-def _segment_sums(flags: Tensor, lengths: Tensor) -> Tensor:
-    """Sums (float64, on the CPU) of consecutive segments of ``lengths`` elements of a 1-D bool tensor."""
-    if flags.device.type == "cpu":
-        starts = (torch.cumsum(lengths, 0) - lengths).numpy()
-        return torch.from_numpy(np.add.reduceat(flags.numpy().view(np.uint8), starts, dtype=np.int64)).double()
-    ends = torch.cumsum(lengths, 0).to(flags.device) - 1
-    totals = torch.cumsum(flags, 0)[ends].cpu().double()
+def _intersection_union_torch(gts: list[Tensor | None], pms: list[Tensor | None], lengths: list[int],
+                              device: torch.device) -> tuple[Tensor, Tensor]:
+    """The accelerator path of :meth:`ReferringSegmentation.batch_intersection_union` (masks stay on
+    ``device``; ``None`` is an empty mask of that sample's ``length`` pixels)."""
+    flat = []
+    for masks_list in (gts, pms):
+        flat.append(torch.cat([
+            _union(m).reshape(-1).to(device) if m is not None else torch.zeros(n, dtype=torch.bool, device=device)
+            for m, n in zip(masks_list, lengths, strict=True)
+        ]))
+    g_all, m_all = flat
+    return _segment_sums(g_all & m_all, lengths), _segment_sums(g_all | m_all, lengths)
+
+
+def _union_np(masks: Tensor) -> np.ndarray:
+    """:func:`_union` of CPU masks in numpy, flattened."""
+    binary = masks.detach().numpy() if masks.dtype == torch.bool else (masks.detach() > 0.5).numpy()
+    return (binary[0] if binary.shape[0] == 1 else binary.any(axis=0)).reshape(-1)
+
+
+def _segment_sums_np(flags: np.ndarray, lengths: list[int]) -> Tensor:
+    """Sums (float64) of consecutive segments of ``lengths`` elements of a 1-D bool array."""
+    sizes = np.asarray(lengths, dtype=np.int64)
+    starts = np.cumsum(sizes) - sizes
+    if not flags.size:
+        return torch.zeros(len(lengths), dtype=torch.float64)
+    sums = np.add.reduceat(flags.view(np.uint8), np.minimum(starts, flags.size - 1), dtype=np.int64)
+    return torch.from_numpy(np.where(sizes > 0, sums, 0)).double()  # reduceat gives one element for empty
+
+
+def _segment_sums(flags: Tensor, lengths: list[int]) -> Tensor:
+    """Sums (float64, on the CPU) of consecutive segments of ``lengths`` elements of a 1-D bool tensor
+    (any device)."""
+    ends = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0).to(flags.device)
+    totals = torch.cat([flags.new_zeros(1, dtype=torch.long), torch.cumsum(flags, 0)])[ends].cpu().double()
     totals[1:] -= totals[:-1].clone()
     return totals
 
@@ -216,23 +244,22 @@ class ReferringSegmentation(Metric):
                         f"{name}: predicted masks of image_id={target.image_id} have shape "
                         f"{tuple(pred.masks.shape)}, expected (N, {size[0]}, {size[1]})"
                     )
-                pm = _union(pred.masks)
-            gts.append(_union(target.masks) if target.masks.shape[0] else None)
+                pm = pred.masks
+            gts.append(target.masks if target.masks.shape[0] else None)
             pms.append(pm)
             sizes.append(size)
         if not gts:
             return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
         # every sample's pixels end to end: one pass of & / | and one sum per sample, whatever the
-        # mix of mask sizes
-        device = next((m.device for m in (*gts, *pms) if m is not None), torch.device("cpu"))
-        lengths = torch.tensor([h * w for h, w in sizes])
-        flat_g, flat_m = [], []
-        for g, m, (h, w) in zip(gts, pms, sizes, strict=True):
-            empty = None if g is not None and m is not None else torch.zeros(h * w, dtype=torch.bool, device=device)
-            flat_g.append(g.reshape(-1).to(device) if g is not None else empty)
-            flat_m.append(m.reshape(-1).to(device) if m is not None else empty)
-        g_all, m_all = torch.cat(flat_g), torch.cat(flat_m)
-        return _segment_sums(g_all & m_all, lengths), _segment_sums(g_all | m_all, lengths)
+        # mix of mask sizes (numpy on the CPU, where its per-call cost is a fraction of torch's)
+        lengths = [h * w for h, w in sizes]
+        present = [m for m in (*gts, *pms) if m is not None]
+        if all(m.device.type == "cpu" for m in present):
+            flat_g = [_union_np(g) if g is not None else np.zeros(n, dtype=bool) for g, n in zip(gts, lengths, strict=True)]
+            flat_m = [_union_np(m) if m is not None else np.zeros(n, dtype=bool) for m, n in zip(pms, lengths, strict=True)]
+            g_all, m_all = np.concatenate(flat_g), np.concatenate(flat_m)
+            return _segment_sums_np(g_all & m_all, lengths), _segment_sums_np(g_all | m_all, lengths)
+        return _intersection_union_torch(gts, pms, lengths, present[0].device)
 
     def update(self, preds: list[Predictions], targets: list[Targets]) -> None:
         """Accumulate one batch of samples (original-image pixels)."""
