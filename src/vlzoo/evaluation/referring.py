@@ -73,6 +73,13 @@ def _intersection_union_torch(gts: list[Tensor | None], pms: list[Tensor | None]
     return _segment_sums(g_all & m_all, lengths), _segment_sums(g_all | m_all, lengths)
 
 
+def _np(values: Tensor) -> np.ndarray:
+    """A tensor's values as a numpy array (a view for CPU tensors)."""
+    if values.requires_grad or values.device.type != "cpu":
+        values = values.detach().cpu()
+    return values.numpy()
+
+
 def _union_np(masks: Tensor) -> np.ndarray:
     """:func:`_union` of CPU masks in numpy, flattened."""
     binary = masks.detach().numpy() if masks.dtype == torch.bool else (masks.detach() > 0.5).numpy()
@@ -140,34 +147,33 @@ class ReferringBoxAccuracy(Metric):
                 raise ValueError(f"{name}: the target of image_id={t.image_id} has no box")
         if not targets:
             return torch.zeros(0, dtype=torch.float64)
-        target_boxes = [t.boxes.detach().reshape(-1, 4) for t in targets]
-        all_boxes = torch.cat(target_boxes).cpu().double()
-        counts = torch.tensor([b.shape[0] for b in target_boxes])
-        finite = torch.isfinite(all_boxes).all(dim=1)
-        if not bool(finite.all()):
-            bad = int(torch.repeat_interleave(torch.arange(len(targets)), counts)[~finite][0])
+        target_boxes = [_np(t.boxes).reshape(-1, 4) for t in targets]
+        counts = np.array([b.shape[0] for b in target_boxes])
+        all_boxes = np.concatenate(target_boxes).astype(np.float64)
+        finite = np.isfinite(all_boxes).all(axis=1)
+        if not finite.all():
+            bad = int(np.repeat(np.arange(len(targets)), counts)[~finite][0])
             check_finite(targets[bad].boxes, what="target boxes", image_id=targets[bad].image_id, metric=name)
-        gt = all_boxes[torch.cumsum(counts, 0) - counts]  # the referred box: each target's first
-        ious = torch.zeros(len(targets), dtype=torch.float64)
+        gt = all_boxes[np.cumsum(counts) - counts]  # the referred box: each target's first
+        ious = np.zeros(len(targets), dtype=np.float64)
         answering = [i for i, p in enumerate(preds) if p.parsed and len(p) > 0]
         if not answering:
-            return ious
-        boxes = [preds[i].boxes.detach().reshape(-1, 4) for i in answering]
-        sizes = torch.tensor([b.shape[0] for b in boxes])
-        owner = torch.repeat_interleave(torch.arange(len(answering)), sizes)
+            return torch.from_numpy(ious)
+        boxes = [_np(preds[i].boxes).reshape(-1, 4) for i in answering]
+        sizes = np.array([b.shape[0] for b in boxes])
+        owner = np.repeat(np.arange(len(answering)), sizes)
         # the answer: the top-scored box (first of equal scores), else the first box
-        keys = torch.cat([
-            preds[i].scores.detach().reshape(-1).cpu().double() if preds[i].scores.numel() == n
-            else -torch.arange(n, dtype=torch.float64)
+        keys = np.concatenate([
+            _np(preds[i].scores).reshape(-1).astype(np.float64) if preds[i].scores.numel() == n
+            else -np.arange(n, dtype=np.float64)
             for i, n in zip(answering, sizes.tolist(), strict=True)
         ])
-        order = torch.argsort(keys, descending=True, stable=True)
-        order = order[torch.argsort(owner[order], stable=True)]
-        first = torch.ones(order.numel(), dtype=torch.bool)
+        order = np.lexsort((-keys, owner))  # by owner, then by descending key; ties keep box order
+        first = np.ones(order.size, dtype=bool)
         first[1:] = owner[order][1:] != owner[order][:-1]
-        answer = torch.cat(boxes).cpu().double()[order[first]]
-        ious[torch.tensor(answering)] = _box_ious(answer, gt[torch.tensor(answering)])
-        return ious
+        answer = np.concatenate(boxes).astype(np.float64)[order[first]]
+        ious[answering] = _box_ious(torch.from_numpy(answer), torch.from_numpy(gt[answering])).numpy()
+        return torch.from_numpy(ious)
 
     def update(self, preds: list[Predictions], targets: list[Targets]) -> None:
         """Accumulate one batch of samples (original-image pixels)."""
