@@ -40,7 +40,8 @@ def encode_masks(masks: Tensor | np.ndarray) -> list[dict[str, Any]]:
     if array.shape[0] == 0:
         return []
     # pycocotools wants (H, W, N) in Fortran order: one copy of the whole stack
-    stacked = np.asfortranarray(array.astype(np.uint8, copy=False).transpose(1, 2, 0))
+    as_bytes = array.view(np.uint8) if array.dtype == np.bool_ else array.astype(np.uint8)
+    stacked = np.asfortranarray(as_bytes.transpose(1, 2, 0))
     return mask_utils.encode(stacked)
 
 
