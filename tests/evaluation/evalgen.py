@@ -307,3 +307,129 @@ def caption_samples(seed: int, n: int) -> tuple[list[Predictions], list[Targets]
         preds.append(Predictions(text=hyp, parsed=i % 8 != 3, image_id=i))
         targets.append(Targets(captions=refs, text=refs[0], image_id=i))
     return preds, targets
+
+
+# --- every shape of record, and pycocotools on vlzoo's own COCO result files ----------------------
+def varied_detection_samples(seed: int, n: int, *, segm: bool) -> tuple[list[Predictions], list[Targets]]:
+    """:func:`detection_samples` plus every shape of prediction the exporter and the metric must agree
+    on: unparsed answers, predictions without scores (ranked in output order), unlabeled predictions
+    on single-category targets, NaN boxes, masks with ``mask_scores`` only, empty masks, predicted
+    boxes that are not the mask's box, and target ``areas`` given for some samples."""
+    preds, targets = detection_samples(seed, n, segm=segm)
+    rng = np.random.default_rng(seed + 100)
+    for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
+        kind = i % 9
+        if kind == 2:
+            preds[i] = p.replace(parsed=False)
+        elif kind == 3:
+            preds[i] = p.replace(scores=torch.zeros(0))
+        elif kind == 4 and len(t):
+            label = int(t.labels[0])
+            targets[i] = t.replace(labels=torch.full_like(t.labels, label))
+            preds[i] = p.replace(labels=torch.zeros(0, dtype=torch.long))
+        elif kind == 5 and len(p) and not segm:
+            boxes = p.boxes.clone()
+            boxes[0, 1] = float("nan")
+            preds[i] = p.replace(boxes=boxes)
+        elif kind == 6 and segm and p.masks is not None and p.masks.shape[0]:
+            masks = p.masks.clone()
+            masks[0] = False  # an empty mask: area 0, a false positive
+            preds[i] = p.replace(masks=masks, scores=torch.zeros(0), mask_scores=p.scores)
+        elif kind == 7 and segm and len(p):
+            # a box prediction unrelated to its mask: the mask area, not the box area, must bucket it
+            preds[i] = p.replace(boxes=p.boxes[:, [0, 1, 0, 1]] + torch.tensor([0.0, 0.0, 300.0, 230.0]))
+        elif kind == 8 and len(t):
+            areas = torch.from_numpy(rng.uniform(10, 120, size=len(t)) ** 2).float()
+            targets[i] = t.replace(areas=areas)
+    return preds, targets
+
+
+def varied_pose_samples(seed: int, n: int) -> tuple[list[Predictions], list[Targets]]:
+    """:func:`pose_samples` plus predictions that carry person boxes much larger than their keypoint
+    extent (as a detector's would; only the extent may bucket them), predictions without scores,
+    unparsed ones, and targets without boxes or areas."""
+    preds, targets = pose_samples(seed, n)
+    rng = np.random.default_rng(seed + 200)
+    for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
+        kind = i % 5
+        kp = p.keypoints
+        if kind in (0, 1, 4) and kp.shape[0]:
+            lo = kp[:, :, :2].amin(1) - torch.from_numpy(rng.uniform(30, 120, size=(kp.shape[0], 2)))
+            hi = kp[:, :, :2].amax(1) + torch.from_numpy(rng.uniform(30, 120, size=(kp.shape[0], 2)))
+            preds[i] = p.replace(boxes=torch.cat([lo, hi], 1))
+        if kind == 2:
+            preds[i] = p.replace(scores=torch.zeros(0))
+        elif kind == 3:
+            preds[i] = p.replace(parsed=False)
+        elif kind == 4:
+            targets[i] = t.replace(boxes=torch.zeros((0, 4)), areas=None)
+    return preds, targets
+
+
+def _single_category(t: Targets) -> int | None:
+    cats = torch.unique(t.labels)
+    return int(cats[0]) if cats.numel() == 1 else None
+
+
+def ground_truth_coco(targets: list[Targets], iou_type: str) -> dict:
+    """A COCO ground-truth file for the targets, with the documented target conventions: ``area`` =
+    ``Targets.areas`` where positive (all given areas for keypoints), else the box area (bbox), the mask
+    area (segm) or the area of the box / labelled-keypoint extent (keypoints)."""
+    images, anns, cats = [], [], set()
+    for t in targets:
+        images.append({"id": int(t.image_id), "height": int(t.image_size[0]), "width": int(t.image_size[1])})
+        if iou_type == "keypoints":
+            kps = t.keypoints.double()
+            n = kps.shape[0]
+        elif iou_type == "segm":
+            n = t.masks.shape[0]
+        else:
+            n = len(t)
+        for j in range(n):
+            ann = {"id": len(anns) + 1, "image_id": int(t.image_id), "category_id": int(t.labels[j]) if len(t.labels) else 1,
+                   "iscrowd": int(t.iscrowd[j]) if t.iscrowd is not None and t.iscrowd.numel() else 0}
+            if iou_type == "keypoints":
+                kp = kps[j]
+                if len(t) == n:
+                    x0, y0, x1, y1 = t.boxes[j].double().tolist()
+                else:
+                    lab = kp[kp[:, 2] > 0]
+                    x0, y0, x1, y1 = ((lab[:, 0].min(), lab[:, 1].min(), lab[:, 0].max(), lab[:, 1].max())
+                                      if lab.shape[0] else (0.0, 0.0, 0.0, 0.0))
+                    x0, y0, x1, y1 = (float(v) for v in (x0, y0, x1, y1))
+                ann.update(keypoints=kp.reshape(-1).tolist(), num_keypoints=int((kp[:, 2] > 0).sum()),
+                           bbox=[x0, y0, x1 - x0, y1 - y0])
+                given = t.areas is not None and t.areas.numel() == n
+                ann["area"] = float(t.areas[j]) if given else (x1 - x0) * (y1 - y0)
+            else:
+                if iou_type == "segm":
+                    rle = mask_utils.encode(np.asfortranarray(t.masks[j].numpy().astype(np.uint8)))
+                    ann["segmentation"] = rle
+                    ann["bbox"] = mask_utils.toBbox(rle).tolist()
+                    area = float(mask_utils.area(rle))
+                else:
+                    x0, y0, x1, y1 = t.boxes[j].double().tolist()
+                    ann["bbox"] = [x0, y0, x1 - x0, y1 - y0]
+                    area = (x1 - x0) * (y1 - y0)
+                given = float(t.areas[j]) if t.areas is not None else 0.0
+                ann["area"] = given if given > 0 else area
+            anns.append(ann)
+            cats.add(ann["category_id"])
+    return {"images": images, "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in sorted(cats)]}
+
+
+def pycocotools_on_exported(preds: list[Predictions], targets: list[Targets], iou_type: str,
+                            sigmas: list[float] | None = None) -> np.ndarray:
+    """pycocotools' ``loadRes`` + ``COCOeval`` on vlzoo's exported COCO result file (written to JSON
+    text and read back, as a file) against :func:`ground_truth_coco`."""
+    import json
+
+    from vlzoo.predictions import coco_results
+
+    records = [r for p, t in zip(preds, targets, strict=True)
+               for r in coco_results(p, iou_type, category_id=_single_category(t))]
+    records = json.loads(json.dumps(records))
+    gt = ground_truth_coco(targets, iou_type)
+    if iou_type == "keypoints" and sigmas is None:
+        sigmas = list(COCO_PERSON_SIGMAS)
+    return _evaluate(gt, records, iou_type, sigmas)

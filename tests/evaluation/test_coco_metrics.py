@@ -7,9 +7,18 @@ import math
 import numpy as np
 import pytest
 import torch
-from evalgen import detection_samples, pose_samples, pycocotools_detection, pycocotools_keypoints
+from evalgen import (
+    detection_samples,
+    pose_samples,
+    pycocotools_detection,
+    pycocotools_keypoints,
+    pycocotools_on_exported,
+    varied_detection_samples,
+    varied_pose_samples,
+)
 
 from vlzoo.evaluation import COCO_MAP_KEYS, KEYPOINT_KEYS, DetectionMAP, KeypointAP
+from vlzoo.predictions import coco_results
 from vlzoo.structures import Predictions, Targets
 
 
@@ -127,3 +136,50 @@ def test_keypoint_errors_and_empty() -> None:
     with pytest.raises(ValueError, match="image_id=10"):
         metric.update([Predictions(keypoints=torch.rand(2, 17, 3), scores=torch.ones(3))],
                       [Targets(keypoints=torch.rand(1, 17, 3), image_id=10)])
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm", "keypoints"])
+@pytest.mark.parametrize("seed", [11, 12])
+def test_in_process_figures_equal_pycocotools_on_exported_files(iou_type: str, seed: int) -> None:
+    """What vlzoo reports during validation is what pycocotools reports on the COCO result file vlzoo
+    writes for the same predictions (issue 16: the area that buckets a detection used to differ)."""
+    if iou_type == "keypoints":
+        preds, targets = varied_pose_samples(seed, 60)
+        metric, keys = KeypointAP(), KEYPOINT_KEYS
+        # the export must not bucket by the predicted person box: some predictions carry one
+        assert any(len(p) and p.keypoints.shape[0] for p in preds)
+    else:
+        preds, targets = varied_detection_samples(seed, 63, segm=iou_type == "segm")
+        metric, keys = DetectionMAP(iou_type=iou_type), COCO_MAP_KEYS
+    assert any(not p.parsed for p in preds) and any(p.scores.numel() == 0 and p.parsed for p in preds)
+    assert any(bool(t.iscrowd.any()) for t in targets if t.iscrowd is not None and t.iscrowd.numel())
+    assert any(t.labels.numel() == 0 for t in targets)  # images without ground truth
+    for start in range(0, len(preds), 8):
+        metric.update(preds[start : start + 8], targets[start : start + 8])
+    ours = _figures(metric.compute(), keys)
+    ref = pycocotools_on_exported(preds, targets, iou_type)
+    assert ours[0] > 0.02 and (ours[3:6] >= 0).sum() >= 2  # meaningful, with populated area ranges
+    np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
+
+
+def test_exported_result_files_follow_the_coco_result_format() -> None:
+    mask = torch.zeros(2, 10, 20, dtype=torch.bool)
+    mask[0, 2:5, 3:9] = True
+    kp = torch.tensor([[[1.0, 2.0, 2.0], [5.0, 8.0, 1.0]], [[0.0, 0.0, 0.0], [3.0, 3.0, 2.0]]])
+    pred = Predictions(boxes=torch.tensor([[3.0, 2.0, 9.0, 5.0], [float("nan"), 0.0, 1.0, 1.0]]),
+                       scores=torch.tensor([0.5, 0.25]), labels=torch.tensor([4, 2]), masks=mask, keypoints=kp,
+                       image_id=11, image_size=(10, 20))
+    boxes, segms, kps = (coco_results(pred, t) for t in ("bbox", "segm", "keypoints"))
+    assert [r["bbox"] for r in boxes] == [[3.0, 2.0, 6.0, 3.0], [0.0, 0.0, 0.0, 0.0]]
+    assert all("bbox" not in r for r in segms + kps)  # loadRes then takes the mask area / keypoint extent
+    assert segms[0]["segmentation"]["size"] == [10, 20] and isinstance(segms[0]["segmentation"]["counts"], str)
+    assert kps[1]["keypoints"] == [0.0, 0.0, 0.0, 3.0, 3.0, 2.0] and kps[0]["score"] == 0.5
+    assert coco_results(pred.replace(parsed=False), "bbox") == []
+    unlabeled = pred.replace(labels=torch.zeros(0, dtype=torch.long))
+    assert [r["category_id"] for r in coco_results(unlabeled, "bbox", category_id=7)] == [7, 7]
+    with pytest.raises(ValueError, match="image_id=11"):
+        coco_results(unlabeled, "segm")
+    with pytest.raises(ValueError, match="image_id=11"):
+        coco_results(pred.replace(scores=torch.ones(3)), "keypoints")
+    with pytest.raises(ValueError, match="iou_type"):
+        coco_results(pred, "boxes")

@@ -138,3 +138,19 @@ def test_weights_make_a_sample_count_as_a_fraction(task) -> None:
         assert float(weighted.compute()[name]) == pytest.approx(float(value), abs=1e-7), name
     with pytest.raises(ValueError, match="non-negative"):
         weighted.update(preds[:2], targets[:2], weights=[1.0, -1.0])
+
+def test_res_accelerator_path_equals_cpu_path() -> None:
+    """The torch path (used when masks live on an accelerator) counts what the numpy path counts;
+    run here on CPU tensors, with mixed sizes, several instances, missing masks and a 0-pixel image."""
+    from vlzoo.evaluation.referring import _intersection_union_torch
+
+    preds, targets = res_samples(2, 40)
+    metric = ReferringSegmentation()
+    inter, union = metric.batch_intersection_union(preds, targets)
+    gts = [t.masks if t.masks.shape[0] else None for t in targets]
+    pms = [p.masks if p.parsed and p.masks is not None and p.masks.shape[0] else None for p in preds]
+    lengths = [t.masks.shape[-2] * t.masks.shape[-1] for t in targets]
+    t_inter, t_union = _intersection_union_torch([None, *gts], [None, *pms], [0, *lengths], torch.device("cpu"))
+    assert torch.equal(t_inter, torch.cat([torch.zeros(1, dtype=torch.float64), inter]))
+    assert torch.equal(t_union, torch.cat([torch.zeros(1, dtype=torch.float64), union]))
+    assert float(union.sum()) > float(inter.sum()) > 0

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from faster_coco_eval import COCO, COCOeval_faster
 from torch import Tensor
 from torchmetrics import Metric
 
+from vlzoo.evaluation.cocoeval import coco_summary, paused_gc
 from vlzoo.evaluation.common import ObjectListSync, check_finite, check_pairs
 from vlzoo.structures import Predictions, Targets
 
@@ -40,38 +39,46 @@ def build_keypoint_coco(
     dt_labels: Sequence[np.ndarray],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """COCO ground-truth and result datasets (dicts) for per-sample arrays; sample ``i`` is image
-    ``i + 1``.  Results get ``bbox`` / ``area`` from their keypoint extent exactly as pycocotools'
-    ``COCO.loadRes`` computes them."""
-    categories = sorted({int(c) for arr in [*gt_labels, *dt_labels] for c in arr.tolist()})
+    ``i + 1``.  Results get ``bbox`` / ``area`` from the extent of all their keypoints exactly as
+    pycocotools' ``COCO.loadRes`` computes them for a keypoint result file (records without
+    ``bbox``, the COCO result format)."""
+
+    def flat(arrays: Sequence[np.ndarray], shape: tuple[int, ...], dtype: Any = np.float64) -> np.ndarray:
+        parts = [np.asarray(a, dtype=dtype).reshape(-1, *shape) for a in arrays]
+        return np.concatenate(parts) if parts else np.zeros((0, *shape), dtype=dtype)
+
+    def image_ids(arrays: Sequence[np.ndarray]) -> list[int]:
+        counts = [np.asarray(a).shape[0] for a in arrays]
+        return np.repeat(np.arange(1, len(counts) + 1), counts).tolist()
+
+    k = next((np.asarray(a).shape[1] for a in [*gt_keypoints, *dt_keypoints] if np.asarray(a).ndim == 3), 0)
+    gkp, dkp = flat(gt_keypoints, (k, 3)), flat(dt_keypoints, (k, 3))
+    gbox, garea = flat(gt_boxes, (4,)), flat(gt_areas, ())
+    gcrowd, glab = flat(gt_crowd, (), np.int64), flat(gt_labels, (), np.int64)
+    dscore, dlab = flat(dt_scores, ()), flat(dt_labels, (), np.int64)
+    categories = sorted({int(c) for c in np.concatenate([glab, dlab]).tolist()})
     images = [{"id": i + 1} for i in range(len(gt_keypoints))]
-    gt_anns: list[dict[str, Any]] = []
-    for i, (kp, box, area, crowd, lab) in enumerate(zip(gt_keypoints, gt_boxes, gt_areas, gt_crowd, gt_labels, strict=True)):
-        for j in range(kp.shape[0]):
-            x0, y0, x1, y1 = (float(v) for v in box[j])
-            gt_anns.append({
-                "id": len(gt_anns) + 1,
-                "image_id": i + 1,
-                "category_id": int(lab[j]),
-                "keypoints": kp[j].reshape(-1).tolist(),
-                "num_keypoints": int((kp[j][:, 2] > 0).sum()),
-                "area": float(area[j]),
-                "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "iscrowd": int(crowd[j]),
-            })
-    dt_anns: list[dict[str, Any]] = []
-    for i, (kp, score, lab) in enumerate(zip(dt_keypoints, dt_scores, dt_labels, strict=True)):
-        for j in range(kp.shape[0]):
-            x, y = kp[j][:, 0], kp[j][:, 1]
-            x0, x1, y0, y1 = np.min(x), np.max(x), np.min(y), np.max(y)
-            dt_anns.append({
-                "id": len(dt_anns) + 1,
-                "image_id": i + 1,
-                "category_id": int(lab[j]),
-                "keypoints": kp[j].reshape(-1).tolist(),
-                "score": float(score[j]),
-                "area": float((x1 - x0) * (y1 - y0)),
-                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-            })
+    gxywh = np.concatenate([gbox[:, :2], gbox[:, 2:] - gbox[:, :2]], axis=1)
+    gt_anns = [
+        {"id": j, "image_id": i, "category_id": c, "keypoints": kp, "num_keypoints": nk, "area": a, "bbox": b,
+         "iscrowd": z}
+        for j, (i, c, kp, nk, a, b, z) in enumerate(zip(
+            image_ids(gt_keypoints), glab.tolist(), gkp.reshape(-1, 3 * k).tolist(),
+            (gkp[:, :, 2] > 0).sum(axis=1).tolist(), garea.tolist(), gxywh.tolist(), gcrowd.tolist(), strict=True),
+            start=1)
+    ]
+    if dkp.shape[0]:
+        lo, hi = dkp[:, :, :2].min(axis=1), dkp[:, :, :2].max(axis=1)
+    else:
+        lo = hi = np.zeros((0, 2))
+    dxywh = np.concatenate([lo, hi - lo], axis=1)
+    darea = (hi[:, 0] - lo[:, 0]) * (hi[:, 1] - lo[:, 1])
+    dt_anns = [
+        {"id": j, "image_id": i, "category_id": c, "keypoints": kp, "score": s, "area": a, "bbox": b, "iscrowd": 0}
+        for j, (i, c, kp, s, a, b) in enumerate(zip(
+            image_ids(dt_keypoints), dlab.tolist(), dkp.reshape(-1, 3 * k).tolist(), dscore.tolist(),
+            darea.tolist(), dxywh.tolist(), strict=True), start=1)
+    ]
     cats = [{"id": c, "name": str(c)} for c in categories]
     return (
         {"images": images, "annotations": gt_anns, "categories": cats},
@@ -182,6 +189,10 @@ class KeypointAP(ObjectListSync, Metric):
         """The 10 COCO keypoint figures (:data:`KEYPOINT_KEYS`) as float32 scalars."""
         if len(self.gt_keypoints) == 0:
             return {k: torch.tensor(-1.0) for k in KEYPOINT_KEYS}
+        with paused_gc():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, Tensor]:
         gt, dt = build_keypoint_coco(
             gt_keypoints=[x.numpy() for x in self.gt_keypoints],
             gt_boxes=[x.numpy() for x in self.gt_boxes],
@@ -194,30 +205,15 @@ class KeypointAP(ObjectListSync, Metric):
         )
         if not gt["annotations"]:
             return {k: torch.tensor(-1.0) for k in KEYPOINT_KEYS}
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_gt = COCO(gt)
-            coco_dt = COCO(dt)
-            evaluator = COCOeval_faster(
-                coco_gt, coco_dt, iouType="keypoints", kpt_oks_sigmas=list(self.sigmas),
-                print_function=_silent,
-            )
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
-        stats = np.asarray(evaluator.stats, dtype=np.float64)[: len(KEYPOINT_KEYS)]
+        stats = coco_summary(gt, dt, iou_type="keypoints", count=len(KEYPOINT_KEYS), kpt_oks_sigmas=self.sigmas)
         return {k: torch.tensor(float(v), dtype=torch.float32) for k, v in zip(KEYPOINT_KEYS, stats, strict=True)}
-
-
-def _silent(*args: Any, **kwargs: Any) -> None:
-    """A print function that prints nothing (COCOeval logs its progress)."""
 
 
 def _keypoint_extent(kp: Tensor) -> Tensor:
     """``xyxy`` extent of the labelled (visibility > 0) keypoints per instance; zeros when none."""
-    boxes = torch.zeros((kp.shape[0], 4), dtype=torch.float64)
-    for i in range(kp.shape[0]):
-        labelled = kp[i][kp[i][:, 2] > 0]
-        if labelled.shape[0]:
-            boxes[i] = torch.stack([labelled[:, 0].min(), labelled[:, 1].min(), labelled[:, 0].max(),
-                                    labelled[:, 1].max()])
-    return boxes
+    labelled = (kp[:, :, 2] > 0).unsqueeze(-1)
+    xy = kp[:, :, :2]
+    lo = torch.where(labelled, xy, torch.full_like(xy, math.inf)).amin(dim=1) if kp.shape[0] else xy.sum(1)
+    hi = torch.where(labelled, xy, torch.full_like(xy, -math.inf)).amax(dim=1) if kp.shape[0] else xy.sum(1)
+    boxes = torch.cat([lo, hi], dim=1).double()
+    return torch.where(labelled.any(dim=1), boxes, torch.zeros_like(boxes))

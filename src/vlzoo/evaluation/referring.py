@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -77,6 +78,83 @@ def box_iou_pair(a: Tensor, b: Tensor) -> float:
     return float(inter / union) if float(union) > 0 else 0.0
 
 
+def _box_ious(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise IoU of ``(N, 4)`` ``xyxy`` boxes in float64, as :func:`box_iou_pair`; a box with a
+    NaN/inf coordinate in ``a`` scores 0."""
+    a, b = a.double(), b.double()
+    iw = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
+    ih = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
+    inter = iw * ih
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    union = area_a + area_b - inter
+    ok = (union > 0) & torch.isfinite(a).all(dim=1)
+    return torch.where(ok, inter / torch.where(ok, union, torch.ones_like(union)), torch.zeros_like(union))
+
+
+def _union(masks: Tensor) -> Tensor:
+    """``(N, H, W)`` masks -> their ``(H, W)`` union; booleans as they are, other dtypes above 0.5."""
+    binary = masks if masks.dtype == torch.bool else masks > 0.5
+    return binary[0] if binary.shape[0] == 1 else binary.any(dim=0)
+
+
+def _intersection_union_torch(gts: list[Tensor | None], pms: list[Tensor | None], lengths: list[int],
+                              device: torch.device) -> tuple[Tensor, Tensor]:
+    """The accelerator path of :meth:`ReferringSegmentation.batch_intersection_union` (masks stay on
+    ``device``; ``None`` is an empty mask of that sample's ``length`` pixels)."""
+    flat = []
+    for masks_list in (gts, pms):
+        flat.append(torch.cat([
+            _union(m).reshape(-1).to(device) if m is not None else torch.zeros(n, dtype=torch.bool, device=device)
+            for m, n in zip(masks_list, lengths, strict=True)
+        ]))
+    g_all, m_all = flat
+    return _segment_sums(g_all & m_all, lengths), _segment_sums(g_all | m_all, lengths)
+
+
+def _np(values: Tensor) -> np.ndarray:
+    """A tensor's values as a numpy array (a view for CPU tensors)."""
+    if values.requires_grad or values.device.type != "cpu":
+        values = values.detach().cpu()
+    return values.numpy()
+
+
+def _union_np(masks: Tensor) -> np.ndarray:
+    """:func:`_union` of CPU masks in numpy, flattened."""
+    binary = masks.detach().numpy() if masks.dtype == torch.bool else (masks.detach() > 0.5).numpy()
+    return (binary[0] if binary.shape[0] == 1 else binary.any(axis=0)).reshape(-1)
+
+
+def _segment_sums_np(flags: np.ndarray, lengths: list[int]) -> Tensor:
+    """Sums (float64) of consecutive segments of ``lengths`` elements of a 1-D bool array."""
+    sizes = np.asarray(lengths, dtype=np.int64)
+    starts = np.cumsum(sizes) - sizes
+    if not flags.size:
+        return torch.zeros(len(lengths), dtype=torch.float64)
+    sums = np.add.reduceat(flags.view(np.uint8), np.minimum(starts, flags.size - 1), dtype=np.int64)
+    return torch.from_numpy(np.where(sizes > 0, sums, 0)).double()  # reduceat gives one element for empty
+
+
+def _segment_sums(flags: Tensor, lengths: list[int]) -> Tensor:
+    """Sums (float64, on the CPU) of consecutive segments of ``lengths`` elements of a 1-D bool tensor
+    (any device)."""
+    ends = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0).to(flags.device)
+    totals = torch.cat([flags.new_zeros(1, dtype=torch.long), torch.cumsum(flags, 0)])[ends].cpu().double()
+    totals[1:] -= totals[:-1].clone()
+    return totals
+
+
+def _sample_weights(weights: Sequence[float] | None, n: int) -> Tensor:
+    return torch.tensor(_weights(weights, n), dtype=torch.float64)
+
+
+def _kind_rows(targets: Sequence[Targets], kinds: tuple[str, ...], metric: str) -> tuple[Tensor, Tensor]:
+    """``(samples, kind indices)`` of the samples that name a scored expression kind."""
+    pairs = [(i, k) for i, t in enumerate(targets) if (k := _kind_index(t, kinds, metric)) is not None]
+    rows = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+    return rows, torch.tensor([k for _, k in pairs], dtype=torch.long)
+
+
 def _check_thresholds(thresholds: Sequence[float], name: str) -> tuple[float, ...]:
     out = tuple(float(t) for t in thresholds)
     if not out or any(not 0.0 <= t <= 1.0 for t in out):
@@ -119,18 +197,44 @@ class ReferringBoxAccuracy(Metric):
 
     def sample_iou(self, pred: Predictions, target: Targets) -> float:
         """The IoU this metric scores for one sample (validates the target)."""
-        if len(target) == 0:
-            raise ValueError(f"ReferringBoxAccuracy: the target of image_id={target.image_id} has no box")
-        check_finite(target.boxes, what="target boxes", image_id=target.image_id, metric="ReferringBoxAccuracy")
-        if not pred.parsed or len(pred) == 0:
-            return 0.0
-        index = 0
-        if pred.scores.numel() == len(pred):
-            index = int(torch.argmax(pred.scores.float()))
-        box = pred.boxes[index]
-        if not bool(torch.isfinite(box.float()).all()):
-            return 0.0
-        return box_iou_pair(box.detach().cpu(), target.boxes[0].detach().cpu())
+        return float(self.batch_ious([pred], [target])[0])
+
+    def batch_ious(self, preds: Sequence[Predictions], targets: Sequence[Targets]) -> Tensor:
+        """The IoU this metric scores for each sample, float64 ``(B,)``, computed for the whole batch at
+        once (validates the targets)."""
+        name = "ReferringBoxAccuracy"
+        for t in targets:
+            if len(t) == 0:
+                raise ValueError(f"{name}: the target of image_id={t.image_id} has no box")
+        if not targets:
+            return torch.zeros(0, dtype=torch.float64)
+        target_boxes = [_np(t.boxes).reshape(-1, 4) for t in targets]
+        counts = np.array([b.shape[0] for b in target_boxes])
+        all_boxes = np.concatenate(target_boxes).astype(np.float64)
+        finite = np.isfinite(all_boxes).all(axis=1)
+        if not finite.all():
+            bad = int(np.repeat(np.arange(len(targets)), counts)[~finite][0])
+            check_finite(targets[bad].boxes, what="target boxes", image_id=targets[bad].image_id, metric=name)
+        gt = all_boxes[np.cumsum(counts) - counts]  # the referred box: each target's first
+        ious = np.zeros(len(targets), dtype=np.float64)
+        answering = [i for i, p in enumerate(preds) if p.parsed and len(p) > 0]
+        if not answering:
+            return torch.from_numpy(ious)
+        boxes = [_np(preds[i].boxes).reshape(-1, 4) for i in answering]
+        sizes = np.array([b.shape[0] for b in boxes])
+        owner = np.repeat(np.arange(len(answering)), sizes)
+        # the answer: the top-scored box (first of equal scores), else the first box
+        keys = np.concatenate([
+            _np(preds[i].scores).reshape(-1).astype(np.float64) if preds[i].scores.numel() == n
+            else -np.arange(n, dtype=np.float64)
+            for i, n in zip(answering, sizes.tolist(), strict=True)
+        ])
+        order = np.lexsort((-keys, owner))  # by owner, then by descending key; ties keep box order
+        first = np.ones(order.size, dtype=bool)
+        first[1:] = owner[order][1:] != owner[order][:-1]
+        answer = np.concatenate(boxes).astype(np.float64)[order[first]]
+        ious[answering] = _box_ious(torch.from_numpy(answer), torch.from_numpy(gt[answering])).numpy()
+        return torch.from_numpy(ious)
 
     def update(
         self, preds: list[Predictions], targets: list[Targets], weights: Sequence[float] | None = None
@@ -139,18 +243,18 @@ class ReferringBoxAccuracy(Metric):
         each) lets a sample count as a fraction of one: an expectation over several candidate
         answers of one sample (the random-object baseline) is their update with weights 1/n."""
         check_pairs(preds, targets, metric="ReferringBoxAccuracy")
+        w = _sample_weights(weights, len(preds))
+        ious = self.batch_ious(preds, targets)
         thr = torch.tensor(self.thresholds, dtype=torch.float64)
-        for pred, target, w in zip(preds, targets, _weights(weights, len(preds)), strict=True):
-            iou = self.sample_iou(pred, target)
-            hit = (torch.tensor(iou, dtype=torch.float64) >= thr).to(self.hits) * w
-            self.hits += hit
-            self.iou_sum += w * iou
-            self.count += w
-            k = _kind_index(target, self.kinds, "ReferringBoxAccuracy")
-            if k is not None:
-                self.kind_hits[k] += hit
-                self.kind_iou_sum[k] += w * iou
-                self.kind_count[k] += w
+        hits = (ious[:, None] >= thr).double() * w[:, None]
+        self.hits += hits.sum(dim=0).to(self.hits)
+        self.iou_sum += (w * ious).sum().to(self.iou_sum)
+        self.count += w.sum().to(self.count)
+        rows, kind = _kind_rows(targets, self.kinds, "ReferringBoxAccuracy")
+        if rows.numel():
+            self.kind_hits.index_add_(0, kind.to(self.kind_hits.device), hits[rows].to(self.kind_hits))
+            self.kind_iou_sum.index_add_(0, kind.to(self.kind_iou_sum.device), (w * ious)[rows].to(self.kind_iou_sum))
+            self.kind_count.index_add_(0, kind.to(self.kind_count.device), w[rows].to(self.kind_count))
 
     def compute(self) -> dict[str, Tensor]:
         """``acc_<t>`` per threshold and ``miou``, float32 scalars (and the same per kind)."""
@@ -208,35 +312,52 @@ class ReferringSegmentation(Metric):
         self.add_state("kind_union", default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("kind_count", default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
 
-    @staticmethod
-    def _binary(masks: Tensor) -> Tensor:
-        return masks.bool() if masks.dtype == torch.bool else masks > 0.5
-
     def sample_intersection_union(self, pred: Predictions, target: Targets) -> tuple[float, float]:
         """Intersection and union (pixel counts) of the unioned masks of one sample."""
+        inter, union = self.batch_intersection_union([pred], [target])
+        return float(inter[0]), float(union[0])
+
+    def batch_intersection_union(self, preds: Sequence[Predictions], targets: Sequence[Targets]) -> tuple[Tensor, Tensor]:
+        """Intersection and union (pixel counts, float64 ``(B,)``) of each sample's unioned masks.
+
+        Samples are validated one by one (shapes only); the pixel work runs once for the whole batch
+        on the masks laid end to end, so samples of different sizes cost no extra passes."""
         name = "ReferringSegmentation"
-        if target.masks is None or target.masks.dim() != 3:
-            raise ValueError(f"{name}: the target of image_id={target.image_id} has no (N, H, W) masks")
-        size = tuple(target.masks.shape[-2:])
-        if target.image_size != (0, 0) and tuple(target.image_size) != size:
-            raise ValueError(
-                f"{name}: target masks of image_id={target.image_id} are {size} but image_size is "
-                f"{tuple(target.image_size)}"
-            )
-        gt = self._binary(target.masks).any(dim=0) if target.masks.shape[0] else torch.zeros(size, dtype=torch.bool)
-        gt = gt.cpu()
-        if pred.parsed and pred.masks is not None and pred.masks.numel() and pred.masks.shape[0] > 0:
-            if pred.masks.dim() != 3 or tuple(pred.masks.shape[-2:]) != size:
+        sizes: list[tuple[int, int]] = []
+        gts: list[Tensor | None] = []
+        pms: list[Tensor | None] = []
+        for pred, target in zip(preds, targets, strict=True):
+            if target.masks is None or target.masks.dim() != 3:
+                raise ValueError(f"{name}: the target of image_id={target.image_id} has no (N, H, W) masks")
+            size = (int(target.masks.shape[-2]), int(target.masks.shape[-1]))
+            if target.image_size != (0, 0) and tuple(target.image_size) != size:
                 raise ValueError(
-                    f"{name}: predicted masks of image_id={target.image_id} have shape "
-                    f"{tuple(pred.masks.shape)}, expected (N, {size[0]}, {size[1]})"
+                    f"{name}: target masks of image_id={target.image_id} are {size} but image_size is "
+                    f"{tuple(target.image_size)}"
                 )
-            pm = self._binary(pred.masks).any(dim=0).cpu()
-        else:
-            pm = torch.zeros(size, dtype=torch.bool)
-        inter = float((pm & gt).sum())
-        union = float((pm | gt).sum())
-        return inter, union
+            pm = None
+            if pred.parsed and pred.masks is not None and pred.masks.numel() and pred.masks.shape[0] > 0:
+                if pred.masks.dim() != 3 or tuple(pred.masks.shape[-2:]) != size:
+                    raise ValueError(
+                        f"{name}: predicted masks of image_id={target.image_id} have shape "
+                        f"{tuple(pred.masks.shape)}, expected (N, {size[0]}, {size[1]})"
+                    )
+                pm = pred.masks
+            gts.append(target.masks if target.masks.shape[0] else None)
+            pms.append(pm)
+            sizes.append(size)
+        if not gts:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        # every sample's pixels end to end: one pass of & / | and one sum per sample, whatever the
+        # mix of mask sizes (numpy on the CPU, where its per-call cost is a fraction of torch's)
+        lengths = [h * w for h, w in sizes]
+        present = [m for m in (*gts, *pms) if m is not None]
+        if all(m.device.type == "cpu" for m in present):
+            flat_g = [_union_np(g) if g is not None else np.zeros(n, dtype=bool) for g, n in zip(gts, lengths, strict=True)]
+            flat_m = [_union_np(m) if m is not None else np.zeros(n, dtype=bool) for m, n in zip(pms, lengths, strict=True)]
+            g_all, m_all = np.concatenate(flat_g), np.concatenate(flat_m)
+            return _segment_sums_np(g_all & m_all, lengths), _segment_sums_np(g_all | m_all, lengths)
+        return _intersection_union_torch(gts, pms, lengths, present[0].device)
 
     def update(
         self, preds: list[Predictions], targets: list[Targets], weights: Sequence[float] | None = None
@@ -245,23 +366,26 @@ class ReferringSegmentation(Metric):
         :meth:`ReferringBoxAccuracy.update` (``ciou`` then sums weighted pixel counts: the ratio
         of the expected cumulative intersection and union)."""
         check_pairs(preds, targets, metric="ReferringSegmentation")
+        w = _sample_weights(weights, len(preds))
+        inter, union = self.batch_intersection_union(preds, targets)
+        ious = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
         thr = torch.tensor(self.thresholds, dtype=torch.float64)
-        for pred, target, w in zip(preds, targets, _weights(weights, len(preds)), strict=True):
-            inter, union = self.sample_intersection_union(pred, target)
-            iou = inter / union if union > 0 else 1.0
-            hit = (torch.tensor(iou, dtype=torch.float64) >= thr).to(self.hits) * w
-            self.cum_intersection += w * inter
-            self.cum_union += w * union
-            self.iou_sum += w * iou
-            self.hits += hit
-            self.count += w
-            k = _kind_index(target, self.kinds, "ReferringSegmentation")
-            if k is not None:
-                self.kind_intersection[k] += w * inter
-                self.kind_union[k] += w * union
-                self.kind_iou_sum[k] += w * iou
-                self.kind_hits[k] += hit
-                self.kind_count[k] += w
+        hits = (ious[:, None] >= thr).double() * w[:, None]
+        self.cum_intersection += (w * inter).sum().to(self.cum_intersection)
+        self.cum_union += (w * union).sum().to(self.cum_union)
+        self.iou_sum += (w * ious).sum().to(self.iou_sum)
+        self.hits += hits.sum(dim=0).to(self.hits)
+        self.count += w.sum().to(self.count)
+        rows, kind = _kind_rows(targets, self.kinds, "ReferringSegmentation")
+        if rows.numel():
+            for state, values in (
+                (self.kind_intersection, (w * inter)[rows]),
+                (self.kind_union, (w * union)[rows]),
+                (self.kind_iou_sum, (w * ious)[rows]),
+                (self.kind_hits, hits[rows]),
+                (self.kind_count, w[rows]),
+            ):
+                state.index_add_(0, kind.to(state.device), values.to(state))
 
     def compute(self) -> dict[str, Tensor]:
         """``ciou``, ``giou`` and ``prec_<t>`` per threshold, float32 scalars (and the same per kind)."""
