@@ -1,0 +1,118 @@
+"""Running a model whose weights and float activations live on PyTorch's ``meta`` device.
+
+A meta tensor has a shape and a dtype but no values, so every layer runs and every shape is
+checked at no memory cost.  Two things need help, and :class:`MetaExecution` (a
+``TorchFunctionMode``) gives it:
+
+* **Mixed devices.** A dry run keeps the batch's integer structure - token ids, the image
+  placeholder, targets, boxes - as real small CPU tensors, because paradigms index and branch on
+  them.  An op that meets a CPU and a meta tensor is retried with the CPU tensors moved to meta.
+* **Values read from meta tensors.** ``.item()``, ``.tolist()``, ``bool()``, ``nonzero`` and
+  the like need values a meta tensor does not have (a generated token, a heatmap peak, a
+  score threshold).  The op is retried with the meta operands read as **zeros** on the CPU, and
+  the read is recorded with the vlzoo source line that made it (:attr:`MetaExecution.reads`).
+  A training step normally makes no such read (its structure comes from the CPU batch); a
+  prediction step does (generation reads its tokens), so what it decodes is meaningless while
+  the shapes on its way are still checked.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+__all__ = ["MetaExecution", "MetaRead"]
+
+_SRC = str(Path(__file__).resolve().parent)
+_DEVICE_ERRORS = ("is not on the expected device", "Expected all tensors to be on the same device",
+                  "must be on the same device", "found at least two devices")
+_DTYPE_ERRORS = ("should be the same", "same dtype", "expected scalar type", "mixed dtype", "Expected both")
+_VALUE_ERRORS = ("meta", "Cannot copy out of meta tensor", "data-dependent", "DataDependent")
+
+
+def _lower_precision_ops() -> frozenset[Any]:
+    """The ops CPU / CUDA autocast runs in the lower precision (matmuls and convolutions)."""
+    import torch.nn.functional as F
+
+    names = ("matmul", "mm", "bmm", "baddbmm", "addmm", "addbmm")
+    ops: set[Any] = {getattr(torch, n) for n in names} | {getattr(torch.Tensor, n) for n in names}
+    ops |= {torch.Tensor.__matmul__, torch.Tensor.__rmatmul__}
+    ops |= {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+            F.scaled_dot_product_attention, F.prelu}
+    return frozenset(ops)
+
+
+_LOWER = _lower_precision_ops()
+
+
+@dataclass(frozen=True)
+class MetaRead:
+    """One value read from a meta tensor and taken as zero."""
+
+    op: str
+    where: str  # the innermost vlzoo source line (file:line function)
+
+
+def _is_meta(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.device.type == "meta"
+
+
+def _where() -> str:
+    for frame in reversed(traceback.extract_stack()[:-3]):
+        if frame.filename.startswith(_SRC) and not frame.filename.endswith(("meta_exec.py", "dryrun.py")):
+            return f"{Path(frame.filename).relative_to(Path(_SRC).parent)}:{frame.lineno} {frame.name}"
+    return "outside vlzoo"
+
+
+@dataclass
+class MetaExecution(TorchFunctionMode):
+    """Mix CPU and meta tensors, and read meta values as zeros (recorded); see the module doc."""
+
+    reads: list[MetaRead] = field(default_factory=list)
+    #: emulate autocast to this dtype (``torch.autocast`` leaves meta tensors alone)
+    autocast: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    def __torch_function__(self, func: Callable, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.autocast is not None and func in _LOWER:
+            with torch._C.DisableTorchFunction():
+                args, kwargs = tree_map(self._lower, (args, kwargs))
+        try:
+            return func(*args, **kwargs)
+        except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
+            flat, _ = tree_flatten((args, kwargs))
+            if not any(_is_meta(x) for x in flat):
+                raise
+            message = str(err)
+            if any(s in message for s in _DEVICE_ERRORS):
+                with torch._C.DisableTorchFunction():
+                    moved = tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) and not _is_meta(x) else x,
+                                     (args, kwargs))
+                return self.__torch_function__(func, types, *moved)
+            if self.autocast is not None and any(s in message for s in _DTYPE_ERRORS):
+                # autocast's fp32 ops (norms, losses) take mixed inputs in float32
+                with torch._C.DisableTorchFunction():
+                    wide = tree_map(lambda x: x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
+                                    (args, kwargs))
+                return self.__torch_function__(func, types, *wide)
+            if not any(s in message for s in _VALUE_ERRORS):
+                raise
+            self.reads.append(MetaRead(op=getattr(func, "__name__", str(func)), where=_where()))
+            with torch._C.DisableTorchFunction():
+                zeroed = tree_map(lambda x: torch.zeros(x.shape, dtype=x.dtype) if _is_meta(x) else x, (args, kwargs))
+            return func(*zeroed[0], **zeroed[1])
+
+    def _lower(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != self.autocast:
+            return x.to(self.autocast)
+        return x
