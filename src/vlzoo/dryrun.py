@@ -112,7 +112,7 @@ class DryRunReport:
         for label, reads in (("training step", self.train_reads), ("prediction step", self.predict_reads)):
             if reads:
                 places = sorted({r.where for r in reads})
-                lines.append(f"{label}: {len(reads)} value(s) read from meta tensors as 0, at " + "; ".join(places[:6])
+                lines.append(f"{label}: {len(reads)} value(s) read from meta tensors (true / 0), at " + "; ".join(places[:6])
                              + (f" and {len(places) - 6} more" if len(places) > 6 else ""))
         if self.predictions:
             lines.append(f"prediction step: {self.predictions} predictions (shapes checked; values not meaningful)")

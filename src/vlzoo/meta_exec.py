@@ -9,8 +9,12 @@ checked at no memory cost.  Two things need help, and :class:`MetaExecution` (a
   them.  An op that meets a CPU and a meta tensor is retried with the CPU tensors moved to meta.
 * **Values read from meta tensors.** ``.item()``, ``.tolist()``, ``bool()``, ``nonzero`` and
   the like need values a meta tensor does not have (a generated token, a heatmap peak, a
-  score threshold).  The op is retried with the meta operands read as **zeros** on the CPU, and
-  the read is recorded with the vlzoo source line that made it (:attr:`MetaExecution.reads`).
+  score threshold).  A truth value is taken as **true** (checks pass, generation loops end
+  after one token) and a mask as all true (``nonzero`` with torch's
+  ``meta_nonzero_assume_all_nonzero``: a mask selects every element); indices computed from meta values (``argmax``, ``topk`` ...) become CPU
+  **zeros**; any other read is retried with the meta integer operands, then all meta operands,
+  read on the CPU as zeros (masks as true).  Each read is recorded with the vlzoo source line that made it
+  (:attr:`MetaExecution.reads`).
   A training step normally makes no such read (its structure comes from the CPU batch); a
   prediction step does (generation reads its tokens), so what it decodes is meaningless while
   the shapes on its way are still checked.
@@ -60,6 +64,17 @@ class MetaRead:
     where: str  # the innermost vlzoo source line (file:line function)
 
 
+_INDEX_OPS = frozenset({"argmax", "argmin", "topk", "sort", "argsort", "max", "min", "multinomial", "searchsorted",
+                        "bucketize"})
+
+
+def _zeros(x: torch.Tensor) -> torch.Tensor:
+    """What a meta tensor reads as: true for a mask (as ``bool()`` and ``nonzero``), else 0."""
+    if x.dtype == torch.bool:
+        return torch.ones(x.shape, dtype=torch.bool)
+    return torch.zeros(x.shape, dtype=x.dtype)
+
+
 def _is_meta(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.device.type == "meta"
 
@@ -81,6 +96,21 @@ class MetaExecution(TorchFunctionMode):
 
     def __post_init__(self) -> None:
         super().__init__()
+        self._saved_nonzero: list[bool] = []
+
+    def __enter__(self) -> MetaExecution:
+        from torch.fx.experimental import _config
+
+        # a meta mask selects every element (torch's own option), as bool() reads true
+        self._saved_nonzero.append(_config.meta_nonzero_assume_all_nonzero)
+        _config.meta_nonzero_assume_all_nonzero = True
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        from torch.fx.experimental import _config
+
+        super().__exit__(*exc)
+        _config.meta_nonzero_assume_all_nonzero = self._saved_nonzero.pop()
 
     def __torch_function__(self, func: Callable, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -88,7 +118,7 @@ class MetaExecution(TorchFunctionMode):
             with torch._C.DisableTorchFunction():
                 args, kwargs = tree_map(self._lower, (args, kwargs))
         try:
-            return func(*args, **kwargs)
+            return self._indices(func, func(*args, **kwargs))
         except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
             flat, _ = tree_flatten((args, kwargs))
             if not any(_is_meta(x) for x in flat):
@@ -107,10 +137,32 @@ class MetaExecution(TorchFunctionMode):
                 return self.__torch_function__(func, types, *wide)
             if not any(s in message for s in _VALUE_ERRORS):
                 raise
-            self.reads.append(MetaRead(op=getattr(func, "__name__", str(func)), where=_where()))
+            name = getattr(func, "__name__", str(func))
+            self.reads.append(MetaRead(op=name, where=_where()))
+            if name == "__bool__":
+                return True  # a condition on meta values holds: checks pass, loops end
             with torch._C.DisableTorchFunction():
-                zeroed = tree_map(lambda x: torch.zeros(x.shape, dtype=x.dtype) if _is_meta(x) else x, (args, kwargs))
-            return func(*zeroed[0], **zeroed[1])
+                # integer operands (masks, indices) first, so float data keeps its graph
+                ints = tree_map(lambda x: _zeros(x) if _is_meta(x) and not x.is_floating_point() else x, (args, kwargs))
+            try:
+                return func(*ints[0], **ints[1])
+            except (RuntimeError, NotImplementedError, ValueError, TypeError):
+                with torch._C.DisableTorchFunction():
+                    zeroed = tree_map(lambda x: _zeros(x) if _is_meta(x) else x, (args, kwargs))
+                return func(*zeroed[0], **zeroed[1])
+
+    def _indices(self, func: Callable, result: Any) -> Any:
+        """Indices computed from meta values (argmax, topk ...) become CPU zeros: what they
+        index is real (token ids, positions), only their values are unknown."""
+        name = getattr(func, "__name__", "")
+        if name not in _INDEX_OPS:
+            return result
+        found = [x for x in tree_flatten(result)[0] if _is_meta(x) and x.dtype in (torch.int64, torch.int32)]
+        if not found:
+            return result
+        self.reads.append(MetaRead(op=name, where=_where()))
+        with torch._C.DisableTorchFunction():
+            return tree_map(lambda x: _zeros(x) if _is_meta(x) and x.dtype in (torch.int64, torch.int32) else x, result)
 
     def _lower(self, x: Any) -> Any:
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != self.autocast:
