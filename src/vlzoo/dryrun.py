@@ -293,11 +293,16 @@ def _lora_matches(recipe: Recipe, backbone: Any, report: DryRunReport) -> None:
         report.lora[target] = matched
         if matched == 0:
             key = "backbone.lora.target_modules"
-            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in backbone._lm().named_modules() if isinstance(m, nn.Linear)})
+            decoder = backbone._lm().get_decoder()
+            leaves = sorted({
+                n.replace(".base_layer", "").rsplit(".", 1)[-1]
+                for n, m in decoder.named_modules()
+                if isinstance(m, nn.Linear) and ".lora_" not in n
+            })
             report.issues.append(DryRunIssue(
                 key=key, source=recipe.source(key),
                 message=f"LoRA target {target!r} matched no module of the language model; its linear layers are "
-                        f"named {', '.join(leaves[:12])}",
+                        f"named {', '.join(leaves)}",
             ))
 
 

@@ -1,0 +1,188 @@
+"""vlzoo check --dry-run: shipped configs, full-size meta builds, the failure kinds it must catch,
+and every GPU recipe and study cell passing it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlzoo.backbones.shipped import (
+    ShippedConfigError,
+    dry_loading,
+    load_pretrained,
+    shipped_model,
+    shipped_models,
+)
+from vlzoo.dryrun import dry_run
+from vlzoo.study.spec import expand_grid, load_study
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+GPU = sorted((RECIPES / "gpu").glob("*.yaml"))
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "expected"),
+    [
+        # the published sizes (LLaMA-7B as the paper counts it; LLaVA-1.5-7B = Vicuna with 64 more rows + CLIP + projector)
+        ("lmsys/vicuna-7b-v1.5", "AutoModelForCausalLM", 6_738_415_616),
+        ("lmsys/vicuna-13b-v1.5", "AutoModelForCausalLM", 13_015_864_320),
+        ("openai/clip-vit-large-patch14-336", "CLIPVisionModel", 303_507_456),
+        ("llava-hf/llava-1.5-7b-hf", "LlavaForConditionalGeneration", 7_063_427_072),
+    ],
+)
+def test_shipped_configs_build_the_published_sizes_on_meta(name, cls, expected):
+    import transformers
+
+    with dry_loading() as record:
+        model = load_pretrained(getattr(transformers, cls), name, dtype=torch.bfloat16)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert _count(model) == expected
+    assert record.replaced[0][:2] == ("model", name)
+
+
+def test_every_hub_name_of_the_recipes_has_a_shipped_config():
+    names = set()
+    for path in RECIPES.rglob("*.yaml"):
+        for line in path.read_text().splitlines():
+            if line.strip().startswith("name_or_path:"):
+                names.add(line.split(":", 1)[1].strip())
+    assert names and names <= set(shipped_models())
+
+
+def test_unknown_model_names_what_is_shipped():
+    import transformers
+
+    with dry_loading(), pytest.raises(ShippedConfigError, match="llava-hf/llava-1.5-7b-hf"):
+        load_pretrained(transformers.AutoModelForCausalLM, "someone/unknown-7b")
+
+
+def test_sized_tokenizer_keeps_the_family_ids():
+    from vlzoo.backbones.shipped import load_pretrained_tokenizer
+
+    with dry_loading():
+        tok = load_pretrained_tokenizer("llava-hf/llava-1.5-7b-hf")
+    facts = shipped_model("llava-hf/llava-1.5-7b-hf").tokenizer
+    assert len(tok) == facts["vocab_size"] + 2
+    vocab = tok.get_vocab()
+    assert all(vocab[t] == i for t, i in facts["tokens"].items())
+    assert tok.pad_token_id == 32001 and tok.eos_token_id == 2
+    ids = tok("USER: <image> where is the red circle?", add_special_tokens=False)["input_ids"]
+    assert 32000 in ids and tok.unk_token_id not in ids
+
+
+def test_outside_a_dry_run_nothing_is_replaced(tmp_path):
+    import transformers
+
+    with pytest.raises(OSError):
+        load_pretrained(transformers.AutoModelForCausalLM, str(tmp_path / "missing"))
+
+
+# --------------------------------------------------------------------------- failure kinds
+def _single(report, key):
+    assert not report.ok, report.format()
+    keys = [issue.key for issue in report.issues]
+    assert key in keys, report.format()
+    return report.issues[keys.index(key)]
+
+
+def test_a_head_sized_for_another_width_names_its_key():
+    # a projection of the LM state written for a 32-wide LM, on the 64-wide tiny LM
+    report = dry_run(RECIPES / "shapes/pixel2emb_rec.yaml", overrides=["paradigm.box_decoder.hidden_size=32"], predict=False)
+    issue = _single(report, "paradigm.box_decoder")
+    assert "box_decoder.mlp.0" in issue.message and "hidden_size=32" in issue.message
+
+
+def test_an_aligner_sized_for_the_tiny_backbone_names_its_key():
+    recipe = RECIPES / "gpu/heatmap_refcoco.yaml"
+    report = dry_run(recipe, overrides=["paradigm.aligner.hidden_size=64", "paradigm.aligner.vision_dim=64"], predict=False)
+    issue = _single(report, "paradigm.aligner")
+    assert "Linear" in issue.message and "override paradigm.aligner" in issue.source
+
+
+def test_a_lora_target_that_matches_nothing_names_its_key():
+    report = dry_run(RECIPES / "gpu/pixel2emb_lisa_refcoco.yaml",
+                     overrides=["backbone.lora.target_modules=[q_proj,query]"], predict=False)
+    issue = _single(report, "backbone.lora.target_modules")
+    assert "'query'" in issue.message and "v_proj" in issue.message
+    assert report.lora == {"q_proj": 32, "query": 0}
+
+
+def test_a_lora_target_list_that_matches_nothing_at_all_fails_the_build():
+    report = dry_run(RECIPES / "gpu/pixel2emb_lisa_refcoco.yaml",
+                     overrides=["backbone.lora.target_modules=[query,value]"], predict=False)
+    assert not report.ok and report.issues[0].key.startswith("backbone")
+
+
+def test_a_special_token_the_tokenizer_already_splits_as_a_word_names_its_key():
+    # "mask" is an ordinary Shapes word: as a trigger it would never reach the paradigm as one id
+    report = dry_run(RECIPES / "shapes/pixel2emb_lisa_res.yaml",
+                     overrides=["paradigm.answer_format.trigger=mask"], predict=False)
+    issue = _single(report, "paradigm.answer_format.trigger")
+    assert "ordinary word" in issue.message
+
+
+def test_the_memory_plan_counts_what_a_real_tiny_model_holds():
+    """Parameters and optimizer state exactly; activations (saved for backward) within 1.25x of
+    the same count on the real CPU model and batch."""
+    from vlzoo.build import build
+    from vlzoo.memory import SavedTensorCounter, optimizer_state_bytes, parameter_bytes
+
+    recipe = RECIPES / "shapes/pixel2emb_rec.yaml"
+    overrides = ["data.batch_size=4"]
+    plan = dry_run(recipe, overrides=overrides, predict=False).memory
+    built = build(recipe, overrides=overrides, with_trainer=False)
+    model, dm = built.model, built.datamodule
+    batch = dm.collate()([dm.train_dataset[i] for i in range(4)])
+    counter = SavedTensorCounter(model)
+    model.train()
+    with counter:
+        total = model.weighted_total(model.loss(batch))
+    total.backward()
+    optimizer = model.optimizer_factory([g for g in model.param_groups() if g["params"]])
+    optimizer.step()
+    real = parameter_bytes(model)
+    assert plan.parameters == real["numel"] and plan.trainable == real["trainable_numel"]
+    assert plan.parameter_bytes == real["bytes"]
+    assert plan.optimizer_bytes == optimizer_state_bytes(optimizer)
+    assert plan.strategy == "single" and plan.rows[2][1] == real["trainable_bytes"]  # gradients
+    ratio = plan.activations / counter.count.saved
+    assert 0.8 <= ratio <= 1.25, ratio
+
+
+# --------------------------------------------------------------------------- every recipe passes
+@pytest.mark.slow
+@pytest.mark.parametrize("path", GPU, ids=[p.stem for p in GPU])
+def test_every_gpu_recipe_passes_the_dry_run(path):
+    report = dry_run(path)
+    assert report.ok, report.format()
+    assert report.losses and report.predictions > 0
+    trainable, total = report.parts[-1][1:]
+    assert 0 < trainable < total and total > 7_000_000_000
+    assert any(what == "model" for what, _, _ in report.replaced)
+    assert report.memory is not None and report.memory.total > report.memory.parameter_bytes
+
+
+def _study_cells():
+    seen, out = set(), []
+    for study in sorted((RECIPES / "studies").glob("*.yaml")):
+        for cell in expand_grid(load_study(study)):
+            if not cell.supported:
+                continue
+            key = (str(cell.recipe), tuple(o for o in cell.overrides if not o.startswith("seed=")))
+            if key not in seen:
+                seen.add(key)
+                out.append(pytest.param(cell.recipe, cell.overrides, id=f"{study.stem}:{cell.group}"))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("recipe", "overrides"), _study_cells())
+def test_every_study_cell_passes_the_dry_run(recipe, overrides):
+    report = dry_run(recipe, overrides=list(overrides))
+    assert report.ok, report.format()
