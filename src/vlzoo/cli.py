@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         "test": "run the test split",
         "predict": "write COCO-style predictions (and overlays on request)",
         "print": "show the resolved recipe and which file set each key",
-        "check": "validate a recipe without building anything",
+        "check": "validate a recipe (--dry-run / --memory: build it at full size on the meta device)",
         "recipes": "list the shipped recipes",
         "study": "run a head-to-head study (recipes/studies/*.yaml) and write its report",
     }

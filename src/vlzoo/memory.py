@@ -11,7 +11,7 @@ size on the meta device), not derived from a formula:
 * **activations** - the bytes autograd keeps from the forward pass for the backward pass, for
   the recipe's batch: every tensor a ``saved_tensors_hooks`` pack hook sees, counted once per
   storage, parameters excluded (:class:`SavedTensorCounter`).  *With* gradient checkpointing
-  the transformer layers keep only their inputs, and one layer's saved tensors are alive again
+  the transformer layers that save anything keep only their inputs, and one layer's saved tensors are alive again
   while it is recomputed: ``saved - sum(layer saved) + sum(layer inputs) + max(layer saved)``.
 
 How the strategy divides them over ``world`` GPUs (:func:`memory_plan`):
@@ -123,10 +123,18 @@ class ActivationCount:
         return self.saved
 
     @property
+    def checkpointed_forward(self) -> int:
+        """What stays alive after a checkpointed forward: the saves outside the layers and the
+        inputs of the layers (a layer that saved nothing - frozen, no gradient through it -
+        keeps nothing either way)."""
+        used = [i for i, size in enumerate(self.layer_saved) if size > 0]
+        return self.saved - sum(self.layer_saved) + sum(self.layer_inputs[i] for i in used)
+
+    @property
     def with_checkpointing(self) -> int:
-        if not self.layer_saved:
-            return self.saved
-        return self.saved - sum(self.layer_saved) + sum(self.layer_inputs) + max(self.layer_saved)
+        """The peak during backward: the checkpointed forward plus one layer's saved tensors
+        while it is recomputed."""
+        return self.checkpointed_forward + max(self.layer_saved, default=0)
 
 
 class SavedTensorCounter:
@@ -141,6 +149,7 @@ class SavedTensorCounter:
         self.count = ActivationCount(layer_saved=[0] * len(layers), layer_inputs=[0] * len(layers))
         self._params = {_storage_key(p) for p in model.parameters()}
         self._seen: set[int] = set()
+        self._inputs: set[int] = set()
         self._layers = list(layers)
         self._current: list[int] = []
         self._handles: list[Any] = []
@@ -159,10 +168,10 @@ class SavedTensorCounter:
     def _enter(self, index: int) -> Any:
         def hook(_module: nn.Module, args: Any, kwargs: Any) -> None:
             self._current.append(index)
-            seen: set[int] = set()
             for value in [*args, *kwargs.values()]:
-                if isinstance(value, torch.Tensor) and value.is_floating_point() and _storage_key(value) not in seen:
-                    seen.add(_storage_key(value))
+                # inputs shared by every layer (rotary cos / sin, masks) are kept once
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and _storage_key(value) not in self._inputs:
+                    self._inputs.add(_storage_key(value))
                     self.count.layer_inputs[index] += _storage_bytes(value)
 
         return hook
@@ -260,6 +269,7 @@ class MemoryPlan:
     activations_checkpointed: int
     gradient_checkpointing: bool
     rows: list[tuple[str, int, str]] = field(default_factory=list)
+    activation_count: ActivationCount | None = None
 
     @property
     def total(self) -> int:
@@ -362,4 +372,5 @@ def memory_plan(
         activations_checkpointed=activations.with_checkpointing,
         gradient_checkpointing=gradient_checkpointing,
         rows=rows,
+        activation_count=activations,
     )

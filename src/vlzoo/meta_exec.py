@@ -7,6 +7,8 @@ checked at no memory cost.  Two things need help, and :class:`MetaExecution` (a
 * **Mixed devices.** A dry run keeps the batch's integer structure - token ids, the image
   placeholder, targets, boxes - as real small CPU tensors, because paradigms index and branch on
   them.  An op that meets a CPU and a meta tensor is retried with the CPU tensors moved to meta.
+* **Fused attention.** ``scaled_dot_product_attention`` on meta runs as the fused kernels do
+  (:class:`_FusedAttention`), so what it keeps for backward is counted as on a GPU.
 * **Values read from meta tensors.** ``.item()``, ``.tolist()``, ``bool()``, ``nonzero`` and
   the like need values a meta tensor does not have (a generated token, a heatmap peak, a
   score threshold).  A truth value is taken as **true** (checks pass, generation loops end
@@ -56,6 +58,25 @@ def _lower_precision_ops() -> frozenset[Any]:
 _LOWER = _lower_precision_ops()
 
 
+class _FusedAttention(torch.autograd.Function):
+    """``scaled_dot_product_attention`` on meta tensors as the fused kernels (flash / memory
+    efficient, on GPU and on CPU) run it: the output, and for backward ``q, k, v``, the output and
+    the row log-sum-exp - not the ``(L, S)`` attention matrix the math fallback the meta device
+    would take keeps."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 @dataclass(frozen=True)
 class MetaRead:
     """One value read from a meta tensor and taken as zero."""
@@ -81,7 +102,7 @@ def _is_meta(x: Any) -> bool:
 
 def _where() -> str:
     for frame in reversed(traceback.extract_stack()[:-3]):
-        if frame.filename.startswith(_SRC) and not frame.filename.endswith(("meta_exec.py", "dryrun.py")):
+        if frame.filename.startswith(_SRC) and not frame.filename.endswith(("meta_exec.py", "dryrun.py", "cli.py", "memory.py")):
             return f"{Path(frame.filename).relative_to(Path(_SRC).parent)}:{frame.lineno} {frame.name}"
     return "outside vlzoo"
 
@@ -117,6 +138,11 @@ class MetaExecution(TorchFunctionMode):
         if self.autocast is not None and func in _LOWER:
             with torch._C.DisableTorchFunction():
                 args, kwargs = tree_map(self._lower, (args, kwargs))
+        if func is torch.nn.functional.scaled_dot_product_attention and _is_meta(args[0] if args else kwargs.get("query")):
+            q, k, v = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(("query", "key", "value")))
+            with torch._C.DisableTorchFunction():
+                q, k, v = (x.to("meta") for x in (q, k, v))
+                return _FusedAttention.apply(q, k, v)
         try:
             return self._indices(func, func(*args, **kwargs))
         except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
