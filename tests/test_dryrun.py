@@ -140,6 +140,13 @@ def _forward_memory(model, batch) -> int:
     return kept
 
 
+def test_a_layer_the_language_model_does_not_have_names_its_key():
+    report = dry_run(RECIPES / "gpu/attention_keypoints_refcoco.yaml", overrides=["paradigm.attention_layers=[8,40]"],
+                     predict=False)
+    issue = _single(report, "paradigm.attention_layers")
+    assert "32-layer" in issue.message and "override paradigm.attention_layers" in issue.source
+
+
 def test_the_memory_plan_counts_what_a_real_tiny_model_holds():
     """Parameters, gradients and optimizer state exactly; activations with and without gradient
     checkpointing within 1.25x and 1.5x of what a real CPU forward keeps allocated (torch.profiler)."""
@@ -187,7 +194,7 @@ def test_every_gpu_recipe_passes_the_dry_run(path):
     trainable, total = report.parts[-1][1:]
     assert 0 < trainable < total and total > 7_000_000_000
     assert any(what == "model" for what, _, _ in report.replaced)
-    assert report.memory is not None and report.memory.total > report.memory.parameter_bytes
+    assert report.memory is not None and report.memory.total > report.memory.trainable_bytes
 
 
 def _study_cells():

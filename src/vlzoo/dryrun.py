@@ -136,6 +136,15 @@ def _module_keys(recipe: Recipe, built: Any) -> dict[int, str]:
     return out
 
 
+_DOTTED = re.compile(r"\b((?:backbone|paradigm|data|evaluator|optimizer|scheduler|trainer)(?:\.[A-Za-z_]\w*)+)")
+
+
+def _narrowest(recipe: Recipe, key: str, message: str) -> str:
+    """The most specific recipe key under ``key`` that ``message`` names (``paradigm.attention_layers``)."""
+    named = [k for k in _DOTTED.findall(message) if recipe.get(k) is not None and (k + ".").startswith(key + ".")]
+    return max(named, key=len) if named else key
+
+
 def _settings(recipe: Recipe, key: str) -> str:
     node = recipe.get(key)
     if not isinstance(node, Mapping):
@@ -181,6 +190,7 @@ def _failure(recipe: Recipe, built: Any, stack: Sequence[nn.Module], err: BaseEx
     where = ""
     if inner is not None:
         where = f" in module {names[id(inner)] or '<paradigm>'} ({type(inner).__name__})"
+    key = _narrowest(recipe, key, str(err))
     message = f"{step} failed{where}: {type(err).__name__}: {err}{_settings(recipe, key)}"
     return DryRunIssue(key=key, source=recipe.source(key), message=message)
 
@@ -372,7 +382,7 @@ def dry_run(
             built = build(recipe, with_data=False, with_trainer=False)
     except RecipeError as err:
         match = _KEY.search(str(err))
-        key = match.group(1) if match else "paradigm"
+        key = _narrowest(recipe, match.group(1) if match else "paradigm", str(err))
         report.issues.append(DryRunIssue(key, recipe.source(key), f"building failed: {err}"))
         return done()
     report.replaced = loading.replaced

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.overrides
 
 __all__ = [
     "MODEL_CONFIGS_DIR",
@@ -108,14 +109,31 @@ class DryLoading:
 _DRY: ContextVar[DryLoading | None] = ContextVar("vlzoo_dry_loading", default=None)
 
 
+class _ValuesOnCpu(torch.overrides.TorchFunctionMode):
+    """Integer tensors made from Python values (``torch.tensor([1, 10, 100])``) stay on the CPU
+    inside the meta device: their values are data (a metric's thresholds, an index table)."""
+
+    _MAKERS = (torch.tensor, torch.as_tensor, torch.asarray)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func not in self._MAKERS or kwargs.get("device") is not None:
+            return func(*args, **kwargs)
+        kwargs["device"] = "cpu"
+        made = func(*args, **kwargs)
+        # floating values may become weights (a learnable scale): those go to meta like the rest
+        return made.to("meta") if made.is_floating_point() else made
+
+
 @contextlib.contextmanager
 def dry_loading() -> Iterator[DryLoading]:
     """Build models from shipped configs on the meta device, tokenizers from their facts, and
-    skip weight files, for the duration of the block."""
+    skip weight files, for the duration of the block (tensors made from Python values stay on
+    the CPU)."""
     record = DryLoading()
     token = _DRY.set(record)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _ValuesOnCpu():
             yield record
     finally:
         _DRY.reset(token)
