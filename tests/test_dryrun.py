@@ -46,6 +46,17 @@ def test_shipped_configs_build_the_published_sizes_on_meta(name, cls, expected):
     assert record.replaced[0][:2] == ("model", name)
 
 
+def test_llava_13b_is_vicuna_13b_with_the_clip_tower_and_projector():
+    import transformers
+
+    with dry_loading():
+        llava = load_pretrained(transformers.LlavaForConditionalGeneration, "llava-hf/llava-1.5-13b-hf")
+        vicuna = load_pretrained(transformers.AutoModelForCausalLM, "lmsys/vicuna-13b-v1.5")
+    extra_rows = 64 * 5120 * 2  # 32064 - 32000 rows of the embedding and of the untied head
+    projector = 1024 * 5120 + 5120 + 5120 * 5120 + 5120
+    assert _count(llava) == _count(vicuna) + extra_rows + 303_507_456 + projector
+
+
 def test_every_hub_name_of_the_recipes_has_a_shipped_config():
     names = set()
     for path in RECIPES.rglob("*.yaml"):
@@ -195,6 +206,15 @@ def test_every_gpu_recipe_passes_the_dry_run(path):
     assert 0 < trainable < total and total > 7_000_000_000
     assert any(what == "model" for what, _, _ in report.replaced)
     assert report.memory is not None and report.memory.total > report.memory.trainable_bytes
+
+
+@pytest.mark.slow
+def test_the_clip_vicuna_backbone_passes_the_dry_run():
+    # CausalLM and ClipVisionEncoder from their own shipped configs, LoRA on every LM linear
+    report = dry_run(RECIPES / "gpu/pixel2emb_lisa_refcoco.yaml", overrides=["backbone=clip_vicuna7b"], predict=False)
+    assert report.ok, report.format()
+    assert {name for _, name, _ in report.replaced} >= {"lmsys/vicuna-7b-v1.5", "openai/clip-vit-large-patch14-336"}
+    assert all(count == 32 for count in report.lora.values()) and len(report.lora) == 7
 
 
 def _study_cells():
