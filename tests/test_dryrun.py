@@ -87,6 +87,21 @@ def test_sized_tokenizer_keeps_the_family_ids():
     assert 32000 in ids and tok.unk_token_id not in ids
 
 
+def test_weight_files_are_not_read_in_a_dry_run(tmp_path):
+    from vlzoo.backbones import SamImageEncoder, TimmVisionEncoder
+    from vlzoo.decoders import SamMaskDecoder
+
+    missing = str(tmp_path / "sam_vit_b.pth")
+    with dry_loading() as record:
+        SamMaskDecoder(variant="vit_b", checkpoint=missing)
+        SamImageEncoder(variant="tiny", checkpoint=missing)
+        encoder = TimmVisionEncoder(model_name="vit_tiny_patch16_224", pretrained=True)
+    assert [what for what, _, _ in record.replaced] == ["weights"] * 3
+    assert next(encoder.parameters()).device.type == "meta"
+    with pytest.raises(FileNotFoundError):
+        SamMaskDecoder(variant="tiny", checkpoint=missing)
+
+
 def test_outside_a_dry_run_nothing_is_replaced(tmp_path):
     import transformers
 

@@ -113,11 +113,13 @@ class TimmVisionEncoder(_VisionEncoder):
         kwargs: dict[str, Any] = dict(model_kwargs or {})
         if img_size is not None:
             kwargs["img_size"] = img_size
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and read_weights(checkpoint_path, "TimmVisionEncoder"):
             if not Path(checkpoint_path).is_file():
                 raise FileNotFoundError(f"timm checkpoint_path {checkpoint_path!r} does not exist")
             kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
             pretrained = True
+        elif pretrained and not read_weights(f"timm:{model_name}", "TimmVisionEncoder pretrained weights"):
+            pretrained = False
         self.model_name = model_name
         self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
         config = resolve_data_config({}, model=self.model)
