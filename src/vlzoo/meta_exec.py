@@ -11,12 +11,13 @@ checked at no memory cost.  Two things need help, and :class:`MetaExecution` (a
   (:class:`_FusedAttention`), so what it keeps for backward is counted as on a GPU.
 * **Values read from meta tensors.** ``.item()``, ``.tolist()``, ``bool()``, ``nonzero`` and
   the like need values a meta tensor does not have (a generated token, a heatmap peak, a
-  score threshold).  A truth value is taken as **true** (checks pass, generation loops end
-  after one token) and a mask as all true (``nonzero`` with torch's
-  ``meta_nonzero_assume_all_nonzero``: a mask selects every element); indices computed from meta values (``argmax``, ``topk`` ...) become CPU
-  **zeros**; any other read is retried with the meta integer operands, then all meta operands,
-  read on the CPU as zeros (masks as true).  Each read is recorded with the vlzoo source line that made it
-  (:attr:`MetaExecution.reads`).
+  score threshold).  A truth value is taken as **true** (checks pass) and a mask as all true
+  (``nonzero`` with torch's ``meta_nonzero_assume_all_nonzero``: a mask selects every element);
+  indices computed from meta values (``argmax``, ``topk`` ...) become CPU **zeros**, so
+  generated token ids are 0 and decoding that stops at end-of-sequence runs to
+  ``max_new_tokens``; any other read is retried with the meta integer operands, then all meta
+  operands, read on the CPU as zeros (masks as true).  Each read is recorded with the vlzoo
+  source line that made it (:attr:`MetaExecution.reads`).
   A training step normally makes no such read (its structure comes from the CPU batch); a
   prediction step does (generation reads its tokens), so what it decodes is meaningless while
   the shapes on its way are still checked.
@@ -166,7 +167,7 @@ class MetaExecution(TorchFunctionMode):
             name = getattr(func, "__name__", str(func))
             self.reads.append(MetaRead(op=name, where=_where()))
             if name == "__bool__":
-                return True  # a condition on meta values holds: checks pass, loops end
+                return True  # a condition on meta values holds: checks pass
             with torch._C.DisableTorchFunction():
                 # integer operands (masks, indices) first, so float data keeps its graph
                 ints = tree_map(lambda x: _zeros(x) if _is_meta(x) and not x.is_floating_point() else x, (args, kwargs))
