@@ -6,7 +6,7 @@
     vlzoo validate|test RECIPE [overrides...] [--checkpoint CKPT]
     vlzoo predict RECIPE [overrides...] [--checkpoint CKPT] [--output FILE] [--overlays DIR]
     vlzoo print RECIPE [overrides...] [--plain]
-    vlzoo check RECIPE [overrides...]
+    vlzoo check RECIPE [overrides...] [--dry-run] [--memory]
     vlzoo recipes
     vlzoo study STUDY [--jobs N] [--cell I] [--tracking-uri U] [--output-dir D]
     vlzoo study report STUDY [--tracking-uri U] [--output-dir D]
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         "test": "run the test split",
         "predict": "write COCO-style predictions (and overlays on request)",
         "print": "show the resolved recipe and which file set each key",
-        "check": "validate a recipe without building anything",
+        "check": "validate a recipe (--dry-run / --memory: build it at full size on the meta device)",
         "recipes": "list the shipped recipes",
         "study": "run a head-to-head study (recipes/studies/*.yaml) and write its report",
     }
@@ -82,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="slot=name or a.b.c=value")
         p.add_argument("--allow-target", action="append", default=[], metavar="PREFIX",
                        help="also allow _target_s under this module prefix (recorded in the recipe)")
+        if verb == "check":
+            p.add_argument("--dry-run", action="store_true",
+                           help="build at full size on the meta device, run a training and a prediction step")
+            p.add_argument("--memory", action="store_true", help="print the per-GPU memory plan (builds as --dry-run)")
         if verb == "print":
             p.add_argument("--plain", action="store_true", help="plain resolved YAML, without sources")
         if verb in RUN_VERBS:
@@ -153,6 +157,12 @@ def _cmd_print(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     recipe = _load(args)
     validate(recipe)
+    if args.dry_run or args.memory:
+        from vlzoo.dryrun import dry_run
+
+        report = dry_run(recipe)
+        print(report.format() if args.dry_run or report.memory is None else report.memory.format())
+        return 0 if report.ok else EXIT_USER_ERROR
     slots = [s for s in recipe.data if isinstance(recipe.data[s], dict) and "_target_" in recipe.data[s]]
     print(f"ok: {recipe.path or recipe.name} ({', '.join(slots) or 'no slots'})")
     return 0

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vlzoo.backbones.shipped import load_pretrained, load_pretrained_tokenizer
 from vlzoo.backbones.vision import _dtype
 
 __all__ = ["CausalLM", "load_tokenizer"]
@@ -27,11 +28,9 @@ def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None) -> Any:
         from vlzoo.data.tokenizer import shapes_tokenizer
 
         return shapes_tokenizer()
-    from transformers import AutoTokenizer
-
     if gguf_file is not None:
-        return AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file, trust_remote_code=False)
-    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+        return load_pretrained_tokenizer(name_or_path, gguf_file=gguf_file)
+    return load_pretrained_tokenizer(name_or_path)
 
 
 class CausalLM(nn.Module):
@@ -76,12 +75,12 @@ class CausalLM(nn.Module):
                 self.tokenizer.add_special_tokens({"pad_token": "<pad>"})
         torch_dtype = _dtype(dtype)
         if name_or_path is not None:
-            extra: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": False}
+            extra: dict[str, Any] = {"dtype": torch_dtype}
             if gguf_file is not None:
                 extra["gguf_file"] = gguf_file
             if attn_implementation is not None:
                 extra["attn_implementation"] = attn_implementation
-            self.model = AutoModelForCausalLM.from_pretrained(name_or_path, **extra)
+            self.model = load_pretrained(AutoModelForCausalLM, name_or_path, **extra)
             if gguf_file is not None:
                 # GGUF tensors are de-quantized to `dtype` on load: the result is a plain model,
                 # but transformers keeps the GGUF quantizer attached, which refuses to save it.

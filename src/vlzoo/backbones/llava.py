@@ -8,13 +8,18 @@ placeholder into the image tokens with the same code and the same outputs as
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
 from vlzoo.backbones.multimodal import _SplicingBackbone
+from vlzoo.backbones.shipped import (
+    load_pretrained,
+    load_pretrained_tokenizer,
+    preprocessor_settings,
+    read_weights,
+)
 from vlzoo.backbones.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _dtype
 
 __all__ = ["LlavaBackbone"]
@@ -47,14 +52,14 @@ class LlavaBackbone(_SplicingBackbone):
         checkpoint: str | None = None,
     ) -> None:
         super().__init__()
-        from transformers import AutoTokenizer, LlavaForConditionalGeneration
+        from transformers import LlavaForConditionalGeneration
 
         self._init_state()
-        extra: dict[str, Any] = {"dtype": _dtype(dtype), "trust_remote_code": False}
+        extra: dict[str, Any] = {"dtype": _dtype(dtype)}
         if attn_implementation is not None:
             extra["attn_implementation"] = attn_implementation
-        self.model = LlavaForConditionalGeneration.from_pretrained(name_or_path, **extra)
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+        self.model = load_pretrained(LlavaForConditionalGeneration, name_or_path, **extra)
+        self.tokenizer = load_pretrained_tokenizer(name_or_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         config = self.model.config
@@ -71,12 +76,11 @@ class LlavaBackbone(_SplicingBackbone):
         self._stride = int(vision_config.patch_size)
         self._input_size = int(vision_config.image_size)
         self._mean, self._std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        processor = Path(name_or_path) / "preprocessor_config.json"
-        if processor.is_file():
-            settings = json.loads(processor.read_text())
+        settings = preprocessor_settings(name_or_path)
+        if settings is not None:
             self._mean = tuple(settings.get("image_mean", self._mean))
             self._std = tuple(settings.get("image_std", self._std))
-        if checkpoint is not None:
+        if checkpoint is not None and read_weights(checkpoint, "backbone checkpoint"):
             self._load_backbone(checkpoint)
         inner = self.model.model
         self._setup_policies(

@@ -40,6 +40,7 @@ from vlzoo.backbones.policies import (
     set_trainable,
     train_rows,
 )
+from vlzoo.backbones.shipped import read_weights
 from vlzoo.weights import load_weights
 
 __all__ = [
@@ -626,7 +627,7 @@ class MultimodalBackbone(_SplicingBackbone):
         self.image_token = image_token
         self.image_token_id = self.add_special_tokens([image_token])[image_token]
         self._new_token_ids = []  # the placeholder's row is never read: not a trainable new row
-        if checkpoint is not None:
+        if checkpoint is not None and read_weights(checkpoint, "backbone checkpoint"):
             self._load_backbone(checkpoint)
         self._setup_policies(
             vision=vision,

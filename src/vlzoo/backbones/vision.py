@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlzoo.backbones.shipped import load_pretrained, preprocessor_settings, read_weights
 from vlzoo.weights import load_weights
 
 __all__ = [
@@ -114,11 +115,13 @@ class TimmVisionEncoder(_VisionEncoder):
         kwargs: dict[str, Any] = dict(model_kwargs or {})
         if img_size is not None:
             kwargs["img_size"] = img_size
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and read_weights(checkpoint_path, "TimmVisionEncoder"):
             if not Path(checkpoint_path).is_file():
                 raise FileNotFoundError(f"timm checkpoint_path {checkpoint_path!r} does not exist")
             kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
             pretrained = True
+        elif pretrained and not read_weights(f"timm:{model_name}", "TimmVisionEncoder pretrained weights"):
+            pretrained = False
         self.model_name = model_name
         try:
             # timm reads the file with torch.load(weights_only=True): a pickle of objects is refused
@@ -191,7 +194,7 @@ class ClipVisionEncoder(_VisionEncoder):
             raise ValueError(f"select_feature must be 'patch' or 'cls_patch', not {select_feature!r}")
         torch_dtype = _dtype(dtype)
         if name_or_path is not None:
-            self.model = CLIPVisionModel.from_pretrained(name_or_path, dtype=torch_dtype)
+            self.model = load_pretrained(CLIPVisionModel, name_or_path, dtype=torch_dtype)
         else:
             self.model = CLIPVisionModel(CLIPVisionConfig(**config)).to(torch_dtype)
         self.select_layer = select_layer
@@ -201,10 +204,8 @@ class ClipVisionEncoder(_VisionEncoder):
         self.stride = int(cfg.patch_size)
         self.input_size = int(cfg.image_size)
         self.mean, self.std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        if name_or_path is not None and (Path(name_or_path) / "preprocessor_config.json").is_file():
-            import json
-
-            pre = json.loads((Path(name_or_path) / "preprocessor_config.json").read_text())
+        pre = preprocessor_settings(name_or_path) if name_or_path is not None else None
+        if pre is not None:
             self.mean = tuple(pre.get("image_mean", self.mean))
             self.std = tuple(pre.get("image_std", self.std))
 
@@ -288,7 +289,7 @@ class SamImageEncoder(_VisionEncoder):
             window_size=0 if tiny else 14,
             global_attn_indexes=spec["global_attn_indexes"],
         )
-        if checkpoint is not None:
+        if checkpoint is not None and read_weights(checkpoint, "SamImageEncoder"):
             self.load_sam_checkpoint(checkpoint)
 
     def load_sam_checkpoint(self, path: str | Path) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "shapes_vocabulary",
     "shapes_tokenizer",
     "save_shapes_tokenizer",
+    "sized_tokenizer",
 ]
 
 IMAGE_TOKEN = "<image>"
@@ -104,3 +105,63 @@ def save_shapes_tokenizer(directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     shapes_tokenizer().save_pretrained(str(directory))
     return directory
+
+
+def sized_tokenizer(
+    *,
+    vocab_size: int,
+    tokens: dict[str, int],
+    unk_token: str,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    pad_token: str | None = None,
+    additional_special_tokens: list[str] | None = None,
+) -> PreTrainedTokenizerFast:
+    """A stand-in for a model family's tokenizer, sized to its vocabulary, for dry runs.
+
+    ``tokens`` puts the family's special tokens at their real ids (LLaMA: ``<unk>`` 0, ``<s>``
+    1, ``</s>`` 2; LLaVA-hf adds ``<image>`` 32000 and ``<pad>`` 32001).  The other ids hold the
+    Shapes word pieces (so Shapes prompts and plain-text coordinates tokenize without
+    ``<unk>``), the 256 byte pieces ``<0x00>``..``<0xFF>`` and ``<unused_k>`` fillers up to
+    ``vocab_size``.  Token *ids* and the vocabulary size are the family's; how a sentence splits
+    into tokens is not (it splits like the Shapes tokenizer), so sequence lengths are close to,
+    not equal to, the real tokenizer's.
+    """
+    vocab: dict[str, int] = dict(tokens)
+    taken = set(vocab.values())
+    if len(taken) != len(vocab):
+        raise ValueError(f"sized_tokenizer: two tokens share an id in {tokens}")
+    pieces = [p for p in shapes_tokenizer().get_vocab() if p not in SPECIAL_TOKENS]
+    pieces += [f"<0x{b:02X}>" for b in range(256)]
+    fillers = iter(pieces)
+    counter = 0
+    for index in range(vocab_size):
+        if index in taken:
+            continue
+        piece = next(fillers, None)
+        while piece is not None and piece in vocab:
+            piece = next(fillers, None)
+        if piece is None:
+            piece = f"<unused_{counter}>"
+            counter += 1
+        vocab[piece] = index
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=unk_token))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token=unk_token,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        pad_token=pad_token,
+        additional_special_tokens=list(additional_special_tokens or []),
+        padding_side="right",
+        model_max_length=4096,
+    )

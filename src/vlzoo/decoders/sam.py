@@ -122,7 +122,10 @@ class SamMaskDecoder(nn.Module):
             iou_head_hidden_dim=int(spec["iou_head_hidden_dim"]),
         )
         if checkpoint is not None:
-            self.load_sam_checkpoint(checkpoint)
+            from vlzoo.backbones.shipped import read_weights
+
+            if read_weights(checkpoint, "SamMaskDecoder"):
+                self.load_sam_checkpoint(checkpoint)
 
     def load_sam_checkpoint(self, path: str | Path) -> None:
         """Load the ``prompt_encoder.`` and ``mask_decoder.`` weights of a SAM checkpoint file."""
