@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         "recipes": "list the shipped recipes",
         "study": "run a head-to-head study (recipes/studies/*.yaml) and write its report",
     }
+    parser.verb_parsers = sub.choices  # type: ignore[attr-defined]  # for the unknown-option hint
     for verb, text in helps.items():
         p = sub.add_parser(verb, help=text, description=text)
         p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -212,19 +213,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run_id=run_id,
         keep_raw_images=True if getattr(args, "overlays", None) else None,
         extra_callbacks=extra,
+        # a checkpoint that does not fit the model is refused before the logger opens a run
+        check_model=None if weights is None else lambda b: _check_weights_fit(
+            weights, b.model, ckpt_path, recipe, resuming=args.verb == "fit"),
     )
     trainer, model, data = built.trainer, built.model, built.datamodule
-    if weights is not None:
-        try:
-            _check_weights_fit(weights, model, ckpt_path, recipe, resuming=args.verb == "fit")
-        except RecipeError:
-            if run_id is None and built.logger is not None:
-                built.logger.finalize("failed")  # the run this command opened; a resumed run stays as it was
-            raise
     ckpt = str(ckpt_path) if ckpt_path is not None else None
     if args.verb == "fit":
         try:
             trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
+        except ValueError as err:
+            _raise_if_interval_too_long(trainer, recipe, err)
+            raise
         except FloatingPointError as err:  # the loss or the weights became NaN/inf (paradigms/base.py, runs.py)
             if args.debug:
                 raise
@@ -238,10 +238,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"vlzoo fit: training stopped: {err}\n{kept}\n(run again with --debug for the full traceback)",
                   file=sys.stderr)
             return 1
-    elif args.verb == "validate":
-        trainer.validate(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
-    elif args.verb == "test":
-        trainer.test(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    elif args.verb in ("validate", "test"):
+        evaluate = trainer.validate if args.verb == "validate" else trainer.test
+        # Lightning's own table lists every split's figures under every dataloader: one column per split
+        results = evaluate(model, datamodule=data, ckpt_path=ckpt, weights_only=True, verbose=False)
+        if trainer.is_global_zero:
+            from vlzoo.terminal import evaluation_table
+
+            stage = "val" if args.verb == "validate" else "test"
+            names = list(getattr(data, f"{stage}_names", None) or []) or [
+                stage if i == 0 else f"{stage}{i}" for i in range(len(results))]  # as paradigms/base.py names them
+            sys.stdout.write(evaluation_table(results, names, stage))
     else:
         trainer.predict(model, datamodule=data, ckpt_path=ckpt, weights_only=True, return_predictions=False)
         print(f"vlzoo: wrote {len(writer.records)} records to {writer.output}"
@@ -252,6 +259,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"vlzoo: the tracking server was lost at step {built.logger.lost_at_step} ({built.logger.lost}); "
               f"metrics from then on are in {built.logger.offline_folder / 'metrics.jsonl'}")
     return 0
+
+
+def _raise_if_interval_too_long(trainer: Any, recipe: Any, err: BaseException) -> None:
+    """Lightning refuses a ``val_check_interval`` longer than an epoch when validation is also
+    counted in epochs (``check_val_every_n_epoch`` set): said with the keys and the epoch length
+    of one process instead of its traceback."""
+    interval, every = trainer.val_check_interval, trainer.check_val_every_n_epoch
+    batches = getattr(trainer.fit_loop, "max_batches", None)
+    if not (isinstance(interval, int) and every is not None and isinstance(batches, int) and interval > batches):
+        return
+    raise RecipeError(
+        f"recipe key trainer.val_check_interval ({interval}, set in {recipe.source('trainer.val_check_interval')}) "
+        f"is longer than an epoch: each of the {trainer.world_size} process(es) gets {batches} training batches per "
+        f"epoch, and trainer.check_val_every_n_epoch ({every}, set in {recipe.source('trainer.check_val_every_n_epoch')}) "
+        "makes Lightning count the interval inside each epoch. Leave check_val_every_n_epoch out (or set it to null) "
+        f"to validate every {interval} batches across epochs, or set trainer.val_check_interval to at most {batches}."
+    ) from err
 
 
 def _checkpoint_weights(path: str | Path) -> tuple[dict[str, tuple[int, ...]], Any]:
@@ -482,6 +506,33 @@ def _one_paragraph(text: str) -> str:
     return "\n".join(line for line in lines if line.strip())
 
 
+def _unknown_arguments(parser: argparse.ArgumentParser, verb: str, unknown: Sequence[str]) -> None:
+    """Exit 2 naming the first unknown option of ``vlzoo VERB`` and the nearest one it has (an
+    unknown ``--flag`` is never taken for an override)."""
+    import difflib
+
+    verb_parser = parser.verb_parsers[verb]  # type: ignore[attr-defined]
+    options = sorted({o for action in verb_parser._actions for o in action.option_strings
+                      if o.startswith("--") and action.help != argparse.SUPPRESS})
+    flag = next((a for a in unknown if a.startswith("-")), None)
+    if flag is None:
+        verb_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    name = flag.split("=", 1)[0]
+    # what another verb calls it: `fit` continues from a checkpoint with --resume-from
+    aliases = {"--checkpoint": "--resume-from"} if verb == "fit" else {}
+    candidates = [o for o in options if o != "--help"] + list(aliases)
+    near = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    if not near:  # --ckpt -> --checkpoint: an abbreviation scores low on the ratio, but is a subsequence
+        near = [o for o in candidates if _subsequence(name.lstrip("-"), o.lstrip("-"))][:1]
+    hint = f" Did you mean {aliases.get(near[0], near[0])}?" if near else ""
+    verb_parser.error(f"unknown option {name}.{hint} The options of `vlzoo {verb}` are: {', '.join(options)}")
+
+
+def _subsequence(short: str, long: str) -> bool:
+    chars = iter(long)
+    return bool(short) and all(c in chars for c in short)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status: 0 ok, 2 a mistake in the command, a recipe,
     a study file, the data or a checkpoint (one paragraph on stderr, no traceback unless
@@ -491,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # overrides may also come after options (`fit r.yaml --resume trainer.max_epochs=2`)
     unknown = [a for a in rest if a.startswith("-") or not hasattr(args, "overrides")]
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        _unknown_arguments(parser, args.verb, unknown)
     if rest:
         args.overrides = list(args.overrides) + rest
     commands = {"print": _cmd_print, "check": _cmd_check, "recipes": _cmd_recipes, "study": _cmd_study}
