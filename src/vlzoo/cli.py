@@ -225,6 +225,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except ValueError as err:
             _raise_if_interval_too_long(trainer, recipe, err)
             raise
+        except SystemExit:
+            if not trainer.interrupted:
+                raise
+            return _interrupted(args, built)  # Lightning turned Ctrl-C into SystemExit(1)
         except FloatingPointError as err:  # the loss or the weights became NaN/inf (paradigms/base.py, runs.py)
             if args.debug:
                 raise
@@ -259,6 +263,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"vlzoo: the tracking server was lost at step {built.logger.lost_at_step} ({built.logger.lost}); "
               f"metrics from then on are in {built.logger.offline_folder / 'metrics.jsonl'}")
     return 0
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped with Ctrl-C
+
+
+def _interrupted(args: argparse.Namespace, built: Any) -> int:
+    """After Ctrl-C in ``vlzoo fit``: mark the run KILLED and say what was saved - nothing, and
+    how to checkpoint more often, or the last checkpoint and the command that continues it."""
+    import shlex
+
+    import torch
+
+    trainer = built.trainer
+    if built.run_id and trainer.is_global_zero:
+        try:  # Lightning marked it FAILED; the user stopped it
+            built.logger.experiment.set_terminated(built.run_id, "KILLED")
+        except Exception:  # noqa: BLE001 - a lost tracking server must not hide the message below
+            pass
+    last = built.checkpoint_dir / "last.ckpt"
+    if last.is_file():
+        step = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+        again = ["vlzoo", "fit", *([args.recipe] if args.recipe else []), *args.overrides,
+                 "--output-dir", str(args.output_dir), *(["--tracking-uri", args.tracking_uri] if args.tracking_uri else []),
+                 "--resume-from", str(last)]
+        told = (f"the last checkpoint is {last} (step {step}); continue the run with: {shlex.join(again)}"
+                " (or `--resume` for the latest run of this recipe)")
+    else:
+        interval = trainer.val_check_interval
+        when = (f"every {interval} training batches (trainer.val_check_interval)"
+                if isinstance(interval, int) else "when validation runs (trainer.val_check_interval)")
+        told = (f"no checkpoint had been written yet, so nothing was saved. Checkpoints are written {when}; to save "
+                "more often, also refresh last.ckpt every N optimizer steps with checkpoint.every_n_train_steps=N "
+                "(docs/faults.md)")
+    print(f"vlzoo fit: interrupted (Ctrl-C) at global step {trainer.global_step}; {told}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _raise_if_interval_too_long(trainer: Any, recipe: Any, err: BaseException) -> None:
@@ -549,6 +588,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = commands.get(args.verb, _cmd_run)
     try:
         return command(args)
+    except KeyboardInterrupt:  # Ctrl-C before training started (during fit, see _interrupted)
+        print(f"vlzoo {args.verb}: interrupted (Ctrl-C) before training or evaluation started; nothing was saved", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # output piped into e.g. `head`, which stopped reading: not an error of ours
         sys.stderr.close()
