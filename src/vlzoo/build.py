@@ -22,9 +22,11 @@ target's signature has it - at every depth of the slot's node):
    ``callbacks``: the recipe's own plus a :class:`~lightning.pytorch.callbacks.ModelCheckpoint`
    (last + best; also every ``checkpoint.every_n_train_steps`` steps),
    :class:`~vlzoo.runs.RecipeInCheckpoint`, :class:`~vlzoo.runs.RandomStateInCheckpoint`,
-   :class:`~vlzoo.runs.FiniteCheckpoints`, :class:`~vlzoo.runs.RunLogging` and
-   :class:`~vlzoo.runs.ParameterCount`.  Before anything is built, an MLflow tracking store that
-   cannot be reached fails (:func:`~vlzoo.runs.preflight_tracking`).
+   :class:`~vlzoo.runs.FiniteCheckpoints`, :class:`~vlzoo.runs.RunLogging`,
+   :class:`~vlzoo.runs.ParameterCount` and, without a progress bar,
+   :class:`~vlzoo.terminal.ValidationLine` (a line per validation).  Before anything is
+   built, an MLflow tracking store that cannot be reached fails
+   (:func:`~vlzoo.runs.preflight_tracking`).
 
 Only ``paradigm`` is needed to build a model; ``fit``/``validate``/``test``/``predict`` also
 need ``data``.  Every other slot may be absent.
@@ -56,6 +58,7 @@ from vlzoo.runs import (
     periodic_checkpoint,
     preflight_tracking,
 )
+from vlzoo.terminal import ValidationLine, quiet_third_party
 
 __all__ = ["Built", "build", "as_recipe", "progress_bar_wanted", "step_based_validation", "BACKBONE_ATTRIBUTES"]
 
@@ -302,9 +305,13 @@ def _make_trainer(
     recipe_callbacks = instantiate(node.pop("callbacks", None) or [], allow=allow, key="trainer.callbacks")
     run_folder = built.run_id or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     built.checkpoint_dir = (Path(output_dir) / "checkpoints" / run_folder).resolve()
+    best = _checkpoint_callback(recipe, built, built.checkpoint_dir)
+    quiet_third_party()  # before Trainer(): it prints a tip about a cloud logger
     built.callbacks = [
         *recipe_callbacks,
-        _checkpoint_callback(recipe, built, built.checkpoint_dir),
+        best,
+        # without a progress bar, a line per validation: the step and the primary metric
+        *([] if progress_bar_wanted() else [ValidationLine(best.monitor)]),
         *_periodic_checkpoints(recipe, built.checkpoint_dir),
         RecipeInCheckpoint(recipe),
         RandomStateInCheckpoint(),

@@ -347,12 +347,16 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
 
                     handle = attn.register_forward_hook(_hook)
                     stack.callback(handle.remove)
+            cache: dict[str, Any] = {}
+            if past_key_values is not None:
+                # transformers 5.x renamed the argument `cache` (and warns on the old name)
+                cache[_cache_argument(decoder)] = past_key_values
             out = decoder(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=past_key_values is not None,
+                **cache,
             )
         return out.last_hidden_state, captured
 
@@ -558,6 +562,18 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
 def _trainable(weight: nn.Parameter) -> bool:
     """Whether a weight is trainable as a whole (a row-masked weight counts as frozen)."""
     return weight.requires_grad and not getattr(weight, "_vlzoo_row_masked", False)
+
+
+def _cache_argument(decoder: nn.Module) -> str:
+    """The name the decoder's forward takes its key/value cache by: ``cache`` in transformers
+    5.x (where ``past_key_values`` is deprecated and warns), ``past_key_values`` before."""
+    import inspect
+
+    try:
+        params = inspect.signature(decoder.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _find_attention(layer: nn.Module) -> nn.Module:
