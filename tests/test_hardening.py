@@ -810,3 +810,18 @@ def test_refcoco_test_table_lists_each_split_under_its_own_dataloader(
         assert a == pytest.approx(logged[f"testA/{metric}"], rel=1e-5)
         assert b == pytest.approx(logged[f"testB/{metric}"], rel=1e-5)
     assert logged["testA/loss"] != logged["testB/loss"]  # the columns could not agree by chance
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    import vlzoo.cli as cli
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    for verb, name, says in (("check", "_cmd_check", "before training or evaluation started; nothing was saved"),
+                             ("study", "_cmd_study", "finished cells are kept, run the same command again")):
+        monkeypatch.setattr(cli, name, interrupted)
+        assert main([verb, str(REC)]) == 130
+        err = capsys.readouterr().err
+        assert err.startswith(f"vlzoo {verb}: interrupted (Ctrl-C)") and says in err and "Traceback" not in err

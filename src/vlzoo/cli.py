@@ -588,8 +588,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = commands.get(args.verb, _cmd_run)
     try:
         return command(args)
-    except KeyboardInterrupt:  # Ctrl-C before training started (during fit, see _interrupted)
-        print(f"vlzoo {args.verb}: interrupted (Ctrl-C) before training or evaluation started; nothing was saved", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C outside Lightning's loops (inside fit, see _interrupted)
+        said = ("; finished cells are kept, run the same command again to run the others" if args.verb == "study"
+                else " before training or evaluation started; nothing was saved")
+        print(f"vlzoo {args.verb}: interrupted (Ctrl-C){said}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # output piped into e.g. `head`, which stopped reading: not an error of ours
