@@ -181,6 +181,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for slot in ("paradigm", "data"):
         if recipe.slot(slot) is None:
             raise RecipeError(f"vlzoo {args.verb} needs a '{slot}' slot, but recipe {recipe.path or recipe.name} has none")
+    _check_split(recipe, args.verb)
     tracking_uri = resolve_tracking_uri(recipe, output_dir=args.output_dir, tracking_uri=args.tracking_uri)
     from vlzoo.runs import ResilientMLFlowLogger, preflight_tracking
 
@@ -263,6 +264,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"vlzoo: the tracking server was lost at step {built.logger.lost_at_step} ({built.logger.lost}); "
               f"metrics from then on are in {built.logger.offline_folder / 'metrics.jsonl'}")
     return 0
+
+
+def _check_split(recipe: Any, verb: str) -> None:
+    """The split a verb runs on, missing from a VLDataModule recipe: said before anything is built
+    or a run is opened (the datamodule would say the same once asked for the dataloader)."""
+    from vlzoo.config import locate
+    from vlzoo.data import VLDataModule
+
+    split = {"fit": "train", "validate": "val", "test": "test", "predict": "predict"}[verb]
+    node = recipe.slot("data")
+    if locate(node["_target_"], recipe.allowed_prefixes) is VLDataModule and not node.get(split):
+        raise VLDataModule.missing_split(split)
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped with Ctrl-C
