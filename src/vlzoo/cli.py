@@ -181,7 +181,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for slot in ("paradigm", "data"):
         if recipe.slot(slot) is None:
             raise RecipeError(f"vlzoo {args.verb} needs a '{slot}' slot, but recipe {recipe.path or recipe.name} has none")
-    _check_split(recipe, args.verb)
     tracking_uri = resolve_tracking_uri(recipe, output_dir=args.output_dir, tracking_uri=args.tracking_uri)
     from vlzoo.runs import ResilientMLFlowLogger, preflight_tracking
 
@@ -199,6 +198,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     weights = _checkpoint_weights(ckpt_path) if ckpt_path is not None else None
     if run_id is not None:
         _check_run_in_store(run_id, tracking_uri, ckpt_path)
+    _check_split(recipe, args.verb)
     extra = []
     writer = None
     if args.verb == "predict":
