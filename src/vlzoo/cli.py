@@ -26,6 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vlzoo._cli_support import (
+    EXIT_INTERRUPTED,
+    check_split,
+    raise_if_interval_too_long,
+    report_interrupt,
+    unknown_arguments,
+)
 from vlzoo.config import (
     RecipeError,
     find_recipe,
@@ -198,7 +205,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     weights = _checkpoint_weights(ckpt_path) if ckpt_path is not None else None
     if run_id is not None:
         _check_run_in_store(run_id, tracking_uri, ckpt_path)
-    _check_split(recipe, args.verb)
+    check_split(recipe, args.verb)
     extra = []
     writer = None
     if args.verb == "predict":
@@ -224,12 +231,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         try:
             trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
         except ValueError as err:
-            _raise_if_interval_too_long(trainer, recipe, err)
+            raise_if_interval_too_long(trainer, recipe, err)
             raise
         except SystemExit:
             if not trainer.interrupted:
                 raise
-            return _interrupted(args, built)  # Lightning turned Ctrl-C into SystemExit(1)
+            return report_interrupt(args, built)  # Lightning turned Ctrl-C into SystemExit(1)
         except FloatingPointError as err:  # the loss or the weights became NaN/inf (paradigms/base.py, runs.py)
             if args.debug:
                 raise
@@ -264,70 +271,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"vlzoo: the tracking server was lost at step {built.logger.lost_at_step} ({built.logger.lost}); "
               f"metrics from then on are in {built.logger.offline_folder / 'metrics.jsonl'}")
     return 0
-
-
-def _check_split(recipe: Any, verb: str) -> None:
-    """The split a verb runs on, missing from a VLDataModule recipe: said before anything is built
-    or a run is opened (the datamodule would say the same once asked for the dataloader)."""
-    from vlzoo.config import locate
-    from vlzoo.data import VLDataModule
-
-    split = {"fit": "train", "validate": "val", "test": "test", "predict": "predict"}[verb]
-    node = recipe.slot("data")
-    if locate(node["_target_"], recipe.allowed_prefixes) is VLDataModule and not node.get(split):
-        raise VLDataModule.missing_split(split)
-
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped with Ctrl-C
-
-
-def _interrupted(args: argparse.Namespace, built: Any) -> int:
-    """After Ctrl-C in ``vlzoo fit``: mark the run KILLED and say what was saved - nothing, and
-    how to checkpoint more often, or the last checkpoint and the command that continues it."""
-    import shlex
-
-    import torch
-
-    trainer = built.trainer
-    if built.run_id and trainer.is_global_zero:
-        try:  # Lightning marked it FAILED; the user stopped it
-            built.logger.experiment.set_terminated(built.run_id, "KILLED")
-        except Exception:  # noqa: BLE001 - a lost tracking server must not hide the message below
-            pass
-    last = built.checkpoint_dir / "last.ckpt"
-    if last.is_file():
-        step = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("global_step")
-        again = ["vlzoo", "fit", *([args.recipe] if args.recipe else []), *args.overrides,
-                 "--output-dir", str(args.output_dir), *(["--tracking-uri", args.tracking_uri] if args.tracking_uri else []),
-                 "--resume-from", str(last)]
-        told = (f"the last checkpoint is {last} (step {step}); continue the run with: {shlex.join(again)}"
-                " (or `--resume` for the latest run of this recipe)")
-    else:
-        interval = trainer.val_check_interval
-        when = (f"every {interval} training batches (trainer.val_check_interval)"
-                if isinstance(interval, int) else "when validation runs (trainer.val_check_interval)")
-        told = (f"no checkpoint had been written yet, so nothing was saved. Checkpoints are written {when}; to save "
-                "more often, also refresh last.ckpt every N optimizer steps with checkpoint.every_n_train_steps=N "
-                "(docs/faults.md)")
-    print(f"vlzoo fit: interrupted (Ctrl-C) at global step {trainer.global_step}; {told}", file=sys.stderr)
-    return EXIT_INTERRUPTED
-
-
-def _raise_if_interval_too_long(trainer: Any, recipe: Any, err: BaseException) -> None:
-    """Lightning refuses a ``val_check_interval`` longer than an epoch when validation is also
-    counted in epochs (``check_val_every_n_epoch`` set): said with the keys and the epoch length
-    of one process instead of its traceback."""
-    interval, every = trainer.val_check_interval, trainer.check_val_every_n_epoch
-    batches = getattr(trainer.fit_loop, "max_batches", None)
-    if not (isinstance(interval, int) and every is not None and isinstance(batches, int) and interval > batches):
-        return
-    raise RecipeError(
-        f"recipe key trainer.val_check_interval ({interval}, set in {recipe.source('trainer.val_check_interval')}) "
-        f"is longer than an epoch: each of the {trainer.world_size} process(es) gets {batches} training batches per "
-        f"epoch, and trainer.check_val_every_n_epoch ({every}, set in {recipe.source('trainer.check_val_every_n_epoch')}) "
-        "makes Lightning count the interval inside each epoch. Leave check_val_every_n_epoch out (or set it to null) "
-        f"to validate every {interval} batches across epochs, or set trainer.val_check_interval to at most {batches}."
-    ) from err
 
 
 def _checkpoint_weights(path: str | Path) -> tuple[dict[str, tuple[int, ...]], Any]:
@@ -558,33 +501,6 @@ def _one_paragraph(text: str) -> str:
     return "\n".join(line for line in lines if line.strip())
 
 
-def _unknown_arguments(parser: argparse.ArgumentParser, verb: str, unknown: Sequence[str]) -> None:
-    """Exit 2 naming the first unknown option of ``vlzoo VERB`` and the nearest one it has (an
-    unknown ``--flag`` is never taken for an override)."""
-    import difflib
-
-    verb_parser = parser.verb_parsers[verb]  # type: ignore[attr-defined]
-    options = sorted({o for action in verb_parser._actions for o in action.option_strings
-                      if o.startswith("--") and action.help != argparse.SUPPRESS})
-    flag = next((a for a in unknown if a.startswith("-")), None)
-    if flag is None:
-        verb_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    name = flag.split("=", 1)[0]
-    # what another verb calls it: `fit` continues from a checkpoint with --resume-from
-    aliases = {"--checkpoint": "--resume-from"} if verb == "fit" else {}
-    candidates = [o for o in options if o != "--help"] + list(aliases)
-    near = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    if not near:  # --ckpt -> --checkpoint: an abbreviation scores low on the ratio, but is a subsequence
-        near = [o for o in candidates if _subsequence(name.lstrip("-"), o.lstrip("-"))][:1]
-    hint = f" Did you mean {aliases.get(near[0], near[0])}?" if near else ""
-    verb_parser.error(f"unknown option {name}.{hint} The options of `vlzoo {verb}` are: {', '.join(options)}")
-
-
-def _subsequence(short: str, long: str) -> bool:
-    chars = iter(long)
-    return bool(short) and all(c in chars for c in short)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status: 0 ok, 2 a mistake in the command, a recipe,
     a study file, the data or a checkpoint (one paragraph on stderr, no traceback unless
@@ -594,14 +510,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # overrides may also come after options (`fit r.yaml --resume trainer.max_epochs=2`)
     unknown = [a for a in rest if a.startswith("-") or not hasattr(args, "overrides")]
     if unknown:
-        _unknown_arguments(parser, args.verb, unknown)
+        unknown_arguments(parser, args.verb, unknown)
     if rest:
         args.overrides = list(args.overrides) + rest
     commands = {"print": _cmd_print, "check": _cmd_check, "recipes": _cmd_recipes, "study": _cmd_study}
     command = commands.get(args.verb, _cmd_run)
     try:
         return command(args)
-    except KeyboardInterrupt:  # Ctrl-C outside Lightning's loops (inside fit, see _interrupted)
+    except KeyboardInterrupt:  # Ctrl-C outside Lightning's loops (inside fit: _cli_support.report_interrupt)
         said = ("; finished cells are kept, run the same command again to run the others" if args.verb == "study"
                 else " before training or evaluation started; nothing was saved")
         print(f"vlzoo {args.verb}: interrupted (Ctrl-C){said}", file=sys.stderr)
