@@ -15,14 +15,18 @@ target's signature has it - at every depth of the slot's node):
    ``input_size``), ``seed`` (the recipe's), ``keep_raw_images`` (when asked for overlays).
 6. ``logger`` (an MLflow logger when the slot is absent, see :mod:`vlzoo.runs`).
 7. ``trainer`` (``lightning.Trainer()`` when absent) <- ``logger``, ``default_root_dir``,
+   ``check_val_every_n_epoch: None`` when ``val_check_interval`` is a whole number of batches
+   (validation by step across epochs, :func:`step_based_validation`),
    ``enable_progress_bar`` (off when ``CI`` is set or stdout is not a terminal), ``plugins``
    (:class:`~vlzoo.runs.AtomicCheckpointIO`: checkpoints are renamed into place) and
    ``callbacks``: the recipe's own plus a :class:`~lightning.pytorch.callbacks.ModelCheckpoint`
    (last + best; also every ``checkpoint.every_n_train_steps`` steps),
    :class:`~vlzoo.runs.RecipeInCheckpoint`, :class:`~vlzoo.runs.RandomStateInCheckpoint`,
-   :class:`~vlzoo.runs.FiniteCheckpoints`, :class:`~vlzoo.runs.RunLogging` and
-   :class:`~vlzoo.runs.ParameterCount`.  Before anything is built, an MLflow tracking store that
-   cannot be reached fails (:func:`~vlzoo.runs.preflight_tracking`).
+   :class:`~vlzoo.runs.FiniteCheckpoints`, :class:`~vlzoo.runs.RunLogging`,
+   :class:`~vlzoo.runs.ParameterCount` and, without a progress bar,
+   :class:`~vlzoo.terminal.ValidationLine` (a line per validation).  Before anything is
+   built, an MLflow tracking store that cannot be reached fails
+   (:func:`~vlzoo.runs.preflight_tracking`).
 
 Only ``paradigm`` is needed to build a model; ``fit``/``validate``/``test``/``predict`` also
 need ``data``.  Every other slot may be absent.
@@ -33,7 +37,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,8 +58,9 @@ from vlzoo.runs import (
     periodic_checkpoint,
     preflight_tracking,
 )
+from vlzoo.terminal import ValidationLine, quiet_third_party
 
-__all__ = ["Built", "build", "as_recipe", "progress_bar_wanted", "BACKBONE_ATTRIBUTES"]
+__all__ = ["Built", "build", "as_recipe", "progress_bar_wanted", "step_based_validation", "BACKBONE_ATTRIBUTES"]
 
 #: Backbone attributes injected into the paradigm's nodes by parameter name.
 BACKBONE_ATTRIBUTES: tuple[str, ...] = ("hidden_size", "vision_dim", "feature_grid", "input_size")
@@ -137,6 +142,7 @@ def build(
     run_id: str | None = None,
     keep_raw_images: bool | None = None,
     extra_callbacks: Sequence[Callback] = (),
+    check_model: Callable[[Built], None] | None = None,
 ) -> Built:
     """Validate a recipe, then build its slots in order (see the module docstring).
 
@@ -153,6 +159,8 @@ def build(
         run_id: continue this MLflow run (``fit --resume``).
         keep_raw_images: ask the datamodule to keep raw uint8 images (for overlays).
         extra_callbacks: more Lightning callbacks for the trainer.
+        check_model: called with the model and data built, before the logger opens a run: a
+            refusal it raises (say, a checkpoint that does not fit the model) leaves no run.
     """
     recipe = as_recipe(recipe, overrides=overrides, allow_targets=allow_targets)
     validate(recipe)
@@ -199,6 +207,8 @@ def build(
         if keep_raw_images is not None and hasattr(built.datamodule, "keep_raw_images"):
             built.datamodule.keep_raw_images = keep_raw_images
 
+    if check_model is not None:
+        check_model(built)
     if with_trainer:
         if with_logger:
             built.logger = make_logger(recipe, output_dir=output_dir, tracking_uri=tracking_uri, run_id=run_id)
@@ -276,17 +286,35 @@ def _periodic_checkpoints(recipe: Recipe, folder: Path) -> list[Callback]:
     return [periodic_checkpoint(folder, every)]
 
 
+def step_based_validation(node: dict[str, Any]) -> dict[str, Any]:
+    """A trainer node whose ``val_check_interval`` is a whole number of batches validates every
+    that many batches counted across epochs (``check_val_every_n_epoch: None``), unless the
+    recipe sets ``check_val_every_n_epoch`` itself.
+
+    Lightning otherwise counts the interval inside each epoch and refuses one longer than an
+    epoch - which a step-based recipe meets as soon as its epoch is split over more processes
+    (``trainer.devices=2``) or its dataset is made smaller."""
+    interval = node.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool) and "check_val_every_n_epoch" not in node:
+        node = {**node, "check_val_every_n_epoch": None}
+    return node
+
+
 def _make_trainer(
     recipe: Recipe, built: Built, *, output_dir: str | Path, extra_callbacks: Sequence[Callback]
 ) -> L.Trainer:
-    node = dict(recipe.slot("trainer") or {"_target_": "lightning.Trainer"})
+    node = step_based_validation(dict(recipe.slot("trainer") or {"_target_": "lightning.Trainer"}))
     allow = recipe.allowed_prefixes
     recipe_callbacks = instantiate(node.pop("callbacks", None) or [], allow=allow, key="trainer.callbacks")
     run_folder = built.run_id or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     built.checkpoint_dir = (Path(output_dir) / "checkpoints" / run_folder).resolve()
+    best = _checkpoint_callback(recipe, built, built.checkpoint_dir)
+    quiet_third_party()  # before Trainer(): it prints a tip about a cloud logger
     built.callbacks = [
         *recipe_callbacks,
-        _checkpoint_callback(recipe, built, built.checkpoint_dir),
+        best,
+        # without a progress bar, a line per validation: the step and the primary metric
+        *([] if progress_bar_wanted() else [ValidationLine(best.monitor)]),
         *_periodic_checkpoints(recipe, built.checkpoint_dir),
         RecipeInCheckpoint(recipe),
         RandomStateInCheckpoint(),

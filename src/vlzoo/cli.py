@@ -29,6 +29,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vlzoo._cli_support import (
+    EXIT_INTERRUPTED,
+    check_split,
+    raise_if_interval_too_long,
+    report_interrupt,
+    unknown_arguments,
+)
 from vlzoo.config import (
     RecipeError,
     find_recipe,
@@ -60,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         "recipes": "list the shipped recipes",
         "study": "run a head-to-head study (recipes/studies/*.yaml) and write its report",
     }
+    parser.verb_parsers = sub.choices  # type: ignore[attr-defined]  # for the unknown-option hint
     for verb, text in helps.items():
         p = sub.add_parser(verb, help=text, description=text)
         p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -205,6 +213,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     weights = _checkpoint_weights(ckpt_path) if ckpt_path is not None else None
     if run_id is not None:
         _check_run_in_store(run_id, tracking_uri, ckpt_path)
+    check_split(recipe, args.verb)
     extra = []
     writer = None
     if args.verb == "predict":
@@ -220,19 +229,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run_id=run_id,
         keep_raw_images=True if getattr(args, "overlays", None) else None,
         extra_callbacks=extra,
+        # a checkpoint that does not fit the model is refused before the logger opens a run
+        check_model=None if weights is None else lambda b: _check_weights_fit(
+            weights, b.model, ckpt_path, recipe, resuming=args.verb == "fit"),
     )
     trainer, model, data = built.trainer, built.model, built.datamodule
-    if weights is not None:
-        try:
-            _check_weights_fit(weights, model, ckpt_path, recipe, resuming=args.verb == "fit")
-        except RecipeError:
-            if run_id is None and built.logger is not None:
-                built.logger.finalize("failed")  # the run this command opened; a resumed run stays as it was
-            raise
     ckpt = str(ckpt_path) if ckpt_path is not None else None
     if args.verb == "fit":
         try:
             trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
+        except ValueError as err:
+            raise_if_interval_too_long(trainer, recipe, err)
+            raise
+        except SystemExit:
+            if not trainer.interrupted:
+                raise
+            return report_interrupt(args, built)  # Lightning turned Ctrl-C into SystemExit(1)
         except FloatingPointError as err:  # the loss or the weights became NaN/inf (paradigms/base.py, runs.py)
             if args.debug:
                 raise
@@ -246,10 +258,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"vlzoo fit: training stopped: {err}\n{kept}\n(run again with --debug for the full traceback)",
                   file=sys.stderr)
             return 1
-    elif args.verb == "validate":
-        trainer.validate(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
-    elif args.verb == "test":
-        trainer.test(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    elif args.verb in ("validate", "test"):
+        evaluate = trainer.validate if args.verb == "validate" else trainer.test
+        # Lightning's own table lists every split's figures under every dataloader: one column per split
+        results = evaluate(model, datamodule=data, ckpt_path=ckpt, weights_only=True, verbose=False)
+        if trainer.is_global_zero:
+            from vlzoo.terminal import evaluation_table
+
+            stage = "val" if args.verb == "validate" else "test"
+            names = list(getattr(data, f"{stage}_names", None) or []) or [
+                stage if i == 0 else f"{stage}{i}" for i in range(len(results))]  # as paradigms/base.py names them
+            sys.stdout.write(evaluation_table(results, names, stage))
     else:
         trainer.predict(model, datamodule=data, ckpt_path=ckpt, weights_only=True, return_predictions=False)
         print(f"vlzoo: wrote {len(writer.records)} records to {writer.output}"
@@ -500,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # overrides may also come after options (`fit r.yaml --resume trainer.max_epochs=2`)
     unknown = [a for a in rest if a.startswith("-") or not hasattr(args, "overrides")]
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        unknown_arguments(parser, args.verb, unknown)
     if rest:
         args.overrides = list(args.overrides) + rest
     commands = {"print": _cmd_print, "check": _cmd_check, "recipes": _cmd_recipes, "study": _cmd_study}
@@ -510,6 +529,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = commands.get(args.verb, _cmd_run)
     try:
         return command(args)
+    except KeyboardInterrupt:  # Ctrl-C outside Lightning's loops (inside fit: _cli_support.report_interrupt)
+        said = ("; finished cells are kept, run the same command again to run the others" if args.verb == "study"
+                else " before training or evaluation started; nothing was saved")
+        print(f"vlzoo {args.verb}: interrupted (Ctrl-C){said}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # output piped into e.g. `head`, which stopped reading: not an error of ours
         sys.stderr.close()

@@ -453,6 +453,23 @@ def _slot_file(slot: str, name: str, roots: Sequence[Path]) -> Path:
     )
 
 
+def _parse_override_value(key: str, raw: str, text: str) -> Any:
+    """The YAML value of an override; when it is not valid YAML, the message names the override
+    and shows how to pass the value as text (quoted for YAML, inside quotes for the shell)."""
+    try:
+        return yaml.load(raw, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        mark = getattr(err, "problem_mark", None)
+        at = f" at character {mark.column + 1}" if mark is not None and mark.line == 0 else ""
+        quoted = '"' + raw.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        raise RecipeError(
+            f"override {text}: the value is not valid YAML ({problem}{at}). The value of an override is read as "
+            "YAML, where { } [ ] , : # and quotes have a meaning; to pass it as text, quote it for YAML and the "
+            f"whole override for the shell: '{key}={quoted}'"
+        ) from None
+
+
 def apply_overrides(
     layer_data: dict[str, Any],
     sources: dict[str, str],
@@ -482,7 +499,7 @@ def apply_overrides(
         layer.data[slot] = node.data
         layer.prov.update({(slot,) + p: s for p, s in node.prov.items()})
     for key, raw, text in values:
-        value = _parse_yaml(raw, f"override {text}") if raw.strip() else ""
+        value = _parse_override_value(key, raw, text) if raw.strip() else ""
         path = tuple(key.split("."))
         node: Any = layer.data
         for depth, part in enumerate(path[:-1]):
@@ -806,6 +823,7 @@ def validate(recipe: Recipe, *, injectable: Mapping[str, Collection[str]] | None
             raise RecipeError(f"recipe key {slot} (set in {recipe.source(slot)}) has no _target_")
         for path, sub in _iter_nodes(node, (slot,)):
             _validate_node(recipe, path, sub, prefixes, frozenset(injectable.get(slot, ())))
+    _check_data_counts(recipe)
     seed = recipe.data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RecipeError(f"recipe key seed (set in {recipe.source('seed')}) must be an integer, got {seed!r}")
@@ -826,6 +844,37 @@ def _check_arguments(recipe: Recipe, node: Any, path: _Path) -> None:
     elif isinstance(node, list):
         for i, value in enumerate(node):
             _check_arguments(recipe, value, path + (i,))
+
+
+#: counts in the data slot (at any depth) and the smallest value each may take
+DATA_COUNTS: dict[str, tuple[int, str]] = {
+    "size": (1, "the number of samples of the split; to run without it, leave the split out: {split}=null"),
+    "batch_size": (1, "samples per training batch"),
+    "eval_batch_size": (1, "samples per evaluation batch"),
+    "num_workers": (0, "dataloader worker processes (0: load in the main process)"),
+}
+
+
+def _check_data_counts(recipe: Recipe) -> None:
+    """Sizes, batch sizes and worker counts of the ``data`` slot are checked before anything is
+    built: a negative or zero size would otherwise surface as a traceback from the dataloader, or
+    as a split that seems to be missing."""
+    node = recipe.data.get("data")
+    if not isinstance(node, Mapping):
+        return
+    for path, sub in _iter_nodes(node, ("data",)):
+        for name, (least, meaning) in DATA_COUNTS.items():
+            value = sub.get(name)
+            if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue  # a wrong type is reported by the signature check, with the type expected
+            key = f"{_dotted(path)}.{name}"
+            split = _dotted(path) if len(path) > 1 else "data.<split>"
+            raise RecipeError(
+                f"recipe key {key} (set in {recipe.source(key)}) must be at least {least}, got {value}: "
+                f"{meaning.format(split=split)}. Override it: {key}=<integer >= {least}>"
+            )
 
 
 def _validate_node(

@@ -416,14 +416,19 @@ class VLDataModule(L.LightningDataModule):
             drop_last=False,
         )
 
+    @staticmethod
+    def missing_split(split: str) -> DataError:
+        """The error for a ``split`` (``train``, ``val``, ``test``, ``predict``) the recipe does not give."""
+        shapes_split = split if split in ("train", "val") else "test"
+        example = f"{{_target_: vlzoo.data.ShapesDataset, split: {shapes_split}, size: 16}}"
+        return DataError(
+            f"the recipe's data slot has no '{split}' dataset (key data.{split}); add one to the recipe "
+            f"or on the command line, e.g. 'data.{split}={example}'"
+        )
+
     def _need(self, dataset: Any, split: str) -> Any:
         if not dataset:
-            shapes_split = split if split in ("train", "val") else "test"
-            example = f"{{_target_: vlzoo.data.ShapesDataset, split: {shapes_split}, size: 16}}"
-            raise DataError(
-                f"the recipe's data slot has no '{split}' dataset (key data.{split}); add one to the recipe "
-                f"or on the command line, e.g. 'data.{split}={example}'"
-            )
+            raise self.missing_split(split)
         return dataset
 
     def train_dataloader(self) -> DataLoader:

@@ -12,15 +12,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -344,6 +346,8 @@ class StudyRun:
         threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
+        progress = _Progress(total=len(self.cells), done=len(self.cells) - len(todo), to_run=len(todo))
+
         def launch(cell: Cell) -> int:
             log(f"  cell {cell.index} [{cell.key}] started")
             with open(logs / f"cell-{cell.index:03d}.log", "w") as fh:
@@ -351,7 +355,7 @@ class StudyRun:
                     self._cell_command(cell), stdout=fh, stderr=subprocess.STDOUT, check=False, env=env
                 )
             state = "finished" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {fh.name})"
-            log(f"  cell {cell.index} [{cell.key}] {state}")
+            log(f"  cell {cell.index} [{cell.key}] {state}; {progress.step()}")
             return proc.returncode
 
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -359,13 +363,55 @@ class StudyRun:
         return {"cells": len(self.cells), "ran": len(todo), "failed": sum(1 for c in codes if c != 0)}
 
     def report(self) -> Path:
-        return build_report(
-            study=self.spec.name,
-            tracking_uri=self.tracking_uri,
-            out_dir=self.output_dir / "report",
-            experiment_name=self.experiment_name,
-            primary=self.spec.primary,
-        )
+        # the report downloads every cell's artifacts: MLflow would draw a progress bar for each
+        with _environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+            return build_report(
+                study=self.spec.name,
+                tracking_uri=self.tracking_uri,
+                out_dir=self.output_dir / "report",
+                experiment_name=self.experiment_name,
+                primary=self.spec.primary,
+            )
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _Progress:
+    """``"3/8 cells done, 4m10s so far, about 6m50s left"``: the cells done of the study's
+    total, and the time left at the pace of the cells this invocation ran (thread-safe: cells
+    finish in parallel with ``--jobs``)."""
+
+    def __init__(self, *, total: int, done: int, to_run: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.done, self.left, self.clock = total, done, to_run, clock
+        self.ran = 0
+        self.start = clock()
+        self.lock = threading.Lock()
+
+    def step(self) -> str:
+        with self.lock:
+            self.done, self.ran, self.left = self.done + 1, self.ran + 1, self.left - 1
+            elapsed = self.clock() - self.start
+            eta = f"about {_duration(elapsed / self.ran * self.left)} left" if self.left > 0 else "none left"
+            return f"{self.done}/{self.total} cells done, {_duration(elapsed)} so far, {eta}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def run_study(

@@ -124,6 +124,8 @@ class ShapesDataset(Dataset):
             )
         if not 0.0 <= occlusion < 1.0:
             raise ValueError(f"ShapesDataset: occlusion must be in [0, 1), got {occlusion}")
+        if isinstance(size, bool) or int(size) < 1:
+            raise ValueError(f"ShapesDataset: size must be at least 1 (the number of scenes), got {size!r}")
         if image_size < 16:
             raise ValueError(f"ShapesDataset: image_size must be >= 16, got {image_size}")
         self.split = split
