@@ -65,6 +65,22 @@ def shapes_vocabulary() -> list[str]:
     return sorted(words)
 
 
+def _word_level(vocab: dict[str, int], *, unk_token: str) -> Tokenizer:
+    """A word-level ``tokenizers`` core over ``vocab`` that splits as the Shapes tokenizer does:
+    lower-cased, words marked with a leading ``▁``, punctuation and digits on their own."""
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=unk_token))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return tok
+
+
 def shapes_tokenizer() -> PreTrainedTokenizerFast:
     """The Shapes word-level tokenizer as a ``transformers.PreTrainedTokenizerFast``.
 
@@ -76,16 +92,7 @@ def shapes_tokenizer() -> PreTrainedTokenizerFast:
     for w in shapes_vocabulary() + symbols:
         pieces += [w, "▁" + w]
     vocab = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
-            pre_tokenizers.Punctuation(behavior="isolated"),
-            pre_tokenizers.Digits(individual_digits=True),
-        ]
-    )
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok = _word_level(vocab, unk_token="<unk>")
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
@@ -145,16 +152,7 @@ def sized_tokenizer(
             piece = f"<unused_{counter}>"
             counter += 1
         vocab[piece] = index
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=unk_token))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
-            pre_tokenizers.Punctuation(behavior="isolated"),
-            pre_tokenizers.Digits(individual_digits=True),
-        ]
-    )
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok = _word_level(vocab, unk_token=unk_token)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token=unk_token,
