@@ -612,7 +612,7 @@ def test_an_unknown_option_without_a_near_one_lists_the_options(capsys: pytest.C
     with pytest.raises(SystemExit):
         main(["check", str(REC), "--frobnicate"])
     err = capsys.readouterr().err
-    assert "unknown option --frobnicate. The options of `vlzoo check` are: --allow-target, --debug, --help" in err
+    assert "unknown option --frobnicate. The options of `vlzoo check` are: --allow-target, --debug, --dry-run, --help, --memory" in err
 
 
 def test_shapes_dataset_refuses_an_empty_size() -> None:

@@ -292,9 +292,11 @@ def test_mask_decoder_learns_a_box_prompted_mask():
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-def _same_predictions(a, b, atol=1e-5):
+def _same_predictions(a, b, atol=1e-5, box_atol=1e-3):
+    # the same tokens exactly; boxes (pixels of a 64 px image) to float32 noise: with several
+    # threads a padded batch and a lone prompt reduce in different orders (seen: 2e-4 px)
     assert a.parsed == b.parsed and a.text == b.text
-    assert a.boxes.shape == b.boxes.shape and torch.allclose(a.boxes, b.boxes, atol=atol)
+    assert a.boxes.shape == b.boxes.shape and torch.allclose(a.boxes, b.boxes, atol=box_atol)
     assert torch.allclose(a.scores, b.scores, atol=atol)
 
 
