@@ -289,3 +289,25 @@ def test_config_built_llava_and_clip_refuse_both_or_neither_source(tmp_path: Pat
         ClipVisionEncoder(config={"model_type": "llama"})
     with pytest.raises(ValueError, match="image_mean needs 3 values"):
         ClipVisionEncoder(config=CLIP_VISION, image_mean=[0.5])
+
+
+def test_the_gpu_recipes_llava_and_clip_rebuild_from_their_exported_config() -> None:
+    """The configs ``vlzoo export`` writes for llava-hf/llava-1.5-7b-hf and the CLIP-L/336 tower
+    (built on the meta device from the shipped configs) rebuild the same architecture."""
+    from vlzoo.backbones import ClipVisionEncoder, LlavaBackbone
+    from vlzoo.backbones.shipped import dry_loading
+    from vlzoo.export import _llava_config, _normalisation, _vision_config
+
+    def shapes(module: torch.nn.Module) -> dict:
+        return {k: v.shape for k, v in module.state_dict().items()}
+
+    with dry_loading():
+        llava = LlavaBackbone(name_or_path="llava-hf/llava-1.5-7b-hf", dtype="bfloat16")
+        rebuilt = LlavaBackbone(config=_llava_config(llava, "backbone"), tokenizer="llava-hf/llava-1.5-7b-hf",
+                                dtype="bfloat16", **_normalisation(llava))
+        assert shapes(rebuilt) == shapes(llava) and rebuilt.data_config == llava.data_config
+        assert rebuilt.model.config.image_token_id == llava.model.config.image_token_id
+        tower = ClipVisionEncoder(name_or_path="openai/clip-vit-large-patch14-336")
+        again = ClipVisionEncoder(config=_vision_config(tower, "backbone.vision"), **_normalisation(tower))
+        assert shapes(again) == shapes(tower) and again.data_config == tower.data_config
+        assert again.input_size == 336 and again.stride == 14
