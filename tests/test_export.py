@@ -235,7 +235,8 @@ def test_llava_backbone_named_by_a_folder_is_exported_as_its_config(tmp_path: Pa
 
     pretrained = _llava_folder(tmp_path)
     backbone = {"_target_": "vlzoo.backbones.LlavaBackbone", "name_or_path": str(pretrained), "freeze_vision": True,
-                "freeze_lm": False, "checkpoint": None}
+                "freeze_lm": True, "checkpoint": None,  # as the GPU recipes: LoRA on a frozen LM
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
     ckpt = _fit(tmp_path, _recipe_with_backbone(tmp_path, "heatmap_rec", backbone, "heatmap_rec_llava"))
     from_folder = LlavaBackbone(name_or_path=str(pretrained))
     recipe = _check_round_trip(ckpt, pretrained, tmp_path / "export", "backbone")
@@ -244,7 +245,9 @@ def test_llava_backbone_named_by_a_folder_is_exported_as_its_config(tmp_path: Pa
     assert (node["image_mean"], node["image_std"]) == (FOLDER_MEAN, FOLDER_STD)
     # the heatmap paradigm added its tokens: the exported config has their embedding rows
     added = node["config"]["text_config"]["vocab_size"] - len(from_folder.tokenizer)
-    assert added == len(vlzoo.load(tmp_path / "export").special_token_ids)
+    exported = vlzoo.load(tmp_path / "export")
+    assert added == len(exported.special_token_ids)
+    assert any("lora_A" in k for k in exported.model.state_dict())  # the adapters came back with their weights
     # the config-built backbone is the loaded one's architecture (before the paradigm's tokens)
     config = copy.deepcopy(node["config"])
     config["text_config"]["vocab_size"] = len(from_folder.tokenizer)
