@@ -102,7 +102,7 @@ def _normalisation(module: Any) -> dict[str, list[float]]:
 def self_contained_recipe(recipe: Recipe, model: Any) -> tuple[dict[str, Any], dict[str, str], list[str]]:
     """``(recipe data, {key: path inside the export folder}, [what was changed])``: the recipe
     with its pretrained-loading paths neutralised (see the module doc).  ``model`` is the built
-    paradigm, whose language model's config replaces a ``name_or_path``."""
+    paradigm, whose loaded models' configs replace each ``name_or_path``."""
     data = copy.deepcopy(recipe.data)
     paths: dict[str, str] = {}
     changes: list[str] = []
