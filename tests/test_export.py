@@ -4,6 +4,7 @@ predictions and the special-token ids survive the round trip."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -130,3 +131,186 @@ def test_pretrained_language_model_is_exported_as_its_config(tmp_path: Path) -> 
     for key, value in built.model.state_dict().items():
         assert torch.equal(reloaded.model.state_dict()[key], value), key
     assert reloaded.special_token_ids == built.model.special_token_ids
+
+
+# --- pretrained vision towers and LLaVA backbones named by a folder ---------------------------------------
+#: a normalisation no default has, so the export must carry the folder's preprocessor_config.json
+FOLDER_MEAN, FOLDER_STD = [0.25, 0.5, 0.75], [0.2, 0.3, 0.4]
+CLIP_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "image_size": 64, "patch_size": 16}
+
+
+def _preprocessor(folder: Path) -> None:
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "CLIPImageProcessor", "image_mean": FOLDER_MEAN, "image_std": FOLDER_STD,
+         "crop_size": {"height": 64, "width": 64}, "size": {"shortest_edge": 64}}))
+
+
+def _clip_folder(root: Path) -> Path:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    folder = root / "clip"
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**CLIP_VISION)).save_pretrained(folder)
+    _preprocessor(folder)
+    return folder
+
+
+def _llava_folder(root: Path) -> Path:
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from vlzoo.data.tokenizer import shapes_tokenizer
+
+    folder = root / "llava"
+    tok = shapes_tokenizer()
+    tok.save_pretrained(folder)
+    config = LlavaConfig(
+        vision_config={"model_type": "clip_vision_model", **CLIP_VISION},
+        text_config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id,
+                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                     "max_position_embeddings": 256},
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=16,
+    )
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    _preprocessor(folder)
+    return folder
+
+
+def _recipe_with_backbone(root: Path, recipe: str, backbone: dict, name: str) -> Path:
+    data = load_recipe(RECIPES / "shapes" / f"{recipe}.yaml").data
+    data["backbone"] = backbone
+    data["name"] = name
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _fit(root: Path, recipe: Path) -> Path:
+    from support.trained import SMALL
+
+    out = root / "run"
+    assert main(["fit", str(recipe), *SMALL, "trainer.max_steps=1", "--output-dir", str(out)]) == 0
+    (ckpt,) = out.rglob("last.ckpt")
+    return ckpt
+
+
+def _rec_answers(model) -> list:
+    samples = ShapesDataset(split="test", size=2, image_size=64, tasks=["rec"])
+    return [model(s.image, s.targets.expressions[0], task="rec") for s in (samples[0], samples[1])]
+
+
+def _check_round_trip(ckpt: Path, folder_to_delete: Path, export_dir: Path, node: str) -> dict:
+    original = vlzoo.load(ckpt)
+    before = _rec_answers(original)
+    folder = export(ckpt, export_dir)
+    recipe = yaml.safe_load((folder / RECIPE_FILE).read_text())
+    shutil.rmtree(folder_to_delete)  # the pretrained folder is gone: the export alone must do
+    reloaded = vlzoo.load(folder)
+    after = _rec_answers(reloaded)
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
+    assert reloaded.special_token_ids == original.special_token_ids and reloaded.special_token_ids
+    tokenizer, own = reloaded.model.backbone.tokenizer, original.model.backbone.tokenizer
+    assert tokenizer.get_vocab() == own.get_vocab()
+    # the input frame of training: the folder's normalisation and the tower's input side
+    assert reloaded.model.backbone.data_config == original.model.backbone.data_config
+    assert list(reloaded.model.backbone.data_config["mean"]) == FOLDER_MEAN
+    for key, value in original.model.state_dict().items():
+        assert torch.equal(reloaded.model.state_dict()[key], value), key
+    manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
+    assert any(c.startswith(f"{node}.name_or_path") for c in manifest["changed"])
+    text = (folder / RECIPE_FILE).read_text()
+    assert str(folder_to_delete) not in text and "transformers_version" not in text
+    return recipe
+
+
+@pytest.mark.slow
+def test_llava_backbone_named_by_a_folder_is_exported_as_its_config(tmp_path: Path) -> None:
+    """A LlavaBackbone loaded from a folder (the GPU recipes' llava-hf/llava-1.5-7b-hf) exports its
+    config, tokenizer and normalisation; with the folder deleted the export answers the same."""
+    from vlzoo.backbones import LlavaBackbone
+
+    pretrained = _llava_folder(tmp_path)
+    backbone = {"_target_": "vlzoo.backbones.LlavaBackbone", "name_or_path": str(pretrained), "freeze_vision": True,
+                "freeze_lm": True, "checkpoint": None,  # as the GPU recipes: LoRA on a frozen LM
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
+    ckpt = _fit(tmp_path, _recipe_with_backbone(tmp_path, "heatmap_rec", backbone, "heatmap_rec_llava"))
+    from_folder = LlavaBackbone(name_or_path=str(pretrained))
+    recipe = _check_round_trip(ckpt, pretrained, tmp_path / "export", "backbone")
+    node = recipe["backbone"]
+    assert node["name_or_path"] is None and node["tokenizer"] == TOKENIZER_DIR and node["config"]["model_type"] == "llava"
+    assert (node["image_mean"], node["image_std"]) == (FOLDER_MEAN, FOLDER_STD)
+    # the heatmap paradigm added its tokens: the exported config has their embedding rows
+    added = node["config"]["text_config"]["vocab_size"] - len(from_folder.tokenizer)
+    exported = vlzoo.load(tmp_path / "export")
+    assert added == len(exported.special_token_ids)
+    assert any("lora_A" in k for k in exported.model.state_dict())  # the adapters came back with their weights
+    # the config-built backbone is the loaded one's architecture (before the paradigm's tokens)
+    config = copy.deepcopy(node["config"])
+    config["text_config"]["vocab_size"] = len(from_folder.tokenizer)
+    built = LlavaBackbone(config=config, tokenizer=str(tmp_path / "export" / TOKENIZER_DIR))
+    assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in from_folder.state_dict().items()}
+    assert built.feature_grid == from_folder.feature_grid and built.input_size == from_folder.input_size == 64
+
+
+@pytest.mark.slow
+def test_clip_vision_tower_named_by_a_folder_is_exported_as_its_config(tmp_path: Path) -> None:
+    """A MultimodalBackbone whose ClipVisionEncoder is loaded from a folder exports the tower's
+    config and normalisation; with the folder deleted the export answers the same."""
+    from vlzoo.backbones import ClipVisionEncoder
+
+    pretrained = _clip_folder(tmp_path)
+    backbone = copy.deepcopy(load_recipe(RECIPES / "shapes" / "pixel2emb_rec.yaml").data["backbone"])
+    backbone["vision"] = {"_target_": "vlzoo.backbones.ClipVisionEncoder", "name_or_path": str(pretrained),
+                          "select_layer": -2}
+    ckpt = _fit(tmp_path, _recipe_with_backbone(tmp_path, "pixel2emb_rec", backbone, "pixel2emb_rec_clip"))
+    from_folder = ClipVisionEncoder(name_or_path=str(pretrained))
+    recipe = _check_round_trip(ckpt, pretrained, tmp_path / "export", "backbone.vision")
+    node = recipe["backbone"]["vision"]
+    assert node["name_or_path"] is None and node["config"]["model_type"] == "clip_vision_model"
+    assert (node["image_mean"], node["image_std"]) == (FOLDER_MEAN, FOLDER_STD)
+    built = ClipVisionEncoder(config=node["config"], image_mean=node["image_mean"], image_std=node["image_std"])
+    assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in from_folder.state_dict().items()}
+    assert built.data_config == from_folder.data_config
+
+
+def test_config_built_llava_and_clip_refuse_both_or_neither_source(tmp_path: Path) -> None:
+    from vlzoo.backbones import ClipVisionEncoder, LlavaBackbone
+
+    with pytest.raises(ValueError, match="exactly one of name_or_path or config"):
+        LlavaBackbone()
+    with pytest.raises(ValueError, match="exactly one of name_or_path or config"):
+        LlavaBackbone(name_or_path="x", config={})
+    with pytest.raises(ValueError, match="config-built LlavaBackbone needs a tokenizer"):
+        LlavaBackbone(config={"model_type": "llava"})
+    with pytest.raises(ValueError, match="exactly one of name_or_path or config"):
+        ClipVisionEncoder()
+    with pytest.raises(ValueError, match="model_type 'clip_vision_model', not 'llama'"):
+        ClipVisionEncoder(config={"model_type": "llama"})
+    with pytest.raises(ValueError, match="image_mean needs 3 values"):
+        ClipVisionEncoder(config=CLIP_VISION, image_mean=[0.5])
+
+
+def test_the_gpu_recipes_llava_and_clip_rebuild_from_their_exported_config() -> None:
+    """The configs ``vlzoo export`` writes for llava-hf/llava-1.5-7b-hf and the CLIP-L/336 tower
+    (built on the meta device from the shipped configs) rebuild the same architecture."""
+    from vlzoo.backbones import ClipVisionEncoder, LlavaBackbone
+    from vlzoo.backbones.shipped import dry_loading
+    from vlzoo.export import _llava_config, _normalisation, _vision_config
+
+    def shapes(module: torch.nn.Module) -> dict:
+        return {k: v.shape for k, v in module.state_dict().items()}
+
+    with dry_loading():
+        llava = LlavaBackbone(name_or_path="llava-hf/llava-1.5-7b-hf", dtype="bfloat16")
+        rebuilt = LlavaBackbone(config=_llava_config(llava, "backbone"), tokenizer="llava-hf/llava-1.5-7b-hf",
+                                dtype="bfloat16", **_normalisation(llava))
+        assert shapes(rebuilt) == shapes(llava) and rebuilt.data_config == llava.data_config
+        assert rebuilt.model.config.image_token_id == llava.model.config.image_token_id
+        tower = ClipVisionEncoder(name_or_path="openai/clip-vit-large-patch14-336")
+        again = ClipVisionEncoder(config=_vision_config(tower, "backbone.vision"), **_normalisation(tower))
+        assert shapes(again) == shapes(tower) and again.data_config == tower.data_config
+        assert again.input_size == 336 and again.stride == 14

@@ -11,9 +11,10 @@ The folder holds::
 
 Self-contained means the recipe rebuilds the *architecture* only: every pretrained-loading path
 is neutralised - ``checkpoint`` files (a stage-0 backbone, another run's ``last.ckpt``, SAM
-weights) become ``null``, ``pretrained: true`` (timm) becomes ``false``, a language model named by
-``name_or_path`` becomes the ``config`` of the loaded model, and the tokenizer is the exported
-folder - and the full state dict is loaded over it.  :func:`vlzoo.load` and ``vlzoo infer`` read
+weights) become ``null``, ``pretrained: true`` (timm) becomes ``false``, a language model, CLIP vision tower or LLaVA
+backbone named by ``name_or_path`` becomes the ``config`` of the loaded model (a tower or LLaVA
+also keeps its loaded ``image_mean`` / ``image_std``, so images are read as in training), and the
+tokenizer is the exported folder - and the full state dict is loaded over it.  :func:`vlzoo.load` and ``vlzoo infer`` read
 the folder without the training run, MLflow or any file it came from.
 """
 
@@ -53,22 +54,55 @@ def _module_at(model: Any, key: str) -> Any:
     return node
 
 
-def _lm_config(module: Any, key: str) -> dict[str, Any]:
-    lm = getattr(module, "model", None)
-    config = getattr(lm, "config", None)
+def _scrubbed(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A transformers config dict without the keys that describe a saved file (also inside its
+    sub-configs: a LLaVA config's ``vision_config`` and ``text_config``)."""
+    return {k: _scrubbed(v) if isinstance(v, Mapping) else v for k, v in settings.items() if k not in _CONFIG_FILE_KEYS}
+
+
+def _built_config(built: Any, key: str, what: str) -> Any:
+    """The transformers config of ``built`` (a transformers model), or a clear error."""
+    config = getattr(built, "config", None)
     if config is None:
-        raise RecipeError(f"vlzoo export: recipe key {key} names a pretrained language model, but the built model has "
+        raise RecipeError(f"vlzoo export: recipe key {key} names a pretrained {what}, but the built model has "
                           "no transformers config there to rebuild it from")
-    settings = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_FILE_KEYS}
+    return config
+
+
+def _lm_config(module: Any, key: str) -> dict[str, Any]:
+    config = _built_config(getattr(module, "model", None), key, "language model")
+    settings = _scrubbed(config.to_dict())
     settings["model_type"] = config.model_type
-    settings["vocab_size"] = int(lm.get_input_embeddings().num_embeddings)
+    settings["vocab_size"] = int(module.model.get_input_embeddings().num_embeddings)
     return settings
+
+
+def _vision_config(module: Any, key: str) -> dict[str, Any]:
+    config = _built_config(getattr(module, "model", None), key, "vision tower")
+    settings = _scrubbed(config.to_dict())
+    settings["model_type"] = config.model_type
+    return settings
+
+
+def _llava_config(module: Any, key: str) -> dict[str, Any]:
+    config = _built_config(module._lm() if hasattr(module, "_lm") else None, key, "LLaVA model")
+    settings = _scrubbed(config.to_dict())
+    settings["model_type"] = config.model_type
+    # tokens added by the paradigm (or a stage-0 run) grew the embedding beyond the saved config
+    settings["text_config"]["vocab_size"] = int(module._vocab_rows())
+    return settings
+
+
+def _normalisation(module: Any) -> dict[str, list[float]]:
+    """The built module's input normalisation, so the export reads images as training did."""
+    frame = module.data_config
+    return {"image_mean": [float(v) for v in frame["mean"]], "image_std": [float(v) for v in frame["std"]]}
 
 
 def self_contained_recipe(recipe: Recipe, model: Any) -> tuple[dict[str, Any], dict[str, str], list[str]]:
     """``(recipe data, {key: path inside the export folder}, [what was changed])``: the recipe
     with its pretrained-loading paths neutralised (see the module doc).  ``model`` is the built
-    paradigm, whose language model's config replaces a ``name_or_path``."""
+    paradigm, whose loaded models' configs replace each ``name_or_path``."""
     data = copy.deepcopy(recipe.data)
     paths: dict[str, str] = {}
     changes: list[str] = []
@@ -97,11 +131,29 @@ def self_contained_recipe(recipe: Recipe, model: Any) -> tuple[dict[str, Any], d
                     node.pop("gguf_file", None)
                 node["tokenizer"] = TOKENIZER_DIR
                 paths[f"{key}.tokenizer"] = TOKENIZER_DIR
+            elif name == "ClipVisionEncoder":
+                if node.get("name_or_path") is not None:
+                    module = _module_at(model, key)
+                    node["config"] = _vision_config(module, key)
+                    node.update(_normalisation(module))
+                    changes.append(f"{key}.name_or_path: {node['name_or_path']} -> config and normalisation of the "
+                                   "loaded vision tower")
+                    node["name_or_path"] = None
+            elif name == "LlavaBackbone":
+                module = _module_at(model, key)
+                if node.get("name_or_path") is not None:
+                    node["config"] = _llava_config(module, key)
+                    node.update(_normalisation(module))
+                    changes.append(f"{key}.name_or_path: {node['name_or_path']} -> config and normalisation of the "
+                                   "loaded LLaVA model")
+                    node["name_or_path"] = None
+                node["tokenizer"] = TOKENIZER_DIR
+                paths[f"{key}.tokenizer"] = TOKENIZER_DIR
             elif isinstance(node.get("name_or_path"), str):
                 raise RecipeError(
                     f"vlzoo export: recipe key {key}.name_or_path ({node['name_or_path']}, a {name}) loads pretrained "
-                    "files that the export cannot rebuild from a config yet; only CausalLM language models, timm "
-                    "encoders and checkpoint files are made self-contained"
+                    "files that the export cannot rebuild from a config yet; only CausalLM language models, CLIP vision "
+                    "towers, LLaVA backbones, timm encoders and checkpoint files are made self-contained"
                 )
         for child_key, child in node.items():
             if child_key != "_target_":

@@ -8,28 +8,45 @@ placeholder into the image tokens with the same code and the same outputs as
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
 from vlzoo.backbones.multimodal import _SplicingBackbone
-from vlzoo.backbones.shipped import (
-    load_pretrained,
-    load_pretrained_tokenizer,
-    preprocessor_settings,
-    read_weights,
-)
-from vlzoo.backbones.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _dtype
+from vlzoo.backbones.shipped import load_pretrained, load_pretrained_tokenizer, read_weights
+from vlzoo.backbones.vision import _dtype, _normalisation
 
 __all__ = ["LlavaBackbone"]
+
+
+def _llava_config(settings: dict[str, Any]) -> Any:
+    """A ``transformers.LlavaConfig`` from a dict (its ``model_type``, if given, must be ``llava``;
+    ``vision_config`` / ``text_config`` are dicts with their own ``model_type``)."""
+    from transformers import LlavaConfig
+
+    settings = dict(settings)
+    model_type = settings.pop("model_type", LlavaConfig.model_type)
+    if model_type != LlavaConfig.model_type:
+        raise ValueError(f"a LlavaBackbone config has model_type {LlavaConfig.model_type!r}, not {model_type!r}")
+    return LlavaConfig(**settings)
 
 
 class LlavaBackbone(_SplicingBackbone):
     """A LLaVA folder behind the :class:`~vlzoo.backbones.MultimodalBackbone` interface.
 
     Args:
-        name_or_path: a ``LlavaForConditionalGeneration`` name or local folder with its tokenizer.
+        name_or_path: a ``LlavaForConditionalGeneration`` name or local folder with its tokenizer
+            (and its ``preprocessor_config.json``), e.g. ``llava-hf/llava-1.5-7b-hf``.
+        config: a ``LlavaConfig`` as a dict (``vision_config`` and ``text_config`` dicts,
+            ``image_token_id``, ``vision_feature_layer`` ...), to build the model untrained
+            instead - its weights then come from elsewhere (a ``vlzoo export``'s safetensors).
+        tokenizer: a tokenizer name or folder; ``None`` uses ``name_or_path``'s (a config-built
+            backbone needs one).
+        image_mean, image_std: the per-channel normalisation; ``None`` takes ``name_or_path``'s
+            ``preprocessor_config.json``, else OpenAI CLIP's.  The input side is the vision
+            config's ``image_size``.
         dtype: weight dtype name.
         attn_implementation: ``eager`` / ``sdpa`` / ...; ``None`` lets transformers choose.
         freeze_vision, freeze_projector, freeze_lm, train_new_embeddings, lora,
@@ -40,7 +57,11 @@ class LlavaBackbone(_SplicingBackbone):
     def __init__(
         self,
         *,
-        name_or_path: str = "llava-hf/llava-1.5-7b-hf",
+        name_or_path: str | None = None,
+        config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
         dtype: str = "float32",
         attn_implementation: str | None = None,
         freeze_vision: bool = True,
@@ -54,19 +75,27 @@ class LlavaBackbone(_SplicingBackbone):
         super().__init__()
         from transformers import LlavaForConditionalGeneration
 
+        if (name_or_path is None) == (config is None):
+            raise ValueError("LlavaBackbone needs exactly one of name_or_path or config")
+        if tokenizer is None and name_or_path is None:
+            raise ValueError("a config-built LlavaBackbone needs a tokenizer (a tokenizer name or folder)")
         self._init_state()
         extra: dict[str, Any] = {"dtype": _dtype(dtype)}
         if attn_implementation is not None:
             extra["attn_implementation"] = attn_implementation
-        self.model = load_pretrained(LlavaForConditionalGeneration, name_or_path, **extra)
-        self.tokenizer = load_pretrained_tokenizer(name_or_path)
+        if name_or_path is not None:
+            self.model = load_pretrained(LlavaForConditionalGeneration, name_or_path, **extra)
+        else:
+            self.model = LlavaForConditionalGeneration._from_config(_llava_config(config), **extra)
+        source = name_or_path if name_or_path is not None else "the LlavaBackbone config"
+        self.tokenizer = load_pretrained_tokenizer(tokenizer or name_or_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         config = self.model.config
         self.image_token_id = int(config.image_token_id)
         self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
         if self.image_token is None:
-            raise ValueError(f"{name_or_path}: the tokenizer has no token with the image id {self.image_token_id}")
+            raise ValueError(f"{source}: the tokenizer has no token with the image id {self.image_token_id}")
         self.feature_layer = config.vision_feature_layer
         self.select_strategy = config.vision_feature_select_strategy
         if not isinstance(self.feature_layer, int):
@@ -75,11 +104,7 @@ class LlavaBackbone(_SplicingBackbone):
         self._vision_dim = int(vision_config.hidden_size)
         self._stride = int(vision_config.patch_size)
         self._input_size = int(vision_config.image_size)
-        self._mean, self._std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        settings = preprocessor_settings(name_or_path)
-        if settings is not None:
-            self._mean = tuple(settings.get("image_mean", self._mean))
-            self._std = tuple(settings.get("image_std", self._std))
+        self._mean, self._std = _normalisation(name_or_path, image_mean, image_std, "LlavaBackbone")
         if checkpoint is not None and read_weights(checkpoint, "backbone checkpoint"):
             self._load_backbone(checkpoint)
         inner = self.model.model

@@ -10,6 +10,7 @@ side in pixels), ``feature_grid`` ``(h, w)`` and ``data_config`` (``mean``, ``st
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -169,7 +170,11 @@ class ClipVisionEncoder(_VisionEncoder):
     Args:
         name_or_path: a ``from_pretrained`` name or local folder (e.g.
             ``openai/clip-vit-large-patch14-336``).
-        config: a ``CLIPVisionConfig`` as a dict, to build an (untrained) tower instead.
+        config: a ``CLIPVisionConfig`` as a dict (``hidden_size``, ``num_hidden_layers``,
+            ``image_size``, ``patch_size`` ...), to build the tower untrained instead - its weights
+            then come from elsewhere (a ``vlzoo export``'s safetensors, a backbone checkpoint).
+        image_mean, image_std: the per-channel normalisation; ``None`` takes the folder's
+            ``preprocessor_config.json`` (``image_mean`` / ``image_std``), else OpenAI CLIP's.
         select_layer: which hidden state feeds the projector (LLaVA: ``-2``, the penultimate).
         select_feature: ``"patch"`` drops the CLS token, ``"cls_patch"`` keeps it in ``tokens``
             (the ``feature_map`` always holds patch tokens only).
@@ -181,12 +186,14 @@ class ClipVisionEncoder(_VisionEncoder):
         *,
         name_or_path: str | None = None,
         config: dict[str, Any] | None = None,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
         select_layer: int = -2,
         select_feature: str = "patch",
         dtype: str = "float32",
     ) -> None:
         super().__init__()
-        from transformers import CLIPVisionConfig, CLIPVisionModel
+        from transformers import CLIPVisionModel
 
         if (name_or_path is None) == (config is None):
             raise ValueError("ClipVisionEncoder needs exactly one of name_or_path or config")
@@ -196,18 +203,14 @@ class ClipVisionEncoder(_VisionEncoder):
         if name_or_path is not None:
             self.model = load_pretrained(CLIPVisionModel, name_or_path, dtype=torch_dtype)
         else:
-            self.model = CLIPVisionModel(CLIPVisionConfig(**config)).to(torch_dtype)
+            self.model = CLIPVisionModel._from_config(_clip_vision_config(config), dtype=torch_dtype)
         self.select_layer = select_layer
         self.select_feature = select_feature
         cfg = self.model.config
         self.dim = int(cfg.hidden_size)
         self.stride = int(cfg.patch_size)
         self.input_size = int(cfg.image_size)
-        self.mean, self.std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        pre = preprocessor_settings(name_or_path) if name_or_path is not None else None
-        if pre is not None:
-            self.mean = tuple(pre.get("image_mean", self.mean))
-            self.std = tuple(pre.get("image_std", self.std))
+        self.mean, self.std = _normalisation(name_or_path, image_mean, image_std, "ClipVisionEncoder")
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
@@ -322,6 +325,33 @@ def _resize_position_table(key: str, value: Tensor, shape: torch.Size) -> Tensor
         table = F.interpolate(value.T.unsqueeze(0), size=shape[0], mode="linear", align_corners=False)
         return table[0].T
     raise ValueError(f"cannot resize {key} from {tuple(value.shape)} to {tuple(shape)}")
+
+
+def _clip_vision_config(settings: dict[str, Any]) -> Any:
+    """A ``transformers.CLIPVisionConfig`` from a dict (its ``model_type``, if given, must be
+    ``clip_vision_model``)."""
+    from transformers import CLIPVisionConfig
+
+    settings = dict(settings)
+    model_type = settings.pop("model_type", CLIPVisionConfig.model_type)
+    if model_type != CLIPVisionConfig.model_type:
+        raise ValueError(f"a ClipVisionEncoder config has model_type {CLIPVisionConfig.model_type!r}, not {model_type!r}")
+    return CLIPVisionConfig(**settings)
+
+
+def _normalisation(
+    name_or_path: str | None, mean: Sequence[float] | None, std: Sequence[float] | None, what: str
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)``: the explicit values, else ``name_or_path``'s ``preprocessor_config.json``,
+    else OpenAI CLIP's."""
+    pre = (preprocessor_settings(name_or_path) if name_or_path is not None else None) or {}
+    out = []
+    for given, key, default in ((mean, "image_mean", OPENAI_CLIP_MEAN), (std, "image_std", OPENAI_CLIP_STD)):
+        values = tuple(float(v) for v in (given if given is not None else pre.get(key, default)))
+        if len(values) != 3:
+            raise ValueError(f"{what} {key} needs 3 values (one per RGB channel), got {list(values)}")
+        out.append(values)
+    return out[0], out[1]
 
 
 def _dtype(name: str) -> torch.dtype:
