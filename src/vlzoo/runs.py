@@ -25,12 +25,13 @@ Faults (docs/faults.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ __all__ = [
     "git_commit",
     "TrackingError",
     "check_tracking",
+    "temporary_environment",
     "preflight_tracking",
     "uses_mlflow",
     "ResilientMLFlowLogger",
@@ -461,10 +463,9 @@ def check_tracking(uri: str, *, timeout: int = 10) -> None:
     from mlflow.tracking import MlflowClient
 
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout))}
-    saved = {key: os.environ.get(key) for key in quick}
-    os.environ.update(quick)
     try:
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        with temporary_environment(**quick):
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure of the store means the run cannot be tracked
         raise TrackingError(
             f"MLflow tracking at {uri} cannot be used ({_first_line(err)}). Nothing was built or trained. "
@@ -472,6 +473,16 @@ def check_tracking(uri: str, *, timeout: int = 10) -> None:
             "fix the URI (--tracking-uri or the recipe's logger.tracking_uri), or leave both out to track in "
             "OUTPUT_DIR/mlflow.db."
         ) from err
+
+
+@contextlib.contextmanager
+def temporary_environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the ``with`` block, then restore what was there before
+    (MLflow reads its retry and progress-bar settings from the environment)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
     finally:
         for key, value in saved.items():
             if value is None:

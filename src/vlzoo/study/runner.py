@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -22,7 +21,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -364,7 +363,9 @@ class StudyRun:
 
     def report(self) -> Path:
         # the report downloads every cell's artifacts: MLflow would draw a progress bar for each
-        with _environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+        from vlzoo.runs import temporary_environment
+
+        with temporary_environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
             return build_report(
                 study=self.spec.name,
                 tracking_uri=self.tracking_uri,
@@ -372,20 +373,6 @@ class StudyRun:
                 experiment_name=self.experiment_name,
                 primary=self.spec.primary,
             )
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class _Progress:
