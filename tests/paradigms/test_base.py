@@ -142,3 +142,65 @@ def test_stage0_generation_same_with_and_without_cache_and_batched_as_alone():
         model.use_cache = True
         alone = [model.predict(collate([s]))[0].text for s in chosen]
     assert cached == full == alone and all(cached)
+
+
+class _LossesAndLogs(L.Callback):
+    """Records every step's training loss and what reaches the logger (step -> train/loss)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+class _RecordingLogger(L.pytorch.loggers.Logger):
+    name, version = "recording", "0"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[int, dict[str, float]] = {}
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.setdefault(int(step), {}).update({k: float(v) for k, v in metrics.items()})
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+class _MonitorTrainLoss(L.Callback):
+    monitor = "train/loss"
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if "train/loss" in trainer.callback_metrics:
+            self.seen.append(float(trainer.callback_metrics["train/loss"]))
+
+
+def test_training_losses_reach_the_logger_at_the_same_steps_with_the_same_values():
+    """The training losses are logged only on the steps a logger writes (issue 19): the logger
+    gets every log_every_n_steps-th step's own loss, as when every step was logged, and a
+    callback monitoring train/loss still sees every step's value."""
+    every = 3
+    bb = backbone()
+    model = LanguageModeling(backbone=bb, max_new_tokens=4)
+    record, logger, monitor = _LossesAndLogs(), _RecordingLogger(), _MonitorTrainLoss()
+    t = L.Trainer(accelerator="cpu", logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_steps=7,
+                  log_every_n_steps=every, callbacks=[record])
+    t.fit(model, datamodule=datamodule(bb))
+    logged = {step: row["train/loss"] for step, row in logger.rows.items() if "train/loss" in row}
+    assert sorted(logged) == [s for s in range(7) if (s + 1) % every == 0]
+    for step, value in logged.items():
+        assert value == pytest.approx(record.losses[step], abs=1e-6)
+        assert logger.rows[step]["train/loss_lm"] == pytest.approx(value, abs=1e-6)
+
+    bb = backbone()
+    model = LanguageModeling(backbone=bb, max_new_tokens=4)
+    t = L.Trainer(accelerator="cpu", logger=_RecordingLogger(), enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_steps=5,
+                  log_every_n_steps=every, callbacks=[record := _LossesAndLogs(), monitor])
+    t.fit(model, datamodule=datamodule(bb))
+    assert monitor.seen == pytest.approx(record.losses[:-1], abs=1e-6)  # each step's loss, read at the next

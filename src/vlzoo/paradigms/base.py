@@ -240,11 +240,39 @@ class BaseParadigm(L.LightningModule):
                 f"loss part(s) {bad or ['total']}; lower the learning rate or check the data. "
                 "The last good checkpoint is kept."
             )
-        bs = len(batch)
-        for k, v in parts.items():
-            self.log(f"train/loss_{k}", v.detach(), batch_size=bs)
-        self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
+        # logged in on_train_batch_end, on the steps a logger or the progress bar reads them
+        self._train_losses = ({k: v.detach() for k, v in parts.items()}, total.detach(), len(batch))
         return total
+
+    def on_train_start(self) -> None:
+        # a progress bar shows the loss every step, and a callback monitoring a train/ metric
+        # (ModelCheckpoint, EarlyStopping) reads it whenever it checks: then log every step
+        self._log_every_step = self.trainer.progress_bar_callback is not None or any(
+            str(getattr(cb, "monitor", None) or "").startswith("train/") for cb in self.trainer.callbacks
+        )
+
+    def _train_logs_due(self) -> bool:
+        """True when this step's training losses are read: Lightning's loggers write them
+        (every ``log_every_n_steps`` steps, and when training stops), or every step when a
+        progress bar or a callback monitoring a ``train/`` metric reads them.
+
+        ``self.log`` costs about a millisecond per call on CPU; logging only the steps that are
+        written keeps the logged values and their steps as before (issue 19)."""
+        if getattr(self, "_log_every_step", True) or self.trainer.fast_dev_run:
+            return True
+        connector = getattr(self.trainer, "_logger_connector", None)
+        due = getattr(connector, "should_update_logs", None)
+        return True if due is None else bool(due)  # an unknown Lightning: every step, as before
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        losses = getattr(self, "_train_losses", None)
+        self._train_losses = None
+        if losses is None or not self._train_logs_due():
+            return
+        parts, total, bs = losses
+        for k, v in parts.items():
+            self.log(f"train/loss_{k}", v, batch_size=bs)
+        self.log("train/loss", total, prog_bar=True, batch_size=bs)
 
     def _eval_step(self, stage: str, batch: Batch, dataloader_idx: int) -> list[Predictions]:
         split = self._split_name(stage, dataloader_idx)
