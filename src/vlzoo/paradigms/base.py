@@ -251,23 +251,30 @@ class BaseParadigm(L.LightningModule):
             str(getattr(cb, "monitor", None) or "").startswith("train/") for cb in self.trainer.callbacks
         )
 
-    def _train_logs_due(self) -> bool:
+    def _train_logs_due(self, batch_idx: int) -> bool:
         """True when this step's training losses are read: Lightning's loggers write them
-        (every ``log_every_n_steps`` steps, and when training stops), or every step when a
-        progress bar or a callback monitoring a ``train/`` metric reads them.
+        (every ``log_every_n_steps`` steps, and when training stops), on the last step of
+        training (so ``trainer.callback_metrics`` ends with the final losses), or every step when
+        a progress bar or a callback monitoring a ``train/`` metric reads them.
 
         ``self.log`` costs about a millisecond per call on CPU; logging only the steps that are
         written keeps the logged values and their steps as before (issue 19)."""
-        if getattr(self, "_log_every_step", True) or self.trainer.fast_dev_run:
+        trainer = self.trainer
+        if getattr(self, "_log_every_step", True) or trainer.fast_dev_run:
             return True
-        connector = getattr(self.trainer, "_logger_connector", None)
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            return True
+        last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+        if last_epoch and batch_idx + 1 >= trainer.num_training_batches:
+            return True
+        connector = getattr(trainer, "_logger_connector", None)
         due = getattr(connector, "should_update_logs", None)
         return True if due is None else bool(due)  # an unknown Lightning: every step, as before
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         losses = getattr(self, "_train_losses", None)
         self._train_losses = None
-        if losses is None or not self._train_logs_due():
+        if losses is None or not self._train_logs_due(batch_idx):
             return
         parts, total, bs = losses
         for k, v in parts.items():
