@@ -48,6 +48,7 @@ _PAIRS_RE = re.compile(
 _GROUP_RE = re.compile(r"\[([^\[\]]*)\]")
 _FENCE_RE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?(.*?)(?:```|$)", re.S)
 _BOX_KEYS = ("bbox_2d", "bbox", "box", "box_2d")
+_DECODER = json.JSONDecoder()
 #: a complete ``"bbox_2d": [a, b, c, d]`` inside text that is not valid JSON (a truncated list)
 _KEYED_BOX_RE = re.compile(
     r'"(?:' + "|".join(_BOX_KEYS) + rf')"\s*:\s*\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]'
@@ -91,11 +92,15 @@ def _token_boxes(text: str, codec: CoordinateCodec) -> ParsedAnswer | None:
     values = [int(v) for v in codec._pattern.findall(text)]
     if not values:
         return None
+    bad = sorted({v for v in values if not 0 <= v < codec.bins})
+    if bad:
+        return ParsedAnswer(form="tokens", fractions=True,
+                            failure=f"{codec.name} coordinate token(s) {bad[:5]} out of range 0..{codec.bins - 1}")
     per_box = 2 if isinstance(codec, Kosmos2Codec) else 4
     complete = len(values) - len(values) % per_box
     boxes: list[tuple[float, float, float, float]] = []
     for start in range(0, complete, per_box):
-        chunk = "".join(codec.token(v) if 0 <= v < codec.bins else f"<bad_{v}>" for v in values[start:start + per_box])
+        chunk = "".join(codec.token(v) for v in values[start:start + per_box])
         if isinstance(codec, Kosmos2Codec):
             chunk = f"{codec.OBJECT}{chunk}{codec.END}"
         try:
@@ -147,7 +152,7 @@ def _json_answer(text: str) -> tuple[ParsedAnswer | None, bool]:
     broken = False
     for candidate in _json_candidates(text):
         try:
-            value = json.loads(candidate)
+            value, _ = _DECODER.raw_decode(candidate)  # text after the JSON value is prose, not an error
         except ValueError:
             broken = True
             # not valid JSON: a truncated list still holds its complete "bbox_2d": [...] entries
