@@ -11,8 +11,8 @@ from vlzoo.data.shapes import ShapesDataset
 from vlzoo.paradigms.codecs import (
     CODECS,
     Kosmos2Codec,
-    Qwen25VLCodec,
     Qwen2VLCodec,
+    Qwen25VLCodec,
     ShikraCodec,
     make_codec,
 )

@@ -75,12 +75,13 @@ class ParsedAnswer:
         return bool(self.boxes)
 
 
-def codec_for_scoring(name: str) -> CoordinateCodec:
-    """The family codec used to read its tokens.  Florence-2 bins are read at their centres
-    without the post-processor's truncation to whole pixels (a fraction of the image has none)."""
-    if name == "florence2":
+def codec_for_scoring(name: str, *, bins: int | None = None) -> CoordinateCodec:
+    """The family codec used to read its tokens (``bins``: the bin count of the ``bins`` codec).
+    Florence-2 bins are read at their centres without the post-processor's truncation to whole
+    pixels (a fraction of the image has none)."""
+    if name == "florence2" and bins is None:
         return Florence2Codec(whole_pixels=False)
-    return make_codec(name)
+    return make_codec(name, bins=bins)
 
 
 # --------------------------------------------------------------------------------------------- tokens

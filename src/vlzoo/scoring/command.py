@@ -4,7 +4,7 @@
 
     vlzoo score ANSWERS.jsonl --recipe RECIPE|DATA_RECIPE --split val|test|SET --codec FAMILY
                 [--frame FRAME] [--min-pixels N] [--max-pixels N] [--factor N] [--square-size N]
-                [--json OUT.json] [overrides...]
+                [--bins N] [--json OUT.json] [overrides...]
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--factor", type=int, default=None, help="smart_resize factor (default 28)")
     p.add_argument("--square-size", type=int, default=None,
                    help="side pad_to_square is resized to (default: the padded side, not resized)")
+    p.add_argument("--bins", type=int, default=None, help="bins per axis of the 'bins' codec (default 64)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON here")
 
 
@@ -47,7 +48,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from vlzoo.data.errors import DataError
     from vlzoo.scoring.score import load_split, read_answers, reference_samples, score_answers
 
-    for name in ("min_pixels", "max_pixels", "factor", "square_size"):
+    for name in ("min_pixels", "max_pixels", "factor", "square_size", "bins"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise RecipeError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -57,7 +58,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     try:
         report = score_answers(answers, refs, codec=args.codec, frame=args.frame or FAMILY_FRAMES[args.codec],
                                answers_file=args.answers, split=f"{args.recipe} {key}", min_pixels=args.min_pixels,
-                               max_pixels=args.max_pixels, factor=args.factor, square_size=args.square_size)
+                               max_pixels=args.max_pixels, factor=args.factor, square_size=args.square_size,
+                               bins=args.bins)
     except (RecipeError, DataError):
         raise
     except ValueError as err:  # e.g. an image smart_resize refuses (aspect ratio above 200)

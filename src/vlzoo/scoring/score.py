@@ -341,10 +341,13 @@ def score_answers(
     max_pixels: int | None = None,
     factor: int | None = None,
     square_size: int | None = None,
+    bins: int | None = None,
     thresholds: Sequence[float] = (0.5, 0.75, 0.9),
 ) -> ScoreReport:
     """Score ``answers`` against ``refs`` read by ``codec`` in ``frame`` (default: the family's,
-    :data:`~vlzoo.data.frames.FAMILY_FRAMES`), with the every-frame diagnostic."""
+    :data:`~vlzoo.data.frames.FAMILY_FRAMES`), with the every-frame diagnostic.
+    ``min_pixels`` / ``max_pixels`` / ``factor`` set ``smart_resize``, ``square_size`` the side of
+    ``pad_to_square``, ``bins`` the bin count of the ``bins`` codec (default 64)."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; choose from {', '.join(CODECS)}")
     if not refs:
@@ -353,7 +356,7 @@ def score_answers(
     options = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels), ("factor", factor),
                                  ("square_size", square_size)) if v is not None}
     frames = {name: make_frame(name, **options) for name in dict.fromkeys([*FRAMES, frame])}
-    reader = codec_for_scoring(codec)
+    reader = codec_for_scoring(codec, bins=bins)
     matched = _match(answers, refs, answers_file)
     parsed = [parse_answer(a.text, reader) if a is not None else ParsedAnswer(failure="no answer")
               for a in matched]
