@@ -161,3 +161,46 @@ def test_vlzoo_predict_output_round_trips_through_score(tmp_path, capsys, monkey
         box = frame.fractions_to_original([parsed.boxes[0]], size)[0].tolist()
         x, y, w, h = record["bbox"]
         assert box == pytest.approx([x, y, x + w, y + h], abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def refer_recipe(tmp_path_factory):
+    """A REFER release written from Shapes scenes, and a data recipe reading its val split."""
+    from vlzoo.data.export import export_shapes_coco
+    from vlzoo.data.shapes import ShapesDataset
+
+    folder = tmp_path_factory.mktemp("refer")
+    paths = export_shapes_coco(ShapesDataset(split="val", size=6, num_objects=(2, 4)), folder / "release")
+    recipe = folder / "refer.yaml"
+    recipe.write_text(
+        "_target_: vlzoo.data.VLDataModule\n"
+        "val:\n  _target_: vlzoo.data.RefCocoDataset\n"
+        f"  refs_file: {paths['refs']}\n  instances_file: {paths['instances']}\n  image_dir: {paths['image_dir']}\n"
+        "  split: val\n  tasks: [rec]\n"
+    )
+    return recipe
+
+
+def test_refcoco_answers_keyed_by_sentence(tmp_path, capsys, refer_recipe):
+    from vlzoo.paradigms.codecs import Qwen2VLCodec
+    from vlzoo.scoring.score import load_split
+
+    dataset, _ = load_split(str(refer_recipe), "val")
+    refs = reference_samples(dataset)
+    assert all("sent_id" in r.ids and "ref_id" in r.ids for r in refs)
+    assert len({r.ids["image_id"] for r in refs}) < len(refs)  # several expressions per image
+    lines = [{"sent_id": r.ids["sent_id"], "ref_id": r.ids["ref_id"],
+              "text": Qwen2VLCodec().encode(r.target.boxes[:1], r.target.image_size)} for r in refs]
+    answers = _write(tmp_path / "answers.jsonl", lines)
+    out = tmp_path / "report.json"
+    argv = ["score", str(answers), "--recipe", str(refer_recipe), "--split", "val", "--codec", "qwen2vl"]
+    assert main([*argv, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["metrics"]["acc_0.5"] == 1.0
+    capsys.readouterr()
+    _write(answers, [*lines[:2], {"sent_id": 98765, "text": "(1,2),(3,4)"}])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{answers} line 3: sent_id 98765 is not a referring sample" in err
+    _write(answers, [{"image_id": refs[0].ids["image_id"], "text": "(1,2),(3,4)"}])
+    assert main(argv) == 2
+    assert "key the answers by sent_id" in capsys.readouterr().err
