@@ -103,7 +103,7 @@ def read_answers(path: str | Path) -> list[Answer]:
     path = Path(path)
     if not path.is_file():
         raise AnswersError(f"{path}: answers file not found; give a JSONL file of {{\"sent_id\" or \"image_id\", \"text\"}}")
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    raw = path.read_text(encoding="utf-8-sig", errors="replace")  # a byte-order mark is not an error
     records: list[tuple[int, Any]] = []
     where = "line"
     if raw.lstrip().startswith("["):  # vlzoo predict's record list
