@@ -13,6 +13,7 @@
     vlzoo infer CHECKPOINT|DIR IMAGE [EXPRESSION] [--task T] [--box x1,y1,x2,y2] [--overlay OUT]
     vlzoo export CHECKPOINT DIR
     vlzoo demo CHECKPOINT|DIR [...] [--port N]
+    vlzoo score ANSWERS.jsonl --recipe R --split S --codec FAMILY [--frame F] [--min-pixels N --max-pixels N]
 
 RECIPE is a file or a shipped recipe name (``vlzoo recipes``); with ``--checkpoint`` it may be
 left out and the checkpoint's own recipe is used.  Overrides are ``slot=name`` (swap a slot for
@@ -113,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     from vlzoo.use_commands import add_parsers
 
     add_parsers(sub)  # infer / export / demo (vlzoo.use_commands)
+    from vlzoo.scoring.command import add_parser as add_score_parser
+
+    add_score_parser(sub)  # score (vlzoo.scoring.command)
     return parser
 
 
@@ -526,6 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vlzoo.use_commands import COMMANDS as USE_COMMANDS
 
     commands.update(USE_COMMANDS)  # infer / export / demo
+    from vlzoo.scoring.command import COMMANDS as SCORE_COMMANDS
+
+    commands.update(SCORE_COMMANDS)  # score
     command = commands.get(args.verb, _cmd_run)
     try:
         return command(args)

@@ -5,7 +5,8 @@
 ``segmentation`` (COCO RLE with a text ``counts``) and ``keypoints`` (flat ``[x, y, v, ...]``)
 when predicted, ``task`` and ``text`` when known.  A sample without instances but with text
 (captions, REG, VQA or an unparsed answer) gets one record with ``image_id``, ``task``, ``text``
-and ``parsed``.
+and ``parsed``.  :class:`PredictionWriter` adds the sample's ``sent_id`` / ``ref_id`` (RefCOCO) to
+each record, so ``vlzoo score`` reads its output back.
 
 :func:`coco_results` gives the records of one COCO ``iou_type`` in COCO's result format (a
 ``bbox`` file, a ``segm`` file without ``bbox``, a ``keypoints`` file without ``bbox``):
@@ -35,8 +36,10 @@ from vlzoo.structures import Batch, Predictions, Targets
 from vlzoo.visualize import draw_overlay
 
 __all__ = ["encode_rle", "predictions_to_coco", "coco_results", "COCO_RESULT_TYPES", "TASK_RESULT_TYPE",
-           "PredictionWriter"]
+           "PredictionWriter", "SAMPLE_ID_KEYS"]
 
+#: Sample ids a dataset's ``meta`` may carry that every record of the sample repeats (RefCOCO's).
+SAMPLE_ID_KEYS = ("sent_id", "ref_id")
 #: The COCO ``iou_type`` s a result file can hold.
 COCO_RESULT_TYPES = ("bbox", "segm", "keypoints")
 #: The COCO result file each vlzoo task's predictions go to (``vlzoo predict``).
@@ -195,8 +198,11 @@ class PredictionWriter(Callback):
             )
         tasks = getattr(batch, "tasks", None) or [None] * len(outputs)
         targets = getattr(batch, "original_targets", None) or [None] * len(outputs)
+        metas = getattr(batch, "meta", None) or [{}] * len(outputs)
         for i, pred in enumerate(outputs):
-            self.records.extend(predictions_to_coco(pred, task=tasks[i]))
+            # the dataset's sentence / ref ids (RefCOCO), so `vlzoo score` can match the records
+            ids = {k: metas[i][k] for k in SAMPLE_ID_KEYS if metas[i].get(k) is not None}
+            self.records.extend({**record, **ids} for record in predictions_to_coco(pred, task=tasks[i]))
             category = _single_category(targets[i])
             types = self._result_types(tasks[i], pred)
             if types and pred.labels.numel() == 0 and category is None:

@@ -1,0 +1,206 @@
+"""`vlzoo score` end to end on tiny files: the report, the JSON, the warning, bad input named by
+file and line, and vlzoo predict's records read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vlzoo.cli import main
+from vlzoo.data.frames import make_frame
+from vlzoo.paradigms.codecs import Qwen25VLCodec
+from vlzoo.predictions import PredictionWriter
+from vlzoo.scoring.score import Reference, read_answers, reference_samples, score_answers
+from vlzoo.structures import Predictions, Targets
+
+SPLIT = ["--recipe", "shapes_rec", "--split", "val", "data.val.size=12"]
+
+
+def _truth_lines() -> list[dict]:
+    from vlzoo.scoring.score import load_split
+
+    dataset, _ = load_split("shapes_rec", "val", overrides=["data.val.size=12"])
+    frame, codec = make_frame("smart_resize"), Qwen25VLCodec()
+    lines = []
+    for ref in reference_samples(dataset):
+        size = ref.target.image_size
+        text = codec.encode(frame.from_original(ref.target.boxes[:1], size), frame.reference_size(size))
+        lines.append({"image_id": ref.ids["image_id"], "text": text})
+    return lines
+
+
+def _write(path: Path, lines: list) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def truth() -> list[dict]:
+    return _truth_lines()
+
+
+def test_score_prints_the_figures_and_writes_json(tmp_path, capsys, truth):
+    answers = _write(tmp_path / "answers.jsonl", truth)
+    out = tmp_path / "report.json"
+    assert main(["score", str(answers), *SPLIT, "--codec", "qwen2.5vl", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "frame smart_resize" in text and "acc_0.5 1.0000" in text and "WARNING" not in text
+    report = json.loads(out.read_text())
+    assert report["metrics"]["acc_0.5"] == 1.0 and report["samples"] == len(truth) and report["warnings"] == []
+    assert report["by_frame"]["smart_resize"]["acc_0.5"] == 1.0 and report["forms"] == {"pairs": len(truth)}
+
+
+def test_score_warns_when_another_frame_fits_far_better(tmp_path, capsys, truth):
+    answers = _write(tmp_path / "answers.jsonl", truth)
+    out = tmp_path / "report.json"
+    argv = ["score", str(answers), *SPLIT, "--codec", "qwen2.5vl", "--frame", "normalized_1000", "--json", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "WARNING: the answers fit frame 'smart_resize' far better than the declared 'normalized_1000'" in text
+    report = json.loads(out.read_text())
+    assert report["frame"] == "normalized_1000" and report["metrics"]["acc_0.5"] == 0.0  # never the best frame's
+    assert "far better" in report["warnings"][0]
+
+
+def test_limits_of_smart_resize_change_the_frame(tmp_path, capsys, truth):
+    # 64 px images: smart_resize gives 56 px with the default min_pixels, 84 px with min 84 * 84
+    answers = _write(tmp_path / "answers.jsonl", truth)
+    out = tmp_path / "report.json"
+    assert main(["score", str(answers), *SPLIT, "--codec", "qwen2.5vl", "--min-pixels", str(84 * 84),
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["metrics"]["miou"] < 0.9  # answers written at 56 px, read at 84 px
+
+
+@pytest.mark.parametrize("problem, lines, message", [
+    ("bad json", [None, "{not json"], "line 2: not valid JSON"),
+    ("unknown id", [None, None, {"image_id": 999, "text": "(1,2),(3,4)"}], "line 3: image_id 999 is not a referring sample"),
+    ("no text", [None, {"image_id": 1}], "line 2: no 'text'"),
+    ("no key", [{"text": "(1,2),(3,4)"}], "line 1: no 'sent_id' or 'image_id'"),
+    ("two answers", [None, {"image_id": 0, "text": "(9,9),(10,10)"}], "line 2: a second, different answer to image_id 0"),
+    ("sent ids on shapes", [{"sent_id": 4, "text": "(1,2),(3,4)"}], "keyed by sent_id, but this split's samples have none"),
+    ("not an object", ["[1, 2, 3]"], "record 1: a JSON object is expected"),
+])
+def test_bad_input_is_named_by_file_and_line(tmp_path, capsys, truth, problem, lines, message):
+    lines = [truth[0] if x is None else x for x in lines]
+    answers = _write(tmp_path / "answers.jsonl", lines)
+    assert main(["score", str(answers), *SPLIT, "--codec", "qwen2.5vl"]) == 2
+    err = capsys.readouterr().err
+    assert str(answers) in err and message in err and "Traceback" not in err
+
+
+def test_missing_file_bad_split_and_bad_option(tmp_path, capsys, truth):
+    assert main(["score", str(tmp_path / "nope.jsonl"), *SPLIT, "--codec", "qwen2vl"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nope.jsonl'}: answers file not found" in err
+    answers = _write(tmp_path / "answers.jsonl", truth)
+    assert main(["score", str(answers), "--recipe", "shapes_rec", "--split", "testA", "--codec", "qwen2vl"]) == 2
+    assert "--split testA" in capsys.readouterr().err
+    assert main(["score", str(answers), *SPLIT, "--codec", "qwen2vl", "--bins", "8"]) == 2
+    assert "'bins' applies to the 'bins' codec only" in capsys.readouterr().err
+    assert main(["score", str(answers), "--recipe", "no_such_recipe", "--codec", "qwen2vl"]) == 2
+    assert "neither a recipe nor a data recipe" in capsys.readouterr().err
+
+
+def test_predict_records_carry_sentence_ids_and_read_back(tmp_path):
+    """PredictionWriter's records of a RefCOCO-like batch carry sent_id / ref_id and score."""
+    writer = PredictionWriter(tmp_path / "predictions.json")
+    target = Targets(boxes=torch.tensor([[10.0, 10.0, 50.0, 40.0]]),
+                     image_id=7, image_size=(100, 200))
+    preds = [Predictions(boxes=target.boxes.clone(), text="<|box_start|>(50,100),(250,400)<|box_end|>", image_id=7),
+             Predictions(text="no idea", parsed=False, image_id=7)]
+    batch = SimpleNamespace(tasks=["rec", "rec"], original_targets=[target, target],
+                            meta=[{"sent_id": 11, "ref_id": 3}, {"sent_id": 12, "ref_id": 3}])
+    writer.on_predict_batch_end(None, None, preds, batch, 0)
+    writer.on_predict_end(None, None)
+    records = json.loads((tmp_path / "predictions.json").read_text())
+    assert [(r["sent_id"], r["ref_id"]) for r in records] == [(11, 3), (12, 3)]
+    answers = read_answers(tmp_path / "predictions.json")
+    assert [a.key for a in answers] == [("sent_id", 11), ("sent_id", 12)] and answers[0].place == "record 1"
+    refs = [Reference(ids={"image_id": 7, "sent_id": s, "ref_id": 3}, target=target) for s in (11, 12)]
+    report = score_answers(answers, refs, codec="qwen2vl", answers_file=str(tmp_path / "predictions.json"))
+    assert report.metrics["acc_0.5"] == 0.5 and report.parse_failures == 1
+    # several expressions of one image: an answer keyed by image_id would be ambiguous
+    by_image = tmp_path / "by_image.jsonl"
+    _write(by_image, [{"image_id": 7, "text": "(1,2),(3,4)"}])
+    with pytest.raises(ValueError, match="key the answers by sent_id"):
+        score_answers(read_answers(by_image), refs, codec="qwen2vl", answers_file=str(by_image))
+
+
+@pytest.mark.slow
+def test_vlzoo_predict_output_round_trips_through_score(tmp_path, capsys, monkeypatch):
+    """`vlzoo predict` on a tiny (untrained) pixel2seq recipe, then `vlzoo score` on its file: the
+    boxes vlzoo score reads from the text are the boxes predict wrote."""
+    monkeypatch.setenv("CI", "1")
+    predict_set = "data.predict={_target_: vlzoo.data.ShapesDataset, split: test, size: 6, tasks: [rec]}"
+    common = ["data.train.size=4", "data.val.size=4", predict_set]
+    output = tmp_path / "predictions.json"
+    assert main(["predict", "shapes/pixel2seq_rec", *common, "trainer=cpu", "--output-dir", str(tmp_path / "run"),
+                 "--output", str(output)]) == 0
+    capsys.readouterr()
+    report_file = tmp_path / "report.json"
+    assert main(["score", str(output), "--recipe", "shapes/pixel2seq_rec", "--split", "predict", *common,
+                 "--codec", "bins", "--bins", "32", "--json", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())
+    assert report["samples"] == 6 and report["answered"] == 6
+    records = json.loads(output.read_text())
+    from vlzoo.scoring.answers_parser import codec_for_scoring, parse_answer
+    from vlzoo.scoring.score import load_split
+
+    dataset, _ = load_split("shapes/pixel2seq_rec", "predict", overrides=common)
+    refs = {r.ids["image_id"]: r for r in reference_samples(dataset)}
+    frame = make_frame("pad_to_square")
+    for record in records:
+        parsed = parse_answer(record["text"], codec_for_scoring("bins", bins=32))
+        if not parsed.parsed or "bbox" not in record:
+            continue
+        size = refs[record["image_id"]].target.image_size
+        box = frame.fractions_to_original([parsed.boxes[0]], size)[0].tolist()
+        x, y, w, h = record["bbox"]
+        assert box == pytest.approx([x, y, x + w, y + h], abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def refer_recipe(tmp_path_factory):
+    """A REFER release written from Shapes scenes, and a data recipe reading its val split."""
+    from vlzoo.data.export import export_shapes_coco
+    from vlzoo.data.shapes import ShapesDataset
+
+    folder = tmp_path_factory.mktemp("refer")
+    paths = export_shapes_coco(ShapesDataset(split="val", size=6, num_objects=(2, 4)), folder / "release")
+    recipe = folder / "refer.yaml"
+    recipe.write_text(
+        "_target_: vlzoo.data.VLDataModule\n"
+        "val:\n  _target_: vlzoo.data.RefCocoDataset\n"
+        f"  refs_file: {paths['refs']}\n  instances_file: {paths['instances']}\n  image_dir: {paths['image_dir']}\n"
+        "  split: val\n  tasks: [rec]\n"
+    )
+    return recipe
+
+
+def test_refcoco_answers_keyed_by_sentence(tmp_path, capsys, refer_recipe):
+    from vlzoo.paradigms.codecs import Qwen2VLCodec
+    from vlzoo.scoring.score import load_split
+
+    dataset, _ = load_split(str(refer_recipe), "val")
+    refs = reference_samples(dataset)
+    assert all("sent_id" in r.ids and "ref_id" in r.ids for r in refs)
+    assert len({r.ids["image_id"] for r in refs}) < len(refs)  # several expressions per image
+    lines = [{"sent_id": r.ids["sent_id"], "ref_id": r.ids["ref_id"],
+              "text": Qwen2VLCodec().encode(r.target.boxes[:1], r.target.image_size)} for r in refs]
+    answers = _write(tmp_path / "answers.jsonl", lines)
+    out = tmp_path / "report.json"
+    argv = ["score", str(answers), "--recipe", str(refer_recipe), "--split", "val", "--codec", "qwen2vl"]
+    assert main([*argv, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["metrics"]["acc_0.5"] == 1.0
+    capsys.readouterr()
+    _write(answers, [*lines[:2], {"sent_id": 98765, "text": "(1,2),(3,4)"}])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{answers} line 3: sent_id 98765 is not a referring sample" in err
+    _write(answers, [{"image_id": refs[0].ids["image_id"], "text": "(1,2),(3,4)"}])
+    assert main(argv) == 2
+    assert "key the answers by sent_id" in capsys.readouterr().err
