@@ -34,9 +34,9 @@ ATTEMPTS: list[tuple[str, dict[str, Any] | None, list[str]]] = [
     ("builtins.exec", {"trainer": {"_target_": "builtins.exec", "source": "x=1"}}, []),
     ("subprocess.run", {"trainer": {"_target_": "subprocess.run", "args": ["touch", CANARY]}}, []),
     ("subprocess.Popen", {"trainer": {"_target_": "subprocess.Popen", "args": ["touch", CANARY]}}, []),
-    ("alias through vlzoo: vlzoo.config.os.system", {"trainer": {"_target_": "vlzoo.config.os.system", "command": _cmd()}}, []),
+    ("alias through vlzoo: vlzoo.build.os.system", {"trainer": {"_target_": "vlzoo.build.os.system", "command": _cmd()}}, []),
     ("alias through torch: torch.os.system", {"trainer": {"_target_": "torch.os.system", "command": _cmd()}}, []),
-    ("importer through vlzoo", {"trainer": {"_target_": "vlzoo.config.importlib.import_module", "name": "antigravity"}}, []),
+    ("importer through vlzoo", {"trainer": {"_target_": "vlzoo.config.targets.importlib.import_module", "name": "antigravity"}}, []),
     ("torch.load unpickles", {"optimizer": {"_target_": "torch.load", "f": "evil.pt"}}, []),
     ("torch.serialization.load, a second path to torch.load", {"optimizer": {"_target_": "torch.serialization.load", "f": "evil.pt"}}, []),
     ("torch.hub.load runs hubconf code", {"optimizer": {"_target_": "torch.hub.load", "repo_or_dir": ".", "model": "x"}}, []),
@@ -75,6 +75,9 @@ ATTEMPTS: list[tuple[str, dict[str, Any] | None, list[str]]] = [
     ("an eval-like resolver in the recipe file", {"name": "${vlzoo_test_shell:CANARY}"}, []),
     ("a built-in resolver that is not listed", None, ["name=${oc.create:x}"]),
     ("a resolver nested in an allowed one", None, ["name=${oc.env:HOME,${vlzoo_test_shell:CANARY}}"]),
+    # OmegaConf reads \\ as an escaped backslash, so the ${...} after it is a real call
+    ("a resolver after an escaped backslash", None, ["name=\\\\${vlzoo_test_shell:CANARY}"]),
+    ("a resolver after an escaped backslash in the file", {"name": "\\\\${vlzoo_test_shell:CANARY}"}, []),
     ("a module whose import has side effects", {"trainer": {"_target_": "vlzoo_test_evilmod.Thing"}}, []),
     ("antigravity-style import", {"trainer": {"_target_": "antigravity.geohash"}}, []),
 ]
