@@ -89,6 +89,32 @@ def test_yaml_floats_in_exponent_notation_are_floats(recipes: Path) -> None:
     assert load_recipe(main, ["optimizer.lr=3e-5"]).data["optimizer"]["lr"] == pytest.approx(3e-5)
 
 
+def test_a_mapping_and_a_list_replace_each_other(recipes: Path) -> None:
+    # OmegaConf.merge refuses to merge a list into a mapping (and back); a recipe replaces
+    write(recipes, "m.yaml", "tags: {a: 1}\ntrainer: {callbacks: [1, 2]}\n")
+    main = write(recipes, "main.yaml", "_base_: m.yaml\ntags: [x]\ntrainer: {callbacks: {first: 1}}\n")
+    recipe = load_recipe(main)
+    assert recipe.data["tags"] == ["x"] and recipe.data["trainer"] == {"callbacks": {"first": 1}}
+    assert recipe.source("tags") == str(main) and recipe.source("trainer.callbacks.first") == str(main)
+
+
+def test_question_marks_are_text_that_replaces_like_any_value(recipes: Path) -> None:
+    # OmegaConf's merge would keep the old value under its "missing" marker ???; a recipe does not
+    recipe = load_recipe(recipes / "b.yaml", ["tags.who=???", "seed=???"])
+    assert recipe.data["tags"] == {"who": "???"} and recipe.data["seed"] == "???"
+
+
+def test_yaml_that_is_not_plain_data_is_refused(recipes: Path) -> None:
+    twice = write(recipes, "twice.yaml", "seed: 1\nseed: 2\n")
+    with pytest.raises(RecipeError, match=r"(?s)twice.yaml: not valid YAML.*duplicate key seed"):
+        load_recipe(twice)
+    path = write(recipes, "path.yaml", "name: !!python/object/apply:pathlib.Path [x]\n")
+    with pytest.raises(RecipeError, match=r"path.yaml: not valid YAML for a recipe: key name holds a PosixPath"):
+        load_recipe(path)
+    dated = write(recipes, "dated.yaml", "name: 2024-01-02\n")
+    assert load_recipe(dated).data["name"] == "2024-01-02"  # dates stay text
+
+
 # --- rule 2: a changed _target_ replaces the node whole -----------------------------------
 def test_changed_target_replaces_node_whole(recipes: Path) -> None:
     main = write(recipes, "main.yaml", "_base_: a.yaml\noptimizer: {_target_: torch.optim.SGD, lr: 0.3}\n")

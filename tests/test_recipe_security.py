@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from vlzoo.cli import main
 from vlzoo.config import RecipeError, locate
-from vlzoo.targets import NOT_FOR_RECIPES, THIRD_PARTY, is_reviewed, reviewed_names
+from vlzoo.config.targets import NOT_FOR_RECIPES, THIRD_PARTY, is_reviewed, reviewed_names
 
 BASE = Path(__file__).resolve().parents[1] / "recipes" / "shapes" / "heatmap_rec.yaml"
 CANARY = "CANARY"  # replaced by the canary file's path in every case
@@ -162,10 +162,18 @@ def test_the_vlzoo_part_of_the_reviewed_list_is_pinned() -> None:
     pinned = Path(__file__).with_name("reviewed_vlzoo_targets.txt").read_text().split()
     assert vlzoo_names == pinned, (
         "the public vlzoo callables changed: review the new ones (do they run code, unpickle, write files?), "
-        "then update tests/reviewed_vlzoo_targets.txt (or vlzoo.targets.NOT_FOR_RECIPES)"
+        "then update tests/reviewed_vlzoo_targets.txt (or vlzoo.config.targets.NOT_FOR_RECIPES)"
     )
     for path in THIRD_PARTY:
         assert locate(path)  # every listed third-party path still exists
+
+
+def test_vlzoo_targets_is_the_same_list() -> None:
+    import vlzoo.config.targets as canonical
+    import vlzoo.targets as kept
+
+    for name in kept.__all__:
+        assert getattr(kept, name) is getattr(canonical, name), name
 
 
 # --- the reviewed constructors that read files -------------------------------------------------

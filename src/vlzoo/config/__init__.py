@@ -34,14 +34,19 @@ merges, parses dotted overrides and resolves interpolations; vlzoo adds provenan
 
 from __future__ import annotations
 
-# PLAIN_KEYS and DATA_COUNTS were reachable as vlzoo.config.X before the split; they stay so
 from vlzoo.config.instantiation import instantiate
-from vlzoo.config.recipe import PLAIN_KEYS as PLAIN_KEYS
-from vlzoo.config.validation import DATA_COUNTS as DATA_COUNTS
-from vlzoo.config.loading import find_recipe, load_recipe, recipe_from_dict, recipe_from_yaml, shipped_recipes_dir
+from vlzoo.config.loading import (
+    find_recipe,
+    load_recipe,
+    recipe_from_dict,
+    recipe_from_yaml,
+    shipped_recipes_dir,
+)
 from vlzoo.config.overrides import apply_overrides
 from vlzoo.config.recipe import INJECTABLE, SLOTS, TOP_LEVEL_KEYS, Recipe, RecipeError, flatten
+from vlzoo.config.recipe import PLAIN_KEYS as PLAIN_KEYS  # reachable here as before the split
 from vlzoo.config.targets import is_trusted, locate
+from vlzoo.config.validation import DATA_COUNTS as DATA_COUNTS  # reachable here as before the split
 from vlzoo.config.validation import check_trust, validate
 
 __all__ = [

@@ -27,6 +27,7 @@ __all__ = ["Layer", "read_yaml", "merge", "load_file", "expand_bases"]
 #: what a recipe value may be after loading (OmegaConf's loader also builds ``pathlib.Path``
 #: from a ``!!python/object/apply:pathlib.Path`` tag; a recipe holds plain values only)
 _PLAIN = (dict, list, str, int, float, bool, bytes, type(None))
+_MISSING = "???"
 
 
 @dataclass
@@ -105,21 +106,30 @@ def _drop_under(prov: dict[_Path, str], path: _Path) -> None:
 
 
 def _mark_replaced(
-    base: dict[Any, Any], over: Mapping[Any, Any], path: _Path, prov: dict[_Path, str], over_prov: dict[_Path, str]
+    base: dict[Any, Any],
+    over: Mapping[Any, Any],
+    path: _Path,
+    prov: dict[_Path, str],
+    over_prov: dict[_Path, str],
+    missing: list[_Path],
 ) -> None:
     """Prepare ``base`` (in place) so that ``OmegaConf.merge(base, over)`` follows vlzoo's rules,
     and move the provenance along: where ``over`` replaces a node rather than merging into it
     (a scalar or list, a mapping over a non-mapping, a changed ``_target_``), the base node is
     cleared to ``None`` (OmegaConf then takes ``over``'s node whole, in the same key position)
-    and its provenance is dropped for ``over``'s."""
+    and its provenance is dropped for ``over``'s. OmegaConf's merge keeps the old value where the
+    new one is its "missing" marker ``???``; for vlzoo that is text like any other, so those
+    paths are listed in ``missing`` and set after the merge."""
     for key, value in over.items():
         sub = path + (key,)
         current = base.get(key)
         if isinstance(current, dict) and isinstance(value, Mapping) and not _target_changed(current, value):
-            _mark_replaced(current, value, sub, prov, over_prov)
+            _mark_replaced(current, value, sub, prov, over_prov, missing)
             continue
         if key in base:
             base[key] = None
+            if isinstance(value, str) and value == _MISSING:
+                missing.append(sub)
         _drop_under(prov, sub)
         prov.update({p: s for p, s in over_prov.items() if p[: len(sub)] == sub})
 
@@ -130,12 +140,18 @@ def merge(base: Layer, over: Layer) -> Layer:
         return Layer(copy.deepcopy(over.data), dict(over.prov))
     prepared = copy.deepcopy(base.data)
     prov = dict(base.prov)
-    _mark_replaced(prepared, over.data, (), prov, over.prov)
+    missing: list[_Path] = []
+    _mark_replaced(prepared, over.data, (), prov, over.prov, missing)
     try:
         merged = OmegaConf.to_container(OmegaConf.merge(prepared, over.data), resolve=False)
     except OmegaConfBaseException as err:
         sources = sorted(set(over.prov.values()) | set(base.prov.values()))
         raise _interpolation_error(err, ", ".join(sources) or "?") from None
+    for path in missing:
+        node = merged
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = _MISSING
     return Layer(merged, prov)
 
 
