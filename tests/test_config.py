@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from vlzoo.config import (
     Recipe,
@@ -87,6 +88,28 @@ def test_yaml_floats_in_exponent_notation_are_floats(recipes: Path) -> None:
     main = write(recipes, "main.yaml", "_base_: a.yaml\noptimizer: {lr: 1e-4}\n")
     assert load_recipe(main).data["optimizer"]["lr"] == pytest.approx(1e-4)
     assert load_recipe(main, ["optimizer.lr=3e-5"]).data["optimizer"]["lr"] == pytest.approx(3e-5)
+
+
+MERGE_CASES = [
+    ({"a": {"x": 1, "y": {"z": 2}}, "b": 3}, {"a": {"y": {"w": 4}, "v": 5}, "c": 6}),  # key by key, new keys last
+    ({"a": [1, 2, 3], "b": {"l": [1]}}, {"a": [4], "b": {"l": []}}),  # lists replace
+    ({"a": {"x": 1}, "b": 2, "c": {"d": 1}}, {"a": 5, "b": {"y": 1}, "c": None}),  # scalar <-> mapping, null
+    ({"a": None, "b": {"x": 1}}, {"a": {"x": 2}, "b": {}}),  # a mapping over null; an empty one changes nothing
+    ({"a": "${b}", "b": 1}, {"b": 2, "c": "${oc.env:HOME,x}", "d": "\\${kept}"}),  # interpolations stay text
+    ({"o": {"_target_": "torch.optim.AdamW", "lr": 1}}, {"o": {"_target_": "torch.optim.AdamW", "betas": [1]}}),
+]
+
+
+@pytest.mark.parametrize(("base", "over"), MERGE_CASES)
+def test_merging_agrees_with_omegaconf_merge(base: dict, over: dict) -> None:
+    """Where vlzoo has no rule of its own, a merge is exactly OmegaConf.merge (values and key order)."""
+    from omegaconf import OmegaConf
+
+    from vlzoo.config.layers import Layer, merge
+
+    ours = merge(Layer.of(base, "base"), Layer.of(over, "over")).data
+    theirs = OmegaConf.to_container(OmegaConf.merge(base, over), resolve=False)
+    assert ours == theirs and yaml.safe_dump(ours, sort_keys=False) == yaml.safe_dump(theirs, sort_keys=False)
 
 
 def test_a_mapping_and_a_list_replace_each_other(recipes: Path) -> None:

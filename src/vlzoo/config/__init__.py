@@ -28,8 +28,11 @@ The parts: :mod:`~vlzoo.config.recipe` (the :class:`Recipe` and its error),
 :mod:`~vlzoo.config.overrides`, :mod:`~vlzoo.config.loading` (finding recipes, interpolation,
 the entry points), :mod:`~vlzoo.config.targets` (what a recipe may construct),
 :mod:`~vlzoo.config.validation` and :mod:`~vlzoo.config.instantiation`. OmegaConf reads the YAML,
-merges, parses dotted overrides and resolves interpolations; vlzoo adds provenance, the
-``_target_`` rule, the allowlist, the signature checks and ``instantiate``.
+parses dotted overrides and resolves interpolations (after its grammar has shown which resolvers
+a value calls); merging gives what ``OmegaConf.merge`` gives plus the ``_target_`` rule, in the
+walk that carries each key's origin (:mod:`~vlzoo.config.layers` says why it is not a call to
+``OmegaConf.merge``). vlzoo adds provenance, ``_base_``, slot swaps, the allowlist, the signature
+checks and ``instantiate``.
 """
 
 from __future__ import annotations
