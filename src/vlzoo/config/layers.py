@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import GrammarParseError, OmegaConfBaseException
 
 from vlzoo.config.recipe import _BASE, _TARGET, RecipeError, _dotted, _Path
 
@@ -58,7 +58,7 @@ def _leaf_paths(node: Any, prefix: _Path = ()) -> Iterator[_Path]:
         yield prefix
 
 
-def _interpolation_error(err: OmegaConfBaseException, where: str) -> RecipeError:
+def _interpolation_error(err: GrammarParseError, where: str) -> RecipeError:
     key = getattr(err, "full_key", None) or ""
     message = str(err).splitlines()[0]
     return RecipeError(f"recipe key {key or '?'} (set in {where}): cannot resolve interpolation: {message}")
@@ -70,8 +70,10 @@ def read_yaml(text: str, source: str) -> Any:
         conf = OmegaConf.create(text)
     except yaml.YAMLError as err:
         raise RecipeError(f"{source}: not valid YAML: {err}") from None
-    except OmegaConfBaseException as err:
+    except GrammarParseError as err:
         raise _interpolation_error(err, source) from None
+    except OmegaConfBaseException as err:  # a value or key OmegaConf cannot hold (a set, a null key)
+        raise RecipeError(f"{source}: not valid YAML for a recipe: {str(err).splitlines()[0]}") from None
     except AssertionError:  # a document that is one number or boolean
         raise RecipeError(f"{source}: a recipe must be a mapping of slots") from None
     data = OmegaConf.to_container(conf, resolve=False)
