@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from vlzoo.config import (
     Recipe,
@@ -87,6 +88,54 @@ def test_yaml_floats_in_exponent_notation_are_floats(recipes: Path) -> None:
     main = write(recipes, "main.yaml", "_base_: a.yaml\noptimizer: {lr: 1e-4}\n")
     assert load_recipe(main).data["optimizer"]["lr"] == pytest.approx(1e-4)
     assert load_recipe(main, ["optimizer.lr=3e-5"]).data["optimizer"]["lr"] == pytest.approx(3e-5)
+
+
+MERGE_CASES = [
+    ({"a": {"x": 1, "y": {"z": 2}}, "b": 3}, {"a": {"y": {"w": 4}, "v": 5}, "c": 6}),  # key by key, new keys last
+    ({"a": [1, 2, 3], "b": {"l": [1]}}, {"a": [4], "b": {"l": []}}),  # lists replace
+    ({"a": {"x": 1}, "b": 2, "c": {"d": 1}}, {"a": 5, "b": {"y": 1}, "c": None}),  # scalar <-> mapping, null
+    ({"a": None, "b": {"x": 1}}, {"a": {"x": 2}, "b": {}}),  # a mapping over null; an empty one changes nothing
+    ({"a": "${b}", "b": 1}, {"b": 2, "c": "${oc.env:HOME,x}", "d": "\\${kept}"}),  # interpolations stay text
+    ({"o": {"_target_": "torch.optim.AdamW", "lr": 1}}, {"o": {"_target_": "torch.optim.AdamW", "betas": [1]}}),
+]
+
+
+@pytest.mark.parametrize(("base", "over"), MERGE_CASES)
+def test_merging_agrees_with_omegaconf_merge(base: dict, over: dict) -> None:
+    """Where vlzoo has no rule of its own, a merge is exactly OmegaConf.merge (values and key order)."""
+    from omegaconf import OmegaConf
+
+    from vlzoo.config.layers import Layer, merge
+
+    ours = merge(Layer.of(base, "base"), Layer.of(over, "over")).data
+    theirs = OmegaConf.to_container(OmegaConf.merge(base, over), resolve=False)
+    assert ours == theirs and yaml.safe_dump(ours, sort_keys=False) == yaml.safe_dump(theirs, sort_keys=False)
+
+
+def test_a_mapping_and_a_list_replace_each_other(recipes: Path) -> None:
+    # OmegaConf.merge refuses to merge a list into a mapping (and back); a recipe replaces
+    write(recipes, "m.yaml", "tags: {a: 1}\ntrainer: {callbacks: [1, 2]}\n")
+    main = write(recipes, "main.yaml", "_base_: m.yaml\ntags: [x]\ntrainer: {callbacks: {first: 1}}\n")
+    recipe = load_recipe(main)
+    assert recipe.data["tags"] == ["x"] and recipe.data["trainer"] == {"callbacks": {"first": 1}}
+    assert recipe.source("tags") == str(main) and recipe.source("trainer.callbacks.first") == str(main)
+
+
+def test_question_marks_are_text_that_replaces_like_any_value(recipes: Path) -> None:
+    # OmegaConf's merge would keep the old value under its "missing" marker ???; a recipe does not
+    recipe = load_recipe(recipes / "b.yaml", ["tags.who=???", "seed=???"])
+    assert recipe.data["tags"] == {"who": "???"} and recipe.data["seed"] == "???"
+
+
+def test_yaml_that_is_not_plain_data_is_refused(recipes: Path) -> None:
+    twice = write(recipes, "twice.yaml", "seed: 1\nseed: 2\n")
+    with pytest.raises(RecipeError, match=r"(?s)twice.yaml: not valid YAML.*duplicate key seed"):
+        load_recipe(twice)
+    path = write(recipes, "path.yaml", "name: !!python/object/apply:pathlib.Path [x]\n")
+    with pytest.raises(RecipeError, match=r"path.yaml: not valid YAML for a recipe: key name holds a PosixPath"):
+        load_recipe(path)
+    dated = write(recipes, "dated.yaml", "name: 2024-01-02\n")
+    assert load_recipe(dated).data["name"] == "2024-01-02"  # dates stay text
 
 
 # --- rule 2: a changed _target_ replaces the node whole -----------------------------------
@@ -217,9 +266,9 @@ def test_dangerous_targets_are_refused(target: str) -> None:
 
 
 def test_a_path_through_a_reviewed_package_is_judged_by_the_object_it_reaches() -> None:
-    # vlzoo.config imports importlib; reaching it through vlzoo does not make it reviewed
+    # vlzoo.config.targets imports importlib; reaching it through vlzoo does not make it reviewed
     with pytest.raises(RecipeError, match="not allowed.*not on the reviewed list.*importlib"):
-        locate("vlzoo.config.importlib.import_module")
+        locate("vlzoo.config.targets.importlib.import_module")
     with pytest.raises(RecipeError, match="not allowed"):
         locate("torch.load")
     with pytest.raises(RecipeError, match="not allowed"):

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from vlzoo.cli import main
 from vlzoo.config import RecipeError, locate
-from vlzoo.targets import NOT_FOR_RECIPES, THIRD_PARTY, is_reviewed, reviewed_names
+from vlzoo.config.targets import NOT_FOR_RECIPES, THIRD_PARTY, is_reviewed, reviewed_names
 
 BASE = Path(__file__).resolve().parents[1] / "recipes" / "shapes" / "heatmap_rec.yaml"
 CANARY = "CANARY"  # replaced by the canary file's path in every case
@@ -34,9 +34,9 @@ ATTEMPTS: list[tuple[str, dict[str, Any] | None, list[str]]] = [
     ("builtins.exec", {"trainer": {"_target_": "builtins.exec", "source": "x=1"}}, []),
     ("subprocess.run", {"trainer": {"_target_": "subprocess.run", "args": ["touch", CANARY]}}, []),
     ("subprocess.Popen", {"trainer": {"_target_": "subprocess.Popen", "args": ["touch", CANARY]}}, []),
-    ("alias through vlzoo: vlzoo.config.os.system", {"trainer": {"_target_": "vlzoo.config.os.system", "command": _cmd()}}, []),
+    ("alias through vlzoo: vlzoo.build.os.system", {"trainer": {"_target_": "vlzoo.build.os.system", "command": _cmd()}}, []),
     ("alias through torch: torch.os.system", {"trainer": {"_target_": "torch.os.system", "command": _cmd()}}, []),
-    ("importer through vlzoo", {"trainer": {"_target_": "vlzoo.config.importlib.import_module", "name": "antigravity"}}, []),
+    ("importer through vlzoo", {"trainer": {"_target_": "vlzoo.config.targets.importlib.import_module", "name": "antigravity"}}, []),
     ("torch.load unpickles", {"optimizer": {"_target_": "torch.load", "f": "evil.pt"}}, []),
     ("torch.serialization.load, a second path to torch.load", {"optimizer": {"_target_": "torch.serialization.load", "f": "evil.pt"}}, []),
     ("torch.hub.load runs hubconf code", {"optimizer": {"_target_": "torch.hub.load", "repo_or_dir": ".", "model": "x"}}, []),
@@ -75,6 +75,9 @@ ATTEMPTS: list[tuple[str, dict[str, Any] | None, list[str]]] = [
     ("an eval-like resolver in the recipe file", {"name": "${vlzoo_test_shell:CANARY}"}, []),
     ("a built-in resolver that is not listed", None, ["name=${oc.create:x}"]),
     ("a resolver nested in an allowed one", None, ["name=${oc.env:HOME,${vlzoo_test_shell:CANARY}}"]),
+    # OmegaConf reads \\ as an escaped backslash, so the ${...} after it is a real call
+    ("a resolver after an escaped backslash", None, ["name=\\\\${vlzoo_test_shell:CANARY}"]),
+    ("a resolver after an escaped backslash in the file", {"name": "\\\\${vlzoo_test_shell:CANARY}"}, []),
     ("a module whose import has side effects", {"trainer": {"_target_": "vlzoo_test_evilmod.Thing"}}, []),
     ("antigravity-style import", {"trainer": {"_target_": "antigravity.geohash"}}, []),
 ]
@@ -159,10 +162,18 @@ def test_the_vlzoo_part_of_the_reviewed_list_is_pinned() -> None:
     pinned = Path(__file__).with_name("reviewed_vlzoo_targets.txt").read_text().split()
     assert vlzoo_names == pinned, (
         "the public vlzoo callables changed: review the new ones (do they run code, unpickle, write files?), "
-        "then update tests/reviewed_vlzoo_targets.txt (or vlzoo.targets.NOT_FOR_RECIPES)"
+        "then update tests/reviewed_vlzoo_targets.txt (or vlzoo.config.targets.NOT_FOR_RECIPES)"
     )
     for path in THIRD_PARTY:
         assert locate(path)  # every listed third-party path still exists
+
+
+def test_vlzoo_targets_is_the_same_list() -> None:
+    import vlzoo.config.targets as canonical
+    import vlzoo.targets as kept
+
+    for name in kept.__all__:
+        assert getattr(kept, name) is getattr(canonical, name), name
 
 
 # --- the reviewed constructors that read files -------------------------------------------------
