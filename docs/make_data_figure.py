@@ -30,7 +30,7 @@ def main(out: Path = Path(__file__).parent / "img" / "shapes_tasks.png") -> Path
             for m in t.masks:
                 overlay[m.numpy()] = (1, 1, 1, 0.55)
             ax.imshow(overlay)
-        boxes = s.meta.get("prompt_boxes", []) if task == "reg" else t.boxes.tolist()
+        boxes = s.prompt_boxes.tolist() if task == "reg" else t.boxes.tolist()
         for x0, y0, x1, y1 in boxes:
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2, ec="white" if task == "reg" else "black"))
         if t.keypoints is not None:

@@ -50,7 +50,7 @@ def _samples() -> list:
 
 def _answers(model) -> list:
     reg, rec = _samples()
-    return [model(reg.image, task="reg", box=reg.meta["prompt_boxes"][0]),
+    return [model(reg.image, task="reg", box=reg.prompt_boxes[0].tolist()),
             model(rec.image, rec.targets.expressions[0], task="rec")]
 
 
@@ -95,11 +95,11 @@ def test_export_reloads_alone_with_the_same_answers_and_token_ids(run: dict, tmp
     from PIL import Image
 
     Image.fromarray(reg.image.permute(1, 2, 0).numpy()).save(image)
-    box = ",".join(str(v) for v in reg.meta["prompt_boxes"][0])
+    box = ",".join(str(v) for v in reg.prompt_boxes[0].tolist())
     capsys.readouterr()
     assert main(["infer", str(moved), str(image), "--task", "reg", "--box", box]) == 0
     answer = json.loads(capsys.readouterr().out)
-    assert answer["text"] == after[0].text and answer["box"] == [float(v) for v in reg.meta["prompt_boxes"][0]]
+    assert answer["text"] == after[0].text and answer["box"] == [float(v) for v in reg.prompt_boxes[0].tolist()]
     # an existing folder is not overwritten by accident
     assert main(["export", str(run["ckpt"]), str(moved)]) == 2
     assert "already exists" in capsys.readouterr().err

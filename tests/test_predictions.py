@@ -24,11 +24,13 @@ def test_writer_adds_a_coco_result_file_per_type(tmp_path: Path) -> None:
         Predictions(keypoints=torch.tensor([[[1.0, 2.0, 2.0], [4.0, 7.0, 2.0]]]), scores=torch.ones(1),
                     labels=torch.ones(1, dtype=torch.long), image_id=3),  # pose
         Predictions(boxes=box, image_id=4),  # rec: no COCO result file
-        Predictions(boxes=box, scores=torch.ones(1), image_id=5),  # det, unlabeled, target of two categories
+        Predictions(boxes=box, scores=torch.ones(1), image_id=5),  # det, unlabeled, a query without category
     ]
-    targets = [Targets(labels=torch.tensor([3])), Targets(labels=torch.tensor([7, 7])), Targets(),
-               Targets(), Targets(labels=torch.tensor([1, 2]))]
-    batch = SimpleNamespace(tasks=["det", "seg", "pose", "rec", "det"], original_targets=targets)
+    # the unlabeled seg prediction takes the category its query names (7), never the targets' (9)
+    targets = [Targets(labels=torch.tensor([3])), Targets(labels=torch.tensor([9, 9])), Targets(),
+               Targets(), Targets(labels=torch.tensor([1]))]
+    batch = SimpleNamespace(tasks=["det", "seg", "pose", "rec", "det"], original_targets=targets,
+                            category_ids=[3, 7, 1, None, None])
     writer.on_predict_batch_end(None, None, outputs, batch, 0)  # type: ignore[arg-type]
     with pytest.warns(UserWarning, match="1 sample"):
         writer.on_predict_end(None, None)  # type: ignore[arg-type]

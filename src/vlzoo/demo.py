@@ -59,10 +59,10 @@ def shapes_examples(models: Sequence[TrainedModel], folder: str | Path, *, count
         Image.fromarray(sample.image.permute(1, 2, 0).numpy()).save(path)
         box = ""
         if task in CATEGORY_TASKS:
-            expression = str(sample.meta["category"])
+            expression = str(sample.category_name)
         elif task == "reg":
             expression = ""
-            box = ",".join(f"{v:.0f}" for v in sample.meta["prompt_boxes"][0])
+            box = ",".join(f"{v:.0f}" for v in sample.prompt_boxes[0].tolist())
         else:
             expression = sample.targets.expressions[0]
         rows.append([str(path), expression, task, box])

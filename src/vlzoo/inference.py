@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from vlzoo.config import Recipe, RecipeError, check_trust, recipe_from_dict
-from vlzoo.structures import ImageTransform, Predictions, Sample, Targets
+from vlzoo.structures import CATEGORY_TASKS, ImageTransform, Predictions, Sample, Targets
 
 __all__ = [
     "TrainedModel",
@@ -40,6 +40,7 @@ __all__ = [
     "run_infer",
     "json_text",
     "CATEGORY_TASKS",
+    "recipe_categories",
     "EXPORT_MANIFEST",
     "WEIGHTS_FILE",
     "RECIPE_FILE",
@@ -53,8 +54,6 @@ RECIPE_FILE = "recipe.yaml"
 TOKENIZER_DIR = "tokenizer"
 #: The dataset slots of a datamodule: left out when only its transform and collate are needed.
 DATASET_KEYS = ("train", "val", "test", "predict")
-#: Tasks whose expression is a category name (the instruction names what to find everywhere).
-CATEGORY_TASKS = ("det", "seg", "pose")
 
 
 def read_image(image: Any, *, name: str = "image") -> Tensor:
@@ -176,6 +175,7 @@ class TrainedModel:
         self.tasks: list[str] = list(getattr(model, "tasks", None) or supported)
         self.supported_tasks: tuple[str, ...] = supported or tuple(self.tasks)
         self.special_token_ids: dict[str, int] = dict(getattr(model, "special_token_ids", {}) or {})
+        self._categories: dict[str, int] | None = None
 
     @property
     def name(self) -> str:
@@ -221,8 +221,12 @@ class TrainedModel:
         box: Sequence[float] | None = None,
         prompt: str | None = None,
         image_id: int = 0,
+        category_id: int | None = None,
     ) -> Sample:
-        """The :class:`Sample` a dataset would give for this image and expression (no targets)."""
+        """The :class:`Sample` a dataset would give for this image and expression (no targets).
+
+        For det / seg / pose the expression is a category name; its id (the label of the
+        predictions) is ``category_id`` when given, else the name's id in :attr:`categories`."""
         task = task or self.tasks[0]
         if task not in self.tasks:
             raise ValueError(
@@ -232,7 +236,7 @@ class TrainedModel:
         pixels = read_image(image)
         h, w = int(pixels.shape[1]), int(pixels.shape[2])
         text = prompt if prompt is not None else self.instruction(expression, task, box=box)
-        meta: dict[str, Any] = {}
+        prompt_boxes = torch.zeros(0, 4)
         if box is not None:
             values = [float(v) for v in box]
             if len(values) != 4 or not (values[2] > values[0] and values[3] > values[1]):
@@ -240,15 +244,40 @@ class TrainedModel:
             from vlzoo.data.answers import BOX_PLACEHOLDER
 
             if BOX_PLACEHOLDER in text:
-                meta["prompt_boxes"] = [values]
+                prompt_boxes = torch.tensor([values], dtype=torch.float32)
             elif prompt is not None:
                 raise ValueError(f"a box is given but the prompt has no '{BOX_PLACEHOLDER}' where it goes: {prompt!r}")
-        if task in CATEGORY_TASKS and expression:
-            meta["category"] = expression
+        name = expression if task in CATEGORY_TASKS and expression else None
+        if task in CATEGORY_TASKS:
+            category_id = self._category_id(name, category_id)
         targets = Targets(image_id=int(image_id), image_size=(h, w))
         if expression and task in ("rec", "res"):
             targets = targets.replace(expressions=[expression])
-        return Sample(pixels, task, text, targets, image_id=int(image_id), meta=meta)
+        return Sample(
+            pixels, task, text, targets, image_id=int(image_id), category_id=category_id, category_name=name,
+            prompt_boxes=prompt_boxes,
+        )
+
+    @property
+    def categories(self) -> dict[str, int]:
+        """``{category name: id}`` of the model's training data, for labelling det / seg / pose
+        answers: the Shapes categories for a Shapes recipe, a COCO recipe's annotation file's
+        categories when that file is still there; empty otherwise (pass ``category_id=``)."""
+        if self._categories is None:
+            self._categories = recipe_categories(self.recipe)
+        return self._categories
+
+    def _category_id(self, name: str | None, given: int | None) -> int:
+        if given is not None:
+            return int(given)
+        table = self.categories
+        if name is not None and name in table:
+            return table[name]
+        known = f"its training data's categories are {sorted(table)}" if table else "it knows no category table"
+        raise ValueError(
+            f"model {self.name}: category {name!r} has no id ({known}); give the id its training data uses "
+            "with category_id= (the label its detections get)"
+        )
 
     @torch.inference_mode()
     def predict_samples(self, samples: Sequence[Sample]) -> list[Predictions]:
@@ -268,6 +297,7 @@ class TrainedModel:
         task: str | Sequence[str] | None = None,
         box: Sequence[float] | Sequence[Sequence[float] | None] | None = None,
         prompt: str | Sequence[str | None] | None = None,
+        category_id: int | Sequence[int | None] | None = None,
     ) -> Predictions | list[Predictions]:
         """Answer about one image (-> :class:`Predictions`) or a list of images (-> a list)."""
         batched = isinstance(image, (list, tuple))
@@ -283,10 +313,10 @@ class TrainedModel:
                 return list(value)
             return [value] * n
 
-        exprs, tasks, prompts = spread(expression), spread(task), spread(prompt)
+        exprs, tasks, prompts, ids = spread(expression), spread(task), spread(prompt), spread(category_id)
         boxes = spread(box, nested=True)
         samples = [
-            self.sample(img, exprs[i], task=tasks[i], box=boxes[i], prompt=prompts[i], image_id=i)
+            self.sample(img, exprs[i], task=tasks[i], box=boxes[i], prompt=prompts[i], image_id=i, category_id=ids[i])
             for i, img in enumerate(images)
         ]
         preds = self.predict_samples(samples)
@@ -294,10 +324,10 @@ class TrainedModel:
 
     def answer(self, image: Any, expression: str | None = None, *, task: str | None = None,
                box: Sequence[float] | None = None, prompt: str | None = None,
-               overlay: str | Path | None = None) -> dict[str, Any]:
+               overlay: str | Path | None = None, category_id: int | None = None) -> dict[str, Any]:
         """One image's answer as JSON-ready data (:func:`predictions_to_json`); with ``overlay``
         also draws it into that PNG."""
-        sample = self.sample(image, expression, task=task, box=box, prompt=prompt)
+        sample = self.sample(image, expression, task=task, box=box, prompt=prompt, category_id=category_id)
         (pred,) = self.predict_samples([sample])
         geo = self.geometry((int(sample.image.shape[1]), int(sample.image.shape[2])))
         result = predictions_to_json(pred, task=sample.task, prompt=sample.prompt, transform=geo)
@@ -318,6 +348,34 @@ class TrainedModel:
 
     def __repr__(self) -> str:
         return f"TrainedModel({self.name!r}, paradigm={getattr(self.model, 'name', '?')}, tasks={self.tasks}, source={str(self.source)!r})"
+
+
+def recipe_categories(recipe: Recipe) -> dict[str, int]:
+    """``{category name: id}`` the datasets of ``recipe`` label det / seg / pose targets with,
+    found without building them: the Shapes categories (ids 1-5) for a ``ShapesDataset``, the
+    ``categories`` of a ``CocoDataset``'s annotation file when the file exists.  Empty when no
+    dataset says."""
+    table: dict[str, int] = {}
+    for key in DATASET_KEYS:
+        nodes = recipe.get(f"data.{key}")
+        if isinstance(nodes, Mapping) and "_target_" not in nodes:
+            nodes = list(nodes.values())  # named splits
+        for node in nodes if isinstance(nodes, list) else [nodes]:
+            if not isinstance(node, Mapping):
+                continue
+            target = str(node.get("_target_", ""))
+            if target.endswith("ShapesDataset"):
+                from vlzoo.data.shapes.world import CATEGORY_NAMES
+
+                table.update({n: i + 1 for i, n in enumerate(CATEGORY_NAMES)})
+            elif target.endswith("CocoDataset") and node.get("annotation_file"):
+                path = Path(str(node["annotation_file"]))
+                if path.is_file():
+                    from vlzoo.data.coco import index_categories, load_coco_json
+
+                    for cat_id, cat in index_categories(load_coco_json(path), path).items():
+                        table.setdefault(str(cat["name"]), int(cat_id))
+    return table
 
 
 def _peak(heatmap: Tensor, transform: ImageTransform | None) -> dict[str, float]:

@@ -32,7 +32,7 @@ from pycocotools import mask as mask_utils
 from vlzoo.config import RecipeError
 from vlzoo.evaluation.common import check_finite
 from vlzoo.evaluation.detection import encode_masks
-from vlzoo.structures import Batch, Predictions, Targets
+from vlzoo.structures import Batch, Predictions
 from vlzoo.visualize import draw_overlay
 
 __all__ = ["encode_rle", "predictions_to_coco", "coco_results", "COCO_RESULT_TYPES", "TASK_RESULT_TYPE",
@@ -104,8 +104,9 @@ def coco_results(pred: Predictions, iou_type: str, *, category_id: int | None = 
       the keypoints.
 
     Scores default to 1.0 when none are predicted; an unlabeled prediction gets ``category_id``
-    (the target's single category; :class:`PredictionWriter` passes it when the batch carries the
-    targets and leaves a sample out of the result files, with a warning, when it cannot).  ``parsed=False`` gives no records, as in-process metrics count no detections.
+    (:class:`PredictionWriter` passes the category the sample's query names, ``Batch.category_ids``
+    - never one read from the targets - and leaves a sample out of the result files, with a
+    warning, when there is none).  ``parsed=False`` gives no records, as in-process metrics count no detections.
     Counts that disagree, non-finite scores or an unlabeled prediction without ``category_id``
     raise ``ValueError`` naming the ``image_id``.
     """
@@ -160,14 +161,6 @@ def coco_results(pred: Predictions, iou_type: str, *, category_id: int | None = 
     return head
 
 
-def _single_category(target: Targets | None) -> int | None:
-    """The one category a target names (a per-category prompt), else ``None``."""
-    if target is None or target.labels.numel() == 0:
-        return None
-    categories = torch.unique(target.labels)
-    return int(categories[0]) if categories.numel() == 1 else None
-
-
 class PredictionWriter(Callback):
     """Collects what ``predict_step`` returns (``list[Predictions]``, one per sample, original
     pixels), writes the records of :func:`predictions_to_coco` to ``output`` at the end and,
@@ -197,13 +190,13 @@ class PredictionWriter(Callback):
                 f"got {type(outputs).__name__}"
             )
         tasks = getattr(batch, "tasks", None) or [None] * len(outputs)
-        targets = getattr(batch, "original_targets", None) or [None] * len(outputs)
+        categories = getattr(batch, "category_ids", None) or [None] * len(outputs)
         metas = getattr(batch, "meta", None) or [{}] * len(outputs)
         for i, pred in enumerate(outputs):
             # the dataset's sentence / ref ids (RefCOCO), so `vlzoo score` can match the records
             ids = {k: metas[i][k] for k in SAMPLE_ID_KEYS if metas[i].get(k) is not None}
             self.records.extend({**record, **ids} for record in predictions_to_coco(pred, task=tasks[i]))
-            category = _single_category(targets[i])
+            category = categories[i]
             types = self._result_types(tasks[i], pred)
             if types and pred.labels.numel() == 0 and category is None:
                 self.unlabeled += 1  # no category to write: left out of the COCO result files
@@ -249,8 +242,8 @@ class PredictionWriter(Callback):
                 _write_json(path, self.results[iou_type])
         if self.unlabeled:
             rank_zero_warn(
-                f"{self.unlabeled} sample(s) predicted instances without labels and their batch names no single "
-                f"target category: they are in {self.output.name} but not in the COCO result files "
+                f"{self.unlabeled} sample(s) predicted instances without labels and their query names no category "
+                f"(Batch.category_ids): they are in {self.output.name} but not in the COCO result files "
                 f"(fill Predictions.labels to score them with pycocotools)"
             )
 

@@ -10,6 +10,13 @@ Units (the data contract of docs/architecture.md):
 A :class:`Sample` and ``Batch.original_targets`` are in original-image pixels; ``Batch.targets``
 and a paradigm's :class:`Predictions` are in the pixels of the network input (after resize and
 pad); :class:`ImageTransform` maps between the two.
+
+The *query* - what the instruction refers to - is typed too: ``category_id`` / ``category_name``
+(the category a det / seg / pose instruction names), ``prompt_boxes`` (boxes the prompt refers
+to, e.g. the region of a REG sample; original pixels on a :class:`Sample`, input pixels on a
+:class:`Batch`) and ``expression_kind`` (what kind of referring expression a rec / res / reg
+prompt is).  A paradigm reads the query and never the targets at predict time; ``meta`` holds
+free-form extras that no paradigm or evaluator reads (:data:`QUERY_META_KEYS` are refused there).
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ __all__ = [
     "TASKS",
     "LOCALIZATION_TASKS",
     "EXPRESSION_KINDS",
+    "CATEGORY_TASKS",
+    "QUERY_META_KEYS",
     "Targets",
     "Predictions",
     "ImageTransform",
@@ -41,6 +50,17 @@ LOCALIZATION_TASKS = ("rec", "res", "det", "seg", "pose")
 #: leftmost square"), a superlative ("the largest circle") or a relation to another object ("the
 #: cross left of the blue circle").  The Shapes programs have exactly these kinds.
 EXPRESSION_KINDS = ("attribute", "ordinal", "superlative", "relation")
+#: Tasks whose instruction names a category (``Sample.category_id`` / ``category_name``); their
+#: predictions are labelled with that category's id.
+CATEGORY_TASKS = ("det", "seg", "pose")
+#: ``meta`` keys that used to carry the query; a ``Sample`` whose ``meta`` holds one of them is
+#: refused by the collate (the typed field named in the value is the place for it).
+QUERY_META_KEYS = {
+    "category": "category_name",
+    "category_id": "category_id",
+    "prompt_boxes": "prompt_boxes",
+    "expression_kind": "expression_kind",
+}
 
 
 def _empty_boxes() -> Tensor:
@@ -67,7 +87,8 @@ class Targets:
     areas: Tensor | None = None  # (N,) float; COCO "area" (mask area); used for OKS scale
     expressions: list[str] = field(default_factory=list)  # referring expression(s) of the sample
     #: the kind (one of EXPRESSION_KINDS) of each expression, parallel to ``expressions``; empty
-    #: when the dataset does not say (RefCOCO).  Evaluation only: methods never read targets.
+    #: when the dataset does not say (RefCOCO).  Evaluation only: methods never read targets
+    #: (the query's kind is ``Sample.expression_kind``; the collate fills this from it).
     expression_kinds: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)  # one region caption per box (REG)
     text: str | None = None  # reference answer text (caption / vqa / reg)
@@ -179,10 +200,21 @@ class ImageTransform:
 
 @dataclass
 class Sample:
-    """One dataset item: an image, a task, its instruction and its targets (original pixels).
+    """One dataset item: an image, a task, its instruction, its query and its targets (original
+    pixels).
 
     ``answer`` is the reference answer text for text tasks (caption, vqa, reg); for localization
     tasks it is ``None`` and the paradigm's :class:`AnswerFormat` writes the answer.
+
+    The query fields say what the instruction refers to; a paradigm may read them (and the
+    prompt) at predict time, never ``targets``:
+
+    * ``category_id`` / ``category_name``: the category a det / seg / pose instruction names
+      (the id is the one ``targets.labels`` use; predictions are labelled with it);
+    * ``prompt_boxes``: ``(N, 4)`` float ``xyxy`` boxes in *original* pixels that the prompt
+      refers to, one per ``{box}`` placeholder in order (REG's region);
+    * ``expression_kind``: the kind (:data:`EXPRESSION_KINDS`) of a referring expression, when
+      the dataset knows it (Shapes).
     """
 
     image: Tensor  # (3, H, W) uint8
@@ -191,8 +223,17 @@ class Sample:
     targets: Targets
     answer: str | None = None
     image_id: int = 0
-    #: free-form extras: ``category`` name, ``ref_box`` for reg, ``object_ids`` ...
+    category_id: int | None = None
+    category_name: str | None = None
+    prompt_boxes: Tensor = field(default_factory=_empty_boxes)  # (N, 4) float xyxy, original pixels
+    expression_kind: str | None = None
+    #: free-form extras no paradigm or evaluator reads (``object_ids``, ``ref``, ``file_name`` ...);
+    #: the query keys of :data:`QUERY_META_KEYS` are refused here
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        boxes = torch.as_tensor(self.prompt_boxes, dtype=torch.float32)
+        self.prompt_boxes = boxes.reshape(-1, 4) if boxes.numel() else _empty_boxes()
 
 
 @dataclass
@@ -208,11 +249,16 @@ class Batch:
     tasks: list[str]
     prompts: list[str]
     answers: list[str]
-    targets: list[Targets]  # in network-input pixels
+    targets: list[Targets]  # in network-input pixels; training and evaluation only
     original_targets: list[Targets]  # in original pixels, for evaluation
     transforms: list[ImageTransform]
     image_ids: list[int]
-    meta: list[dict[str, Any]] = field(default_factory=list)
+    # --- the query (see Sample), one entry per sample: what predict may read besides the prompt
+    category_ids: list[int | None] = field(default_factory=list)
+    category_names: list[str | None] = field(default_factory=list)
+    prompt_boxes: list[Tensor] = field(default_factory=list)  # (N_i, 4) xyxy, network-input pixels
+    expression_kinds: list[str | None] = field(default_factory=list)
+    meta: list[dict[str, Any]] = field(default_factory=list)  # free-form extras, read by no method
     raw_images: list[Tensor] | None = None  # original uint8 images, kept for overlays when asked
 
     def __len__(self) -> int:
@@ -221,6 +267,20 @@ class Batch:
     @property
     def input_size(self) -> tuple[int, int]:
         return int(self.images.shape[-2]), int(self.images.shape[-1])
+
+    def category_id(self, index: int) -> int:
+        """The id of the category sample ``index``'s instruction names (its predictions' label).
+
+        ``ValueError`` when the batch does not carry one: a det / seg / pose sample whose dataset
+        left ``Sample.category_id`` unset."""
+        value = self.category_ids[index] if index < len(self.category_ids) else None
+        if value is None:
+            raise ValueError(
+                f"sample {self.image_ids[index]} ({self.tasks[index]}): the query names no category id, so its "
+                "detections cannot be labelled; the dataset must set Sample.category_id (the id its "
+                "targets' labels use) for det / seg / pose samples"
+            )
+        return int(value)
 
     def to(self, device: torch.device | str) -> Batch:
         """Move tensors (not targets: they stay on CPU for evaluation) to ``device``."""

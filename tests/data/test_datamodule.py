@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from vlzoo.data.datamodule import PromptTemplate, VLDataModule
 from vlzoo.data.errors import DataError
 from vlzoo.data.shapes import ShapesDataset
 from vlzoo.data.tokenizer import shapes_tokenizer
-from vlzoo.structures import Batch
+from vlzoo.structures import EXPRESSION_KINDS, QUERY_META_KEYS, Batch
 
 
 class BoxText(AnswerFormat):
@@ -83,15 +84,55 @@ def test_template_places_the_image_where_it_says():
 def test_targets_in_input_and_original_frames():
     dm = _dm(tasks=["reg", "seg"], keep_raw_images=True)
     b = next(iter(dm.train_dataloader()))
-    rows = zip(b.targets, b.original_targets, b.transforms, b.tasks, b.meta, b.raw_images, b.prompts, strict=True)
-    for t, o, geo, task, meta, raw, prompt in rows:
+    rows = zip(b.targets, b.original_targets, b.transforms, b.tasks, b.prompt_boxes, b.raw_images, b.prompts, strict=True)
+    for t, o, geo, task, prompt_boxes, raw, prompt in rows:
         assert t.image_size == (96, 96) and o.image_size == (64, 64) and raw.shape == (3, 64, 64)
         assert torch.allclose(geo.boxes_to_input(o.boxes), t.boxes)
         if task == "seg":
             assert t.masks.shape[-2:] == (96, 96) and o.masks.shape[-2:] == (64, 64)
+            assert prompt_boxes.shape == (0, 4)
         else:
-            box = geo.boxes_to_input(torch.tensor(meta["prompt_boxes"]))
-            assert plain_box_text(box[0].tolist(), (96, 96)) in prompt
+            # the query's box is carried in input pixels: the REG region is the target's box
+            assert prompt_boxes.shape == (1, 4) and torch.allclose(prompt_boxes, t.boxes[:1])
+            assert plain_box_text(prompt_boxes[0].tolist(), (96, 96)) in prompt
+
+
+def test_the_query_travels_typed_and_meta_cannot_carry_it():
+    from vlzoo.data.shapes.world import CATEGORY_NAMES
+
+    ds = ShapesDataset(tasks=["rec", "det", "reg"], size=12, seed=3)
+    samples = [ds[i] for i in range(12)]
+    dm = _dm(tasks=["rec", "det", "reg"])
+    collate = dm.collate()
+    b = collate(samples)
+    for i, s in enumerate(samples):
+        assert b.category_ids[i] == s.category_id and b.category_names[i] == s.category_name
+        assert b.expression_kinds[i] == s.expression_kind
+        assert torch.allclose(b.prompt_boxes[i], b.transforms[i].boxes_to_input(s.prompt_boxes))
+        assert not set(QUERY_META_KEYS) & set(b.meta[i])
+        if s.task == "det":
+            assert s.category_name == CATEGORY_NAMES[s.category_id - 1] and s.category_name in s.prompt
+            assert set(s.targets.labels.tolist()) == {s.category_id} and b.category_id(i) == s.category_id
+        else:
+            assert s.category_id is None and s.expression_kind in EXPRESSION_KINDS
+            # the evaluator's per-kind figures read the kind the collate puts into the targets
+            assert b.original_targets[i].expression_kinds == [s.expression_kind]
+    rows = [i for i, t in enumerate(b.tasks) if t != "rec"][:3]
+    sub = b.select(rows)
+    assert sub.category_ids == [b.category_ids[i] for i in rows]
+    assert all(torch.equal(x, b.prompt_boxes[i]) for x, i in zip(sub.prompt_boxes, rows, strict=True))
+    assert sub.expression_kinds == [b.expression_kinds[i] for i in rows]
+
+    det = next(s for s in samples if s.task == "det")
+    with pytest.raises(DataError, match=r"meta\['category'\] -> Sample.category_name"):
+        collate([replace(det, meta={"category": "circle"})])
+    with pytest.raises(DataError, match="must name its category: set Sample.category_id"):
+        collate([replace(det, category_id=None)])
+    rec = next(s for s in samples if s.task == "rec")
+    with pytest.raises(DataError, match="disagrees"):
+        collate([replace(rec, expression_kind="relation" if rec.expression_kind != "relation" else "ordinal")])
+    with pytest.raises(ValueError, match="names no category id"):
+        b.category_id(next(i for i, t in enumerate(b.tasks) if t == "rec"))
 
 
 def test_eval_splits_predict_and_truncation():

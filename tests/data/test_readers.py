@@ -31,7 +31,10 @@ def test_coco_reader_reproduces_the_scenes(exported):
         ids = [k for k, o in enumerate(scene.objects) if o.category + 1 == int(s.targets.labels[0])]
         boxes = torch.tensor(np.array([scene.objects[k].box for k in ids]), dtype=torch.float32)
         assert torch.equal(s.targets.boxes, boxes)
-        assert s.meta["category"] in s.prompt or s.meta["category"] + "s" in s.prompt or "crosses" in s.prompt
+        name = s.category_name
+        assert name in s.prompt or name + "s" in s.prompt or "crosses" in s.prompt
+        assert s.category_id == int(s.targets.labels[0]) and set(s.targets.labels.tolist()) == {s.category_id}
+        assert "category" not in s.meta
         if s.task == "seg":
             assert torch.equal(s.targets.masks, torch.from_numpy(np.stack([scene.mask(k) for k in ids])))
         if s.task == "pose":
@@ -56,9 +59,10 @@ def test_refer_reader_one_sample_per_sentence(exported):
             ys, xs = torch.nonzero(s.targets.masks[0], as_tuple=True)
             assert s.targets.boxes[0].tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
         if s.task == "reg":
-            assert s.answer == s.targets.expressions[0] and s.meta["prompt_boxes"] == [s.targets.boxes[0].tolist()]
+            assert s.answer == s.targets.expressions[0] and s.prompt_boxes.tolist() == [s.targets.boxes[0].tolist()]
         else:
-            assert s.targets.expressions[0] in s.prompt
+            assert s.targets.expressions[0] in s.prompt and s.prompt_boxes.shape == (0, 4)
+        assert s.category_id is None and "category" not in s.meta  # a referring prompt names no category
     assert tasks == {"rec", "res", "reg"}
 
 

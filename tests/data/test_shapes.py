@@ -115,7 +115,8 @@ def test_task_contents():
         seen.add(s.task)
         t = s.targets
         if s.task in ("det", "seg", "pose"):
-            cat = CATEGORY_NAMES.index(s.meta["category"]) + 1
+            cat = CATEGORY_NAMES.index(s.category_name) + 1
+            assert s.category_id == cat and s.prompt_boxes.shape == (0, 4) and s.expression_kind is None
             scene = ds.scene(i)
             assert len(t) == sum(o.category + 1 == cat for o in scene.objects)
             assert bool((t.labels == cat).all())
@@ -123,9 +124,11 @@ def test_task_contents():
             assert (t.keypoints is not None) == (s.task == "pose")
         elif s.task in ("rec", "res"):
             assert len(t) == 1 and s.answer is None and len(t.expressions) == 1
+            assert s.category_id is None and s.expression_kind == t.expression_kinds[0]
             assert (t.masks is not None) == (s.task == "res")
         elif s.task == "reg":
-            assert s.prompt.count(BOX_PLACEHOLDER) == 1 and len(s.meta["prompt_boxes"]) == 1
+            assert s.prompt.count(BOX_PLACEHOLDER) == 1 and s.prompt_boxes.shape == (1, 4)
+            assert s.prompt_boxes[0].tolist() == t.boxes[0].tolist()
             assert s.answer == t.text == t.captions[0]
         else:
             assert len(t) == 0 and s.answer and t.text == s.answer

@@ -34,8 +34,22 @@ def _digest(ds: ShapesDataset, n: int) -> str:
         h.update(repr(t.expressions).encode())
         h.update(repr(t.captions).encode())
         h.update(str(t.text).encode())
-        h.update(repr(dict(s.meta)).encode())
+        h.update(repr(_meta_before_the_query(ds, i, s)).encode())
     return h.hexdigest()
+
+
+def _meta_before_the_query(ds: ShapesDataset, i: int, s) -> dict:
+    """The sample's ``meta`` as it was before the query moved into typed fields (issue 17): the
+    category name and the prompt boxes were in it."""
+    meta = dict(s.meta)
+    if s.category_name is not None:  # det / seg / pose
+        return {"category": s.category_name, **meta}
+    if "object_ids" in meta:  # rec / res / reg: the referred object's category
+        old = {"category": ds.scene(i).objects[meta["object_ids"][0]].category_name, **meta}
+        if s.prompt_boxes.numel():
+            old["prompt_boxes"] = s.prompt_boxes.tolist()
+        return old
+    return meta
 
 
 # digests computed with the code before the ladder (commit 37550d8)

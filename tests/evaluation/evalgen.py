@@ -312,8 +312,8 @@ def caption_samples(seed: int, n: int) -> tuple[list[Predictions], list[Targets]
 # --- every shape of record, and pycocotools on vlzoo's own COCO result files ----------------------
 def varied_detection_samples(seed: int, n: int, *, segm: bool) -> tuple[list[Predictions], list[Targets]]:
     """:func:`detection_samples` plus every shape of prediction the exporter and the metric must agree
-    on: unparsed answers, predictions without scores (ranked in output order), unlabeled predictions
-    on single-category targets, NaN boxes, masks with ``mask_scores`` only, empty masks, predicted
+    on: unparsed answers, predictions without scores (ranked in output order), predictions labelled
+    with the one category of a single-category target (a per-category prompt), NaN boxes, masks with ``mask_scores`` only, empty masks, predicted
     boxes that are not the mask's box, and target ``areas`` given for some samples."""
     preds, targets = detection_samples(seed, n, segm=segm)
     rng = np.random.default_rng(seed + 100)
@@ -326,7 +326,7 @@ def varied_detection_samples(seed: int, n: int, *, segm: bool) -> tuple[list[Pre
         elif kind == 4 and len(t):
             label = int(t.labels[0])
             targets[i] = t.replace(labels=torch.full_like(t.labels, label))
-            preds[i] = p.replace(labels=torch.zeros(0, dtype=torch.long))
+            preds[i] = p.replace(labels=torch.full((len(p.labels),), label, dtype=torch.long))
         elif kind == 5 and len(p) and not segm:
             boxes = p.boxes.clone()
             boxes[0, 1] = float("nan")

@@ -41,15 +41,23 @@ def test_detection_map_equals_pycocotools(segm: bool, seed: int) -> None:
     np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
 
 
-def test_detection_unparsed_prediction_counts_as_miss_and_unlabeled_inherits_category() -> None:
+def test_detection_unparsed_prediction_counts_as_miss_and_unlabeled_is_refused() -> None:
     gt = Targets(boxes=torch.tensor([[0.0, 0.0, 10.0, 10.0]]), labels=torch.tensor([4]), image_id=7)
-    hit = Predictions(boxes=torch.tensor([[0.0, 0.0, 10.0, 10.0]]), scores=torch.tensor([0.9]))
+    hit = Predictions(boxes=torch.tensor([[0.0, 0.0, 10.0, 10.0]]), scores=torch.tensor([0.9]), labels=torch.tensor([4]))
     metric = DetectionMAP()
     metric.update([hit, hit.replace(parsed=False)], [gt, gt])
     out = metric.compute()
     # one of two objects found at precision 1: COCO's 101-point interpolation gives 51/101
     assert math.isclose(float(out["map_50"]), 51 / 101, abs_tol=1e-6)
     assert math.isclose(float(out["mar_100"]), 0.5, abs_tol=1e-6)
+    # a prediction without labels is a paradigm bug: never filled in from the ground truth
+    unlabeled = hit.replace(labels=torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="image_id=7 has 1 detections but no labels"):
+        DetectionMAP().update([unlabeled], [gt])
+    metric = KeypointAP(sigmas=[0.5])
+    kp_gt = gt.replace(keypoints=torch.tensor([[[5.0, 5.0, 2.0]]]))
+    with pytest.raises(ValueError, match="image_id=7 has 1 instances but no labels"):
+        metric.update([unlabeled.replace(keypoints=torch.tensor([[[5.0, 5.0, 1.0]]]))], [kp_gt])
 
 
 def test_detection_nan_box_is_a_false_positive() -> None:

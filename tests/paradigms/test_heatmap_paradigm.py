@@ -118,7 +118,7 @@ def test_loss_parts_and_keypoint_targets_on_shapes():
                 assert target[j, min(int(y / 4), 15), min(int(x / 4), 15)] == 1
 
 
-def _hand_batch(tasks, metas, boxes_per_sample):
+def _hand_batch(tasks, category_ids, boxes_per_sample):
     n = len(tasks)
     return Batch(
         images=torch.zeros(n, 3, SIZE, SIZE),
@@ -134,7 +134,7 @@ def _hand_batch(tasks, metas, boxes_per_sample):
         original_targets=[Targets(boxes=b) for b in boxes_per_sample],
         transforms=[ImageTransform((SIZE, SIZE), (SIZE, SIZE), (1.0, 1.0)) for _ in tasks],
         image_ids=list(range(n)),
-        meta=list(metas),
+        category_ids=list(category_ids),
     )
 
 
@@ -156,19 +156,20 @@ def test_task_decoders_give_hand_built_boxes_back():
     # centres on 4 px cell centres so the decoded boxes are exact
     two = torch.tensor([[2.0, 2.0, 18.0, 18.0], [30.0, 34.0, 62.0, 50.0]])
     one = torch.tensor([[20.0, 24.0, 40.0, 36.0]])
-    batch = _hand_batch(["det", "rec"], [{"category": "square"}, {"category": "circle"}], [two, one])
+    batch = _hand_batch(["det", "rec"], [2, None], [two, one])
     maps = _maps_from_boxes([two, one])
     det = p.decode("det", maps, 0, batch, None)
     torch.testing.assert_close(det.boxes[det.boxes[:, 0].argsort()], two, atol=1e-3, rtol=0)
-    assert det.labels.tolist() == [2, 2]  # "square" is Shapes category id 2
+    assert det.labels.tolist() == [2, 2]  # the query's category id
     assert float(det.scores.min()) > 0.9
     rec = p.decode("rec", maps, 1, batch, None)
     torch.testing.assert_close(rec.boxes, one, atol=1e-3, rtol=0)
     assert rec.evidence["heatmap"].shape == (16, 16)
     # routing: the same maps decoded as rec keep only the best peak
     assert len(p.decode("rec", maps, 0, batch, None)) == 1
-    bad = _hand_batch(["det"], [{"category": "hexagon"}], [two])
-    with pytest.raises(ValueError, match="paradigm.categories"):
+    assert rec.labels.tolist() == [0]
+    bad = _hand_batch(["det"], [None], [two])  # a det query without its category id
+    with pytest.raises(ValueError, match="names no category id"):
         p.decode("det", maps, 0, bad, None)
 
 
@@ -182,7 +183,7 @@ def test_pose_keypoints_are_grouped_by_detected_box():
         for j in range(2):
             x, y = pts[n, j].tolist()
             kp[0, j, int(y // 4), int(x // 4)] = 5.0
-    batch = _hand_batch(["pose"], [{"category": "circle"}], [boxes])
+    batch = _hand_batch(["pose"], [1], [boxes])
     maps = _maps_from_boxes([boxes], keypoints=kp, k=2)
     pred = p.decode("pose", maps, 0, batch, None)
     assert pred.keypoints.shape == (2, 2, 3)
@@ -215,8 +216,9 @@ def test_generated_route_follows_the_emitted_task_token():
     p.eval()
     with torch.no_grad():
         preds = p.predict(batch)
-    # routed by the emitted [DET] although the sample's task is rec: category-labelled boxes
-    assert preds[0].parsed and preds[0].labels.numel() >= 1 and int(preds[0].labels[0]) > 0
+    # routed by the emitted [DET] although the sample's task is rec: det boxes, labelled 0 because
+    # a rec query names no category (the label comes from the query, never from the targets)
+    assert preds[0].parsed and preds[0].labels.numel() >= 1 and set(preds[0].labels.tolist()) == {0}
     assert not preds[1].parsed and len(preds[1]) == 0
     assert not preds[2].parsed
     assert "[DET]" in preds[0].text

@@ -58,7 +58,7 @@ def test_answer_format_writes_triggers_locs_and_references():
     assert plain.special_tokens == ("<trigger>", "<loc>")
     assert plain.format_answer(sample, (32, 32)) == " and ".join(["<trigger><loc>"] * n)
     grounded = EmbeddingAnswerFormat(grounded=True, separator=" , ")
-    cat = sample.meta["category"]
+    cat = sample.category_name
     assert grounded.format_answer(sample, (32, 32)) == " , ".join([f"{cat} <trigger><loc>"] * n)
     lisa = EmbeddingAnswerFormat(trigger="[SEG]", box_after_trigger=False, prefix="the mask is")
     assert lisa.special_tokens == ("[SEG]", "<loc>")
@@ -130,9 +130,9 @@ def test_loc_embeddings_come_from_the_box_encoder():
         assert torch.allclose(new[r, c], p.box_encoder(box))
         if batch.tasks[r] == "rec":  # after the trigger: the ground-truth box (teacher forcing)
             assert torch.allclose(box, normalise_boxes(batch.targets[r].boxes[0], (32, 32)))
-        else:  # REG: the prompt's box, mapped from original pixels
-            ref = batch.transforms[r].boxes_to_input(torch.tensor(batch.meta[r]["prompt_boxes"]))
-            assert torch.allclose(box, normalise_boxes(ref[0], (32, 32)))
+        else:  # REG: the query's prompt box (input pixels), the sample's original box mapped
+            assert torch.allclose(batch.prompt_boxes[r], batch.transforms[r].boxes_to_input(batch.original_targets[r].boxes))
+            assert torch.allclose(box, normalise_boxes(batch.prompt_boxes[r][0], (32, 32)))
     other = batch.input_ids != p.loc_id
     assert torch.equal(new[other], embeds[other])
 

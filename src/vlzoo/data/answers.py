@@ -12,8 +12,9 @@ from vlzoo.structures import LOCALIZATION_TASKS, Sample
 
 __all__ = ["AnswerFormat", "BOX_PLACEHOLDER", "plain_box_text"]
 
-#: Placeholder a dataset writes into a prompt where a box from ``sample.meta["prompt_boxes"]``
-#: (input-frame pixels, one per placeholder, in order) is referred to, e.g. for REG.
+#: Placeholder a dataset writes into a prompt where a box of ``Sample.prompt_boxes`` is referred
+#: to (one per placeholder, in order), e.g. for REG.  The collate hands the format the sample in
+#: input-frame pixels, so ``box_in_prompt`` receives input pixels.
 BOX_PLACEHOLDER = "{box}"
 
 
@@ -38,12 +39,12 @@ class AnswerFormat:
 
     def format_prompt(self, sample: Sample, input_size: tuple[int, int]) -> str:
         prompt = sample.prompt
-        boxes = sample.meta.get("prompt_boxes", [])
+        boxes = sample.prompt_boxes.tolist()
         n = prompt.count(BOX_PLACEHOLDER)
         if n != len(boxes):
             raise ValueError(
                 f"sample {sample.image_id} ({sample.task}): prompt has {n} '{BOX_PLACEHOLDER}' "
-                f"placeholders but meta['prompt_boxes'] holds {len(boxes)} boxes"
+                f"placeholders but Sample.prompt_boxes holds {len(boxes)} boxes"
             )
         for box in boxes:
             prompt = prompt.replace(BOX_PLACEHOLDER, self.box_in_prompt(box, input_size), 1)

@@ -268,5 +268,8 @@ class CocoDataset(Dataset):
                 kps.append(kp.reshape(k, 3))
             targets.keypoints = torch.from_numpy(np.stack(kps))
         rng = np.random.default_rng([self.seed, index])
-        meta = {"category": name, "annotation_ids": [int(a["id"]) for a in anns], "file_name": info["file_name"]}
-        return Sample(image, task, instruction(task, rng, category=name), targets, image_id=image_id, meta=meta)
+        meta = {"annotation_ids": [int(a["id"]) for a in anns], "file_name": info["file_name"]}
+        return Sample(
+            image, task, instruction(task, rng, category=name), targets, image_id=image_id,
+            category_id=int(cat_id), category_name=name, meta=meta,
+        )

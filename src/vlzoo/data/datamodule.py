@@ -27,9 +27,17 @@ from vlzoo.data.answers import AnswerFormat
 from vlzoo.data.errors import DataError
 from vlzoo.data.tokenizer import IMAGE_TOKEN
 from vlzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, ResizeTransform
-from vlzoo.structures import Batch, Sample
+from vlzoo.structures import CATEGORY_TASKS, EXPRESSION_KINDS, QUERY_META_KEYS, Batch, Sample, Targets
 
-__all__ = ["PromptTemplate", "VLCollate", "VLDataModule", "SkippedBatch", "ResumableShuffle", "DEFAULT_TEMPLATE"]
+__all__ = [
+    "PromptTemplate",
+    "VLCollate",
+    "VLDataModule",
+    "SkippedBatch",
+    "ResumableShuffle",
+    "DEFAULT_TEMPLATE",
+    "check_query",
+]
 
 DEFAULT_TEMPLATE = "user: {prompt} assistant:"
 IGNORE_INDEX = -100
@@ -123,14 +131,14 @@ class VLCollate:
         if not samples:
             return SkippedBatch(skipped)
         bos, image_tok, eos, pad = self._special_ids()
-        images, targets, transforms, prompts, answers, metas = [], [], [], [], [], []
+        images, targets, originals, transforms, prompts, answers, metas = [], [], [], [], [], [], []
+        prompt_boxes = []
         for s in samples:
-            x, t_in, geo = self.transform(s.image, s.targets)
-            meta = dict(s.meta)
-            if meta.get("prompt_boxes"):
-                boxes = torch.as_tensor(meta["prompt_boxes"], dtype=torch.float32).reshape(-1, 4)
-                meta["prompt_boxes"] = geo.boxes_to_input(boxes).tolist()
-            s_in = replace(s, targets=t_in, meta=meta)
+            check_query(s)
+            original = _with_kind(s.targets, s.expression_kind)
+            x, t_in, geo = self.transform(s.image, original)
+            boxes_in = geo.boxes_to_input(s.prompt_boxes)
+            s_in = replace(s, targets=t_in, prompt_boxes=boxes_in)
             prompts.append(self.answer_format.format_prompt(s_in, geo.input_size))
             try:
                 answers.append(self.answer_format.format_answer(s_in, geo.input_size))
@@ -140,7 +148,9 @@ class VLCollate:
                 answers.append("")
             images.append(x)
             targets.append(t_in)
+            originals.append(original)
             transforms.append(geo)
+            prompt_boxes.append(boxes_in)
             metas.append(s.meta)
         parts = [self.template.split(p) for p in prompts]
         enc_before = self.tokenizer([b for b, _ in parts], add_special_tokens=False)["input_ids"]
@@ -181,14 +191,56 @@ class VLCollate:
             prompts=prompts,
             answers=answers,
             targets=targets,
-            original_targets=[s.targets for s in samples],
+            original_targets=originals,
             transforms=transforms,
             image_ids=[int(s.image_id) for s in samples],
+            category_ids=[None if s.category_id is None else int(s.category_id) for s in samples],
+            category_names=[s.category_name for s in samples],
+            prompt_boxes=prompt_boxes,
+            expression_kinds=[s.expression_kind for s in samples],
             meta=metas,
             raw_images=[s.image for s in samples] if self.keep_raw_images else None,
         )
         batch.skipped = skipped  # read by the loader to count bad samples per epoch
         return batch
+
+
+def check_query(sample: Sample) -> None:
+    """Refuse a sample whose query is not in its typed fields: a det / seg / pose sample without
+    ``category_id``, or a ``meta`` that still carries a query key (``category``, ``prompt_boxes``
+    ...; :data:`~vlzoo.structures.QUERY_META_KEYS`), which no paradigm reads any more."""
+    where = f"sample {sample.image_id} ({sample.task})"
+    moved = [key for key in QUERY_META_KEYS if key in sample.meta]
+    if moved:
+        fields = ", ".join(f"meta[{k!r}] -> Sample.{QUERY_META_KEYS[k]}" for k in moved)
+        raise DataError(
+            f"{where}: the query belongs in the Sample's typed fields, not in meta ({fields}); "
+            "see docs/data.md, 'The query'"
+        )
+    if sample.task in CATEGORY_TASKS and sample.category_id is None:
+        raise DataError(
+            f"{where}: a {sample.task} sample must name its category: set Sample.category_id (the id its "
+            "targets' labels use) and Sample.category_name (the name its instruction says)"
+        )
+    if sample.expression_kind is not None and sample.expression_kind not in EXPRESSION_KINDS:
+        raise DataError(
+            f"{where}: expression_kind {sample.expression_kind!r} is not one of {list(EXPRESSION_KINDS)}"
+        )
+
+
+def _with_kind(targets: Targets, kind: str | None) -> Targets:
+    """The targets with the query's expression kind filled in for the evaluator (which reads
+    ``Targets.expression_kinds``); a dataset that already names it there must agree."""
+    if kind is None:
+        return targets
+    if not targets.expression_kinds:
+        return targets.replace(expression_kinds=[kind] * max(1, len(targets.expressions)))
+    if any(k != kind for k in targets.expression_kinds):
+        raise DataError(
+            f"sample {targets.image_id}: Sample.expression_kind {kind!r} disagrees with its "
+            f"targets.expression_kinds {targets.expression_kinds}"
+        )
+    return targets
 
 
 class _SkipTolerant(Dataset):

@@ -193,7 +193,6 @@ class RefCocoDataset(Dataset):
             "ref_id": ref.get("ref_id"),
             "sent_id": sent.get("sent_id"),
             "annotation_ids": [int(ann["id"])],
-            "category": self.categories[int(ann["category_id"])]["name"],
             "file_name": info["file_name"],
         }
         if task == "res":
@@ -201,6 +200,8 @@ class RefCocoDataset(Dataset):
             targets.masks = torch.from_numpy(decode_segmentation(ann.get("segmentation"), h, w, where)[None])
         if task == "reg":
             targets = targets.replace(captions=[expr], text=expr)
-            meta["prompt_boxes"] = [list(ann["_xyxy"])]
-            return Sample(image, task, instruction("reg", rng), targets, answer=expr, image_id=targets.image_id, meta=meta)
+            return Sample(
+                image, task, instruction("reg", rng), targets, answer=expr, image_id=targets.image_id,
+                prompt_boxes=torch.tensor([list(ann["_xyxy"])], dtype=torch.float32), meta=meta,
+            )
         return Sample(image, task, instruction(task, rng, expr=expr), targets, image_id=targets.image_id, meta=meta)

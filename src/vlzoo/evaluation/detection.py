@@ -58,7 +58,7 @@ class DetectionMAP(ObjectListSync, Metric):
       for segm);
     * predictions: ``boxes`` (bbox) or ``masks`` (segm), ``scores`` (``mask_scores`` are used for
       segm when ``scores`` is empty; detections without any score all get 1.0 and are ranked in
-      output order), ``labels`` (when empty, the target's single category is used).
+      output order), ``labels`` (required: one per detection; never taken from the targets).
 
     The area that puts a *detection* into the small / medium / large ranges is the one
     pycocotools' ``loadRes`` computes from COCO's result format: the box area for bbox, the mask
@@ -67,7 +67,7 @@ class DetectionMAP(ObjectListSync, Metric):
     A prediction with ``parsed=False`` contributes no detections (its objects are misses).  A
     predicted box with a NaN/inf coordinate becomes the empty box ``[0, 0, 0, 0]``: a false positive
     at its score.  Non-finite scores or target boxes, label counts that do not match, unlabeled
-    detections on a sample whose target has no single category, and masks whose size differs from
+    detections, and masks whose size differs from
     the target's raise ``ValueError`` naming the ``image_id``.  ``compute`` returns the keys of
     :data:`COCO_MAP_KEYS`; -1 marks a figure COCO leaves undefined (e.g. no ground truth at all).
     """
@@ -190,13 +190,11 @@ class DetectionMAP(ObjectListSync, Metric):
         check_finite(scores, what="predicted scores", image_id=t.image_id, metric="DetectionMAP")
         labels = p.labels.detach().cpu().long().reshape(-1)
         if labels.numel() == 0:
-            categories = torch.unique(t.labels)
-            if categories.numel() != 1:
-                raise ValueError(
-                    f"DetectionMAP: prediction of image_id={t.image_id} has no labels and its target does not "
-                    f"name a single category (target labels {t.labels.tolist()}); fill Predictions.labels"
-                )
-            labels = categories.long().cpu().expand(n)
+            raise ValueError(
+                f"DetectionMAP: prediction of image_id={t.image_id} has {n} detections but no labels; the paradigm "
+                "must label them (with the category its query names, Batch.category_ids) - the metric never takes "
+                "labels from the ground truth"
+            )
         if labels.numel() != n:
             raise ValueError(f"DetectionMAP: prediction of image_id={t.image_id} has {n} detections but "
                              f"{labels.numel()} labels")

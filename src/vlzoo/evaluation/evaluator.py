@@ -45,7 +45,8 @@ class Evaluator:
         rec_thresholds: IoU thresholds of the REC accuracies.
         res_thresholds: IoU thresholds of the RES precisions.
         keypoint_sigmas: per-keypoint OKS sigmas (default: the 17 COCO person sigmas).
-        keypoint_default_label: category of pose instances whose ``labels`` are empty.
+        keypoint_default_label: category of pose *target* instances whose ``labels`` are empty
+            (predictions must carry their labels).
         max_detection_thresholds: COCO's three detection budgets for det / seg recall.
         expression_kinds: the expression kinds rec / res are broken down by (empty: none).
     """

@@ -97,8 +97,9 @@ class KeypointAP(ObjectListSync, Metric):
       ``iscrowd``, ``labels`` (default ``default_label``).  An instance with no labelled keypoint is
       ignored, as in COCO.
     * predictions: ``keypoints`` ``(M, K, 3)`` (x, y, score - the third channel is not used),
-      ``scores`` ``(M,)`` instance scores (all 1.0 when empty), ``labels`` (default
-      ``default_label``).  ``parsed=False`` means no detections.
+      ``scores`` ``(M,)`` instance scores (all 1.0 when empty), ``labels`` (required when
+      ``M > 0``: the metric never takes a prediction's label from the targets or a default).
+      ``parsed=False`` means no detections.
 
     ``K`` must equal ``len(sigmas)``; sizes that disagree and non-finite coordinates raise
     ``ValueError`` naming the ``image_id``.  ``compute`` returns :data:`KEYPOINT_KEYS`; -1 marks a
@@ -125,6 +126,11 @@ class KeypointAP(ObjectListSync, Metric):
 
     def _labels(self, labels: Tensor, n: int, image_id: int, who: str) -> Tensor:
         labels = labels.detach().cpu().long().reshape(-1)
+        if labels.numel() == 0 and who == "prediction" and n > 0:
+            raise ValueError(
+                f"KeypointAP: prediction of image_id={image_id} has {n} instances but no labels; the paradigm must "
+                "label them (with the category its query names, Batch.category_ids)"
+            )
         if labels.numel() == 0:
             return torch.full((n,), self.default_label, dtype=torch.long)
         if labels.numel() != n:

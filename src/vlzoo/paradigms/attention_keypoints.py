@@ -56,7 +56,7 @@ from vlzoo.decoders.keypoints import (
 from vlzoo.decoders.prompt import mask_losses
 from vlzoo.decoders.sam import SamMaskDecoder
 from vlzoo.paradigms.base import BaseParadigm, OptimizerFactory, SchedulerFactory
-from vlzoo.structures import Batch, Predictions, Sample, Targets
+from vlzoo.structures import CATEGORY_TASKS, Batch, Predictions, Sample, Targets
 from vlzoo.weights import load_weights
 
 __all__ = ["AttentionKeypoints", "AttentionKeypointsAnswer", "HEAD_FORMAT"]
@@ -394,8 +394,7 @@ class AttentionKeypoints(BaseParadigm):
             masks = logits[start : start + n] > self.mask_threshold
             mask_scores = iou[start : start + n].float()
             start += n
-            target = batch.targets[i]
-            label = int(target.labels[0]) if len(target.labels) else 0
+            label = batch.category_id(i) if batch.tasks[i] in CATEGORY_TASKS else 0
             out.append(
                 Predictions(
                     boxes=_boxes_of(masks, pts),

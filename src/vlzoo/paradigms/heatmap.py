@@ -45,7 +45,7 @@ from vlzoo.decoders.heatmap import (
 )
 from vlzoo.decoders.prompt import mask_losses
 from vlzoo.paradigms.base import BaseParadigm
-from vlzoo.structures import Batch, Predictions, Sample, Targets
+from vlzoo.structures import CATEGORY_TASKS, Batch, Predictions, Sample, Targets
 
 __all__ = [
     "LOC_TOKEN",
@@ -124,10 +124,10 @@ class HeatmapMatching(BaseParadigm):
             :func:`~vlzoo.decoders.gaussian_heatmap_targets`); pairs with ``refine``.
         min_overlap: CenterNet's IoU for the Gaussian radius of a box.
         keypoint_radius: radius of a keypoint Gaussian as a fraction of its instance's box side.
-        categories: category names in id order (id = index + 1, as in Shapes) or ``{name: id}``
-            (COCO's ids are not contiguous); the det / seg / pose label is the id of the category
-            the instruction names (``sample.meta["category_id"]``, else ``meta["category"]``
-            looked up here).  Default: the Shapes categories.
+
+    The det / seg / pose label of every box is the id of the category the instruction names
+    (``Batch.category_ids``, the typed query); a sample routed to det / seg / pose whose own task
+    names no category (``route="generated"`` misrouting a rec sample) gets label 0.
     """
 
     name: ClassVar[str] = "heatmap"
@@ -153,7 +153,6 @@ class HeatmapMatching(BaseParadigm):
         subcell_targets: bool = True,
         min_overlap: float = 0.7,
         keypoint_radius: float = 0.15,
-        categories: list[str] | dict[str, int] | None = None,
         evaluator: Any | None = None,
         optimizer: Any | None = None,
         scheduler: Any | None = None,
@@ -224,15 +223,6 @@ class HeatmapMatching(BaseParadigm):
         self.subcell_targets = bool(subcell_targets)
         self.min_overlap = float(min_overlap)
         self.keypoint_radius = float(keypoint_radius)
-        if categories is None:
-            from vlzoo.data.shapes.world import CATEGORY_NAMES
-
-            categories = list(CATEGORY_NAMES)
-        if isinstance(categories, dict):
-            self._category_ids = {str(k): int(v) for k, v in categories.items()}
-        else:
-            self._category_ids = {name: i + 1 for i, name in enumerate(categories)}
-        self.categories = list(self._category_ids)
         self.loc_token_id = self.special_token_ids.get(LOC_TOKEN)
         self.task_token_ids = {
             task: self.special_token_ids[tok]
@@ -490,7 +480,7 @@ class HeatmapMatching(BaseParadigm):
             kernel=self.nms_kernel,
             refine=self.refine,
         )
-        label = 0 if task in ("rec", "res") else self._category_id(batch, index)
+        label = self._label(task, batch, index)
         labels = torch.full((len(boxes),), label, dtype=torch.long)
         pred = Predictions(
             boxes=boxes,
@@ -509,20 +499,13 @@ class HeatmapMatching(BaseParadigm):
             )
         return pred
 
-    def _category_id(self, batch: Batch, index: int) -> int:
-        meta = batch.meta[index] if index < len(batch.meta) else {}
-        if "category_id" in meta:
-            return int(meta["category_id"])
-        name = meta.get("category")
-        if name is None:
-            raise ValueError(
-                f"sample {batch.image_ids[index]} ({batch.tasks[index]}): meta has no 'category' to label its boxes"
-            )
-        if name not in self._category_ids:
-            raise ValueError(
-                f"sample {batch.image_ids[index]}: category {name!r} is not in paradigm.categories {self.categories}"
-            )
-        return self._category_ids[name]
+    @staticmethod
+    def _label(task: str, batch: Batch, index: int) -> int:
+        """The label of the boxes decoded as ``task``: the query's category for det / seg / pose;
+        0 for rec / res and for a sample whose own task names no category (a misrouted one)."""
+        if task not in CATEGORY_TASKS or batch.tasks[index] not in CATEGORY_TASKS:
+            return 0
+        return batch.category_id(index)
 
     def _keypoints(self, heat: Tensor, boxes: Tensor, input_size: tuple[int, int]) -> Tensor:
         """``(N, K, 3)`` keypoints: for each box and keypoint, the highest cell of that keypoint's

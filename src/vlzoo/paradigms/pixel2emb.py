@@ -51,7 +51,7 @@ from vlzoo.decoders.box import (
 from vlzoo.decoders.prompt import PromptMLP, TriggerImageAttention, mask_losses
 from vlzoo.decoders.sam import SamMaskDecoder
 from vlzoo.paradigms.base import BaseParadigm, OptimizerFactory, SchedulerFactory
-from vlzoo.structures import Batch, Predictions, Sample
+from vlzoo.structures import CATEGORY_TASKS, Batch, Predictions, Sample
 
 __all__ = [
     "EmbeddingAnswerFormat",
@@ -163,7 +163,7 @@ class EmbeddingAnswerFormat(AnswerFormat):
             names = [t.expressions[0] if t.expressions else None]
             order = [0]
         else:
-            category = sample.meta.get("category")
+            category = sample.category_name
             order = answer_order(t.boxes)
             names = [category] * len(order)
         body = self.separator.join(self.object_text(n) for n in names[: len(order)])
@@ -361,24 +361,20 @@ class Pixel2Emb(BaseParadigm):
 
     # ------------------------------------------------------------------ input embeddings
     def _prompt_boxes(self, batch: Batch, row: int) -> Tensor:
-        """The boxes referred to in a row's prompt, normalised to the network input.
-
-        ``batch.meta`` keeps the dataset's meta, whose ``prompt_boxes`` are original pixels; they
-        are mapped with the row's transform here."""
-        meta = batch.meta[row] if row < len(batch.meta) else {}
-        boxes = meta.get("prompt_boxes") or []
-        if not boxes:
+        """The boxes referred to in a row's prompt (``Batch.prompt_boxes``, input pixels),
+        normalised to the network input."""
+        boxes = batch.prompt_boxes[row] if row < len(batch.prompt_boxes) else None
+        if boxes is None or boxes.numel() == 0:
             return torch.zeros(0, 4, device=batch.images.device)
-        t = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-        t = batch.transforms[row].boxes_to_input(t)
-        return normalise_boxes(t, batch.input_size).to(batch.images.device)
+        return normalise_boxes(boxes.float().reshape(-1, 4).to(batch.images.device), batch.input_size)
 
     def _embedding_plan(self, batch: Batch, input_ids: Tensor) -> tuple[dict[tuple[int, int], Tensor], Tensor]:
         """What replaces the ``<loc>`` / ``<ref>`` input embeddings of ``input_ids``.
 
         Returns ``{(row, index): normalised box}`` for every ``<loc>`` (a ``<loc>`` right after a
         trigger takes the row's next target box - teacher forcing; any other one the next prompt
-        box) and ``(R, D)`` crop tokens in the order of the ``<ref>`` tokens (row-major).
+        box) and ``(R, D)`` crop tokens in the order of the ``<ref>`` tokens (row-major).  The
+        targets are read only for a ``<loc>`` after a trigger, which a prompt (predict) never has.
         """
         fmt: EmbeddingAnswerFormat = self.answer_format  # type: ignore[assignment]
         plan: dict[tuple[int, int], Tensor] = {}
@@ -386,11 +382,13 @@ class Pixel2Emb(BaseParadigm):
         for row in range(input_ids.shape[0]):
             ids = input_ids[row]
             prompt_boxes = self._prompt_boxes(batch, row)
-            targets = self._target_boxes(batch, row)
+            targets: Tensor | None = None  # read on the first <loc> after a trigger (training only)
             n_prompt = n_answer = 0
             locs = (ids == self.loc_id).nonzero().flatten().tolist() if self.loc_id >= 0 else []
             for i in locs:
                 if i > 0 and int(ids[i - 1]) == self.trigger_id:
+                    if targets is None:
+                        targets = self._target_boxes(batch, row)
                     if n_answer >= len(targets):
                         raise ValueError(
                             f"sample {batch.image_ids[row]} ({batch.tasks[row]}): more <loc> after triggers "
@@ -402,7 +400,7 @@ class Pixel2Emb(BaseParadigm):
                     if n_prompt >= len(prompt_boxes):
                         raise ValueError(
                             f"sample {batch.image_ids[row]} ({batch.tasks[row]}): the prompt has more {fmt.loc} "
-                            f"than meta['prompt_boxes'] ({len(prompt_boxes)})"
+                            f"than Batch.prompt_boxes ({len(prompt_boxes)})"
                         )
                     plan[(row, i)] = prompt_boxes[n_prompt]
                     n_prompt += 1
@@ -623,9 +621,12 @@ class Pixel2Emb(BaseParadigm):
             text = self._clean_text(texts[r])
             boxes = hooks.boxes[r]
             box_t = torch.stack(boxes) if boxes else torch.zeros(0, 4, device=device)
+            n = max(len(boxes), len(hooks.masks[r]))
+            label = batch.category_id(r) if batch.tasks[r] in CATEGORY_TASKS else 0
             pred = Predictions(
                 boxes=denormalise_boxes(box_t, size),
                 scores=torch.tensor(hooks.scores[r], dtype=torch.float32),
+                labels=torch.full((n,), label, dtype=torch.long),
                 text=text,
                 parsed=bool(boxes or hooks.masks[r]) or batch.tasks[r] not in _BOX_TASKS,
                 image_id=batch.image_ids[r],

@@ -35,7 +35,7 @@ from transformers import LogitsProcessor
 from vlzoo.data.answers import AnswerFormat
 from vlzoo.paradigms.base import BaseParadigm
 from vlzoo.paradigms.codecs import BinsCodec, CodecError, CoordinateCodec, Kosmos2Codec, _TokenCodec
-from vlzoo.structures import Batch, Predictions, Sample, Targets
+from vlzoo.structures import CATEGORY_TASKS, Batch, Predictions, Sample, Targets
 
 __all__ = [
     "GrammarConstraint",
@@ -108,7 +108,8 @@ class Pixel2SeqAnswerFormat(AnswerFormat):
         polygon_vertices: vertices of a RES polygon.
         max_objects: most boxes / instances in a det or pose answer (longer answers keep the
             first ones in raster order); ``None`` for no limit.
-        num_keypoints: keypoints per instance when the targets do not tell (pose prediction).
+        num_keypoints: keypoints per instance of a pose answer (its grammar and parser at predict
+            time; the targets are never read there).
     """
 
     def __init__(
@@ -156,6 +157,12 @@ class Pixel2SeqAnswerFormat(AnswerFormat):
         if task == "pose":
             if t.keypoints is None:
                 raise ValueError(f"sample {sample.image_id} (pose): the target has no keypoints")
+            if t.keypoints.dim() == 3 and t.keypoints.shape[0] and t.keypoints.shape[1] != self.num_keypoints:
+                raise ValueError(
+                    f"sample {sample.image_id} (pose): the target has {t.keypoints.shape[1]} keypoints per instance "
+                    f"but paradigm.num_keypoints is {self.num_keypoints} (what predictions are read with); set it to "
+                    f"{t.keypoints.shape[1]}"
+                )
             if len(t) == 0:
                 return NONE_ANSWER
             parts = [
@@ -541,8 +548,7 @@ class Pixel2Seq(BaseParadigm):
     def predict(self, batch: Batch) -> list[Predictions]:
         fmt: Pixel2SeqAnswerFormat = self.answer_format  # type: ignore[assignment]
         size = batch.input_size
-        counts = [self._num_keypoints(batch, i) for i in range(len(batch))]
-        grammars = [fmt.grammar(task, num_keypoints=counts[i]) for i, task in enumerate(batch.tasks)]
+        grammars = [fmt.grammar(task) for task in batch.tasks]
         constraint = None
         if self.constrained and any(g is not None for g in grammars):
             constraint = GrammarConstraint(
@@ -560,23 +566,16 @@ class Pixel2Seq(BaseParadigm):
                 out.append(base)
                 continue
             try:
-                fields = fmt.parse(task, text, size, num_keypoints=counts[i])
+                fields = fmt.parse(task, text, size)
             except CodecError:
                 out.append(base.replace(parsed=False))
                 continue
             n = int(fields["boxes"].shape[0])
             fields["scores"] = self._box_scores(new_ids[i].cpu(), probs[i] if probs is not None else None, n)
-            labels = _single_category(batch.targets[i] if batch.targets else None)
-            if labels is not None and task in ("det", "pose"):
-                fields["labels"] = labels.expand(n).clone()
+            if task in CATEGORY_TASKS:  # labelled with the category the query names
+                fields["labels"] = torch.full((n,), batch.category_id(i), dtype=torch.long)
             out.append(base.replace(**fields))
         return out
-
-    def _num_keypoints(self, batch: Batch, i: int) -> int:
-        t = batch.targets[i] if batch.targets else None
-        if t is not None and t.keypoints is not None and t.keypoints.dim() == 3:
-            return int(t.keypoints.shape[1])
-        return self.answer_format.num_keypoints  # type: ignore[attr-defined]
 
     def _box_scores(self, ids: Tensor, probs: Tensor | None, n: int) -> Tensor:
         """Each box's mean probability of its own coordinate tokens (token codecs), else the mean
@@ -604,10 +603,3 @@ class Pixel2Seq(BaseParadigm):
             cached = set(tok.convert_tokens_to_ids(list(self.codec.coordinate_tokens)))
             self._coord_ids = cached
         return cached
-
-
-def _single_category(t: Targets | None) -> Tensor | None:
-    if t is None or t.labels.numel() == 0:
-        return None
-    cats = torch.unique(t.labels)
-    return cats[:1].long() if cats.numel() == 1 else None

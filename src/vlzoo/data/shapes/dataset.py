@@ -50,11 +50,11 @@ class ShapesDataset(Dataset):
     asks for:
 
     * ``rec`` / ``res``: the referred object (``res`` also its mask); ``expressions`` the
-      expression, ``expression_kinds`` its kind, ``meta["ref"]`` its
-      :class:`~vlzoo.data.shapes.language.Ref` program;
-    * ``det`` / ``seg`` / ``pose``: every instance of ``meta["category"]`` (``seg`` masks,
-      ``pose`` keypoints ``(N, 5, 3)``);
-    * ``reg``: the region (box) in ``meta["prompt_boxes"]`` and a ``{box}`` placeholder in the
+      expression, ``Sample.expression_kind`` (and ``expression_kinds``) its kind, ``meta["ref"]``
+      its :class:`~vlzoo.data.shapes.language.Ref` program;
+    * ``det`` / ``seg`` / ``pose``: every instance of the category ``Sample.category_id`` /
+      ``category_name`` (``seg`` masks, ``pose`` keypoints ``(N, 5, 3)``);
+    * ``reg``: the region (box) in ``Sample.prompt_boxes`` and a ``{box}`` placeholder in the
       prompt; ``answer`` = ``text`` = ``captions[0]`` = a unique expression of the region;
     * ``caption`` / ``vqa``: text answers only (``meta["vqa_kind"]`` for vqa).
 
@@ -219,22 +219,28 @@ class ShapesDataset(Dataset):
             expr = render(ref, rng)
             t = self._targets(scene, [target], base, masks=task == "res", keypoints=False)
             t = t.replace(expression_kinds=[ref.kind])
-            meta = {"category": scene.objects[target].category_name, "object_ids": [target], "ref": ref}
+            meta = {"object_ids": [target], "ref": ref}
             if task == "reg":
                 box = [float(v) for v in scene.objects[target].box]
                 t = t.replace(captions=[expr], text=expr, expressions=[expr])
-                meta["prompt_boxes"] = [box]
-                return Sample(image, task, instruction("reg", rng), t, answer=expr, image_id=index, meta=meta)
+                return Sample(
+                    image, task, instruction("reg", rng), t, answer=expr, image_id=index,
+                    prompt_boxes=torch.tensor([box]), expression_kind=ref.kind, meta=meta,
+                )
             t = t.replace(expressions=[expr])
-            return Sample(image, task, instruction(task, rng, expr=expr), t, image_id=index, meta=meta)
+            return Sample(
+                image, task, instruction(task, rng, expr=expr), t, image_id=index, expression_kind=ref.kind, meta=meta
+            )
 
         if task in ("det", "seg", "pose"):
             cat = scene.objects[focus].category
             ids = [i for i, o in enumerate(scene.objects) if o.category == cat]
             t = self._targets(scene, ids, base, masks=task == "seg", keypoints=task == "pose")
             name = scene.objects[focus].category_name
-            meta = {"category": name, "object_ids": ids}
-            return Sample(image, task, instruction(task, rng, category=name), t, image_id=index, meta=meta)
+            return Sample(
+                image, task, instruction(task, rng, category=name), t, image_id=index,
+                category_id=cat + 1, category_name=name, meta={"object_ids": ids},
+            )
 
         if task == "vqa":
             question, answer, kind = vqa_question(scene, rng, focus=focus if self.split == "comp_test" else None)
