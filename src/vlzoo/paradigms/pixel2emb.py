@@ -682,7 +682,7 @@ class _NextChatDecoding(DecodingHooks):
         self.force = torch.zeros(b, dtype=torch.bool, device=device)
         self.start = batch.prompt_ids.shape[1]
         p = paradigm
-        self.banned = [t for t in (p.loc_id, p.ref_id, getattr(p.backbone, "image_token_id", -1)) if t >= 0]
+        self.banned = [t for t in (p.loc_id, p.ref_id, p.backbone.image_token_id) if t >= 0]
         pad = p.backbone.tokenizer.pad_token_id
         self.pad = pad if pad is not None else 0
 
