@@ -6,9 +6,11 @@ target's signature has it - at every depth of the slot's node):
 1. ``backbone``.
 2. ``evaluator``.
 3. ``optimizer`` and ``scheduler``, normally partials (``_partial_: true``).
-4. ``paradigm`` <- ``backbone``, ``evaluator``, ``optimizer``, ``scheduler`` (when built) and the
-   backbone's ``hidden_size``, ``vision_dim``, ``feature_grid``, ``input_size`` (when it has
-   them).  The backbone's special tokens the paradigm's ``answer_format`` declares are then
+4. ``paradigm`` <- ``backbone``, ``evaluator``, ``optimizer``, ``scheduler`` (when built) and,
+   into its nested decoder nodes, the sizes of the backbone interface
+   (:class:`~vlzoo.backbones.Backbone`): parameters ``hidden_size``, ``vision_dim`` (from
+   ``vision_width``), ``feature_grid``, ``input_size`` (:data:`BACKBONE_ATTRIBUTES`).  The
+   paradigms themselves read their sizes from the backbone.  The backbone's special tokens the paradigm's ``answer_format`` declares are then
    added if the paradigm did not add them itself.
 5. ``data`` <- ``tokenizer`` (``backbone.tokenizer``), ``answer_format`` (``model.answer_format``),
    ``image_mean`` / ``image_std`` / ``image_size`` (``backbone.data_config`` ``mean`` / ``std`` /
@@ -46,6 +48,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 
+from vlzoo.backbones.interface import SIZE_PARAMETERS
 from vlzoo.config import Recipe, RecipeError, instantiate, load_recipe, recipe_from_dict, validate
 from vlzoo.runs import (
     AtomicCheckpointIO,
@@ -62,8 +65,8 @@ from vlzoo.terminal import ValidationLine, quiet_third_party
 
 __all__ = ["Built", "build", "as_recipe", "progress_bar_wanted", "step_based_validation", "BACKBONE_ATTRIBUTES"]
 
-#: Backbone attributes injected into the paradigm's nodes by parameter name.
-BACKBONE_ATTRIBUTES: tuple[str, ...] = ("hidden_size", "vision_dim", "feature_grid", "input_size")
+#: Sizes injected into the paradigm slot's nodes: parameter name -> backbone interface property.
+BACKBONE_ATTRIBUTES: dict[str, str] = dict(SIZE_PARAMETERS)
 
 
 @dataclass
@@ -191,7 +194,8 @@ def build(
         if value is not None
     }
     if built.backbone is not None:
-        paradigm_inject.update(_injectable(built.backbone, BACKBONE_ATTRIBUTES))
+        sizes = _injectable(built.backbone, list(BACKBONE_ATTRIBUTES.values()))
+        paradigm_inject.update({p: sizes[a] for p, a in BACKBONE_ATTRIBUTES.items() if a in sizes})
     built.model = make("paradigm", paradigm_inject)
     if built.model is not None:
         if not isinstance(built.model, L.LightningModule):

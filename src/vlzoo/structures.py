@@ -21,6 +21,7 @@ free-form extras that no paradigm or evaluator reads (:data:`QUERY_META_KEYS` ar
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -28,6 +29,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "answer_order",
+    "mask_to_polygon",
+    "polygon_to_mask",
     "TASKS",
     "LOCALIZATION_TASKS",
     "EXPRESSION_KINDS",
@@ -313,3 +317,68 @@ class Batch:
             elif isinstance(value, list) and len(value) == len(self):
                 changes[f.name] = [value[i] for i in indices]
         return replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+# Shared by every paradigm that writes several objects or a polygon into an answer: one order
+# and one polygon convention, so two paradigms compared on det / res differ in the paradigm only.
+
+
+def answer_order(boxes: Tensor, *, limit: int | None = None) -> list[int]:
+    """The order in which the objects of a multi-object answer are written: raster order of the
+    boxes' top-left corners (by ``y1``, then ``x1``, then index; rounded to 1e-3 px so that float
+    noise from a transform does not reorder objects).  ``limit`` keeps the first ones.
+
+    One order for every paradigm: the pixel2seq answers (boxes, keypoints of each instance) and
+    the pixel2emb triggers (one per object, matched to the targets in this order) alike."""
+    keys = [(round(float(b[1]), 3), round(float(b[0]), 3), i) for i, b in enumerate(boxes)]
+    order = [i for _, _, i in sorted(keys)]
+    return order if limit is None else order[:limit]
+
+
+def mask_to_polygon(mask: Tensor, *, vertices: int = 16) -> Tensor:
+    """A star polygon ``(vertices, 2)`` (xy pixels) around a boolean ``(H, W)`` mask.
+
+    Vertex ``j`` lies on the ray from the mask centroid at angle ``2 pi j / vertices`` (clockwise
+    from the top, in image coordinates), at the outer edge of the farthest mask pixel of that
+    angular sector.  Exact for star-shaped masks (every Shapes object); a fixed vertex count
+    keeps answers one length, which is easier to learn and to constrain.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"mask_to_polygon: expected an (H, W) mask, got shape {tuple(mask.shape)}")
+    if vertices < 3:
+        raise ValueError(f"mask_to_polygon: a polygon needs >= 3 vertices, got {vertices}")
+    ys, xs = torch.nonzero(mask.bool(), as_tuple=True)
+    if ys.numel() == 0:
+        raise ValueError("mask_to_polygon: the mask is empty")
+    px, py = xs.double() + 0.5, ys.double() + 0.5
+    cx, cy = px.mean(), py.mean()
+    dx, dy = px - cx, py - cy
+    # angle measured clockwise from "up" (y grows downwards)
+    angle = torch.atan2(dx, -dy) % (2 * math.pi)
+    sector = ((angle / (2 * math.pi) * vertices + 0.5).floor().long()) % vertices
+    radius = torch.sqrt(dx * dx + dy * dy) + 0.5 * math.sqrt(2.0)
+    r = torch.zeros(vertices, dtype=torch.float64).scatter_reduce(0, sector, radius, reduce="amax")
+    theta = torch.arange(vertices, dtype=torch.float64) * (2 * math.pi / vertices)
+    h, w = mask.shape
+    x = (cx + r * torch.sin(theta)).clamp(0, w)
+    y = (cy - r * torch.cos(theta)).clamp(0, h)
+    return torch.stack([x, y], 1).float()
+
+
+def polygon_to_mask(polygon: Tensor, size: tuple[int, int]) -> Tensor:
+    """Rasterise a polygon ``(P, 2)`` (xy pixels) to a boolean ``(H, W)`` mask (even-odd rule at
+    pixel centres)."""
+    h, w = (int(v) for v in size)
+    poly = torch.as_tensor(polygon, dtype=torch.float64).reshape(-1, 2)
+    if poly.shape[0] < 3:
+        return torch.zeros((h, w), dtype=torch.bool)
+    ys = torch.arange(h, dtype=torch.float64)[:, None, None] + 0.5
+    xs = torch.arange(w, dtype=torch.float64)[None, :, None] + 0.5
+    x0, y0 = poly[:, 0], poly[:, 1]
+    x1, y1 = poly.roll(-1, 0)[:, 0], poly.roll(-1, 0)[:, 1]
+    crosses = (y0 > ys) != (y1 > ys)  # (H, 1, P)
+    denom = torch.where(y1 == y0, torch.full_like(y1, 1e-12), y1 - y0)
+    x_at = x0 + (ys - y0) * (x1 - x0) / denom
+    inside = crosses & (xs < x_at)
+    return (inside.sum(-1) % 2) == 1

@@ -38,7 +38,7 @@ def test_llava_matches_the_native_forward(llava_dir):
 
     bb = LlavaBackbone(name_or_path=llava_dir).eval()
     native = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
-    assert (bb.hidden_size, bb.vision_dim, bb.feature_grid, bb.input_size) == (32, 32, (4, 4), 32)
+    assert (bb.hidden_size, bb.vision_width, bb.feature_grid, bb.input_size) == (32, 32, (4, 4), 32)
     assert bb.image_token == "<image>"
     images = torch.randn(2, 3, 32, 32)
     ids, mask = encode(bb.tokenizer, ["a red circle", "the blue square"])

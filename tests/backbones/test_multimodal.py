@@ -12,7 +12,7 @@ from .conftest import encode
 def test_image_tokens_are_spliced_at_the_placeholder(make_backbone):
     bb = make_backbone()
     tok = bb.tokenizer
-    assert (bb.hidden_size, bb.vision_dim, bb.feature_grid, bb.input_size) == (32, 32, (4, 4), 32)
+    assert (bb.hidden_size, bb.vision_width, bb.feature_grid, bb.input_size) == (32, 32, (4, 4), 32)
     assert bb.data_config["input_size"] == 32 and bb.image_token_id == tok.convert_tokens_to_ids("<image>")
     # row 0: placeholder at 1 (right padded); row 1: left padded so the placeholder is at 3
     ids = torch.tensor([[tok.bos_token_id, bb.image_token_id, 5, 6, 0, 0],

@@ -31,12 +31,8 @@ def make_paradigm(backbone: MultimodalBackbone | None = None, **kwargs) -> Atten
     torch.manual_seed(1)
     return AttentionKeypoints(
         backbone=backbone,
-        hidden_size=backbone.hidden_size,
-        vision_dim=backbone.vision_dim,
-        feature_grid=backbone.feature_grid,
-        input_size=backbone.input_size,
         head_channels=16,
-        decoder=SamMaskDecoder(variant="tiny", image_embedding_size=backbone.feature_grid[0], input_image_size=backbone.input_size),
+        mask_decoder=SamMaskDecoder(variant="tiny", image_embedding_size=backbone.feature_grid[0], input_image_size=backbone.input_size),
         **kwargs,
     )
 
@@ -105,7 +101,7 @@ def test_language_image_source_reads_the_frozen_image_token_states(backbone):
     parts = paradigm.loss(batch)
     paradigm.weighted_total(parts).backward()
     assert all(p.grad is None for p in backbone.parameters())
-    assert paradigm.embed[0].weight.grad is not None
+    assert paradigm.mask_head.neck[0].weight.grad is not None
     with pytest.raises(ValueError, match="image_source"):
         make_paradigm(backbone, image_source="pixels")
     with pytest.raises(ValueError, match="paradigm.match_heads needs paradigm.use_image_features"):
@@ -120,7 +116,7 @@ def test_language_image_source_reads_the_frozen_image_token_states(backbone):
     both = split._read(batch)
     assert torch.equal(both.mask_features, out.image_features)
     assert torch.equal(both.image_features, reading.image_features)
-    assert split.embed[0].in_channels == backbone.vision_dim
+    assert split.mask_head.neck[0].in_channels == backbone.vision_width
 
 
 def test_rejects_lora_and_bad_layer_choice(backbone):

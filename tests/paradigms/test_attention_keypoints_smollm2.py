@@ -43,10 +43,8 @@ def test_head_trains_on_frozen_smollm2_and_answers_stay_identical():
     )
     backbone = MultimodalBackbone(vision=vision, language=language)
     paradigm = AttentionKeypoints(
-        backbone=backbone, hidden_size=backbone.hidden_size, vision_dim=backbone.vision_dim,
-        feature_grid=backbone.feature_grid, input_size=backbone.input_size,
-        attention_layers=[-2, -1], head_channels=16,
-        decoder=SamMaskDecoder(variant="tiny", image_embedding_size=backbone.feature_grid[0], input_image_size=backbone.input_size),
+        backbone=backbone, attention_layers=[-2, -1], head_channels=16,
+        mask_decoder=SamMaskDecoder(variant="tiny", image_embedding_size=backbone.feature_grid[0], input_image_size=backbone.input_size),
     )
     assert paradigm.head.attention_in[0].in_channels == 2 * 9  # two layers x SmolLM2's 9 heads
     dm = VLDataModule(

@@ -44,7 +44,7 @@ def make_paradigm(tasks=("rec",), num_keypoints=0, **kwargs):
         kwargs.setdefault("mask_decoder", SamMaskDecoder(variant="tiny"))
     aligner = DenseAligner(
         hidden_size=backbone.hidden_size,
-        vision_dim=backbone.vision_dim,
+        vision_dim=backbone.vision_width,
         feature_grid=backbone.feature_grid,
         grid=(16, 16),
         dim=32,
@@ -263,9 +263,10 @@ def test_seg_and_res_masks_through_the_sam_decoder():
     p = make_paradigm(tasks=("seg", "res"), score_threshold=0.0, max_detections=3)
     batch = next(iter(shapes_loader(p, ("seg", "res"), n=6, batch_size=6)))
     parts = p.loss(batch)
-    assert {"mask", "dice"} <= set(parts) and all(torch.isfinite(v) for v in parts.values())
-    parts["mask"].backward()
-    assert p.mask_proj.weight.grad is not None and p.mask_proj.weight.grad.abs().sum() > 0
+    assert {"mask_bce", "mask_dice"} <= set(parts) and all(torch.isfinite(v) for v in parts.values())
+    parts["mask_bce"].backward()
+    neck = p.mask_head.neck[0]
+    assert neck.weight.grad is not None and neck.weight.grad.abs().sum() > 0
     p.eval()
     with torch.no_grad():
         preds = p.predict(batch)
@@ -280,13 +281,13 @@ def test_mask_decoder_learns_a_box_prompted_mask():
     torch.manual_seed(0)
     p = make_paradigm(tasks=("res",))
     batch = next(iter(shapes_loader(p, ("res",), n=8, batch_size=8)))
-    params = [*p.mask_decoder.parameters(), *p.mask_proj.parameters(), *p.backbone.vision.parameters()]
+    params = [*p.mask_head.parameters(), *p.backbone.vision.parameters()]
     opt = torch.optim.AdamW(params, lr=3e-3)
     losses = []
     for _ in range(25):
         out = p.backbone(images=batch.images, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         parts = p._mask_loss(batch, out)
-        total = parts["mask"] + parts["dice"]
+        total = parts["mask_bce"] + parts["mask_dice"]
         opt.zero_grad()
         total.backward()
         opt.step()

@@ -354,7 +354,7 @@ def test_masks_through_prompt_mlp_and_sam_decoder_with_box_prompt():
     assert {"mask_focal", "mask_dice", "mask_iou", "box_l1"} <= set(parts)
     assert p.loss_weights["mask_focal"] == 2.0 and p.loss_weights["mask_dice"] == 0.5
     p.weighted_total(parts).backward()
-    for head in (p.prompt_mlp, p.mask_decoder.mask_decoder, p.mask_projection):
+    for head in (p.prompt_mlp, p.mask_head.decoder.mask_decoder, p.mask_head.neck):
         assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in head.parameters())
     out = p.backbone(batch.images, batch.input_ids, batch.attention_mask)
     rows, cols = (batch.input_ids == p.trigger_id).nonzero(as_tuple=True)

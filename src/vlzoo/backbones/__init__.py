@@ -3,10 +3,13 @@
 ``MultimodalBackbone(vision=..., language=...)`` composes a vision encoder
 (:class:`TimmVisionEncoder`, :class:`ClipVisionEncoder`, :class:`SamImageEncoder`) with a
 :class:`CausalLM`; :class:`LlavaBackbone` adapts a native transformers LLaVA checkpoint to the
-same interface.  Training policies live in :mod:`vlzoo.backbones.policies`.
+same interface.  Training policies live in :mod:`vlzoo.backbones.policies`.  :class:`Backbone`
+(:mod:`vlzoo.backbones.interface`) is that interface as a typed protocol: the sizes a paradigm
+reads (``hidden_size``, ``vision_width``, ``feature_grid``, ``input_size``) and its passes.
 """
 
 from vlzoo.backbones.generation import DecodingHooks, DecodingState, greedy_decode
+from vlzoo.backbones.interface import Backbone
 from vlzoo.backbones.language import CausalLM, load_tokenizer
 from vlzoo.backbones.llava import LlavaBackbone
 from vlzoo.backbones.multimodal import (
@@ -25,6 +28,7 @@ from vlzoo.backbones.policies import (
 from vlzoo.backbones.vision import ClipVisionEncoder, SamImageEncoder, TimmVisionEncoder, VisionOutput
 
 __all__ = [
+    "Backbone",
     "TimmVisionEncoder",
     "ClipVisionEncoder",
     "SamImageEncoder",

@@ -49,7 +49,7 @@ class DecodingState:
     hidden: Tensor  # (B, D) last-layer hidden state at the newest position
     finished: Tensor  # (B,) rows that have emitted an eos token
     attentions: dict[int, Tensor]  # layer -> (B, heads, T) attention of the newest position (asked layers)
-    image_features: Tensor  # (B, vision_dim, h, w)
+    image_features: Tensor  # (B, vision_width, h, w)
     image_tokens: Tensor  # (B, N, D) projected image tokens
     image_positions: Tensor  # (B, N) expanded indices of the image tokens
     positions: Tensor  # (B, L) expanded index of every prompt id

@@ -101,7 +101,7 @@ class LlavaBackbone(_SplicingBackbone):
         if not isinstance(self.feature_layer, int):
             raise ValueError("LlavaBackbone supports one vision_feature_layer (an int)")
         vision_config = config.vision_config
-        self._vision_dim = int(vision_config.hidden_size)
+        self._vision_width = int(vision_config.hidden_size)
         self._stride = int(vision_config.patch_size)
         self._input_size = int(vision_config.image_size)
         self._mean, self._std = _normalisation(name_or_path, image_mean, image_std, "LlavaBackbone")
@@ -128,14 +128,14 @@ class LlavaBackbone(_SplicingBackbone):
     def _lm_holder(self) -> nn.Module:
         return self.model
 
-    # --- attributes of the layer contract ---------------------------------------------------
+    # --- the backbone interface (vlzoo.backbones.interface.Backbone) ------------------------
     @property
     def hidden_size(self) -> int:
         return int(self._lm().config.text_config.hidden_size)
 
     @property
-    def vision_dim(self) -> int:
-        return self._vision_dim
+    def vision_width(self) -> int:
+        return self._vision_width
 
     @property
     def feature_grid(self) -> tuple[int, int]:

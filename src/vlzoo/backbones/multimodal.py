@@ -70,7 +70,7 @@ class MultimodalOutput:
     attention_mask: Tensor  # (B, T)
     positions: Tensor  # (B, L) expanded index of every input_ids index
     image_positions: Tensor  # (B, N) expanded indices of the image tokens
-    image_features: Tensor  # (B, vision_dim, h, w) vision feature map before the projector
+    image_features: Tensor  # (B, vision_width, h, w) vision feature map before the projector
     image_tokens: Tensor  # (B, N, D) projected image tokens as fed to the LM
     labels: Tensor | None = None  # (B, T) expanded labels
     attentions: dict[int, Tensor] | None = None  # layer -> (B, heads, T, T), when asked
@@ -159,7 +159,7 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def encode_images(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """``(feature_map (B, vision_dim, h, w), image_tokens (B, N, hidden_size))``."""
+        """``(feature_map (B, vision_width, h, w), image_tokens (B, N, hidden_size))``."""
 
     # --- embeddings and special tokens ------------------------------------------------------
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
@@ -649,13 +649,13 @@ class MultimodalBackbone(_SplicingBackbone):
     def _lm_holder(self) -> nn.Module:
         return self.language.model
 
-    # --- attributes of the layer contract ---------------------------------------------------
+    # --- the backbone interface (vlzoo.backbones.interface.Backbone) ------------------------
     @property
     def hidden_size(self) -> int:
         return self.language.hidden_size
 
     @property
-    def vision_dim(self) -> int:
+    def vision_width(self) -> int:
         return int(self.vision.dim)
 
     @property

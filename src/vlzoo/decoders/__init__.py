@@ -1,6 +1,8 @@
 """Decoders: plain ``nn.Module`` heads and the functions around them (no Lightning, no recipes).
 
-Each imports on its own, e.g. ``from vlzoo.decoders import SamMaskDecoder``.
+Each imports on its own, e.g. ``from vlzoo.decoders import SamMaskDecoder``.  The heads several
+paradigms share live here once: :class:`SamPromptHead` (vision features + prompts -> SAM masks,
+one neck for every mask paradigm) and :func:`mask_loss_parts` (one spelling of the mask losses).
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ from vlzoo.decoders.keypoints import (
 )
 from vlzoo.decoders.prompt import PromptMLP, TriggerImageAttention, mask_losses
 from vlzoo.decoders.sam import SAM_DECODER_VARIANTS, SamMaskDecoder
+from vlzoo.decoders.sam_prompt import MASK_LOSS_PARTS, RENAMED_LOSS_PARTS, SamPromptHead, mask_loss_parts
 
 __all__ = [
+    "MASK_LOSS_PARTS",
+    "RENAMED_LOSS_PARTS",
     "SAM_DECODER_VARIANTS",
     "AlignerOutput",
     "AttentionRefinementHead",
@@ -47,6 +52,7 @@ __all__ = [
     "PromptMLP",
     "QueryPooling",
     "SamMaskDecoder",
+    "SamPromptHead",
     "TriggerImageAttention",
     "box_cycle_losses",
     "box_heatmap_targets",
@@ -59,6 +65,7 @@ __all__ = [
     "gaussian_heatmap_targets",
     "heatmap_focal_loss",
     "interior_point",
+    "mask_loss_parts",
     "mask_losses",
     "normalise_boxes",
     "refine_subpixel",

@@ -9,10 +9,11 @@ from __future__ import annotations
 from vlzoo.paradigms.attention_keypoints import AttentionKeypoints, AttentionKeypointsAnswer
 from vlzoo.paradigms.base import BaseParadigm, to_original, warmup_cosine
 from vlzoo.paradigms.catalog import PARADIGMS, list_paradigms, support_matrix
+from vlzoo.paradigms.grammar import GrammarConstraint
 from vlzoo.paradigms.heatmap import HeatmapMatching, LumenAnswerFormat
 from vlzoo.paradigms.language_modeling import LanguageModeling
 from vlzoo.paradigms.pixel2emb import EmbeddingAnswerFormat, Pixel2Emb
-from vlzoo.paradigms.pixel2seq import GrammarConstraint, Pixel2Seq, Pixel2SeqAnswerFormat
+from vlzoo.paradigms.pixel2seq import Pixel2Seq, Pixel2SeqAnswerFormat
 
 __all__ = [
     "PARADIGMS",

@@ -27,21 +27,29 @@ frozen LMM (:meth:`AttentionKeypoints.load_head` checks a fingerprint of it).
 
 A frozen *randomly initialised* LMM has meaningless attention: the recipe starts from a stage-0
 checkpoint (``backbone.checkpoint=``, trained with ``paradigms/language_modeling.py``).
+
+Shared, not LENS's own: the SAM prompt head (:class:`~vlzoo.decoders.SamPromptHead`: neck,
+prompt scaling, decoder, multimask choice, upsampling - this paradigm only chooses its prompts,
+a keypoint as a point and its descriptor tokens), the mask loss names (``mask_bce``,
+``mask_dice``, ``mask_iou``) and the sizes (all from the backbone interface,
+:class:`~vlzoo.backbones.Backbone`).  LENS's own: reading the frozen LMM's attention, the
+refinement head, keypoint extraction, point descriptors and the box-projection loss.  Head
+files written before the shared head (``embed.*`` / ``decoder.*``, now ``mask_head.neck.*`` /
+``mask_head.decoder.*``) do not load (:meth:`AttentionKeypoints.load_head` says so).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import masks_to_boxes
 
+from vlzoo.backbones.interface import Backbone, check_backbone
 from vlzoo.data.answers import AnswerFormat
 from vlzoo.decoders.heatmap import gaussian_heatmap_targets, heatmap_focal_loss
 from vlzoo.decoders.keypoints import (
@@ -53,8 +61,8 @@ from vlzoo.decoders.keypoints import (
     interior_point,
     text_to_image_attention,
 )
-from vlzoo.decoders.prompt import mask_losses
 from vlzoo.decoders.sam import SamMaskDecoder
+from vlzoo.decoders.sam_prompt import SamPromptHead, mask_loss_parts
 from vlzoo.paradigms.base import BaseParadigm, OptimizerFactory, SchedulerFactory
 from vlzoo.structures import CATEGORY_TASKS, Batch, Predictions, Sample, Targets
 from vlzoo.weights import load_weights
@@ -94,13 +102,13 @@ class AttentionKeypoints(BaseParadigm):
     Args:
         backbone: the frozen ``MultimodalBackbone`` (injected); it is frozen here whatever its
             own ``freeze_*`` settings say; LoRA on it is an error.
-        decoder: a :class:`~vlzoo.decoders.sam.SamMaskDecoder` (``variant: tiny`` for CPU,
+            Every size comes from the backbone (:class:`~vlzoo.backbones.Backbone`).
+        mask_decoder: a :class:`~vlzoo.decoders.sam.SamMaskDecoder` (``variant: tiny`` for CPU,
             ``vit_h`` + ``checkpoint`` for SAM's own); default the tiny one sized to the
-            backbone.  Vision features are projected to its ``embed_dim`` and resized to its
-            ``image_embedding_size``; keypoints are given in its ``input_image_size`` pixels.
+            backbone.  It is wrapped in the shared :class:`~vlzoo.decoders.SamPromptHead`
+            (``self.mask_head``), prompted with each keypoint and its descriptor tokens.
         multimask: ask SAM for its three masks and keep the one of highest predicted IoU
             (SAM's answer to an ambiguous single click) instead of the single-mask output.
-        hidden_size, vision_dim, feature_grid, input_size: injected from the backbone.
         attention_layers: LM layers whose attention is read (negative counts from the end;
             default every layer).
         attention_heads: heads kept in every chosen layer (default all).
@@ -134,17 +142,13 @@ class AttentionKeypoints(BaseParadigm):
     def __init__(
         self,
         *,
-        backbone: nn.Module | None = None,
-        decoder: SamMaskDecoder | None = None,
+        backbone: Backbone,
+        mask_decoder: SamMaskDecoder | None = None,
         evaluator: Any | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         loss_weights: dict[str, float] | None = None,
         tasks: list[str] | None = None,
-        hidden_size: int = 64,
-        vision_dim: int = 64,
-        feature_grid: Sequence[int] = (8, 8),
-        input_size: int = 64,
         attention_layers: list[int] | None = None,
         attention_heads: list[int] | None = None,
         use_image_features: bool = True,
@@ -162,8 +166,7 @@ class AttentionKeypoints(BaseParadigm):
         mask_threshold: float = 0.0,
         multimask: bool = False,
     ) -> None:
-        if backbone is None:
-            raise ValueError("paradigm 'attention_keypoints' needs a backbone: it reads a frozen LMM")
+        check_backbone(backbone, self.name)
         if getattr(backbone, "peft_model", None) is not None:
             raise ValueError(
                 "paradigm 'attention_keypoints' keeps the LMM frozen: remove backbone.lora from the recipe"
@@ -201,8 +204,9 @@ class AttentionKeypoints(BaseParadigm):
         if not heads or any(not 0 <= h < num_heads for h in heads):
             raise ValueError(f"paradigm.attention_heads {attention_heads} must name heads of the {num_heads}-head LM")
         self.attention_heads = heads
-        self.feature_grid = (int(feature_grid[0]), int(feature_grid[1]))
-        self.input_size = int(input_size)
+        hidden_size, vision_width = int(backbone.hidden_size), int(backbone.vision_width)
+        self.feature_grid = (int(backbone.feature_grid[0]), int(backbone.feature_grid[1]))
+        self.input_size = int(backbone.input_size)
         self.heatmap_upsample = heatmap_upsample
         self.min_radius = min_radius
         self.refine = refine
@@ -212,8 +216,8 @@ class AttentionKeypoints(BaseParadigm):
         self.mask_threshold = mask_threshold
         self.image_source = image_source
         self.mask_source = mask_source
-        feature_dim = vision_dim if image_source == "vision" else hidden_size
-        mask_dim = vision_dim if mask_source == "vision" else hidden_size
+        feature_dim = vision_width if image_source == "vision" else hidden_size
+        mask_dim = vision_width if mask_source == "vision" else hidden_size
         self.pooling = QueryPooling(hidden_size=hidden_size)
         self.head = AttentionRefinementHead(
             in_channels=len(self.attention_layers) * len(heads),
@@ -225,20 +229,18 @@ class AttentionKeypoints(BaseParadigm):
             match_heads=match_heads,
         )
         self.multimask = multimask
-        if decoder is None:
-            decoder = SamMaskDecoder(
+        if mask_decoder is None:
+            mask_decoder = SamMaskDecoder(
                 variant="tiny", image_embedding_size=self.feature_grid[0], input_image_size=self.input_size
             )
-        self.decoder = decoder
-        dim = decoder.embed_dim
-        # the frozen vision features as SAM image embeddings (SAM's neck ends with a LayerNorm)
-        self.embed = nn.Sequential(nn.Conv2d(mask_dim, dim, 1), nn.GroupNorm(1, dim))
+        self.mask_head = SamPromptHead(decoder=mask_decoder, feature_dim=mask_dim, input_size=self.input_size)
+        dim = self.mask_head.embed_dim
         self.descriptor = PointDescriptor(
             embed_dim=dim,
             vision_dim=feature_dim,
             query_dim=hidden_size,
             num_heads=max(1, min(4, dim // 16)),
-            positional_encoding=decoder.prompt_encoder.pe_layer,
+            positional_encoding=mask_decoder.prompt_encoder.pe_layer,
         )
 
     # ------------------------------------------------------------------ the frozen LMM
@@ -316,22 +318,12 @@ class AttentionKeypoints(BaseParadigm):
         feats = reading.image_features[sample_index]
         norm = (points / torch.tensor([w, h], dtype=points.dtype, device=points.device)).clamp(0, 1)
         extra = self.descriptor(norm[:, None], feats, reading.semantic[sample_index])
-        embeddings = self.embed(reading.mask_features[sample_index])
-        if tuple(embeddings.shape[-2:]) != tuple(self.decoder.image_embedding_size):
-            embeddings = F.interpolate(
-                embeddings, size=self.decoder.image_embedding_size, mode="bilinear", align_corners=False
-            )
-        coords = norm[:, None] * self.decoder.input_image_size  # SAM's pixels
-        labels = torch.ones(coords.shape[:2], dtype=torch.long, device=coords.device)
-        low, iou = self.decoder(
-            embeddings, points=(coords, labels), sparse_embeddings=extra, multimask_output=self.multimask
+        return self.mask_head(
+            reading.mask_features[sample_index],
+            points=norm[:, None] * self.input_size,
+            sparse_embeddings=extra,
+            multimask=self.multimask,
         )
-        if self.multimask:
-            best = iou.argmax(dim=1)
-            rows = torch.arange(low.shape[0], device=low.device)
-            low, iou = low[rows, best][:, None], iou[rows, best][:, None]
-        logits = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-        return logits, iou[:, 0]
 
     # ------------------------------------------------------------------ the paradigm contract
     def loss(self, batch: Batch) -> dict[str, Tensor]:
@@ -354,8 +346,7 @@ class AttentionKeypoints(BaseParadigm):
         if masked:
             rows = torch.tensor([r for r, _, _ in masked], device=logits.device)
             gt = torch.stack([batch.targets[i].masks[k] for _, i, k in masked]).to(logits.device)
-            m = mask_losses(logits[rows], gt, iou_pred=iou[rows])
-            parts.update({"mask_bce": m["bce"], "mask_dice": m["dice"], "mask_iou": m["iou"]})
+            parts.update(mask_loss_parts(logits[rows], gt, iou_pred=iou[rows]))
         else:
             parts.update({"mask_bce": zero, "mask_dice": zero, "mask_iou": zero})
         if boxed:
@@ -455,7 +446,13 @@ class AttentionKeypoints(BaseParadigm):
                 f"{path}: the head was trained on a different frozen LMM (fingerprint mismatch); "
                 "build the backbone from the same checkpoint (backbone.checkpoint=...)"
             )
-        missing, unexpected = self.load_state_dict(blob["state_dict"], strict=False)
+        state = blob["state_dict"]
+        if any(k.startswith(("embed.", "decoder.")) for k in state):
+            raise ValueError(
+                f"{path}: a head file written before the shared SAM prompt head (weights 'embed.*' / "
+                "'decoder.*', now 'mask_head.neck.*' / 'mask_head.decoder.*'); train and save the head again"
+            )
+        missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:
             raise ValueError(f"{path}: head does not fit this paradigm: missing {missing}, unexpected {unexpected}")

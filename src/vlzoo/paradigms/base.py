@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from vlzoo.data.answers import AnswerFormat
+from vlzoo.decoders.sam_prompt import RENAMED_LOSS_PARTS
 from vlzoo.structures import Batch, Predictions
 
 __all__ = ["BaseParadigm", "to_original", "warmup_cosine"]
@@ -88,7 +89,8 @@ class BaseParadigm(L.LightningModule):
         scheduler: a partial scheduler taking the optimizer (``total_steps`` filled when the
             factory accepts it and the recipe left it out); stepped every optimizer step.
         loss_weights: weight per loss part name (parts not named weigh 1.0); naming a part
-            the paradigm does not produce is an error.
+            the paradigm does not produce is an error, and so is a former spelling
+            (:data:`~vlzoo.decoders.RENAMED_LOSS_PARTS`, e.g. ``mask`` -> ``mask_bce``).
         tasks: the tasks this run evaluates (default: the evaluator's, else every supported task).
         max_new_tokens: generation budget for paradigms that generate.
         use_cache: generate with the KV cache; ``False`` re-runs the whole sequence at every
@@ -119,6 +121,14 @@ class BaseParadigm(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.loss_weights = dict(loss_weights or {})
+        renamed = {k: RENAMED_LOSS_PARTS[k] for k in self.loss_weights if k in RENAMED_LOSS_PARTS}
+        if renamed:
+            raise ValueError(
+                "paradigm.loss_weights: "
+                + ", ".join(f"'{old}' is now '{new}'" for old, new in renamed.items())
+                + " (the mask loss parts have one spelling in every paradigm: mask_bce / mask_focal, "
+                "mask_dice, mask_iou); rename the key(s) in the recipe"
+            )
         self.max_new_tokens = max_new_tokens
         self.use_cache = bool(use_cache)
         self._checked_weights = False

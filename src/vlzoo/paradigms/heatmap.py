@@ -21,6 +21,14 @@ teacher-forced forward pass (no generation), which is exact and fast; ``route="g
 decodes the sentence first, as the model would be used in a chat, in the backbone's shared
 KV-cached loop (:func:`~vlzoo.backbones.generation.greedy_decode`), whose pass over ``[LOC]``
 gives its state - no second pass over the answer.
+
+Shared, not Lumen's own: the SAM prompt head (:class:`~vlzoo.decoders.SamPromptHead`: neck,
+prompt scaling, decoder, upsampling - this paradigm only chooses its prompts, each box and its
+centre), the mask loss names (``mask_bce``, ``mask_dice``) and the sizes (all from the backbone
+interface, :class:`~vlzoo.backbones.Backbone`).  Lumen's own: the answer sentence, the aligner's
+heatmaps and the task decoders.  Checkpoints written before the shared head (a bare 1x1
+``mask_proj``) do not load into this module: their mask weights are ``mask_proj.*`` /
+``mask_decoder.*``, now ``mask_head.neck.*`` / ``mask_head.decoder.*``.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlzoo.backbones.generation import DecodingHooks, DecodingState
+from vlzoo.backbones.interface import Backbone, check_backbone
 from vlzoo.data.answers import AnswerFormat
 from vlzoo.decoders.aligner import AlignerOutput, DenseAligner
 from vlzoo.decoders.heatmap import (
@@ -43,7 +52,7 @@ from vlzoo.decoders.heatmap import (
     heatmap_focal_loss,
     refine_subpixel,
 )
-from vlzoo.decoders.prompt import mask_losses
+from vlzoo.decoders.sam_prompt import SamPromptHead, mask_loss_parts
 from vlzoo.paradigms.base import BaseParadigm
 from vlzoo.structures import CATEGORY_TASKS, Batch, Predictions, Sample, Targets
 
@@ -105,14 +114,14 @@ class HeatmapMatching(BaseParadigm):
     Args:
         backbone, evaluator, optimizer, scheduler, loss_weights, tasks, max_new_tokens, use_cache: see
             :class:`~vlzoo.paradigms.BaseParadigm`.  Loss parts: ``lm``, ``heatmap``, ``size``,
-            ``keypoints`` (with keypoint queries), ``mask`` (BCE) and ``dice`` (with a mask decoder).
+            ``keypoints`` (with keypoint queries), ``mask_bce`` and ``mask_dice`` (with a mask
+            decoder).  The backbone (required) gives every size.
         aligner: a built :class:`~vlzoo.decoders.DenseAligner` / :class:`~vlzoo.decoders.ConvAligner`
             (default: a ``DenseAligner`` on the backbone's grid).
-        mask_decoder: a built :class:`~vlzoo.decoders.SamMaskDecoder` for seg / res: each
-            predicted box and its centre prompt it over the backbone's vision features, projected
-            by the paradigm to the decoder's ``embed_dim``.
+        mask_decoder: a built :class:`~vlzoo.decoders.SamMaskDecoder` for seg / res, wrapped in
+            the shared :class:`~vlzoo.decoders.SamPromptHead` (``self.mask_head``) over the
+            backbone's vision features: each predicted box and its centre prompt it.
         max_mask_prompts: ground-truth instances per batch that train the mask decoder.
-        hidden_size, vision_dim, feature_grid, input_size: injected from the backbone.
         answer_template: the answer sentence (``{loc}``, ``{task}``); the default is Lumen's.
         route: ``"given"`` (decode by the sample's task, ``[LOC]`` from a teacher-forced pass) or
             ``"generated"`` (generate the answer, route by the emitted task token).
@@ -136,14 +145,10 @@ class HeatmapMatching(BaseParadigm):
     def __init__(
         self,
         *,
-        backbone: nn.Module | None = None,
+        backbone: Backbone,
         aligner: nn.Module | None = None,
         mask_decoder: nn.Module | None = None,
         max_mask_prompts: int = 32,
-        hidden_size: int | None = None,
-        vision_dim: int | None = None,
-        feature_grid: tuple[int, int] | None = None,
-        input_size: int | None = None,
         answer_template: str = DEFAULT_ANSWER,
         route: str = "given",
         max_detections: int = 20,
@@ -161,6 +166,7 @@ class HeatmapMatching(BaseParadigm):
         max_new_tokens: int = 24,
         use_cache: bool = True,
     ) -> None:
+        check_backbone(backbone, self.name)
         if route not in ("given", "generated"):
             raise ValueError(f"paradigm.route must be 'given' or 'generated', got {route!r}")
         if refine not in (None, "quadratic", "soft_argmax"):
@@ -179,35 +185,23 @@ class HeatmapMatching(BaseParadigm):
             max_new_tokens=max_new_tokens,
             use_cache=use_cache,
         )
-        if backbone is not None:
-            hidden_size = hidden_size or int(backbone.hidden_size)
-            vision_dim = vision_dim or int(backbone.vision_dim)
-            feature_grid = feature_grid or tuple(backbone.feature_grid)
+        feature_grid = (int(backbone.feature_grid[0]), int(backbone.feature_grid[1]))
         if aligner is None:
-            if hidden_size is None or vision_dim is None:
-                raise ValueError(
-                    "HeatmapMatching needs a backbone (or hidden_size and vision_dim) to build its aligner"
-                )
-            aligner = DenseAligner(hidden_size=hidden_size, vision_dim=vision_dim, feature_grid=feature_grid)
+            aligner = DenseAligner(
+                hidden_size=int(backbone.hidden_size), vision_dim=int(backbone.vision_width), feature_grid=feature_grid
+            )
         self.aligner = aligner
-        self.mask_decoder = mask_decoder
         self.max_mask_prompts = int(max_mask_prompts)
-        if mask_decoder is not None:
-            if vision_dim is None:
-                raise ValueError(
-                    "HeatmapMatching needs a backbone (or vision_dim) to project features for its mask decoder"
-                )
-            for attr in ("embed_dim", "image_embedding_size", "input_image_size"):
-                if not hasattr(mask_decoder, attr):
-                    raise ValueError(
-                        f"paradigm.mask_decoder ({type(mask_decoder).__name__}) has no '{attr}': use "
-                        "vlzoo.decoders.SamMaskDecoder or a module with its interface"
-                    )
-            # SAM's decoder reads its own embedding space: a learned projection of the vision features
-            self.mask_proj = nn.Conv2d(int(vision_dim), int(mask_decoder.embed_dim), 1)
-        self.feature_grid = None if feature_grid is None else tuple(int(v) for v in feature_grid)
+        self.mask_head = (
+            None
+            if mask_decoder is None
+            else SamPromptHead(
+                decoder=mask_decoder, feature_dim=int(backbone.vision_width), input_size=int(backbone.input_size)
+            )
+        )
+        self.feature_grid = feature_grid
         needs_masks = [t for t in self.tasks if t in ("seg", "res")]
-        if needs_masks and mask_decoder is None:
+        if needs_masks and self.mask_head is None:
             raise ValueError(
                 f"tasks {needs_masks} need masks: set paradigm.mask_decoder (e.g. vlzoo.decoders.SamMaskDecoder)"
             )
@@ -266,7 +260,7 @@ class HeatmapMatching(BaseParadigm):
         if getattr(self.aligner, "image_source", "vision") == "vision":
             return out.image_features
         tokens = out.image_hidden_states()
-        h, w = self.feature_grid or out.image_features.shape[-2:]
+        h, w = self.feature_grid
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
 
     def match(self, batch: Batch) -> tuple[Any, AlignerOutput]:
@@ -306,7 +300,7 @@ class HeatmapMatching(BaseParadigm):
         k = maps.keypoints.shape[1]
         if k:
             parts["keypoints"] = self._keypoint_loss(batch, maps, device)
-        if self.mask_decoder is not None:
+        if self.mask_head is not None:
             parts.update(self._mask_loss(batch, out))
         return parts
 
@@ -353,27 +347,14 @@ class HeatmapMatching(BaseParadigm):
         return heatmap_focal_loss(maps.keypoints[rows], target)
 
     # ------------------------------------------------------------------ masks
-    def _mask_embeddings(self, out: Any, rows: Sequence[int]) -> Tensor:
-        """Image embeddings of the mask decoder: the vision feature map of ``rows`` at the
-        decoder's grid, through the paradigm's own 1x1 projection to its ``embed_dim``."""
+    def _decode_masks(self, out: Any, rows: Sequence[int], boxes: Tensor) -> tuple[Tensor, Tensor]:
+        """Mask logits ``(N, H, W)`` at the input size and predicted IoUs ``(N,)``: the shared
+        SAM prompt head over the vision features of ``rows``, prompted with one box and its
+        centre (a foreground point) per row - Lumen's prompts."""
         feats = out.image_features[list(rows)].float()
-        size = tuple(self.mask_decoder.image_embedding_size)
-        if tuple(feats.shape[-2:]) != size:
-            feats = F.interpolate(feats, size=size, mode="bilinear", align_corners=False)
-        return self.mask_proj(feats)
-
-    def _decode_masks(
-        self, embeddings: Tensor, boxes: Tensor, input_size: tuple[int, int]
-    ) -> tuple[Tensor, Tensor]:
-        """Mask logits ``(N, H, W)`` at the input size and predicted IoUs ``(N,)`` for one box
-        (and its centre as a foreground point) per row of ``embeddings``."""
-        scale = self.mask_decoder.input_image_size / float(max(input_size))
-        prompt_boxes = boxes.to(embeddings) * scale
-        centres = ((prompt_boxes[:, :2] + prompt_boxes[:, 2:]) / 2).unsqueeze(1)
-        labels = torch.ones(centres.shape[:2], device=embeddings.device, dtype=torch.long)
-        logits, iou = self.mask_decoder(embeddings, points=(centres, labels), boxes=prompt_boxes)
-        logits = F.interpolate(logits, size=input_size, mode="bilinear", align_corners=False)
-        return logits[:, 0], iou[:, 0]
+        boxes = boxes.to(feats)
+        centres = ((boxes[:, :2] + boxes[:, 2:]) / 2).unsqueeze(1)
+        return self.mask_head(feats, boxes=boxes, points=centres)
 
     def _mask_loss(self, batch: Batch, out: Any) -> dict[str, Tensor]:
         """SAM-style training of the mask decoder: every ground-truth instance of a seg / res
@@ -388,16 +369,12 @@ class HeatmapMatching(BaseParadigm):
                     rows.append(i)
                     boxes.append(t.boxes[n])
                     masks.append(t.masks[n])
-        params = [*self.mask_decoder.parameters(), *self.mask_proj.parameters()]
         if not rows:
-            zero = sum(q.sum() * 0.0 for q in params)
-            return {"mask": zero, "dice": zero}
+            zero = sum(q.sum() * 0.0 for q in self.mask_head.parameters())
+            return {"mask_bce": zero, "mask_dice": zero}
         device = out.image_features.device
-        logits, _ = self._decode_masks(
-            self._mask_embeddings(out, rows), torch.stack(boxes).to(device), batch.input_size
-        )
-        parts = mask_losses(logits, torch.stack(masks).to(device))
-        return {"mask": parts["bce"], "dice": parts["dice"]}
+        logits, _ = self._decode_masks(out, rows, torch.stack(boxes).to(device))
+        return mask_loss_parts(logits, torch.stack(masks).to(device))
 
     def _masks(
         self, out: Any, index: int, boxes: Tensor, input_size: tuple[int, int]
@@ -405,8 +382,7 @@ class HeatmapMatching(BaseParadigm):
         """``(N, H, W)`` bool masks and IoU scores of one sample's predicted boxes."""
         if boxes.shape[0] == 0:
             return torch.zeros((0, *input_size), dtype=torch.bool), torch.zeros(0)
-        embeddings = self._mask_embeddings(out, [index] * boxes.shape[0])
-        logits, iou = self._decode_masks(embeddings, boxes.to(embeddings.device), input_size)
+        logits, iou = self._decode_masks(out, [index] * boxes.shape[0], boxes.to(out.image_features.device))
         return (logits > 0).cpu(), iou.detach().float().clamp(0, 1).cpu()
 
     # ------------------------------------------------------------------ inference

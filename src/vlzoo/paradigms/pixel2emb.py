@@ -27,6 +27,16 @@ The method, in the order one batch meets it:
 Loss parts (weights in ``loss_weights``; defaults in :data:`DEFAULT_LOSS_WEIGHTS`): ``lm``,
 ``box_l1``, ``box_giou``, ``cycle_embedding``, ``cycle_box``, ``mask_bce`` or ``mask_focal``,
 ``mask_dice``, ``mask_iou`` - only the parts of the heads a recipe configures.
+
+Shared, not pixel2emb's own: the SAM prompt head (:class:`~vlzoo.decoders.SamPromptHead`: neck,
+prompt scaling, decoder, upsampling - this paradigm only chooses its prompts, the trigger's
+``PromptMLP`` tokens and optionally the decoded box), the mask loss names, the order of the
+objects of an answer (:func:`vlzoo.structures.answer_order`) and the sizes (all from the backbone
+interface, :class:`~vlzoo.backbones.Backbone`).  pixel2emb's own: the trigger / ``<loc>``
+answers, box embeddings as input, the box heads and cycle losses, refocusing, crop references
+and the NExT-Chat decoding hooks.  Checkpoints written before the shared head
+(``mask_projection.*`` / ``mask_decoder.*``, now ``mask_head.neck.*`` / ``mask_head.decoder.*``)
+do not load into this module.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlzoo.backbones.generation import DecodingHooks, DecodingState
+from vlzoo.backbones.interface import Backbone, check_backbone
 from vlzoo.data.answers import AnswerFormat
 from vlzoo.decoders.box import (
     BoxDecoder,
@@ -48,10 +59,11 @@ from vlzoo.decoders.box import (
     denormalise_boxes,
     normalise_boxes,
 )
-from vlzoo.decoders.prompt import PromptMLP, TriggerImageAttention, mask_losses
+from vlzoo.decoders.prompt import PromptMLP, TriggerImageAttention
 from vlzoo.decoders.sam import SamMaskDecoder
+from vlzoo.decoders.sam_prompt import SamPromptHead, mask_loss_parts
 from vlzoo.paradigms.base import BaseParadigm, OptimizerFactory, SchedulerFactory
-from vlzoo.structures import CATEGORY_TASKS, Batch, Predictions, Sample
+from vlzoo.structures import CATEGORY_TASKS, Batch, Predictions, Sample, answer_order
 
 __all__ = [
     "EmbeddingAnswerFormat",
@@ -78,17 +90,6 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
 
 _MASK_TASKS = ("res", "seg")
 _BOX_TASKS = ("rec", "det", "res", "seg")
-
-
-def answer_order(boxes: Tensor) -> list[int]:
-    """The order objects are written in an answer: top-to-bottom, then left-to-right, of the box
-    centres (a fixed order makes several triggers a deterministic target sequence)."""
-    if boxes.shape[0] == 0:
-        return []
-    cx = (boxes[:, 0] + boxes[:, 2]) / 2
-    cy = (boxes[:, 1] + boxes[:, 3]) / 2
-    keys = sorted(range(boxes.shape[0]), key=lambda i: (round(float(cy[i]), 1), round(float(cx[i]), 1), i))
-    return keys
 
 
 class EmbeddingAnswerFormat(AnswerFormat):
@@ -230,7 +231,8 @@ class Pixel2Emb(BaseParadigm):
     """Trigger-token embeddings decoded into boxes and masks (NExT-Chat, LISA, AnyRef).
 
     Args:
-        backbone: the ``MultimodalBackbone`` (injected).
+        backbone: the backbone (:class:`~vlzoo.backbones.Backbone`; injected); every size comes
+            from it.
         answer_format: an :class:`EmbeddingAnswerFormat` (default NExT-Chat style).
         box_decoder: :class:`BoxDecoder` (needed for rec / det).
         box_encoder: :class:`BoxEncoder` (needed when ``<loc>`` is written: boxes as input).
@@ -238,8 +240,9 @@ class Pixel2Emb(BaseParadigm):
             the heads (off by default, as in the papers; see docs/paradigms/pixel2emb.md).
         prompt_mlp: :class:`PromptMLP` to the mask decoder's sparse prompt (built from the mask
             decoder's width when a mask decoder is given without one).
-        mask_decoder: a :class:`~vlzoo.decoders.sam.SamMaskDecoder` (needed for res / seg); the
-            backbone's vision features are projected (1x1 conv) to its width and grid.
+        mask_decoder: a :class:`~vlzoo.decoders.sam.SamMaskDecoder` (needed for res / seg),
+            wrapped in the shared :class:`~vlzoo.decoders.SamPromptHead` (``self.mask_head``)
+            over the backbone's vision features.
         box_prompt: also give the decoded box to the mask decoder as its box prompt (NExT-Chat).
         mask_loss: ``"bce"`` (LISA) or ``"focal"`` (SAM / NExT-Chat).
         cycle: compute the two cycle losses (needs both box heads).
@@ -257,7 +260,7 @@ class Pixel2Emb(BaseParadigm):
     def __init__(
         self,
         *,
-        backbone: nn.Module | None = None,
+        backbone: Backbone,
         answer_format: EmbeddingAnswerFormat | None = None,
         box_decoder: BoxDecoder | None = None,
         box_encoder: BoxEncoder | None = None,
@@ -278,6 +281,7 @@ class Pixel2Emb(BaseParadigm):
         max_new_tokens: int = 32,
         use_cache: bool = True,
     ) -> None:
+        check_backbone(backbone, self.name)
         fmt = answer_format if answer_format is not None else EmbeddingAnswerFormat()
         if mask_loss not in ("bce", "focal"):
             raise ValueError(f"paradigm.mask_loss must be 'bce' or 'focal', got {mask_loss!r}")
@@ -305,18 +309,19 @@ class Pixel2Emb(BaseParadigm):
         self.box_decoder = box_decoder
         self.box_encoder = box_encoder
         self.image_attention = image_attention
-        self.mask_decoder = mask_decoder
         if mask_decoder is not None and prompt_mlp is None:
-            prompt_mlp = PromptMLP(hidden_size=self._hidden_size(), prompt_dim=int(mask_decoder.embed_dim))
+            prompt_mlp = PromptMLP(hidden_size=int(backbone.hidden_size), prompt_dim=int(mask_decoder.embed_dim))
         self.prompt_mlp = prompt_mlp
         self.box_prompt = box_prompt and box_decoder is not None
-        self.mask_projection = None
-        if mask_decoder is not None:
-            vision_dim = int(self.backbone.vision_dim)
-            dim = int(mask_decoder.embed_dim)
-            # the LMM's vision features stand in for SAM's image embedding (LISA keeps SAM's own
-            # ViT-H encoder; with a SAM encoder as the backbone's vision tower this is 256 -> 256)
-            self.mask_projection = nn.Sequential(nn.Conv2d(vision_dim, dim, 1), nn.GroupNorm(1, dim))
+        # the LMM's vision features stand in for SAM's image embedding (LISA keeps SAM's own
+        # ViT-H encoder; with a SAM encoder as the backbone's vision tower this is 256 -> 256)
+        self.mask_head = (
+            None
+            if mask_decoder is None
+            else SamPromptHead(
+                decoder=mask_decoder, feature_dim=int(backbone.vision_width), input_size=int(backbone.input_size)
+            )
+        )
         self.mask_loss = mask_loss
         self.cycle = self._head_parts["cycle"]
         self.refocus_lambda = float(refocus_lambda)
@@ -353,11 +358,6 @@ class Pixel2Emb(BaseParadigm):
                 "answer_format.box_after_trigger needs paradigm.box_decoder (the <loc> after a trigger "
                 "carries the decoded box); set box_after_trigger: false for a mask-only ([SEG]) recipe"
             )
-
-    def _hidden_size(self) -> int:
-        if self.backbone is None:
-            raise ValueError("pixel2emb needs a backbone")
-        return int(self.backbone.hidden_size)
 
     # ------------------------------------------------------------------ input embeddings
     def _prompt_boxes(self, batch: Batch, row: int) -> Tensor:
@@ -418,7 +418,7 @@ class Pixel2Emb(BaseParadigm):
 
     def _crop_tokens(self, batch: Batch, crops: list[tuple[int, Tensor]]) -> Tensor:
         if not crops:
-            return torch.zeros(0, self._hidden_size(), device=batch.images.device)
+            return torch.zeros(0, int(self.backbone.hidden_size), device=batch.images.device)
         fmt: EmbeddingAnswerFormat = self.answer_format  # type: ignore[assignment]
         rows = torch.cat([torch.full((len(b),), r, dtype=torch.long) for r, b in crops]).to(batch.images.device)
         boxes = torch.cat([b for _, b in crops])
@@ -509,25 +509,15 @@ class Pixel2Emb(BaseParadigm):
         return hidden, weights
 
     def decode_masks(self, out: Any, rows: Tensor, states: Tensor, boxes: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Mask logits ``(N, S, S)`` at the network-input size and predicted IoU ``(N,)``.
-
-        The vision features are projected to the SAM decoder's width and grid; the prompt MLP's
-        tokens are its extra sparse prompt, and the decoded box (ordered corners, in the
-        decoder's ``input_image_size`` pixels) its box prompt when ``box_prompt`` is on."""
-        sam = self.mask_decoder
-        embeddings = self.mask_projection(out.image_features[rows].to(states.dtype))
-        if tuple(embeddings.shape[-2:]) != tuple(sam.image_embedding_size):
-            embeddings = F.interpolate(embeddings, size=sam.image_embedding_size, mode="bilinear", align_corners=False)
+        """Mask logits ``(N, S, S)`` at the network-input size and predicted IoU ``(N,)``: the
+        shared SAM prompt head over the vision features of ``rows``, prompted with the prompt
+        MLP's tokens (extra sparse prompt) and, when ``box_prompt`` is on, the decoded box
+        (ordered corners, not a path for gradients) - pixel2emb's prompts."""
         box_prompt = None
         if self.box_prompt and boxes is not None:
-            side = float(sam.input_image_size)
+            side = float(self.mask_head.input_size)
             box_prompt = denormalise_boxes(boxes.detach(), (side, side))
-        logits, iou = sam(embeddings, boxes=box_prompt, sparse_embeddings=self.prompt_mlp(states).to(embeddings.dtype))
-        logits, iou = logits[:, 0], iou[:, 0]
-        side = int(self.backbone.input_size)
-        if logits.shape[-2:] != (side, side):
-            logits = F.interpolate(logits[:, None], size=(side, side), mode="bilinear", align_corners=False)[:, 0]
-        return logits, iou
+        return self.mask_head(out.image_features[rows], boxes=box_prompt, sparse_embeddings=self.prompt_mlp(states))
 
     # ------------------------------------------------------------------ training
     def _answer_keys(self, out: Any, labels: Tensor, special: Tensor, rows: Tensor, cols: Tensor) -> list[Tensor]:
@@ -580,7 +570,7 @@ class Pixel2Emb(BaseParadigm):
                 boxes = torch.cat([tgt.to(states.dtype)] + [p.to(states.dtype) for p in prompt])
                 cyc = box_cycle_losses(self.box_encoder, self.box_decoder, hidden=states, decoded=decoded, boxes=boxes)
                 parts.update({f"cycle_{k}": v for k, v in cyc.items()})
-        if self.mask_decoder is not None:
+        if self.mask_head is not None:
             parts.update(self._mask_loss(batch, out, rows, states, decoded))
         return parts
 
@@ -588,13 +578,12 @@ class Pixel2Emb(BaseParadigm):
         masks = [self._target_masks(batch, r) for r in range(len(batch))]
         keep = torch.tensor([masks[r] is not None for r in rows.tolist()], dtype=torch.bool, device=rows.device)
         if not bool(keep.any()):
-            zero = sum(p.sum() * 0.0 for p in [*self.prompt_mlp.parameters(), *self.mask_decoder.parameters()])
+            zero = sum(p.sum() * 0.0 for p in [*self.prompt_mlp.parameters(), *self.mask_head.parameters()])
             zero = zero + states.sum() * 0.0
             return {f"mask_{self.mask_loss}": zero, "mask_dice": zero, "mask_iou": zero}
         logits, iou = self.decode_masks(out, rows[keep], states[keep], None if decoded is None else decoded[keep])
         target = torch.cat([m for m in masks if m is not None])
-        parts = mask_losses(logits, target.bool(), iou_pred=iou, kind=self.mask_loss)
-        return {f"mask_{k}": v for k, v in parts.items()}
+        return mask_loss_parts(logits, target.bool(), iou_pred=iou, kind=self.mask_loss)
 
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
@@ -632,7 +621,7 @@ class Pixel2Emb(BaseParadigm):
                 image_id=batch.image_ids[r],
                 image_size=size,
             )
-            if self.mask_decoder is not None:
+            if self.mask_head is not None:
                 masks = hooks.masks[r]
                 m = torch.stack(masks) if masks else torch.zeros(0, *size, dtype=torch.bool, device=device)
                 if m.shape[-2:] != size:
@@ -649,8 +638,7 @@ class Pixel2Emb(BaseParadigm):
             self.box_encoder,
             self.image_attention,
             self.prompt_mlp,
-            self.mask_projection,
-            self.mask_decoder,
+            self.mask_head,
         ]
         return [m for m in parts if m is not None]
 
@@ -695,7 +683,7 @@ class _NextChatDecoding(DecodingHooks):
         self.force = torch.zeros(b, dtype=torch.bool, device=device)
         self.start = batch.prompt_ids.shape[1]
         p = paradigm
-        self.banned = [t for t in (p.loc_id, p.ref_id, getattr(p.backbone, "image_token_id", -1)) if t >= 0]
+        self.banned = [t for t in (p.loc_id, p.ref_id, p.backbone.image_token_id) if t >= 0]
         pad = p.backbone.tokenizer.pad_token_id
         self.pad = pad if pad is not None else 0
 
@@ -724,13 +712,13 @@ class _NextChatDecoding(DecodingHooks):
                 keys.append(text_positions[r, gen])
         states, _ = p.trigger_states(state, rows, positions, keys)
         decoded = p.box_decoder(states) if p.box_decoder is not None else None
-        if p.mask_decoder is not None:
+        if p.mask_head is not None:
             logits, iou = p.decode_masks(state, rows, states, decoded)
         for k, r in enumerate(rows.tolist()):
             if decoded is not None:
                 self.boxes[r].append(decoded[k])
                 self.scores[r].append(float(self.trigger_prob[r]))
-            if p.mask_decoder is not None:
+            if p.mask_head is not None:
                 self.masks[r].append(logits[k] > 0)
                 self.mask_scores[r].append(float(iou[k]))
                 if decoded is None:

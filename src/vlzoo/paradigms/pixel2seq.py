@@ -4,8 +4,9 @@ The method (Pix2Seq, Shikra, Kosmos-2, Florence-2, PaliGemma, Qwen2-VL): a box, 
 a polygon vertex is written with the coordinate convention of one model family
 (:mod:`vlzoo.paradigms.codecs`) and the LMM learns to say it like any other word.
 
-* **Answers** (:class:`Pixel2SeqAnswerFormat`): ``rec`` one box; ``det`` every box, sorted by the
-  (y, x) of its top-left corner (raster order), ``none`` when there is none; ``pose`` the ``K``
+* **Answers** (:class:`Pixel2SeqAnswerFormat`): ``rec`` one box; ``det`` every box, in the shared
+  answer order (:func:`vlzoo.structures.answer_order`: raster order of the top-left corners),
+  ``none`` when there is none; ``pose`` the ``K``
   keypoints of every instance (same order), ``none`` when there is none; ``res`` a polygon of
   the mask (``polygon_vertices`` vertices, rasterised back to a mask); ``reg`` the box goes into
   the prompt through the codec and the answer is text.
@@ -17,25 +18,38 @@ a polygon vertex is written with the coordinate convention of one model family
   its task's grammar - inside a box only coordinate tokens, and the end of text only when the
   answer is complete.  Text that still does not parse (e.g. cut by ``max_new_tokens``) becomes
   ``Predictions(parsed=False)``, which the evaluator counts as a parse failure.
+
+What is shared, not pixel2seq's own: the object order (:func:`vlzoo.structures.answer_order`),
+the polygon of a mask (:func:`vlzoo.structures.mask_to_polygon` / ``polygon_to_mask``), the
+grammar-constrained decoding (:mod:`vlzoo.paradigms.grammar`, next to the codecs) and the sizes
+(none: this paradigm adds no head).  What is its own: the answer format over a codec, the
+Gaussian coordinate loss and the parsing of generated text.  ``GrammarConstraint``,
+``mask_to_polygon`` and ``polygon_to_mask`` stay importable from here.
 """
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import regex
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import LogitsProcessor
 
+from vlzoo.backbones.interface import Backbone, check_backbone
 from vlzoo.data.answers import AnswerFormat
 from vlzoo.paradigms.base import BaseParadigm
 from vlzoo.paradigms.codecs import BinsCodec, CodecError, CoordinateCodec, Kosmos2Codec, _TokenCodec
-from vlzoo.structures import CATEGORY_TASKS, Batch, Predictions, Sample, Targets
+from vlzoo.paradigms.grammar import GrammarConstraint
+from vlzoo.structures import (
+    CATEGORY_TASKS,
+    Batch,
+    Predictions,
+    Sample,
+    Targets,
+    answer_order,
+    mask_to_polygon,
+    polygon_to_mask,
+)
 
 __all__ = [
     "GrammarConstraint",
@@ -48,55 +62,6 @@ __all__ = [
 NONE_ANSWER = "none"
 
 
-# ---------------------------------------------------------------------------------------------- polygons
-def mask_to_polygon(mask: Tensor, *, vertices: int = 16) -> Tensor:
-    """A star polygon ``(vertices, 2)`` (xy pixels) around a boolean ``(H, W)`` mask.
-
-    Vertex ``j`` lies on the ray from the mask centroid at angle ``2 pi j / vertices`` (clockwise
-    from the top, in image coordinates), at the outer edge of the farthest mask pixel of that
-    angular sector.  Exact for star-shaped masks (every Shapes object); a fixed vertex count
-    keeps answers one length, which is easier to learn and to constrain.
-    """
-    if mask.dim() != 2:
-        raise ValueError(f"mask_to_polygon: expected an (H, W) mask, got shape {tuple(mask.shape)}")
-    if vertices < 3:
-        raise ValueError(f"mask_to_polygon: a polygon needs >= 3 vertices, got {vertices}")
-    ys, xs = torch.nonzero(mask.bool(), as_tuple=True)
-    if ys.numel() == 0:
-        raise ValueError("mask_to_polygon: the mask is empty")
-    px, py = xs.double() + 0.5, ys.double() + 0.5
-    cx, cy = px.mean(), py.mean()
-    dx, dy = px - cx, py - cy
-    # angle measured clockwise from "up" (y grows downwards)
-    angle = torch.atan2(dx, -dy) % (2 * math.pi)
-    sector = ((angle / (2 * math.pi) * vertices + 0.5).floor().long()) % vertices
-    radius = torch.sqrt(dx * dx + dy * dy) + 0.5 * math.sqrt(2.0)
-    r = torch.zeros(vertices, dtype=torch.float64).scatter_reduce(0, sector, radius, reduce="amax")
-    theta = torch.arange(vertices, dtype=torch.float64) * (2 * math.pi / vertices)
-    h, w = mask.shape
-    x = (cx + r * torch.sin(theta)).clamp(0, w)
-    y = (cy - r * torch.cos(theta)).clamp(0, h)
-    return torch.stack([x, y], 1).float()
-
-
-def polygon_to_mask(polygon: Tensor, size: tuple[int, int]) -> Tensor:
-    """Rasterise a polygon ``(P, 2)`` (xy pixels) to a boolean ``(H, W)`` mask (even-odd rule at
-    pixel centres)."""
-    h, w = (int(v) for v in size)
-    poly = torch.as_tensor(polygon, dtype=torch.float64).reshape(-1, 2)
-    if poly.shape[0] < 3:
-        return torch.zeros((h, w), dtype=torch.bool)
-    ys = torch.arange(h, dtype=torch.float64)[:, None, None] + 0.5
-    xs = torch.arange(w, dtype=torch.float64)[None, :, None] + 0.5
-    x0, y0 = poly[:, 0], poly[:, 1]
-    x1, y1 = poly.roll(-1, 0)[:, 0], poly.roll(-1, 0)[:, 1]
-    crosses = (y0 > ys) != (y1 > ys)  # (H, 1, P)
-    denom = torch.where(y1 == y0, torch.full_like(y1, 1e-12), y1 - y0)
-    x_at = x0 + (ys - y0) * (x1 - x0) / denom
-    inside = crosses & (xs < x_at)
-    return (inside.sum(-1) % 2) == 1
-
-
 # ---------------------------------------------------------------------------------------------- answers
 class Pixel2SeqAnswerFormat(AnswerFormat):
     """Writes and reads locations with one :class:`~vlzoo.paradigms.codecs.CoordinateCodec`.
@@ -107,7 +72,7 @@ class Pixel2SeqAnswerFormat(AnswerFormat):
             (Kosmos-2 ``<phrase>``, Qwen ``<|object_ref_start|>``, PaliGemma label ...); REC only.
         polygon_vertices: vertices of a RES polygon.
         max_objects: most boxes / instances in a det or pose answer (longer answers keep the
-            first ones in raster order); ``None`` for no limit.
+            first ones in the shared answer order); ``None`` for no limit.
         num_keypoints: keypoints per instance of a pose answer (its grammar and parser at predict
             time; the targets are never read there).
     """
@@ -137,10 +102,8 @@ class Pixel2SeqAnswerFormat(AnswerFormat):
         return self.codec.encode(torch.tensor([box], dtype=torch.float32), input_size)
 
     def _order(self, boxes: Tensor) -> list[int]:
-        """Raster order of the top-left corners: by y, then x."""
-        keys = [(round(float(b[1]), 3), round(float(b[0]), 3), i) for i, b in enumerate(boxes)]
-        order = [i for _, _, i in sorted(keys)]
-        return order if self.max_objects is None else order[: self.max_objects]
+        """The shared answer order (:func:`~vlzoo.structures.answer_order`), cut at ``max_objects``."""
+        return answer_order(boxes, limit=self.max_objects)
 
     def localization_answer(self, sample: Sample, input_size: tuple[int, int]) -> str:
         t = sample.targets
@@ -265,174 +228,12 @@ def _ordered(boxes: Tensor) -> Tensor:
     return torch.cat([boxes[:, :2].minimum(boxes[:, 2:]), boxes[:, :2].maximum(boxes[:, 2:])], 1)
 
 
-# ---------------------------------------------------------------------------------------------- constraint
-class GrammarConstraint(LogitsProcessor):
-    """Let through only tokens that keep each row's answer a prefix of its grammar.
-
-    The answer so far is normalised as the codec's grammars expect (whitespace dropped, the
-    codec's special tokens replaced by their symbols); a candidate token is allowed when
-    ``grammar.fullmatch(answer + token, partial=True)`` succeeds, eos only when the answer
-    already matches in full.  A whitespace-only token is allowed once between two others (the
-    datamodule starts every answer with a word boundary).  Masks are cached per
-    ``(grammar, answer)``, so token codecs - whose normalised answers are a handful of strings -
-    pay the regex cost once.  Rows whose grammar is ``None`` are not constrained.
-
-    It also records the probability of every chosen token (after the constraint);
-    :meth:`token_probabilities` returns them for the ids ``generate`` produced.
-
-    Args:
-        tokenizer: the backbone's tokenizer.
-        codec: the codec whose special tokens the grammars name.
-        grammars: one regex (or ``None``) per row.
-        prompt_length: width of the (left-padded) prompt: ids beyond it are generated.
-        cache_size: most ``(grammar, answer)`` masks kept.
-    """
-
-    def __init__(
-        self,
-        *,
-        tokenizer: Any,
-        codec: CoordinateCodec,
-        grammars: Sequence[str | None],
-        prompt_length: int,
-        cache_size: int = 4096,
-    ) -> None:
-        self.grammars = [regex.compile(g) if g is not None else None for g in grammars]
-        self.prompt_length = int(prompt_length)
-        self.eos_id = tokenizer.eos_token_id
-        self.cache_size = int(cache_size)
-        self._cache: OrderedDict[tuple[int, str], Tensor] = OrderedDict()
-        self.vocab_size = len(tokenizer)
-        self.strings, self.space_ids = _normalised_vocabulary(tokenizer, codec)
-        by_string: dict[str, list[int]] = {}
-        for i, s in enumerate(self.strings):
-            if s:
-                by_string.setdefault(s, []).append(i)
-        self._candidates = [(s, torch.tensor(ids, dtype=torch.long)) for s, ids in by_string.items()]
-        self._by_first: dict[str, list[int]] = {}
-        for index, (s, _) in enumerate(self._candidates):
-            self._by_first.setdefault(s[0], []).append(index)
-        self._steps: dict[tuple[int, str], list[int]] = {}
-        self._space = torch.tensor(sorted(self.space_ids), dtype=torch.long)
-        self._probs: list[Tensor] = []
-        self._last: Tensor | None = None
-
-    def _extensions(self, grammar: Any, text: str) -> list[int]:
-        """Indices of the candidate strings that keep ``text`` a grammar prefix (one step)."""
-        key = (id(grammar), text)
-        found = self._steps.get(key)
-        if found is None:
-            found = []
-            for first, group in self._by_first.items():
-                if grammar.fullmatch(text + first, partial=True) is None:
-                    continue
-                for index in group:
-                    if grammar.fullmatch(text + self._candidates[index][0], partial=True) is not None:
-                        found.append(index)
-            self._steps[key] = found
-            if len(self._steps) > self.cache_size:
-                self._steps.pop(next(iter(self._steps)))
-        return found
-
-    def _allowed(self, row: int, text: str, after_space: bool) -> Tensor:
-        grammar = self.grammars[row]
-        key = (id(grammar), text)
-        mask = self._cache.get(key)
-        if mask is None:
-            mask = torch.zeros(self.vocab_size, dtype=torch.bool)
-            for index in self._extensions(grammar, text):
-                s, ids = self._candidates[index]
-                # one step of look-ahead: a token is taken only if the answer can go on or end
-                # after it ("no" is a prefix of "none" but no token completes it)
-                child = text + s
-                if grammar.fullmatch(child) is not None or self._extensions(grammar, child):
-                    mask[ids] = True
-            if mask.any() and self._space.numel():
-                mask[self._space] = True
-            if self.eos_id is not None and grammar.fullmatch(text) is not None:
-                mask[self.eos_id] = True
-            self._cache[key] = mask
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
-        if after_space and self._space.numel():
-            mask = mask.clone()
-            mask[self._space] = False
-        return mask
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self._last is not None:
-            chosen = input_ids[:, -1].to(self._last.device)
-            self._probs.append(self._last.gather(1, chosen[:, None])[:, 0].cpu())
-        generated = input_ids[:, self.prompt_length :].tolist()
-        vocab = scores.shape[-1]
-        keep = torch.ones(scores.shape, dtype=torch.bool)
-        for row, ids in enumerate(generated):
-            if self.grammars[row] is None or (self.eos_id is not None and self.eos_id in ids):
-                continue
-            text = "".join(self.strings[i] for i in ids if i < len(self.strings))
-            after_space = bool(ids) and ids[-1] in self.space_ids
-            allowed = self._allowed(row, text, after_space)
-            if not allowed.any():
-                # a dead end (the look-ahead is one token deep): end the answer, which then fails
-                # to parse and is counted, rather than let the row say anything
-                allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
-                if self.eos_id is not None:
-                    allowed[self.eos_id] = True
-            row_mask = torch.zeros(vocab, dtype=torch.bool)
-            n = min(vocab, allowed.numel())
-            row_mask[:n] = allowed[:n]
-            keep[row] = row_mask
-        out = scores.masked_fill(~keep.to(scores.device), float("-inf"))
-        self._last = out.float().softmax(-1)
-        return out
-
-    def token_probabilities(self, new_ids: Tensor) -> Tensor:
-        """``(B, T)`` probability of each generated token (1.0 where none was recorded)."""
-        probs = torch.ones(new_ids.shape, dtype=torch.float32)
-        recorded = list(self._probs)
-        if self._last is not None and len(recorded) < new_ids.shape[1]:
-            last = new_ids[:, len(recorded)].to(self._last.device)
-            recorded.append(self._last.gather(1, last[:, None])[:, 0].cpu())
-        for t, p in enumerate(recorded[: new_ids.shape[1]]):
-            probs[:, t] = p
-        return probs
-
-
-def _normalised_vocabulary(tokenizer: Any, codec: CoordinateCodec) -> tuple[list[str], set[int]]:
-    """Normalised string of every token id ('' for tokens never allowed) and the whitespace ids."""
-    size = len(tokenizer)
-    special = set(tokenizer.all_special_ids)
-    strings: list[str] = []
-    spaces: set[int] = set()
-    tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
-    for i, tok in enumerate(tokens):
-        if tok is None:
-            strings.append("")
-            continue
-        sym = codec.normalise_token(tok)
-        if sym is not None:
-            strings.append(sym)
-            continue
-        if i in special:
-            strings.append("")
-            continue
-        text = tokenizer.convert_tokens_to_string([tok])
-        if text.strip() == "" and (text != "" or tok.strip("▁Ġ ") == ""):
-            spaces.add(i)
-            strings.append("")
-            continue
-        strings.append("".join(text.split()))
-    return strings, spaces
-
-
 # ---------------------------------------------------------------------------------------------- paradigm
 class Pixel2Seq(BaseParadigm):
     """Coordinates as tokens: LM loss to train, constrained greedy generation to predict.
 
     Args:
-        backbone: the built ``MultimodalBackbone`` (injected).
+        backbone: the built backbone (:class:`~vlzoo.backbones.Backbone`; injected).
         codec: the coordinate convention (default ``BinsCodec(bins=64)``).
         write_phrases, polygon_vertices, max_objects, num_keypoints: see
             :class:`Pixel2SeqAnswerFormat`.
@@ -449,7 +250,7 @@ class Pixel2Seq(BaseParadigm):
     def __init__(
         self,
         *,
-        backbone: Any = None,
+        backbone: Backbone,
         codec: CoordinateCodec | None = None,
         write_phrases: bool = False,
         polygon_vertices: int = 16,
@@ -465,6 +266,7 @@ class Pixel2Seq(BaseParadigm):
         max_new_tokens: int = 64,
         use_cache: bool = True,
     ) -> None:
+        check_backbone(backbone, self.name)
         codec = codec if codec is not None else BinsCodec(bins=64)
         if coordinate_sigma < 0:
             raise ValueError(f"paradigm.coordinate_sigma must be >= 0, got {coordinate_sigma}")
