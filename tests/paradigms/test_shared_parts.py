@@ -107,7 +107,7 @@ def test_pixel2seq_and_pixel2emb_write_objects_in_the_one_answer_order():
     order = answer_order(boxes)
     assert order == [1, 2, 0]
     sample = Sample(image=torch.zeros(3, 32, 32, dtype=torch.uint8), task="det", prompt="find",
-                    targets=Targets(boxes=boxes, labels=torch.ones(3, dtype=torch.long)), meta={"category": "circle"})
+                    targets=Targets(boxes=boxes, labels=torch.ones(3, dtype=torch.long)), category_id=1, category_name="circle")
     fmt = Pixel2SeqAnswerFormat(codec=BinsCodec(bins=32))
     written = fmt.parse("det", fmt.format_answer(sample, (32, 32)), (32, 32))["boxes"]
     assert torch.allclose(written, boxes[order], atol=1.0)
