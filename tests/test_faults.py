@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from vlzoo.cli import main
 from vlzoo.data.datamodule import ResumableShuffle, VLDataModule
 from vlzoo.paradigms.base import BaseParadigm
-from vlzoo.runs import tracking_uri_for
+from vlzoo.tracking import tracking_uri_for
 from vlzoo.structures import Batch, Predictions
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from vlzoo.cli import main
 from vlzoo.config import RecipeError, shipped_recipes_dir
 from vlzoo.data import DataError, ShapesDataset, export_shapes_coco
-from vlzoo.runs import tracking_uri_for
+from vlzoo.tracking import tracking_uri_for
 from vlzoo.study.spec import StudyError
 
 RECIPES = shipped_recipes_dir()
@@ -358,8 +358,8 @@ CASES = {
     # --- targets ------------------------------------------------------------------------
     "target-denied-in-file": Case(_evil_target),
     "target-denied-override": Case(lambda c: (["check", str(REC), "trainer._target_=torch.load"], ["torch.load is not allowed"])),
-    "target-through-allowed-module": Case(lambda c: (["check", str(REC), "trainer._target_=vlzoo.runs.os.system"],
-                                                     ["vlzoo.runs.os.system", "not allowed"])),
+    "target-through-allowed-module": Case(lambda c: (["check", str(REC), "trainer._target_=vlzoo.tracking.os.system"],
+                                                     ["vlzoo.tracking.os.system", "not allowed"])),
     "target-not-importable": Case(lambda c: (["check", str(REC), "paradigm._target_=vlzoo.paradigms.Pixel2Sek"],
                                              ["paradigm._target_", "has no attribute Pixel2Sek", "Did you mean"])),
     "target-not-dotted": Case(lambda c: (["check", str(REC), "paradigm._target_=not a path"], ["not a dotted import path"])),
