@@ -29,8 +29,8 @@ from mlflow.tracking import MlflowClient
 from vlzoo.cli import main
 from vlzoo.config import RecipeError, shipped_recipes_dir
 from vlzoo.data import DataError, ShapesDataset, export_shapes_coco
-from vlzoo.tracking import tracking_uri_for
 from vlzoo.study.spec import StudyError
+from vlzoo.tracking import tracking_uri_for
 
 RECIPES = shipped_recipes_dir()
 assert RECIPES is not None
@@ -355,6 +355,9 @@ CASES = {
          "trainer.check_val_every_n_epoch (1", "Leave check_val_every_n_epoch out"]), tracked=True),
     "missing-weights-file": Case(lambda c: (["fit", str(REC), f"backbone.checkpoint={c.tmp / 'base.pt'}", *c.run_args()],
                                             ["recipe key backbone.checkpoint", "base.pt", "does not exist"])),
+    "run-checkpoint-as-backbone-file": Case(lambda c: (
+        ["fit", str(REC), *SMALL, f"backbone.checkpoint={c.trained['ckpt']}", *c.run_args()],
+        ["recipe key backbone.checkpoint", "not a backbone file", f"vlzoo export {c.trained['ckpt']} backbone.pt --backbone"])),
     # --- targets ------------------------------------------------------------------------
     "target-denied-in-file": Case(_evil_target),
     "target-denied-override": Case(lambda c: (["check", str(REC), "trainer._target_=torch.load"], ["torch.load is not allowed"])),

@@ -10,10 +10,10 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from vlzoo.cli import main
-from vlzoo.config import RecipeError
 from vlzoo.callbacks import RECIPE_KEY, RUN_ID_KEY, count_parameters
 from vlzoo.checkpoints import load_checkpoint, read_checkpoint
+from vlzoo.cli import main
+from vlzoo.config import RecipeError
 from vlzoo.tracking import tracking_uri_for
 
 TINY = Path(__file__).parent / "support" / "recipes" / "tiny.yaml"

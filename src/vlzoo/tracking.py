@@ -148,6 +148,7 @@ def make_logger(
     if node.get("_target_") in MLFLOW_LOGGER_TARGETS:
         # same arguments; survives losing the server mid-run (metrics go to local files)
         node["_target_"] = RESILIENT_LOGGER_TARGET
+    if node.get("_target_") in (RESILIENT_LOGGER_TARGET, "vlzoo.runs.ResilientMLFlowLogger"):  # the former path
         inject["offline_dir"] = Path(output_dir).resolve() / "offline"
     logger = instantiate(node, inject=inject, allow=recipe.allowed_prefixes, key="logger")
     if not isinstance(logger, Logger):

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from vlzoo.build import build
+from vlzoo.checkpoints import export_backbone, load_checkpoint
 from vlzoo.cli import main
 from vlzoo.config import RecipeError, load_recipe
 from vlzoo.paradigms.attention_keypoints import AttentionKeypoints
-from vlzoo.checkpoints import export_backbone, load_checkpoint
 
 SMALL = [
     "data.train.size=8",
