@@ -11,7 +11,7 @@
     vlzoo study STUDY [--jobs N] [--cell I] [--tracking-uri U] [--output-dir D]
     vlzoo study report STUDY [--tracking-uri U] [--output-dir D]
     vlzoo infer CHECKPOINT|DIR IMAGE [EXPRESSION] [--task T] [--box x1,y1,x2,y2] [--overlay OUT]
-    vlzoo export CHECKPOINT DIR
+    vlzoo export CHECKPOINT DIR            (--backbone: CHECKPOINT FILE, the run's backbone file)
     vlzoo demo CHECKPOINT|DIR [...] [--port N]
 
 RECIPE is a file or a shipped recipe name (``vlzoo recipes``); with ``--checkpoint`` it may be

@@ -54,7 +54,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                                          "with --backbone, the backbone file to write")
             p.add_argument("--tracking-uri", default=None,
                            help="MLflow store of the run, for the model card's figures (default: the run's folder)")
-            p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+            p.add_argument("--overwrite", action="store_true", help="replace DIR (or, with --backbone, FILE) if it exists")
             p.add_argument("--backbone", action="store_true",
                            help="write only the run's backbone (LoRA merged, added tokens) as a file for another "
                                 "recipe's backbone.checkpoint")
@@ -81,6 +81,11 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     if args.backbone:
         from vlzoo.checkpoints import export_backbone
+        from vlzoo.config import RecipeError
+
+        if Path(args.folder).is_dir() or (Path(args.folder).exists() and not args.overwrite):
+            raise RecipeError(f"vlzoo export --backbone: {args.folder} exists; give a new file name "
+                              "(or --overwrite to replace a file)")
 
         path = export_backbone(args.checkpoint, args.folder, allow_targets=args.allow_target)
         print(f"vlzoo: wrote the backbone of {args.checkpoint} to {path} (use it as backbone.checkpoint={path})")
