@@ -68,7 +68,11 @@ def test_lens_takes_the_exported_backbone_of_another_run(heatmap_run: Path, heat
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_export_backbone_writes_a_loadable_backbone_file(heatmap_run: Path, tmp_path: Path) -> None:
+def test_export_backbone_writes_a_loadable_backbone_file(heatmap_run: Path, heatmap_backbone: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    # the command line never replaces a file by accident
+    assert main(["export", str(heatmap_run), str(heatmap_backbone), "--backbone"]) == 2
+    assert "exists" in capsys.readouterr().err
     path = export_backbone(heatmap_run, tmp_path / "lmm" / "backbone.pt")
     assert path.is_file() and not list(path.parent.glob("*.tmp"))
     blob = torch.load(path, weights_only=True)
