@@ -20,7 +20,10 @@ SRC = Path(vlzoo.__file__).parent
 
 def test_fit_then_test_in_memory_and_resume_continue_the_same_run(tmp_path: Path) -> None:
     session = RunSession(TINY, output_dir=tmp_path)
+    built = session.prepare()  # the checks and the build, ahead of the (timed) Lightning call
+    assert built.trainer.global_step == 0
     fitted = session.fit()
+    assert fitted.built is built
     assert fitted.run_id and fitted.tracking_uri == tracking_uri_for(tmp_path)
     tested = session.test()  # the model just trained, no second build
     assert tested.built is fitted.built and "test/loss" in tested.results[0]

@@ -22,7 +22,7 @@ A :class:`RunSession` does, in this order and once each, what every run goes thr
    interval longer than an epoch is a :class:`~vlzoo.config.RecipeError` naming its keys.
 
 A session builds once: ``session.fit()`` then ``session.test()`` tests the trained model in memory
-(what a study cell does).
+(what a study cell does); ``session.prepare()`` runs the checks and the build ahead of the verb.
 """
 
 from __future__ import annotations
@@ -189,8 +189,19 @@ class RunSession:
         self.tracking_uri = resolve_tracking_uri(self.recipe, output_dir=output_dir, tracking_uri=tracking_uri)
         self.built: Built | None = None
         self._verb: str | None = None
+        self._prepared: str | None = None  # the verb prepare() built for, not run yet
 
     # ------------------------------------------------------------------ the verbs
+    def prepare(self, verb: str = "fit") -> Built:
+        """Run the checks and the build for ``verb`` now (the verb itself then reuses them), so a
+        caller can time the Lightning call alone (a study cell's ``cost/train_seconds``)."""
+        if verb not in VERBS:
+            raise ValueError(f"RunSession verbs are {', '.join(VERBS)}, not {verb!r}")
+        if self.built is None:
+            self._prepare(verb)
+            self._prepared = verb
+        return self.built
+
     def fit(self) -> RunOutcome:
         """Train (continuing ``resume`` when given)."""
         built, ckpt = self._prepare("fit")
@@ -235,6 +246,10 @@ class RunSession:
     def _prepare(self, verb: str) -> tuple[Built, str | None]:
         """The checks of the module docstring, then the build (once per session); returns the
         built parts and the checkpoint Lightning starts from."""
+        if self.built is not None and self._prepared == verb:
+            # prepare() ran the checks and the build for this verb: start as it left them
+            self._prepared = None
+            return self.built, None if self.checkpoint is None else str(self.checkpoint)
         if self.built is not None:
             check_split(self.recipe, verb)
             # after fit the model in memory is the trained one; a given checkpoint is still used

@@ -463,8 +463,9 @@ def run_cell(
         # the same session as `vlzoo fit`: consent, tracking preflight, NaN handling, then test in memory
         session = RunSession(cell.recipe, overrides=overrides, output_dir=cell_dir, tracking_uri=tracking_uri,
                              run_id=run_id, keep_raw_images=True, callbacks=[curve])
+        built = session.prepare("fit")
         start = time.perf_counter()
-        built = session.fit().built
+        session.fit()
         train_seconds = time.perf_counter() - start
         session.test()
         metrics = {

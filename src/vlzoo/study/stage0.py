@@ -31,8 +31,9 @@ def run_stage0(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     session = RunSession(recipe, overrides=overrides, output_dir=output_dir, tracking_uri=tracking_uri)
+    built = session.prepare("fit")  # the same session as `vlzoo fit` and a study's cells
     start = time.perf_counter()
-    built = session.fit().built  # the same session as `vlzoo fit` and a study's cells
+    session.fit()
     seconds = time.perf_counter() - start
     metrics = {"stage0/train_seconds": seconds}
     metrics.update(retention(built.model, recipe, overrides=overrides, prefix="retention/before"))
