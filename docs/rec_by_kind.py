@@ -29,7 +29,7 @@ def rec_by_kind(checkpoint: str, *, split: str = "test", size: int | None = None
     object was selected, whether or not the box is the right size."""
     from vlzoo.build import build
     from vlzoo.paradigms.base import to_original
-    from vlzoo.runs import load_checkpoint, read_checkpoint
+    from vlzoo.checkpoints import load_checkpoint, read_checkpoint
 
     model = load_checkpoint(checkpoint)
     _, recipe = read_checkpoint(checkpoint)

@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from support.tiny import TinyBackbone, TinyData, TinyParadigm
 from vlzoo.build import build
+from vlzoo.callbacks import ParameterCount, RecipeInCheckpoint, RunLogging
 from vlzoo.config import INJECTABLE, RecipeError, load_recipe, recipe_from_dict, shipped_recipes_dir, validate
-from vlzoo.runs import ParameterCount, RecipeInCheckpoint, RunLogging
 
 SUPPORT = Path(__file__).parent / "support" / "recipes"
 TINY = SUPPORT / "tiny.yaml"

@@ -23,7 +23,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from vlzoo.cli import main
-from vlzoo.runs import tracking_uri_for
+from vlzoo.tracking import tracking_uri_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -17,12 +17,12 @@ from safetensors import safe_open
 import vlzoo
 from support.trained import RECIPES, fit_tiny
 from vlzoo.build import build
+from vlzoo.callbacks import RECIPE_KEY
 from vlzoo.cli import main
 from vlzoo.config import RecipeError, instantiate, load_recipe
 from vlzoo.data import ShapesDataset
 from vlzoo.export import export, self_contained_recipe
 from vlzoo.inference import EXPORT_MANIFEST, RECIPE_FILE, TOKENIZER_DIR, WEIGHTS_FILE
-from vlzoo.runs import RECIPE_KEY
 
 STAGE0_TOKENS = ["<stage0_a>", "<stage0_b>"]
 

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from vlzoo.cli import main
 from vlzoo.data.datamodule import ResumableShuffle, VLDataModule
 from vlzoo.paradigms.base import BaseParadigm
-from vlzoo.runs import tracking_uri_for
 from vlzoo.structures import Batch, Predictions
+from vlzoo.tracking import tracking_uri_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

@@ -29,8 +29,8 @@ from mlflow.tracking import MlflowClient
 from vlzoo.cli import main
 from vlzoo.config import RecipeError, shipped_recipes_dir
 from vlzoo.data import DataError, ShapesDataset, export_shapes_coco
-from vlzoo.runs import tracking_uri_for
 from vlzoo.study.spec import StudyError
+from vlzoo.tracking import tracking_uri_for
 
 RECIPES = shipped_recipes_dir()
 assert RECIPES is not None
@@ -355,11 +355,14 @@ CASES = {
          "trainer.check_val_every_n_epoch (1", "Leave check_val_every_n_epoch out"]), tracked=True),
     "missing-weights-file": Case(lambda c: (["fit", str(REC), f"backbone.checkpoint={c.tmp / 'base.pt'}", *c.run_args()],
                                             ["recipe key backbone.checkpoint", "base.pt", "does not exist"])),
+    "run-checkpoint-as-backbone-file": Case(lambda c: (
+        ["fit", str(REC), *SMALL, f"backbone.checkpoint={c.trained['ckpt']}", *c.run_args()],
+        ["recipe key backbone.checkpoint", "not a backbone file", f"vlzoo export {c.trained['ckpt']} backbone.pt --backbone"])),
     # --- targets ------------------------------------------------------------------------
     "target-denied-in-file": Case(_evil_target),
     "target-denied-override": Case(lambda c: (["check", str(REC), "trainer._target_=torch.load"], ["torch.load is not allowed"])),
-    "target-through-allowed-module": Case(lambda c: (["check", str(REC), "trainer._target_=vlzoo.runs.os.system"],
-                                                     ["vlzoo.runs.os.system", "not allowed"])),
+    "target-through-allowed-module": Case(lambda c: (["check", str(REC), "trainer._target_=vlzoo.tracking.os.system"],
+                                                     ["vlzoo.tracking.os.system", "not allowed"])),
     "target-not-importable": Case(lambda c: (["check", str(REC), "paradigm._target_=vlzoo.paradigms.Pixel2Sek"],
                                              ["paradigm._target_", "has no attribute Pixel2Sek", "Did you mean"])),
     "target-not-dotted": Case(lambda c: (["check", str(REC), "paradigm._target_=not a path"], ["not a dotted import path"])),

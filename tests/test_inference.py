@@ -188,8 +188,8 @@ def test_demo_without_gradio_says_how_to_install(monkeypatch: pytest.MonkeyPatch
 
 
 def test_load_asks_consent_for_the_targets_a_checkpoint_allows(tmp_path: Path) -> None:
+    from vlzoo.callbacks import RECIPE_KEY
     from vlzoo.config import RecipeError, load_recipe
-    from vlzoo.runs import RECIPE_KEY
 
     recipe = load_recipe(Path(__file__).parent / "support" / "recipes" / "tiny.yaml")  # allow_targets: [support]
     ckpt = tmp_path / "tiny.ckpt"

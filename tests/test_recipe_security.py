@@ -58,7 +58,7 @@ ATTEMPTS: list[tuple[str, dict[str, Any] | None, list[str]]] = [
     ("an unbound method of a reviewed class", {"trainer": {"_target_": "lightning.Trainer.fit"}}, []),
     ("a private path", {"trainer": {"_target_": "torch.optim.AdamW.__init__.__globals__.get", "key": "os"}}, []),
     ("vlzoo's command line", {"trainer": {"_target_": "vlzoo.cli.main", "argv": ["fit", "x.yaml"]}}, []),
-    ("vlzoo checkpoint loader", {"trainer": {"_target_": "vlzoo.runs.load_checkpoint", "path": "evil.ckpt"}}, []),
+    ("vlzoo checkpoint loader", {"trainer": {"_target_": "vlzoo.checkpoints.load_checkpoint", "path": "evil.ckpt"}}, []),
     ("vlzoo file writer", {"trainer": {"_target_": "vlzoo.data.export_shapes_coco", "output_dir": "/tmp"}}, []),
     ("_partial_ of os.system", {"optimizer": {"_target_": "os.system", "_partial_": True}}, []),
     ("_partial_ of torch.load as an optimizer", {"optimizer": {"_target_": "torch.load", "_partial_": True}}, []),
@@ -157,7 +157,7 @@ def test_identity_not_spelling_decides() -> None:
 def test_the_vlzoo_part_of_the_reviewed_list_is_pinned() -> None:
     """A new public vlzoo name becomes constructible only when someone adds it here on purpose."""
     vlzoo_names = [n for n in reviewed_names() if n.startswith("vlzoo.")]
-    assert "vlzoo.runs.ResilientMLFlowLogger" in vlzoo_names
+    assert "vlzoo.tracking.ResilientMLFlowLogger" in vlzoo_names
     assert not set(vlzoo_names) & NOT_FOR_RECIPES
     pinned = Path(__file__).with_name("reviewed_vlzoo_targets.txt").read_text().split()
     assert vlzoo_names == pinned, (

@@ -10,16 +10,11 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from vlzoo.callbacks import RECIPE_KEY, RUN_ID_KEY, count_parameters
+from vlzoo.checkpoints import load_checkpoint, read_checkpoint
 from vlzoo.cli import main
 from vlzoo.config import RecipeError
-from vlzoo.runs import (
-    RECIPE_KEY,
-    RUN_ID_KEY,
-    count_parameters,
-    load_checkpoint,
-    read_checkpoint,
-    tracking_uri_for,
-)
+from vlzoo.tracking import tracking_uri_for
 
 TINY = Path(__file__).parent / "support" / "recipes" / "tiny.yaml"
 
@@ -129,7 +124,7 @@ def test_checkpoints_are_written_atomically(fitted: dict, tmp_path: Path, monkey
     from lightning.fabric.plugins.io import torch_io
 
     from vlzoo.build import build
-    from vlzoo.runs import AtomicCheckpointIO
+    from vlzoo.callbacks import AtomicCheckpointIO
 
     # every trainer vlzoo builds writes through the atomic checkpoint IO; the fitted run left no temporary file
     built = build(TINY, output_dir=tmp_path, with_logger=False)
@@ -152,7 +147,7 @@ def test_checkpoints_are_written_atomically(fitted: dict, tmp_path: Path, monkey
 
 
 def test_backbone_of_a_checkpoint_without_a_vlzoo_backbone_is_a_clear_error(fitted: dict) -> None:
-    from vlzoo.runs import backbone_of_checkpoint
+    from vlzoo.checkpoints import backbone_of_checkpoint
 
     path = fitted["folder"] / "last.ckpt"
     with pytest.raises(RecipeError, match="asks to trust support"):

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from mlflow.tracking import MlflowClient
 
 from vlzoo.cli import main
-from vlzoo.runs import upload_offline_run
+from vlzoo.tracking import upload_offline_run
 
 TESTS = Path(__file__).resolve().parent
 

@@ -18,7 +18,7 @@ def __getattr__(name: str):
 
         return load
     if name == "load_checkpoint":
-        from vlzoo.runs import load_checkpoint
+        from vlzoo.checkpoints import load_checkpoint
 
         return load_checkpoint
     raise AttributeError(f"module 'vlzoo' has no attribute {name!r}")

@@ -15,20 +15,20 @@ target's signature has it - at every depth of the slot's node):
 5. ``data`` <- ``tokenizer`` (``backbone.tokenizer``), ``answer_format`` (``model.answer_format``),
    ``image_mean`` / ``image_std`` / ``image_size`` (``backbone.data_config`` ``mean`` / ``std`` /
    ``input_size``), ``seed`` (the recipe's), ``keep_raw_images`` (when asked for overlays).
-6. ``logger`` (an MLflow logger when the slot is absent, see :mod:`vlzoo.runs`).
+6. ``logger`` (an MLflow logger when the slot is absent, see :mod:`vlzoo.tracking`).
 7. ``trainer`` (``lightning.Trainer()`` when absent) <- ``logger``, ``default_root_dir``,
    ``check_val_every_n_epoch: None`` when ``val_check_interval`` is a whole number of batches
    (validation by step across epochs, :func:`step_based_validation`),
    ``enable_progress_bar`` (off when ``CI`` is set or stdout is not a terminal), ``plugins``
-   (:class:`~vlzoo.runs.AtomicCheckpointIO`: checkpoints are renamed into place) and
+   (:class:`~vlzoo.callbacks.AtomicCheckpointIO`: checkpoints are renamed into place) and
    ``callbacks``: the recipe's own plus a :class:`~lightning.pytorch.callbacks.ModelCheckpoint`
    (last + best; also every ``checkpoint.every_n_train_steps`` steps),
-   :class:`~vlzoo.runs.RecipeInCheckpoint`, :class:`~vlzoo.runs.RandomStateInCheckpoint`,
-   :class:`~vlzoo.runs.FiniteCheckpoints`, :class:`~vlzoo.runs.RunLogging`,
-   :class:`~vlzoo.runs.ParameterCount` and, without a progress bar,
+   :class:`~vlzoo.callbacks.RecipeInCheckpoint`, :class:`~vlzoo.callbacks.RandomStateInCheckpoint`,
+   :class:`~vlzoo.callbacks.FiniteCheckpoints`, :class:`~vlzoo.callbacks.RunLogging`,
+   :class:`~vlzoo.callbacks.ParameterCount` and, without a progress bar,
    :class:`~vlzoo.terminal.ValidationLine` (a line per validation).  Before anything is
    built, an MLflow tracking store that cannot be reached fails
-   (:func:`~vlzoo.runs.preflight_tracking`).
+   (:func:`~vlzoo.tracking.preflight_tracking`).
 
 Only ``paradigm`` is needed to build a model; ``fit``/``validate``/``test``/``predict`` also
 need ``data``.  Every other slot may be absent.
@@ -49,19 +49,18 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 
 from vlzoo.backbones.interface import SIZE_PARAMETERS
-from vlzoo.config import Recipe, RecipeError, instantiate, load_recipe, recipe_from_dict, validate
-from vlzoo.runs import (
+from vlzoo.callbacks import (
     AtomicCheckpointIO,
     FiniteCheckpoints,
     ParameterCount,
     RandomStateInCheckpoint,
     RecipeInCheckpoint,
     RunLogging,
-    make_logger,
     periodic_checkpoint,
-    preflight_tracking,
 )
+from vlzoo.config import Recipe, RecipeError, instantiate, load_recipe, recipe_from_dict, validate
 from vlzoo.terminal import ValidationLine, quiet_third_party
+from vlzoo.tracking import make_logger, preflight_tracking
 
 __all__ = ["Built", "build", "as_recipe", "progress_bar_wanted", "step_based_validation", "BACKBONE_ATTRIBUTES"]
 
@@ -146,6 +145,7 @@ def build(
     keep_raw_images: bool | None = None,
     extra_callbacks: Sequence[Callback] = (),
     check_model: Callable[[Built], None] | None = None,
+    checked: bool = False,
 ) -> Built:
     """Validate a recipe, then build its slots in order (see the module docstring).
 
@@ -164,10 +164,13 @@ def build(
         extra_callbacks: more Lightning callbacks for the trainer.
         check_model: called with the model and data built, before the logger opens a run: a
             refusal it raises (say, a checkpoint that does not fit the model) leaves no run.
+        checked: the recipe is validated and its tracking store checked already (a
+            :class:`~vlzoo.session.RunSession` does both once, before it resolves ``--resume``).
     """
     recipe = as_recipe(recipe, overrides=overrides, allow_targets=allow_targets)
-    validate(recipe)
-    if with_trainer and with_logger:
+    if not checked:
+        validate(recipe)
+    if with_trainer and with_logger and not checked:
         # an unreachable / unwritable tracking store fails here, before any model is built
         preflight_tracking(recipe, output_dir=output_dir, tracking_uri=tracking_uri)
     allow = recipe.allowed_prefixes

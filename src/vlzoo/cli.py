@@ -11,7 +11,7 @@
     vlzoo study STUDY [--jobs N] [--cell I] [--tracking-uri U] [--output-dir D]
     vlzoo study report STUDY [--tracking-uri U] [--output-dir D]
     vlzoo infer CHECKPOINT|DIR IMAGE [EXPRESSION] [--task T] [--box x1,y1,x2,y2] [--overlay OUT]
-    vlzoo export CHECKPOINT DIR
+    vlzoo export CHECKPOINT DIR            (--backbone: CHECKPOINT FILE, the run's backbone file)
     vlzoo demo CHECKPOINT|DIR [...] [--port N]
     vlzoo score ANSWERS.jsonl --recipe R --split S --codec FAMILY [--frame F] [--min-pixels N --max-pixels N]
 
@@ -30,13 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vlzoo._cli_support import (
-    EXIT_INTERRUPTED,
-    check_split,
-    raise_if_interval_too_long,
-    report_interrupt,
-    unknown_arguments,
-)
+from vlzoo._cli_support import EXIT_INTERRUPTED, report_interrupt, unknown_arguments
 from vlzoo.config import (
     RecipeError,
     find_recipe,
@@ -151,7 +145,7 @@ def _load(args: argparse.Namespace):
     if recipe_arg is None:
         if checkpoint is None:
             raise RecipeError(f"vlzoo {args.verb} needs a RECIPE (or --checkpoint CKPT to use the recipe it holds)")
-        from vlzoo.runs import read_checkpoint
+        from vlzoo.checkpoints import read_checkpoint
 
         _, stored = read_checkpoint(checkpoint)
         # the checkpoint's own allow_targets count only where --allow-target confirms them (validate)
@@ -192,187 +186,46 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from vlzoo.build import build
-    from vlzoo.runs import RUN_ID_KEY, find_last_checkpoint, read_checkpoint, resolve_tracking_uri
+    """fit / validate / test / predict: the arguments of one :class:`~vlzoo.session.RunSession`."""
+    from vlzoo.session import RunInterrupted, RunSession, TrainingStopped
 
-    recipe = _load(args)
-    validate(recipe)
-    for slot in ("paradigm", "data"):
-        if recipe.slot(slot) is None:
-            raise RecipeError(f"vlzoo {args.verb} needs a '{slot}' slot, but recipe {recipe.path or recipe.name} has none")
-    tracking_uri = resolve_tracking_uri(recipe, output_dir=args.output_dir, tracking_uri=args.tracking_uri)
-    from vlzoo.runs import ResilientMLFlowLogger, preflight_tracking
-
-    # an unreachable tracking store fails now: before --resume asks it, before anything is built
-    preflight_tracking(recipe, output_dir=args.output_dir, tracking_uri=args.tracking_uri)
-    run_id = None
-    ckpt_path = getattr(args, "checkpoint", None)
-    if args.verb == "fit" and (args.resume or args.resume_from):
-        target = args.resume_from or "last"
-        run_id, ckpt_path = _resume_target(target, recipe.name, tracking_uri, find_last_checkpoint)
-        if run_id is None:
-            checkpoint, _ = read_checkpoint(ckpt_path)
-            run_id = checkpoint.get(RUN_ID_KEY)
-    # a missing, damaged or foreign checkpoint is refused before anything is built or tracked
-    weights = _checkpoint_weights(ckpt_path) if ckpt_path is not None else None
-    if run_id is not None:
-        _check_run_in_store(run_id, tracking_uri, ckpt_path)
-    check_split(recipe, args.verb)
-    extra = []
     writer = None
     if args.verb == "predict":
         from vlzoo.predictions import PredictionWriter
 
         output = Path(args.output) if args.output else Path(args.output_dir) / "predictions.json"
         writer = PredictionWriter(output, overlays=args.overlays, max_overlays=args.max_overlays)
-        extra.append(writer)
-    built = build(
-        recipe,
-        output_dir=args.output_dir,
-        tracking_uri=tracking_uri,
-        run_id=run_id,
-        keep_raw_images=True if getattr(args, "overlays", None) else None,
-        extra_callbacks=extra,
-        # a checkpoint that does not fit the model is refused before the logger opens a run
-        check_model=None if weights is None else lambda b: _check_weights_fit(
-            weights, b.model, ckpt_path, recipe, resuming=args.verb == "fit"),
-    )
-    trainer, model, data = built.trainer, built.model, built.datamodule
-    ckpt = str(ckpt_path) if ckpt_path is not None else None
-    if args.verb == "fit":
-        try:
-            trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
-        except ValueError as err:
-            raise_if_interval_too_long(trainer, recipe, err)
+    resume = (args.resume_from or ("last" if args.resume else None)) if args.verb == "fit" else None
+    session = RunSession(_load(args), output_dir=args.output_dir, tracking_uri=args.tracking_uri,
+                         checkpoint=getattr(args, "checkpoint", None), resume=resume,
+                         keep_raw_images=True if getattr(args, "overlays", None) else None,
+                         callbacks=[writer] if writer is not None else [])
+    try:
+        outcome = getattr(session, args.verb)()
+    except RunInterrupted as err:
+        return report_interrupt(args, err.built)
+    except TrainingStopped as err:
+        if args.debug:
             raise
-        except SystemExit:
-            if not trainer.interrupted:
-                raise
-            return report_interrupt(args, built)  # Lightning turned Ctrl-C into SystemExit(1)
-        except FloatingPointError as err:  # the loss or the weights became NaN/inf (paradigms/base.py, runs.py)
-            if args.debug:
-                raise
-            import torch
+        print(f"vlzoo fit: training stopped: {err}\n(run again with --debug for the full traceback)", file=sys.stderr)
+        return 1
+    built = outcome.built
+    if args.verb in ("validate", "test") and built.trainer.is_global_zero:
+        from vlzoo.terminal import evaluation_table
 
-            last = built.checkpoint_dir / "last.ckpt"
-            kept = "no checkpoint had been written yet"
-            if last.is_file():
-                step = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("global_step")
-                kept = f"last good checkpoint: {last} (step {step}); `vlzoo fit ... --resume` continues from it"
-            print(f"vlzoo fit: training stopped: {err}\n{kept}\n(run again with --debug for the full traceback)",
-                  file=sys.stderr)
-            return 1
-    elif args.verb in ("validate", "test"):
-        evaluate = trainer.validate if args.verb == "validate" else trainer.test
+        stage = "val" if args.verb == "validate" else "test"
         # Lightning's own table lists every split's figures under every dataloader: one column per split
-        results = evaluate(model, datamodule=data, ckpt_path=ckpt, weights_only=True, verbose=False)
-        if trainer.is_global_zero:
-            from vlzoo.terminal import evaluation_table
-
-            stage = "val" if args.verb == "validate" else "test"
-            names = list(getattr(data, f"{stage}_names", None) or []) or [
-                stage if i == 0 else f"{stage}{i}" for i in range(len(results))]  # as paradigms/base.py names them
-            sys.stdout.write(evaluation_table(results, names, stage))
-    else:
-        trainer.predict(model, datamodule=data, ckpt_path=ckpt, weights_only=True, return_predictions=False)
+        names = list(getattr(built.datamodule, f"{stage}_names", None) or []) or [
+            stage if i == 0 else f"{stage}{i}" for i in range(len(outcome.results))]  # as paradigms/base.py names them
+        sys.stdout.write(evaluation_table(outcome.results, names, stage))
+    if writer is not None:
         print(f"vlzoo: wrote {len(writer.records)} records to {writer.output}"
               + (f" and {len(writer.overlay_paths)} overlays to {args.overlays}" if args.overlays else ""))
-    if built.run_id:
-        print(f"vlzoo: MLflow run {built.run_id} at {tracking_uri}; checkpoints in {built.checkpoint_dir}")
-    if isinstance(built.logger, ResilientMLFlowLogger) and built.logger.lost:
-        print(f"vlzoo: the tracking server was lost at step {built.logger.lost_at_step} ({built.logger.lost}); "
-              f"metrics from then on are in {built.logger.offline_folder / 'metrics.jsonl'}")
+    if outcome.run_id:
+        print(f"vlzoo: MLflow run {outcome.run_id} at {outcome.tracking_uri}; checkpoints in {built.checkpoint_dir}")
+    if outcome.lost_server:
+        print(f"vlzoo: {outcome.lost_server}")
     return 0
-
-
-def _checkpoint_weights(path: str | Path) -> tuple[dict[str, tuple[int, ...]], Any]:
-    """``(name -> shape of each weight, the checkpoint's recipe)`` of a checkpoint that
-    ``vlzoo fit`` wrote; :class:`RecipeError` when the file is missing, damaged or not vlzoo's."""
-    from vlzoo.runs import read_checkpoint
-
-    checkpoint, stored = read_checkpoint(path)
-    state = checkpoint.get("state_dict")
-    if not isinstance(state, dict) or "pytorch-lightning_version" not in checkpoint:
-        raise RecipeError(
-            f"checkpoint {path} holds a vlzoo recipe but no Lightning training state ('state_dict' and "
-            "'pytorch-lightning_version'); use a last.ckpt or best-*.ckpt written by `vlzoo fit`"
-        )
-    return {str(k): tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}, stored
-
-
-def _check_weights_fit(weights: tuple[dict[str, tuple[int, ...]], Any], model: Any, path: Any, recipe: Any,
-                       *, resuming: bool) -> None:
-    """:class:`RecipeError` when the checkpoint's weights do not fit the model the recipe built
-    (another paradigm, backbone or size): said before Lightning fails half-way with a long
-    ``load_state_dict`` report."""
-    shapes, stored = weights
-    own = {}
-    for name, tensor in model.state_dict().items():
-        try:
-            own[name] = tuple(tensor.shape)
-        except (AttributeError, RuntimeError, ValueError):  # e.g. an uninitialized lazy parameter
-            continue
-    strict = bool(getattr(model, "strict_loading", True))
-    wrong = [k for k in own if k in shapes and own[k] != shapes[k]]
-    missing = [k for k in own if k not in shapes] if strict else []
-    unexpected = [k for k in shapes if k not in own] if strict else []
-    if not (wrong or missing or unexpected):
-        return
-    parts = []
-    if wrong:
-        parts.append(f"{len(wrong)} weight(s) differ in shape (e.g. {wrong[0]}: {list(shapes[wrong[0]])} in the "
-                     f"checkpoint, {list(own[wrong[0]])} in the model)")
-    if missing:
-        parts.append(f"{len(missing)} weight(s) of the model are not in the checkpoint (e.g. {missing[0]})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} weight(s) of the checkpoint are not in the model (e.g. {unexpected[0]})")
-    written_by = stored.get("paradigm._target_") or "no paradigm"
-    hint = (
-        "resume with the recipe it was trained with (the same paradigm, backbone and sizes)"
-        if resuming
-        else "give the recipe it was trained with, or leave RECIPE out to use the checkpoint's own recipe"
-    )
-    raise RecipeError(
-        f"checkpoint {path} does not fit recipe {recipe.path or recipe.name}: it was written by recipe "
-        f"'{stored.name}' ({written_by}), and {'; '.join(parts)}. To use it, {hint}."
-    )
-
-
-def _check_run_in_store(run_id: str, tracking_uri: str, ckpt_path: Any) -> None:
-    """A resumed checkpoint's MLflow run must be in the tracking store this command uses."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
-    except MlflowException:
-        raise RecipeError(
-            f"--resume-from {ckpt_path}: the checkpoint belongs to MLflow run {run_id}, which is not in the "
-            f"tracking store {tracking_uri}; pass the --output-dir (or --tracking-uri) of the run that wrote it"
-        ) from None
-
-
-def _resume_target(value: str, recipe_name: str, tracking_uri: str, find_last):
-    """``(run_id or None, checkpoint path)`` for ``--resume`` (``last``) or ``--resume-from``."""
-    if value == "last":
-        return find_last(recipe_name=recipe_name, tracking_uri=tracking_uri)
-    if Path(value).is_file():
-        return None, Path(value)
-    if value.endswith(".ckpt") or "/" in value:
-        raise RecipeError(f"--resume-from {value}: checkpoint file not found")
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from vlzoo.runs import CHECKPOINT_DIR_TAG
-
-    try:
-        run = MlflowClient(tracking_uri=tracking_uri).get_run(value)
-    except MlflowException:
-        raise RecipeError(f"--resume {value}: neither a checkpoint file nor a run at {tracking_uri}") from None
-    folder = run.data.tags.get(CHECKPOINT_DIR_TAG)
-    if not folder or not (Path(folder) / "last.ckpt").is_file():
-        raise RecipeError(f"--resume {value}: the run has no last checkpoint (tag {CHECKPOINT_DIR_TAG}={folder})")
-    return value, Path(folder) / "last.ckpt"
 
 
 def _study_cells(spec: Any) -> list[Any]:
@@ -424,9 +277,9 @@ def _check_study(spec: Any) -> None:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from vlzoo.runs import tracking_uri_for
     from vlzoo.study import load_study, run_cell, run_study
     from vlzoo.study.runner import StudyRun
+    from vlzoo.tracking import tracking_uri_for
 
     words = list(args.study)
     rebuild = words[0] == "report"

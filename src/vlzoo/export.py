@@ -196,9 +196,9 @@ def training_figures(checkpoint_path: str | Path, *, tracking_uri: str | None = 
             uri = f"sqlite:///{store.as_posix()}" if store.is_file() else None
         if uri is not None:
             try:
-                from mlflow.tracking import MlflowClient
+                from vlzoo.tracking import tracking_client
 
-                run = MlflowClient(tracking_uri=uri).get_run(run_id)
+                run = tracking_client(uri).get_run(run_id)
                 figures["metrics"] = {k: float(v) for k, v in sorted(run.data.metrics.items()) if k != "epoch"}
                 figures["run_name"] = run.info.run_name
             except Exception:  # noqa: BLE001 - the card is written without the run's figures

@@ -469,7 +469,7 @@ def _checkpoint_files(node: Any, key: str = "") -> list[tuple[str, str]]:
 
 
 def _load_checkpoint_file(path: Path, allow_targets: Sequence[str]) -> tuple[Any, Any, Recipe]:
-    from vlzoo.runs import read_checkpoint
+    from vlzoo.checkpoints import read_checkpoint
 
     checkpoint, recipe = read_checkpoint(path)
     recipe = _stored_recipe(recipe.data, allow_targets, f"checkpoint {path}")

@@ -5,6 +5,7 @@
     vlzoo infer CHECKPOINT|DIR IMAGE [EXPRESSION] [--task T] [--box x1,y1,x2,y2] [--prompt TEXT]
                 [--overlay OUT.png|DIR] [--output FILE]
     vlzoo export CHECKPOINT DIR [--tracking-uri U] [--overwrite]
+    vlzoo export CHECKPOINT FILE --backbone
     vlzoo demo CHECKPOINT|DIR [...] [--port N]
 
 Registered by :mod:`vlzoo.cli` (:func:`add_parsers`, :data:`COMMANDS`); the work is done by
@@ -49,10 +50,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--output", default=None, metavar="FILE", help="write the JSON here instead of stdout")
         elif verb == "export":
             p.add_argument("checkpoint", metavar="CHECKPOINT", help="a vlzoo fit checkpoint (last.ckpt, best-*.ckpt)")
-            p.add_argument("folder", metavar="DIR", help="the folder to write (must not exist or be empty)")
+            p.add_argument("folder", metavar="DIR", help="the folder to write (must not exist or be empty); "
+                                                         "with --backbone, the backbone file to write")
             p.add_argument("--tracking-uri", default=None,
                            help="MLflow store of the run, for the model card's figures (default: the run's folder)")
-            p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+            p.add_argument("--overwrite", action="store_true", help="replace DIR (or, with --backbone, FILE) if it exists")
+            p.add_argument("--backbone", action="store_true",
+                           help="write only the run's backbone (LoRA merged, added tokens) as a file for another "
+                                "recipe's backbone.checkpoint")
         else:
             p.add_argument("models", nargs="+", metavar="CHECKPOINT|DIR", help="one or more models, answering side by side")
             p.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one from 7860)")
@@ -74,6 +79,17 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    if args.backbone:
+        from vlzoo.checkpoints import export_backbone
+        from vlzoo.config import RecipeError
+
+        if Path(args.folder).is_dir() or (Path(args.folder).exists() and not args.overwrite):
+            raise RecipeError(f"vlzoo export --backbone: {args.folder} exists; give a new file name "
+                              "(or --overwrite to replace a file)")
+
+        path = export_backbone(args.checkpoint, args.folder, allow_targets=args.allow_target)
+        print(f"vlzoo: wrote the backbone of {args.checkpoint} to {path} (use it as backbone.checkpoint={path})")
+        return 0
     from vlzoo.export import export
 
     folder = export(args.checkpoint, args.folder, allow_targets=args.allow_target, tracking_uri=args.tracking_uri,

@@ -1,6 +1,7 @@
-"""LENS on the frozen LMM of another recipe's run: `backbone.checkpoint=<that run's last.ckpt>`
-takes the trained backbone (added tokens and all) out of a `vlzoo fit` checkpoint, and
-`export_backbone` writes the same as a small file."""
+"""LENS on the frozen LMM of another recipe's run, as an explicit step: `vlzoo export
+<that run's last.ckpt> backbone.pt --backbone` (`export_backbone`) writes the trained backbone
+(added tokens and all) as a backbone file, which `backbone.checkpoint=` loads.  The run's
+checkpoint itself is refused as a backbone checkpoint, with the export command in the error."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import pytest
 import torch
 
 from vlzoo.build import build
+from vlzoo.checkpoints import export_backbone, load_checkpoint
 from vlzoo.cli import main
 from vlzoo.config import RecipeError, load_recipe
 from vlzoo.paradigms.attention_keypoints import AttentionKeypoints
-from vlzoo.runs import export_backbone, load_checkpoint
 
 SMALL = [
     "data.train.size=8",
@@ -36,11 +37,20 @@ def heatmap_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return last
 
 
-def test_lens_takes_the_backbone_of_another_runs_checkpoint(heatmap_run: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def heatmap_backbone(heatmap_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The heatmap run's backbone, exported with the command line's verb."""
+    path = tmp_path_factory.mktemp("heatmap_backbone") / "backbone.pt"
+    assert main(["export", str(heatmap_run), str(path), "--backbone"]) == 0
+    return path
+
+
+def test_lens_takes_the_exported_backbone_of_another_run(heatmap_run: Path, heatmap_backbone: Path,
+                                                         tmp_path: Path) -> None:
     trained = load_checkpoint(heatmap_run).backbone
     recipe = load_recipe(
         "recipes/shapes/attention_keypoints_res_grounded.yaml",
-        overrides=[f"backbone.checkpoint={heatmap_run}", *SMALL],
+        overrides=[f"backbone.checkpoint={heatmap_backbone}", *SMALL],
     )
     built = build(recipe, with_logger=False, output_dir=tmp_path)
     assert isinstance(built.model, AttentionKeypoints)
@@ -58,7 +68,11 @@ def test_lens_takes_the_backbone_of_another_runs_checkpoint(heatmap_run: Path, t
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_export_backbone_writes_a_loadable_backbone_file(heatmap_run: Path, tmp_path: Path) -> None:
+def test_export_backbone_writes_a_loadable_backbone_file(heatmap_run: Path, heatmap_backbone: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    # the command line never replaces a file by accident
+    assert main(["export", str(heatmap_run), str(heatmap_backbone), "--backbone"]) == 2
+    assert "exists" in capsys.readouterr().err
     path = export_backbone(heatmap_run, tmp_path / "lmm" / "backbone.pt")
     assert path.is_file() and not list(path.parent.glob("*.tmp"))
     blob = torch.load(path, weights_only=True)
@@ -70,10 +84,27 @@ def test_export_backbone_writes_a_loadable_backbone_file(heatmap_run: Path, tmp_
     assert all(torch.equal(lmm.plain_state_dict()[k], v) for k, v in trained.items())
 
 
-def test_a_run_checkpoint_of_another_architecture_is_a_clear_error(heatmap_run: Path) -> None:
+def test_a_run_checkpoint_as_backbone_checkpoint_says_to_export_it_first(
+    heatmap_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = load_recipe("recipes/shapes/attention_keypoints_res_grounded.yaml",
+                         overrides=[f"backbone.checkpoint={heatmap_run}", *SMALL])
+    with pytest.raises(RecipeError, match=r"(?s)recipe key backbone.checkpoint: .*not a backbone file.*"
+                                          r"vlzoo export .* backbone.pt --backbone"):
+        build(recipe, with_data=False, with_trainer=False, with_logger=False)
+    # the command line says the same, in one paragraph, before any run is opened
+    out = tmp_path / "out"
+    assert main(["fit", "recipes/shapes/attention_keypoints_res_grounded.yaml", f"backbone.checkpoint={heatmap_run}",
+                 *SMALL, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not a backbone file" in err and "--backbone" in err and "Traceback" not in err
+    assert not (out / "checkpoints").exists()
+
+
+def test_an_exported_backbone_of_another_architecture_is_a_clear_error(heatmap_backbone: Path) -> None:
     recipe = load_recipe(
         "recipes/shapes/attention_keypoints_res_grounded.yaml",
-        overrides=[f"backbone.checkpoint={heatmap_run}", "backbone.language.config.hidden_size=32", *SMALL],
+        overrides=[f"backbone.checkpoint={heatmap_backbone}", "backbone.language.config.hidden_size=32", *SMALL],
     )
     with pytest.raises(RecipeError, match=r"(?s)recipe key backbone.checkpoint: .*does not match.*shape mismatch"):
         build(recipe, with_data=False, with_trainer=False, with_logger=False)

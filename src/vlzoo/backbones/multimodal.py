@@ -509,14 +509,18 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
         torch.save(self.backbone_blob(), str(path))
 
     def _load_backbone(self, path: str | Path) -> None:
-        """Load a :meth:`save_backbone` file - or the backbone of another recipe's ``vlzoo fit``
-        checkpoint (``last.ckpt``) - before any LoRA / freezing is applied."""
-        blob = load_weights(path, what="backbone checkpoint")
-        from vlzoo.runs import RECIPE_KEY, backbone_of_checkpoint
+        """Load a :meth:`save_backbone` file before any LoRA / freezing is applied.
 
-        if isinstance(blob, dict) and RECIPE_KEY in blob:
-            del blob
-            blob = backbone_of_checkpoint(path).backbone_blob()
+        A whole run's checkpoint (``vlzoo fit``'s ``last.ckpt``) is refused: taking the backbone
+        out of it means rebuilding that run's paradigm, an explicit step of its own
+        (``vlzoo export CHECKPOINT FILE --backbone``, :func:`vlzoo.checkpoints.export_backbone`)."""
+        blob = load_weights(path, what="backbone checkpoint")
+        if isinstance(blob, dict) and "pytorch-lightning_version" in blob:
+            raise BackboneCheckpointError(
+                f"{path} is a whole run's checkpoint (a Lightning fit checkpoint such as last.ckpt), not a backbone "
+                f"file. Export the run's backbone first - `vlzoo export {path} backbone.pt --backbone` (Python: "
+                "vlzoo.checkpoints.export_backbone) - and give that file as backbone.checkpoint"
+            )
         if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
             raise BackboneCheckpointError(f"{path} is not a vlzoo backbone checkpoint (save_backbone)")
         ids = self.add_special_tokens(blob["added_tokens"])

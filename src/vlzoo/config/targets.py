@@ -68,8 +68,8 @@ NOT_FOR_RECIPES: frozenset[str] = frozenset(
 )
 
 #: vlzoo run parts a resolved recipe names: the MLflow logger that survives a lost server
-#: (``vlzoo.runs.make_logger`` puts it in place of Lightning's).
-RUN_PARTS: tuple[str, ...] = ("vlzoo.runs.ResilientMLFlowLogger",)
+#: (``vlzoo.tracking.make_logger`` puts it in place of Lightning's).
+RUN_PARTS: tuple[str, ...] = ("vlzoo.tracking.ResilientMLFlowLogger",)
 
 #: Third-party callables a recipe may build, by one of their public paths.
 THIRD_PARTY: tuple[str, ...] = (

@@ -2,7 +2,7 @@
 
 Every cell logs its validation figures with the global step (Lightning's MLflow logger) and
 ``cost/cpu_seconds`` - the CPU seconds of the cell process since ``fit`` began - at the same
-steps (:class:`~vlzoo.study.runner.CpuTimeCurve`).  From these histories alone:
+steps (:class:`~vlzoo.callbacks.CpuTimeCurve`).  From these histories alone:
 
 * the time-to-accuracy table: per cell (mean curve over its seeds), the first validation step
   at which the primary figure reaches each threshold, and the CPU seconds spent by then, or
@@ -20,13 +20,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from vlzoo.callbacks import CPU_CURVE_KEY  # noqa: E402
+
 __all__ = ["DEFAULT_THRESHOLDS", "mean_curve", "first_reaching", "value_at", "time_to_accuracy_rows", "plot_compute"]
 
 #: Acc@0.5 / cIoU levels the time-to-accuracy table asks about (0.73: twice the random object on full Shapes)
 DEFAULT_THRESHOLDS = (0.5, 0.73)
 #: MLflow metric of a cell: CPU seconds of the cell process since ``fit`` began, logged at each
-#: validation with the global step
-CPU_KEY = "cost/cpu_seconds"
+#: validation with the global step (by vlzoo.callbacks.CpuTimeCurve)
+CPU_KEY = CPU_CURVE_KEY
 
 Curve = list[tuple[int, float]]
 

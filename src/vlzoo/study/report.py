@@ -17,13 +17,17 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+
+from vlzoo.tracking import tracking_client  # noqa: E402
+
+if TYPE_CHECKING:
+    from vlzoo.tracking import MlflowClient
 
 __all__ = ["CellResult", "collect_results", "build_report", "STUDY_TAG", "ROLE_TAG"]
 
@@ -660,7 +664,7 @@ def build_report(
     log_to_parent: bool = True,
 ) -> Path:
     """Rebuild a study's report from the tracking store; returns the path of ``report.md``."""
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = tracking_client(tracking_uri)
     experiment_name = experiment_name or f"study-{study}"
     parent = find_parent_run(client, experiment_name, study)
     results = collect_results(client, parent.info.experiment_id, parent.info.run_id)

@@ -26,10 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import Callback
-from mlflow.tracking import MlflowClient
-
-from vlzoo.study.curves import CPU_KEY as CPU_CURVE_KEY
+from vlzoo.callbacks import CpuTimeCurve
 from vlzoo.study.report import (
     BASELINE_TAG,
     CELL_KEY_TAG,
@@ -41,6 +38,7 @@ from vlzoo.study.report import (
     build_report,
 )
 from vlzoo.study.spec import BUDGET_KEY, Cell, StudyError, StudySpec, expand_grid, load_study
+from vlzoo.tracking import temporary_environment, tracking_client
 
 __all__ = [
     "StudyRun",
@@ -141,7 +139,7 @@ class StudyRun:
         self.spec = spec
         self.tracking_uri = tracking_uri
         self.output_dir = Path(output_dir).resolve()
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = tracking_client(tracking_uri)
         self.experiment_name = f"study-{spec.name}"
         self.parent_run_id = parent_run_id
         self.cells = expand_grid(spec, supports=self._supports)
@@ -363,8 +361,6 @@ class StudyRun:
 
     def report(self) -> Path:
         # the report downloads every cell's artifacts: MLflow would draw a progress bar for each
-        from vlzoo.runs import temporary_environment
-
         with temporary_environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
             return build_report(
                 study=self.spec.name,
@@ -417,29 +413,6 @@ def run_study(
     return study.report() if report else None
 
 
-class CpuTimeCurve(Callback):
-    """Lightning callback: the CPU seconds of this process since ``fit`` began, logged at every
-    validation through the module's logger (so at the very steps of the validation figures), so
-    the report can say how much compute a validation figure cost (time-to-accuracy).  CPU time,
-    not wall time: it does not depend on what else the machine runs."""
-
-    def __init__(self) -> None:
-        self.start = time.process_time()
-        self.seconds = 0.0
-
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self.start = time.process_time()
-
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking:
-            return
-        self.seconds = time.process_time() - self.start
-        pl_module.log(CPU_CURVE_KEY, self.seconds, add_dataloader_idx=False)
-
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        self.seconds = time.process_time() - self.start
-
-
 def _peak_memory_mb() -> float:
     """Peak resident memory of this process in MB.
 
@@ -464,7 +437,8 @@ def run_cell(
 ) -> str:
     """Run cell ``index`` of a study in this process; returns its run id.  Raises on failure
     after recording it (status ``failed`` and the error) in the cell's run."""
-    from vlzoo.build import build
+    from vlzoo.callbacks import count_parameters
+    from vlzoo.session import RunSession
     from vlzoo.study.measure import gallery, inference_cost, retention
 
     spec = load_study(path)
@@ -486,27 +460,20 @@ def run_cell(
         if stage0 is not None:
             overrides.append(f"backbone.checkpoint={stage0}")
         curve = CpuTimeCurve()
-        built = build(
-            cell.recipe,
-            overrides=overrides,
-            output_dir=cell_dir,
-            tracking_uri=tracking_uri,
-            run_id=run_id,
-            keep_raw_images=True,
-            extra_callbacks=[curve],
-        )
+        # the same session as `vlzoo fit`: consent, tracking preflight, NaN handling, then test in memory
+        session = RunSession(cell.recipe, overrides=overrides, output_dir=cell_dir, tracking_uri=tracking_uri,
+                             run_id=run_id, keep_raw_images=True, callbacks=[curve])
+        built = session.prepare("fit")
         start = time.perf_counter()
-        built.trainer.fit(built.model, datamodule=built.datamodule)
+        session.fit()
         train_seconds = time.perf_counter() - start
-        built.trainer.test(built.model, datamodule=built.datamodule, verbose=False)
+        session.test()
         metrics = {
             "cost/train_seconds": train_seconds,
             "cost/train_cpu_seconds": curve.seconds,
             "cost/train_steps": float(built.trainer.global_step),
             "cost/peak_memory_mb": _peak_memory_mb(),
         }
-        from vlzoo.runs import count_parameters
-
         trainable, total = count_parameters(built.model)
         metrics["params/trainable"] = float(trainable)
         metrics["params/total"] = float(total)

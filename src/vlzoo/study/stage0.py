@@ -26,13 +26,14 @@ def run_stage0(
 
     The checkpoint is written last (after a ``.tmp`` file), so an interrupted stage 0 leaves no
     file a later run would mistake for a finished one."""
-    from vlzoo.build import build
+    from vlzoo.session import RunSession
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    built = build(recipe, overrides=overrides, output_dir=output_dir, tracking_uri=tracking_uri)
+    session = RunSession(recipe, overrides=overrides, output_dir=output_dir, tracking_uri=tracking_uri)
+    built = session.prepare("fit")  # the same session as `vlzoo fit` and a study's cells
     start = time.perf_counter()
-    built.trainer.fit(built.model, datamodule=built.datamodule)
+    session.fit()
     seconds = time.perf_counter() - start
     metrics = {"stage0/train_seconds": seconds}
     metrics.update(retention(built.model, recipe, overrides=overrides, prefix="retention/before"))
