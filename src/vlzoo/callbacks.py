@@ -32,9 +32,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-import vlzoo
 from vlzoo.config import Recipe, flatten
 from vlzoo.tracking import CHECKPOINT_DIR_TAG, ResilientMLFlowLogger, run_tags
+from vlzoo.version import __version__
 
 __all__ = [
     "RECIPE_KEY",
@@ -122,7 +122,7 @@ class RecipeInCheckpoint(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint[RECIPE_KEY] = self.recipe_yaml
-        checkpoint[VERSION_KEY] = vlzoo.__version__
+        checkpoint[VERSION_KEY] = __version__
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger) and logger.run_id:
                 checkpoint[RUN_ID_KEY] = logger.run_id

@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-import vlzoo
 from vlzoo.config import Recipe, RecipeError
 from vlzoo.inference import EXPORT_MANIFEST, RECIPE_FILE, TOKENIZER_DIR, WEIGHTS_FILE, TrainedModel, load
+from vlzoo.version import __version__
 
 __all__ = ["export", "self_contained_recipe", "training_figures", "EXPORT_FORMAT"]
 
@@ -221,7 +221,7 @@ def _card(trained: TrainedModel, figures: Mapping[str, Any], changes: Sequence[s
         "",
         f"# {recipe.name}",
         "",
-        f"A vlzoo `{paradigm}` model for {tasks}, exported with `vlzoo export` (vlzoo {vlzoo.__version__}).",
+        f"A vlzoo `{paradigm}` model for {tasks}, exported with `vlzoo export` (vlzoo {__version__}).",
         "",
         "## Use it",
         "",
@@ -297,7 +297,7 @@ def export(
         figures = training_figures(checkpoint, tracking_uri=tracking_uri)
         manifest = {
             "format": EXPORT_FORMAT,
-            "vlzoo_version": vlzoo.__version__,
+            "vlzoo_version": __version__,
             "recipe": trained.recipe.name,
             "paradigm": getattr(trained.model, "name", None),
             "tasks": trained.tasks,

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-import vlzoo
 from vlzoo.config import Recipe, RecipeError, instantiate
+from vlzoo.version import __version__
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -112,7 +112,7 @@ def resolve_tracking_uri(recipe: Recipe, *, output_dir: str | Path = ".", tracki
 
 def git_commit(folder: str | Path | None = None) -> str | None:
     """The commit of the git checkout holding ``folder`` (vlzoo's source by default), or ``None``."""
-    folder = Path(folder) if folder is not None else Path(vlzoo.__file__).resolve().parent
+    folder = Path(folder) if folder is not None else Path(__file__).resolve().parent
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10, check=False
@@ -195,7 +195,7 @@ def run_tags(recipe: Recipe, model: Any = None) -> dict[str, str]:
         "backbone": backbone_name,
         "data": _short(data.get("_target_")) if isinstance(data, Mapping) else "",
         "task": ",".join(tasks) if isinstance(tasks, (list, tuple)) else str(tasks or ""),
-        "vlzoo.version": vlzoo.__version__,
+        "vlzoo.version": __version__,
         RECIPE_NAME_TAG: recipe.name,
     }
     commit = git_commit()

@@ -22,21 +22,12 @@ from vlzoo.config.layers import Layer, expand_bases, load_file, read_yaml
 from vlzoo.config.overrides import apply_overrides
 from vlzoo.config.recipe import TOP_LEVEL_KEYS, Recipe, RecipeError, _dotted, _Path, _suggest
 from vlzoo.config.targets import ALLOWED_RESOLVERS
+from vlzoo.paths import shipped_recipes_dir
 
 __all__ = ["load_recipe", "recipe_from_dict", "recipe_from_yaml", "find_recipe", "shipped_recipes_dir"]
 
 
 # --- finding recipes ------------------------------------------------------------------------
-def shipped_recipes_dir() -> Path | None:
-    """The ``recipes/`` folder shipped with vlzoo (beside ``src/`` in a source checkout)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent / "recipes"
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
 def _recipe_roots(recipe_path: Path | None, recipes_dir: str | Path | None) -> list[Path]:
     roots: list[Path] = []
     if recipes_dir is not None:

@@ -11,6 +11,7 @@ from vlzoo.paradigms.heatmap import HeatmapMatching
 from vlzoo.paradigms.language_modeling import LanguageModeling
 from vlzoo.paradigms.pixel2emb import Pixel2Emb
 from vlzoo.paradigms.pixel2seq import Pixel2Seq
+from vlzoo.paths import shipped_recipes_dir
 from vlzoo.structures import TASKS
 
 __all__ = ["PARADIGMS", "list_paradigms", "support_matrix"]
@@ -31,8 +32,6 @@ def support_matrix(recipes_dir: str | Path | None = None) -> str:
     ``recipe`` marks a supported task with a shipped tiny Shapes recipe
     (``recipes/shapes/<paradigm>_<task>.yaml``), ``yes`` one supported without such a recipe,
     ``-`` an unsupported one."""
-    from vlzoo.config import shipped_recipes_dir
-
     root = Path(recipes_dir) if recipes_dir is not None else shipped_recipes_dir()
     lines = ["| paradigm | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
     for name, cls in list_paradigms(include_stage0=True).items():
