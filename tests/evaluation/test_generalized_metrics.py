@@ -179,7 +179,7 @@ def _grec_by_definition(pairs, thr=0.5):
         tg_ok += int(bool(prs))
         free_p, free_g, tp = set(range(len(prs))), set(range(len(gts))), 0
         while free_p and free_g:
-            best = max(((_iou(prs[i], gts[j]), -i, -j) for i in free_p for j in free_g))
+            best = max((_iou(prs[i], gts[j]), -i, -j) for i in free_p for j in free_g)
             if best[0] < thr:
                 break
             tp += 1
