@@ -259,3 +259,25 @@ def test_baselines_use_the_same_metrics() -> None:
     assert every["res/giou"] == pytest.approx(ref["giou"]) and every["res/ciou"] == pytest.approx(ref["ciou"])
     whole = generalized_baselines(samples)["always_everything"]  # no objects: the whole image
     assert whole["res/ciou"] == pytest.approx((A.sum() + (A | B).sum()) / (3 * H * W))
+
+
+def test_states_are_sums_so_ranks_merge_to_the_whole() -> None:
+    """Every state is a sum (``dist_reduce_fx="sum"``): two halves merged equal one pass, also when
+    one half holds no sample (an empty rank)."""
+    preds = [_pred(p) for _, p in CASES]
+    targets = [_target(g, i) for i, (g, _) in enumerate(CASES)]
+    whole, first, second, empty = (GeneralizedReferringSegmentation() for _ in range(4))
+    whole.update(preds, targets)
+    first.update(preds[:3], targets[:3])
+    second.update(preds[3:], targets[3:])
+    first.merge_state(second)
+    first.merge_state(empty)
+    assert {k: float(v) for k, v in first.compute().items()} == {k: float(v) for k, v in whole.compute().items()}
+    box_preds = [Predictions(boxes=torch.tensor(p).reshape(-1, 4)) for _, p in BOX_CASES]
+    box_targets = [Targets(boxes=torch.tensor(g).reshape(-1, 4)) for g, _ in BOX_CASES]
+    whole_b, a, b = (GeneralizedReferringBoxes() for _ in range(3))
+    whole_b.update(box_preds, box_targets)
+    a.update(box_preds[:4], box_targets[:4])
+    b.update(box_preds[4:], box_targets[4:])
+    a.merge_state(b)
+    assert {k: float(v) for k, v in a.compute().items()} == {k: float(v) for k, v in whole_b.compute().items()}
