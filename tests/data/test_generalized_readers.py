@@ -17,6 +17,7 @@ from vlzoo.data.export_generalized import export_shapes_grefcoco, export_shapes_
 from vlzoo.data.grefcoco import GRefCocoDataset
 from vlzoo.data.reasonseg import ReasonSegDataset, paint_reasonseg
 from vlzoo.data.shapes import ShapesDataset
+from vlzoo.data.transforms import ResizeTransform
 from vlzoo.evaluation.generalized import (
     GeneralizedReferringSegmentation,
     TargetsWithIgnore,
@@ -98,6 +99,7 @@ def _edit(paths, ref_id, **changes):
         (1, {"ann_id": [99]}, "ann_id 99 is not in"),
         (5, {"split": "val", "ann_id": [11]}, "annotation 11 belongs to image 1, not 2"),
         (1, {"sentences": []}, "'sentences' must be"),
+        (1, {"sentences": [{"sent_id": 1, "sent": " "}]}, "every sentence is empty"),
         (1, {"ann_id": [13]}, "crowd"),
         (1, {"image_id": 7}, "image_id 7 is not in"),
     ],
@@ -150,6 +152,9 @@ def test_reasonseg_reader_paints_as_lisa_and_carries_the_ignore_region(reasonseg
     assert long.prompt.startswith("What in this kitchen")
     assert [s.meta["is_sentence"] for s in ReasonSegDataset(data_dir=reasonseg, queries="long")] == [True]
     assert [s.meta["is_sentence"] for s in ReasonSegDataset(data_dir=reasonseg, queries="short")] == [False]
+    # the ignore region rides along the resize transform (original pixels: only the metrics read it)
+    _, moved, _ = ResizeTransform(size=32)(short.image, short.targets)
+    assert isinstance(moved, TargetsWithIgnore) and moved.ignore_mask is short.targets.ignore_mask
     every = ReasonSegDataset(data_dir=reasonseg, phrasings="all")
     assert len(every) == 3 and sorted(s.meta["query_index"] for s in every) == [0, 0, 1]
     # scored as LISA scores it: an answer that covers the ignore region too is still exact

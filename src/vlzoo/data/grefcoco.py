@@ -78,7 +78,8 @@ class GRefCocoDataset(Dataset):
         seed: picks the task and the instruction phrasing per item.
 
     ``meta`` holds ``ref_id``, ``sent_id``, ``annotation_ids`` (empty for no-target),
-    ``no_target``, ``categories`` (names of the referred objects) and ``file_name``.
+    ``no_target``, ``categories`` (names of the referred objects) and ``file_name``.  Empty
+    sentences are skipped, as gRefCOCO's own loader skips them.
     """
 
     def __init__(
@@ -133,7 +134,8 @@ class GRefCocoDataset(Dataset):
                 self.num_skipped += 1
                 continue
             for sent in ref["sentences"]:
-                self.items.append((ref, sent, ann_ids))
+                if sent["sent"].strip():  # gRefCOCO's loader skips empty sentences too
+                    self.items.append((ref, sent, ann_ids))
         if not self.items:
             raise DataError(f"{self.refs_file}: no usable {split!r} refs (all {self.num_skipped} were bad records)")
 
@@ -169,6 +171,8 @@ class GRefCocoDataset(Dataset):
             isinstance(s, dict) and isinstance(s.get("sent"), str) for s in sents
         ):
             raise DataError(f"{where}: 'sentences' must be a non-empty list of {{'sent': text, ...}}")
+        if not any(s["sent"].strip() for s in sents):
+            raise DataError(f"{where}: every sentence is empty")
         if no_target:
             return []
         im = self.images[image_id]
