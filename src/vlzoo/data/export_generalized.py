@@ -68,12 +68,14 @@ def export_shapes_grefcoco(
     cat_of = {a["id"]: a["category_id"] for a in instances["annotations"]}
     split = split or dataset.split
     refs = []
+    next_sent = 1
     for index in indices:
         sample = dataset[index]
         image_id = index + 1
         ids = [ann_ids[image_id][k] for k in sample.meta["object_ids"]]
         texts = _phrasings(sample, index, dataset.seed, phrasings)
-        sents = [{"sent_id": image_id * 10 + k, "sent": t, "raw": t, "tokens": t.split()} for k, t in enumerate(texts)]
+        sents = [{"sent_id": next_sent + k, "sent": t, "raw": t, "tokens": t.split()} for k, t in enumerate(texts)]
+        next_sent += len(sents)
         refs.append({
             "ref_id": image_id,
             "image_id": image_id,
