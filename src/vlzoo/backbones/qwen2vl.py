@@ -32,6 +32,7 @@ masks / LENS do.  A batch holds images of one input size (the collate refuses a 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -110,6 +111,7 @@ class _QwenVLBackbone(_SplicingBackbone):
         if attn_implementation is not None:
             extra["attn_implementation"] = attn_implementation
         if name_or_path is not None:
+            self._check_family(name_or_path)
             self.model = load_pretrained(model_cls, name_or_path, **extra)
         else:
             self.model = model_cls._from_config(self._make_config(config), **extra)
@@ -177,6 +179,18 @@ class _QwenVLBackbone(_SplicingBackbone):
             lora_exclude=r".*visual.*",
             set_peft=self._set_peft,
         )
+
+    def _check_family(self, name_or_path: str) -> None:
+        """Refuse a local folder of another model family before transformers reads its weights."""
+        path = Path(name_or_path) / "config.json"
+        if path.is_file():
+            found = json.loads(path.read_text()).get("model_type")
+            if found != self.family:
+                raise ValueError(
+                    f"{path}: {type(self).__name__} needs a {self.family!r} model, got model_type {found!r}"
+                    + (" (use Qwen2VLBackbone)" if found == "qwen2_vl" else "")
+                    + (" (use Qwen25VLBackbone)" if found == "qwen2_5_vl" else "")
+                )
 
     def _make_config(self, settings: dict[str, Any]) -> Any:
         import transformers
