@@ -115,7 +115,15 @@ def progress_bar_wanted() -> bool:
 
 
 def _injectable(obj: Any, names: Sequence[str]) -> dict[str, Any]:
-    return {name: getattr(obj, name) for name in names if getattr(obj, name, None) is not None}
+    out: dict[str, Any] = {}
+    for name in names:
+        try:
+            value = getattr(obj, name, None)
+        except ValueError:  # undefined for this backbone (a grid per image): a part reading it says why
+            continue
+        if value is not None:
+            out[name] = value
+    return out
 
 
 def _add_special_tokens(backbone: Any, model: Any) -> None:

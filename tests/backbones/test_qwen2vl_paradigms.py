@@ -95,3 +95,18 @@ def test_heatmap_builds_and_steps_on_a_qwen_backbone(folders):
     model.eval()
     preds = model.predict(batch)
     assert len(preds) == 8 and all(p.boxes.shape[-1] == 4 for p in preds)
+
+
+def test_pixel2seq_builds_on_a_variable_grid_and_heatmap_says_why_not(folders):
+    """Without backbone.image_size the grid varies per image: pixel2seq (which never reads it)
+    builds; heatmap, whose aligner needs a fixed grid, stops with the setting to give."""
+    from vlzoo.backbones import Qwen2VLBackbone
+    from vlzoo.backbones.qwen2vl import VariableGridError
+    from vlzoo.paradigms import HeatmapMatching, Pixel2Seq
+    from vlzoo.paradigms.codecs import Qwen2VLCodec
+
+    bb = Qwen2VLBackbone(name_or_path=folders["qwen2_vl"])
+    model = Pixel2Seq(backbone=bb, codec=Qwen2VLCodec(), tasks=["rec"])
+    assert model.backbone is bb
+    with pytest.raises(VariableGridError, match="backbone.image_size"):
+        HeatmapMatching(backbone=bb, tasks=["rec"])
