@@ -150,3 +150,25 @@ def test_the_wrong_family_is_refused(tmp_path):
     folder = make_qwen_folder(tmp_path, "qwen2_vl", layers=1)
     with pytest.raises(ValueError, match="needs a 'qwen2_5_vl' model"):
         Qwen25VLBackbone(name_or_path=folder)
+
+
+class _Evil:
+    def __init__(self, canary):
+        self.canary = canary
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.canary}",))
+
+
+def test_a_pickled_checkpoint_runs_nothing(family_dir, tmp_path):
+    import pickle
+
+    family, folder = family_dir
+    canary = tmp_path / "canary"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"state_dict": _Evil(canary)}))
+    with pytest.raises(Exception):  # noqa: B017 - any refusal, as long as nothing ran
+        FAMILIES[family](name_or_path=folder, checkpoint=str(evil))
+    assert not canary.exists()
