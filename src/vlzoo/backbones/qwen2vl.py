@@ -41,7 +41,12 @@ import torch
 from torch import Tensor, nn
 
 from vlzoo.backbones.multimodal import _Spliced, _SplicingBackbone
-from vlzoo.backbones.shipped import load_pretrained, load_pretrained_tokenizer, preprocessor_settings, read_weights
+from vlzoo.backbones.shipped import (
+    load_pretrained,
+    load_pretrained_tokenizer,
+    preprocessor_settings,
+    read_weights,
+)
 from vlzoo.backbones.vision import _dtype
 from vlzoo.data.frames import QWEN_MIN_PIXELS, QWEN_RELEASED_MAX_PIXELS, smart_resize
 from vlzoo.data.smart_resize import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SmartResizeTransform
