@@ -290,7 +290,7 @@ class _QwenVLBackbone(_SplicingBackbone):
         types.scatter_(1, spliced.image_positions, 1)
         gh, gw = image_features.shape[-2:]
         grid = torch.tensor([[1, gh * self.merge_size, gw * self.merge_size]] * b, dtype=torch.long, device=types.device)
-        if types.is_meta:
+        if types.is_meta:  # a dry run: the shapes of the positions are what matter, not their values
             return (spliced.attention_mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
         positions, _ = self._lm().model.get_rope_index(
             types, mm_token_type_ids=types, image_grid_thw=grid, attention_mask=spliced.attention_mask
@@ -303,10 +303,10 @@ class _QwenVLBackbone(_SplicingBackbone):
         attention mask, ``pixel_values``, ``image_grid_thw`` and ``mm_token_type_ids``."""
         pixel_values, grid = self.patchify(images)
         n = int(grid[0, 1] * grid[0, 2]) // self.merge_size**2
-        fake = torch.zeros(input_ids.shape[0], n, 1)
-        sp = self.splice(input_ids[..., None].float(), input_ids, attention_mask, fake)
+        fake = torch.zeros(input_ids.shape[0], n, 1, device=input_ids.device)
+        sp = self.splice(input_ids[..., None].double(), input_ids, attention_mask, fake)
         ids = sp.embeds[..., 0].long()
-        rows = torch.arange(ids.shape[0])[:, None]
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
         ids[rows, sp.image_positions] = self.image_pad_id
         types = torch.zeros_like(ids)
         types[rows, sp.image_positions] = 1
