@@ -14,7 +14,8 @@ target's signature has it - at every depth of the slot's node):
    added if the paradigm did not add them itself.
 5. ``data`` <- ``tokenizer`` (``backbone.tokenizer``), ``answer_format`` (``model.answer_format``),
    ``image_mean`` / ``image_std`` / ``image_size`` (``backbone.data_config`` ``mean`` / ``std`` /
-   ``input_size``), ``seed`` (the recipe's), ``keep_raw_images`` (when asked for overlays).
+   ``input_size``), ``image_transform`` (``data_config["transform"]``: a backbone's own frame, e.g.
+   Qwen's ``smart_resize``), ``seed`` (the recipe's), ``keep_raw_images`` (when asked for overlays).
 6. ``logger`` (an MLflow logger when the slot is absent, see :mod:`vlzoo.tracking`).
 7. ``trainer`` (``lightning.Trainer()`` when absent) <- ``logger``, ``default_root_dir``,
    ``check_val_every_n_epoch: None`` when ``val_check_interval`` is a whole number of batches
@@ -114,7 +115,15 @@ def progress_bar_wanted() -> bool:
 
 
 def _injectable(obj: Any, names: Sequence[str]) -> dict[str, Any]:
-    return {name: getattr(obj, name) for name in names if getattr(obj, name, None) is not None}
+    out: dict[str, Any] = {}
+    for name in names:
+        try:
+            value = getattr(obj, name, None)
+        except ValueError:  # undefined for this backbone (a grid per image): a part reading it says why
+            continue
+        if value is not None:
+            out[name] = value
+    return out
 
 
 def _add_special_tokens(backbone: Any, model: Any) -> None:
@@ -241,7 +250,9 @@ def _data_injection(recipe: Recipe, built: Built, keep_raw_images: bool | None) 
         for name, key in (("image_mean", "mean"), ("image_std", "std"), ("image_size", "input_size")):
             if data_config.get(key) is not None:
                 inject[name] = data_config[key]
-    if "image_size" not in inject and getattr(backbone, "input_size", None) is not None:
+        if data_config.get("transform") is not None:  # the backbone's own frame (Qwen's smart_resize)
+            inject["image_transform"] = data_config["transform"]
+    if "image_size" not in inject and "image_transform" not in inject and getattr(backbone, "input_size", None) is not None:
         inject["image_size"] = backbone.input_size
     if recipe.seed is not None:
         inject["seed"] = recipe.seed

@@ -224,7 +224,10 @@ def _batches(recipe: Recipe, built: Any, notes: list[str]) -> tuple[Any, Any]:
     node = dict(recipe.slot("data"))
     inject = _data_injection(recipe, built, None)
     tasks = list(getattr(built.model, "tasks", None) or ["rec"])
-    image_size = int(getattr(built.backbone, "input_size", None) or 224)
+    try:
+        image_size = int(getattr(built.backbone, "input_size", None) or 224)
+    except ValueError:  # a frame of its own per image (Qwen's smart_resize): no fixed side
+        image_size = 224
     batch_size = int(node.get("batch_size", 16))
     eval_size = int(node.get("eval_batch_size") or batch_size)
     train_node = node.pop("train", None)

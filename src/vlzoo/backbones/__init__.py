@@ -3,7 +3,8 @@
 ``MultimodalBackbone(vision=..., language=...)`` composes a vision encoder
 (:class:`TimmVisionEncoder`, :class:`ClipVisionEncoder`, :class:`SamImageEncoder`) with a
 :class:`CausalLM`; :class:`LlavaBackbone` adapts a native transformers LLaVA checkpoint to the
-same interface.  Training policies live in :mod:`vlzoo.backbones.policies`.  :class:`Backbone`
+same interface, :class:`Qwen2VLBackbone` / :class:`Qwen25VLBackbone` native Qwen2-VL / Qwen2.5-VL
+checkpoints (their ``smart_resize`` frame and M-RoPE).  Training policies live in :mod:`vlzoo.backbones.policies`.  :class:`Backbone`
 (:mod:`vlzoo.backbones.interface`) is that interface as a typed protocol: the sizes a paradigm
 reads (``hidden_size``, ``vision_width``, ``feature_grid``, ``input_size``) and its passes.
 """
@@ -25,6 +26,7 @@ from vlzoo.backbones.policies import (
     set_trainable,
     train_rows,
 )
+from vlzoo.backbones.qwen2vl import Qwen2VLBackbone, Qwen25VLBackbone
 from vlzoo.backbones.vision import ClipVisionEncoder, SamImageEncoder, TimmVisionEncoder, VisionOutput
 
 __all__ = [
@@ -39,6 +41,8 @@ __all__ = [
     "MultimodalOutput",
     "BackboneCheckpointError",
     "LlavaBackbone",
+    "Qwen2VLBackbone",
+    "Qwen25VLBackbone",
     "build_projector",
     "DecodingHooks",
     "DecodingState",

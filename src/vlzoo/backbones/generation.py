@@ -175,7 +175,7 @@ def greedy_decode(
         text = inputs_embeds_fn(text, prompt_ids)
     sp = backbone.splice(text, prompt_ids, prompt_attention_mask, image_tokens)
     embeds, mask = sp.embeds, sp.attention_mask
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = backbone.position_ids(sp, image_features)  # (B, T), or (3, B, T) for M-RoPE
     cache = None
     if use_cache:
         from transformers import DynamicCache
@@ -217,8 +217,8 @@ def greedy_decode(
             break
         token_embeds = hooks.next_embeds(state, token, backbone.embed_tokens(token[:, None])).to(embeds.dtype)
         mask = torch.cat([mask, attended], 1)
-        next_position = positions[:, -1:] + 1
-        positions = torch.cat([positions, next_position], 1)
+        next_position = positions[..., -1:] + 1
+        positions = torch.cat([positions, next_position], -1)
         if use_cache:
             step_embeds, step_positions = token_embeds, next_position
         else:

@@ -12,6 +12,11 @@ Sizes:
 * ``feature_grid`` - ``(h, w)`` of that map, which is also the grid of the image tokens;
 * ``input_size`` - side in pixels of the (square) network input.
 
+A backbone whose input frame varies per image (Qwen2-VL / Qwen2.5-VL's ``smart_resize``) has a
+fixed ``feature_grid`` / ``input_size`` only when told the size of its images; otherwise those two
+raise :class:`~vlzoo.backbones.qwen2vl.VariableGridError` (a ``ValueError``) naming the setting,
+and only the paradigms whose heads need a fixed grid read them.
+
 Decoders keep explicit size arguments (they are plain components, usable without a backbone);
 a paradigm passes them from these properties, and ``vlzoo.build`` injects them into a recipe's
 nested decoder nodes by parameter name (:data:`SIZE_PARAMETERS`).
@@ -79,7 +84,9 @@ def check_backbone(backbone: object, paradigm: str) -> Backbone:
         raise TypeError(f"paradigm '{paradigm}' needs a backbone (recipe slot backbone, or backbone=...)")
     members = ["hidden_size", "vision_width", "feature_grid", "input_size", "tokenizer", "image_token_id",
                "add_special_tokens", "encode_images", "generate", "decode"]
-    missing = [m for m in members if not hasattr(backbone, m)]
+    # a property is looked up on the class: a backbone whose grid varies per image (Qwen) raises
+    # from feature_grid / input_size, which only the paradigms that need a fixed grid read
+    missing = [m for m in members if not hasattr(type(backbone), m) and not hasattr(backbone, m)]
     if missing:
         raise TypeError(
             f"paradigm '{paradigm}': the backbone {type(backbone).__name__} lacks {missing} of the backbone "

@@ -326,6 +326,12 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
             out_labels[keep_b, dst] = labels[keep_b, keep_i]
         return _Spliced(embeds, mask, out_labels, positions, image_positions)
 
+    def position_ids(self, spliced: _Spliced, image_features: Tensor) -> Tensor:
+        """Position ids of the expanded sequence: ``(B, T)`` counting attended tokens only; a
+        backbone whose LM places image tokens otherwise (Qwen's M-RoPE: ``(3, B, T)``) overrides it.
+        Generation continues the last position by one on every axis."""
+        return (spliced.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
     # --- the LM ---------------------------------------------------------------------------------
     def _decode(
         self,
@@ -386,7 +392,7 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
         if inputs_embeds_fn is not None:
             text = inputs_embeds_fn(text, input_ids)
         sp = self.splice(text, input_ids, attention_mask, image_tokens, labels)
-        position_ids = (sp.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = self.position_ids(sp, image_features)
         hidden, attentions = self._decode(
             sp.embeds, sp.attention_mask, position_ids, attention_layers=output_attentions
         )

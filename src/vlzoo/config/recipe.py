@@ -44,7 +44,7 @@ INJECTABLE: dict[str, frozenset[str]] = {
     "paradigm": frozenset(
         {"backbone", "evaluator", "optimizer", "scheduler", "hidden_size", "vision_dim", "feature_grid", "input_size"}
     ),
-    "data": frozenset({"tokenizer", "answer_format", "image_mean", "image_std", "image_size", "seed", "keep_raw_images"}),
+    "data": frozenset({"tokenizer", "answer_format", "image_mean", "image_std", "image_size", "image_transform", "seed", "keep_raw_images"}),
     "trainer": frozenset({"logger", "callbacks", "default_root_dir", "enable_progress_bar", "plugins"}),
     "logger": frozenset({"experiment_name", "tracking_uri", "run_name", "artifact_location", "run_id", "tags"}),
 }

@@ -180,6 +180,13 @@ class VLCollate:
             attention[i, : len(seq)] = 1
             prompt_ids[i, plen - len(pr) :] = torch.tensor(pr)
             prompt_attention[i, plen - len(pr) :] = 1
+        sizes = sorted({tuple(x.shape[-2:]) for x in images})
+        if len(sizes) > 1:
+            raise DataError(
+                f"images {[s.image_id for s in samples]} have different input sizes {sizes} in one batch: the transform "
+                f"({self.transform!r}) gives each image its own frame; use batch_size: 1 / eval_batch_size: 1 (with "
+                "trainer.accumulate_grad_batches) or images of one size"
+            )
         batch = Batch(
             images=torch.stack(images),
             input_ids=input_ids,
@@ -366,6 +373,9 @@ class VLDataModule(L.LightningDataModule):
         answer_format: the paradigm's :class:`AnswerFormat` (injected; default the base one).
         image_mean, image_std, image_size: the vision backbone's input (injected).
         resize: ``"pad_square"`` (expand2square) or ``"resize"``.
+        image_transform: the backbone's own transform (injected from its ``data_config["transform"]``,
+            e.g. Qwen's :class:`~vlzoo.data.smart_resize.SmartResizeTransform`); replaces
+            ``resize`` / ``image_size``.
         template: :class:`PromptTemplate` or its text (with ``{prompt}``, optionally ``{image}``).
         max_length: longest tokenized sequence; longer ones are cut at the end.
         on_bad_sample: ``"error"`` raises :class:`DataError`; ``"skip"`` drops the sample and
@@ -392,6 +402,7 @@ class VLDataModule(L.LightningDataModule):
         image_std: Sequence[float] = IMAGENET_STD,
         image_size: int | Sequence[int] = 224,
         resize: str = "pad_square",
+        image_transform: ResizeTransform | None = None,
         template: PromptTemplate | str = DEFAULT_TEMPLATE,
         max_length: int = 256,
         on_bad_sample: str = "error",
@@ -416,7 +427,7 @@ class VLDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.tokenizer = tokenizer
         self.answer_format = answer_format if answer_format is not None else AnswerFormat()
-        self.transform = ResizeTransform(size=image_size, mode=resize, mean=image_mean, std=image_std)
+        self.transform = image_transform or ResizeTransform(size=image_size, mode=resize, mean=image_mean, std=image_std)
         self.template = template if isinstance(template, PromptTemplate) else PromptTemplate(text=template)
         self.max_length = int(max_length)
         self.on_bad_sample = on_bad_sample
