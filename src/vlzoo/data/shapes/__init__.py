@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from vlzoo.data.shapes.dataset import DEFAULT_REFERENTS, REFERENT_SETS, RUNG_KINDS, RUNGS, SPLITS, ShapesDataset
+from vlzoo.data.shapes.dataset import (
+    DEFAULT_REFERENTS,
+    REFERENT_SETS,
+    RUNG_KINDS,
+    RUNGS,
+    SPLITS,
+    ShapesDataset,
+)
 from vlzoo.data.shapes.language import (
     Ref,
     SetRef,

@@ -13,7 +13,14 @@ from itertools import product
 
 import numpy as np
 
-from vlzoo.data.shapes.world import CATEGORY_NAMES, CATEGORY_PLURALS, COLOUR_NAMES, SIZE_NAMES, Scene, ShapeObject
+from vlzoo.data.shapes.world import (
+    CATEGORY_NAMES,
+    CATEGORY_PLURALS,
+    COLOUR_NAMES,
+    SIZE_NAMES,
+    Scene,
+    ShapeObject,
+)
 from vlzoo.structures import EXPRESSION_KINDS
 
 __all__ = [
