@@ -267,3 +267,21 @@ def test_shapes_generalized_export_reads_back_as_grec_gres_sets(tmp_path) -> Non
         assert torch.equal(s.targets.boxes, ref.targets.boxes)
         assert torch.equal(s.targets.masks, ref.targets.masks)
         assert s.meta["no_target"] == (ref.meta["referents"] == "none")
+
+
+def test_reasonseg_as_gres_is_scored_with_its_ignore_region(reasonseg) -> None:
+    """task="gres": the Evaluator's gres metric drops the ignore region from both sides, so an
+    answer that also paints the ignored pixels still scores IoU 1 (LISA's gIoU / cIoU)."""
+    from vlzoo.evaluation import Evaluator
+    from vlzoo.structures import Predictions
+
+    ds = ReasonSegDataset(data_dir=reasonseg, split="val", task="gres")
+    samples = [ds[i] for i in range(len(ds))]
+    assert {s.task for s in samples} == {"gres"}
+    preds = [Predictions(masks=(s.targets.masks.any(0) | s.targets.ignore_mask)[None]) for s in samples]
+    collection = Evaluator(tasks=["gres"]).collection("gres")
+    collection.update(preds, [s.targets for s in samples])
+    out = collection.compute()
+    assert float(out["giou"]) == 1.0 and float(out["ciou"]) == 1.0
+    with pytest.raises(ValueError, match="task must be 'res' or 'gres'"):
+        ReasonSegDataset(data_dir=reasonseg, split="val", task="rec")
