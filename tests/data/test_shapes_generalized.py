@@ -77,3 +77,28 @@ def test_bad_referents_are_named(kwargs, words):
     with pytest.raises(ValueError, match="referents") as err:
         ShapesDataset(size=4, **kwargs)
     assert words in str(err.value)
+
+
+def test_empty_and_several_referents_collate_and_resize(tmp_path):
+    """No-target (masks (0, H, W)) and multi-target gres samples go through the collate and the
+    resize to the network input together, and the answer format writes both."""
+    from vlzoo.data import VLDataModule, save_shapes_tokenizer
+    from vlzoo.paradigms.codecs import BinsCodec
+    from vlzoo.paradigms.pixel2seq import Pixel2SeqAnswerFormat
+
+    save_shapes_tokenizer(tmp_path)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    fmt = Pixel2SeqAnswerFormat(codec=BinsCodec(bins=32), polygon_vertices=8)
+    ds = ShapesDataset(split="val", tasks=["gres"], size=12, referents={"none": 0.5, "several": 0.5})
+    tok.add_special_tokens({"additional_special_tokens": list(fmt.special_tokens)})
+    dm = VLDataModule(val=ds, tokenizer=tok, answer_format=fmt, image_size=32, eval_batch_size=12, max_length=192)
+    dm.setup("validate")
+    loader = dm.val_dataloader()
+    batch = next(iter(loader[0] if isinstance(loader, list) else loader))
+    sizes = [len(t) for t in batch.targets]
+    assert 0 in sizes and max(sizes) >= 2
+    for t, o, answer in zip(batch.targets, batch.original_targets, batch.answers, strict=True):
+        assert t.masks.shape == (len(o), 32, 32) and o.masks.shape == (len(o), 64, 64)
+        assert (answer == "none") == (len(o) == 0)
