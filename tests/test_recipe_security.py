@@ -226,3 +226,15 @@ def test_a_model_folder_with_a_pickle_or_remote_code_runs_nothing(canary: Path) 
     with pytest.raises(Exception):  # noqa: B017 - any refusal, as long as nothing ran
         CausalLM(name_or_path=str(folder))
     assert not canary.exists()
+
+
+def test_the_generalized_readers_never_unpickle_code(canary: Path, tmp_path: Path) -> None:
+    """GRefCocoDataset reads a ``grefs(*).p`` through the plain-data unpickler (as RefCocoDataset
+    does); ReasonSegDataset reads JSON only.  Reviewed into the recipe list with that check."""
+    from vlzoo.data import DataError, GRefCocoDataset
+
+    evil = _evil_pickle(tmp_path / "grefs(unc).p", canary)
+    (tmp_path / "instances.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    with pytest.raises(DataError):
+        GRefCocoDataset(refs_file=evil, instances_file=tmp_path / "instances.json", image_dir=tmp_path)
+    assert not canary.exists()

@@ -208,7 +208,7 @@ class TrainedModel:
             raise ValueError(f"task '{task}' needs {what} (e.g. 'red circle')")
         if task in CATEGORY_TASKS:
             return instruction(task, category=expression)
-        if task in ("rec", "res"):
+        if task in ("rec", "res", "grec", "gres"):
             return instruction(task, expr=expression)
         return expression  # vqa: the expression is the question
 
@@ -251,7 +251,7 @@ class TrainedModel:
         if task in CATEGORY_TASKS:
             category_id = self._category_id(name, category_id)
         targets = Targets(image_id=int(image_id), image_size=(h, w))
-        if expression and task in ("rec", "res"):
+        if expression and task in ("rec", "res", "grec", "gres"):
             targets = targets.replace(expressions=[expression])
         return Sample(
             pixels, task, text, targets, image_id=int(image_id), category_id=category_id, category_name=name,

@@ -34,6 +34,7 @@ __all__ = [
     "polygon_to_mask",
     "TASKS",
     "LOCALIZATION_TASKS",
+    "GENERALIZED_TASKS",
     "EXPRESSION_KINDS",
     "CATEGORY_TASKS",
     "QUERY_META_KEYS",
@@ -46,9 +47,15 @@ __all__ = [
 
 #: Every task name vlzoo knows.  ``rec`` referring expression -> box, ``res`` expression -> mask,
 #: ``det`` category -> all boxes, ``seg`` category -> all instance masks, ``pose`` category ->
-#: keypoints per instance, ``reg`` box -> expression, ``caption`` / ``vqa`` text only.
-TASKS = ("rec", "res", "det", "seg", "pose", "reg", "caption", "vqa")
-LOCALIZATION_TASKS = ("rec", "res", "det", "seg", "pose")
+#: keypoints per instance, ``reg`` box -> expression, ``caption`` / ``vqa`` text only, and the
+#: generalized referring tasks ``grec`` expression -> the set of its referents' boxes, ``gres``
+#: expression -> their masks (gRefCOCO: zero, one or several referents).
+TASKS = ("rec", "res", "det", "seg", "pose", "reg", "caption", "vqa", "grec", "gres")
+LOCALIZATION_TASKS = ("rec", "res", "det", "seg", "pose", "grec", "gres")
+#: Referring tasks whose ground truth is a *set*: ``Targets`` with N = 0 (a no-target expression,
+#: "the purple cross" when there is none), 1 or several boxes (``grec``) / masks (``gres``);
+#: scored by the generalized metrics (:mod:`vlzoo.evaluation.generalized`).
+GENERALIZED_TASKS = ("grec", "gres")
 #: Kinds of referring expression that referring scores are broken down by (``Targets.expression_kinds``):
 #: attributes only ("the small red circle"), an ordinal ("the second circle from the left", "the
 #: leftmost square"), a superlative ("the largest circle") or a relation to another object ("the
@@ -79,7 +86,8 @@ def _empty_long() -> Tensor:
 class Targets:
     """What one sample asks the model to produce (only the objects the task refers to).
 
-    For ``rec``/``res`` that is the one referred object; for ``det``/``seg``/``pose`` every
+    For ``rec``/``res`` that is the one referred object; for ``grec``/``gres`` the set of
+    referents (possibly none); for ``det``/``seg``/``pose`` every
     instance of the named category; for ``reg`` the region whose expression is the answer text.
     """
 

@@ -114,7 +114,7 @@ def evaluation_table(results: Sequence[Mapping[str, Any]], names: Sequence[str],
 #: the metric a validation line shows per task: the first of each task in the Evaluator's table
 PRIMARY_METRICS: dict[str, str] = {
     "rec": "acc_0.5", "res": "ciou", "det": "map", "seg": "map", "pose": "ap",
-    "reg": "bleu4", "caption": "bleu4", "vqa": "exact_match",
+    "reg": "bleu4", "caption": "bleu4", "vqa": "exact_match", "grec": "pr_f1_0.5", "gres": "giou",
 }
 
 

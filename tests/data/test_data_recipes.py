@@ -52,6 +52,8 @@ def test_recipe(path, monkeypatch):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and len(first) > 10
     monkeypatch.setenv("COCO_ROOT", "/data/coco")
+    monkeypatch.setenv("REASONSEG_ROOT", "/data/reasonseg")
+    monkeypatch.setenv("GREFCOCO_ROOT", "/data/grefcoco")
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     assert cfg["_target_"] == "vlzoo.data.VLDataModule"
     if path.stem.startswith("shapes"):
@@ -72,4 +74,7 @@ def test_recipe(path, monkeypatch):
                     walk(v)
 
         walk(cfg)
-        assert "/data/coco/" in str(cfg)
+        # the data roots come from the environment (ReasonSeg ships its own images)
+        assert "/data/coco/" in str(cfg) or "/data/reasonseg" in str(cfg)
+        if path.stem == "grefcoco":
+            assert "/data/grefcoco/grefs(unc).json" in str(cfg)

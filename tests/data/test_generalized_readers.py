@@ -249,3 +249,39 @@ def test_shapes_reasonseg_round_trip_with_ignore_ring(shapes, tmp_path) -> None:
         assert ys.min() == max(ty.min() - 1, 0) and xs.max() == min(tx.max() + 1, scene.size[1] - 1)
         if s.meta["query_index"] == 0 and not s.meta["is_sentence"]:
             assert s.targets.expressions == ref.targets.expressions
+
+
+def test_shapes_generalized_export_reads_back_as_grec_gres_sets(tmp_path) -> None:
+    """A grec / gres Shapes dataset exports its no-target and multi-target expressions, and the
+    gRefCOCO reader gives the same sets back under the generalized task names."""
+    shapes = ShapesDataset(split="val", size=16, tasks=["gres"], referents={"none": 0.3, "one": 0.3, "several": 0.4})
+    p = export_shapes_grefcoco(shapes, tmp_path, phrasings=1)
+    refs = json.loads(p["grefs"].read_text())
+    assert any(r["no_target"] for r in refs) and any(len(r["ann_id"]) >= 2 for r in refs)
+    ds = GRefCocoDataset(refs_file=p["grefs"], instances_file=p["instances"], image_dir=p["image_dir"], tasks=["gres"])
+    assert len(ds) == len(shapes)
+    for i in range(len(ds)):
+        s = ds[i]
+        ref = shapes[s.image_id - 1]
+        assert s.task == "gres" and s.targets.expressions == ref.targets.expressions
+        assert torch.equal(s.targets.boxes, ref.targets.boxes)
+        assert torch.equal(s.targets.masks, ref.targets.masks)
+        assert s.meta["no_target"] == (ref.meta["referents"] == "none")
+
+
+def test_reasonseg_as_gres_is_scored_with_its_ignore_region(reasonseg) -> None:
+    """task="gres": the Evaluator's gres metric drops the ignore region from both sides, so an
+    answer that also paints the ignored pixels still scores IoU 1 (LISA's gIoU / cIoU)."""
+    from vlzoo.evaluation import Evaluator
+    from vlzoo.structures import Predictions
+
+    ds = ReasonSegDataset(data_dir=reasonseg, split="val", task="gres")
+    samples = [ds[i] for i in range(len(ds))]
+    assert {s.task for s in samples} == {"gres"}
+    preds = [Predictions(masks=(s.targets.masks.any(0) | s.targets.ignore_mask)[None]) for s in samples]
+    collection = Evaluator(tasks=["gres"]).collection("gres")
+    collection.update(preds, [s.targets for s in samples])
+    out = collection.compute()
+    assert float(out["giou"]) == 1.0 and float(out["ciou"]) == 1.0
+    with pytest.raises(ValueError, match="task must be 'res' or 'gres'"):
+        ReasonSegDataset(data_dir=reasonseg, split="val", task="rec")

@@ -130,6 +130,10 @@ def test_task_contents():
             assert s.prompt.count(BOX_PLACEHOLDER) == 1 and s.prompt_boxes.shape == (1, 4)
             assert s.prompt_boxes[0].tolist() == t.boxes[0].tolist()
             assert s.answer == t.text == t.captions[0]
+        elif s.task in ("grec", "gres"):  # a set of referents, possibly empty
+            assert s.answer is None and len(t.expressions) == 1 and s.category_id is None
+            assert len(t) == len(s.meta["object_ids"]) and s.meta["referents"] in ("none", "one", "several")
+            assert (t.masks is not None) == (s.task == "gres")
         else:
             assert len(t) == 0 and s.answer and t.text == s.answer
             assert "[" not in s.answer

@@ -52,11 +52,16 @@ def _meta_before_the_query(ds: ShapesDataset, i: int, s) -> dict:
     return meta
 
 
+#: the tasks that existed when the digests were computed (grec / gres came later, issue 22): a
+#: recipe naming these tasks keeps its data bit for bit
+TASKS_BEFORE = ("rec", "res", "det", "seg", "pose", "reg", "caption", "vqa")
+assert set(TASKS_BEFORE) <= set(TASKS)
+
 # digests computed with the code before the ladder (commit 37550d8)
 BEFORE = {
     "rec_test": (dict(split="test", tasks=["rec"], size=60), "e6241bffef58814425a50452c6cc8d602e40688d03b05065e26950b715f0b4da"),
     "res_train": (dict(split="train", tasks=["res"], size=40), "51fcadb8b05a03e927060de2fab83cc6c7b4fa3233f85e839742db2998326d33"),
-    "all_val": (dict(split="val", tasks=list(TASKS), size=60, seed=3), "c36dbbe7420a6def4ea032e79296aa0b1549c41166567feaa2b41633ad110291"),
+    "all_val": (dict(split="val", tasks=list(TASKS_BEFORE), size=60, seed=3), "c36dbbe7420a6def4ea032e79296aa0b1549c41166567feaa2b41633ad110291"),
     "comp": (dict(split="comp_test", tasks=["rec", "reg"], size=30), "15ccc4721b47d9cf8fa2b8b632abd1218b6ec9853c77fefdd3f02df62cbf7f84"),
     "one_obj": (dict(split="train", tasks=["rec"], num_objects=(1, 1), size=30), "4d4cbf897d284ffc04264492ebd4de65274066067d822139da428a6b57776300"),
 }  # fmt: skip
@@ -70,13 +75,13 @@ def test_full_rung_is_bit_identical_to_before_the_ladder(name):
 
 
 def test_one_rung_has_exactly_one_object_and_equals_full_with_one_object():
-    ds = ShapesDataset(rung="one", split="test", tasks=list(TASKS), size=40)
+    ds = ShapesDataset(rung="one", split="test", tasks=list(TASKS_BEFORE), size=40)
     for i in range(40):
         assert len(ds.scene(i).objects) == 1
         s = ds[i]
         if s.task in ("rec", "res", "reg"):
             assert s.targets.expression_kinds == ["attribute"]
-    same = ShapesDataset(split="test", tasks=list(TASKS), size=40, num_objects=(1, 1))
+    same = ShapesDataset(split="test", tasks=list(TASKS_BEFORE), size=40, num_objects=(1, 1))
     assert _digest(ds, 40) == _digest(same, 40)
 
 

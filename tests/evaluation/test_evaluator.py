@@ -22,12 +22,31 @@ EXPECTED = {
     "pose": {"ap", "ap50", "ap75", "ap_medium", "ap_large", "ar", "ar50", "ar75", "ar_medium", "ar_large"},
     "reg": {"bleu4", "rouge_l", "cider"},
     "vqa": {"exact_match"},
+    "grec": {"pr_f1_0.5", "n_acc", "t_acc", "count", "no_target_count"},
+    "gres": {"ciou", "giou", "n_acc", "t_acc", "prec_0.7", "prec_0.8", "prec_0.9", "count", "no_target_count"},
 }
 EXPECTED["seg"] = EXPECTED["det"]
 EXPECTED["caption"] = EXPECTED["reg"]
 
 
+def _generalized_samples(masks: bool) -> tuple[list[Predictions], list[Targets]]:
+    """A no-target sample answered empty, a two-object sample answered with both, and one unparsed."""
+    box = torch.tensor([[2.0, 2.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    full = torch.zeros((2, 32, 32), dtype=torch.bool)
+    full[0, 2:10, 2:10] = True
+    full[1, 20:30, 20:30] = True
+    none = torch.zeros((0, 32, 32), dtype=torch.bool)
+    targets = [Targets(boxes=torch.zeros((0, 4)), masks=none if masks else None, image_size=(32, 32)),
+               Targets(boxes=box, masks=full if masks else None, image_size=(32, 32)),
+               Targets(boxes=box[:1], masks=full[:1] if masks else None, image_size=(32, 32))]
+    preds = [Predictions(masks=none if masks else None), Predictions(boxes=box, masks=full if masks else None),
+             Predictions(parsed=False)]
+    return preds, targets
+
+
 def _samples(task: str) -> tuple[list[Predictions], list[Targets]]:
+    if task in ("grec", "gres"):
+        return _generalized_samples(task == "gres")
     if task == "rec":
         return rec_samples(0, 12)
     if task == "res":

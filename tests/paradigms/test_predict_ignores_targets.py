@@ -36,7 +36,7 @@ TEXT_CASE = ("pixel2emb_rec", ["rec", "caption", "vqa"])
 #: untrained tiny models find nothing (no peak above the threshold, "none", no trigger): these
 #: settings make every paradigm output instances, so that the comparison below can fail
 PARADIGM_OVERRIDES = {
-    "heatmap": ["paradigm.score_threshold=-1.0"],
+    "heatmap": ["paradigm.score_threshold=-1.0", "paradigm.referent_threshold=0.0"],
     "attention_keypoints": ["paradigm.peak_threshold=0.0"],
 }
 
@@ -54,7 +54,7 @@ def _steer(model) -> None:
     tok = model.backbone.tokenizer
     if model.name == "pixel2seq":
         boost, bias = tok("none", add_special_tokens=False)["input_ids"], -1e4
-    elif set(model.tasks) & {"rec", "res", "det", "seg"}:
+    elif set(model.tasks) & {"rec", "res", "det", "seg", "grec", "gres"}:
         boost, bias = [model.trigger_id], 1e4
     else:
         return

@@ -97,3 +97,29 @@ def test_recipe_baselines_name_figures_as_the_cells_do():
     )
     assert got["random_object"]["test/rec/acc_0.5"] == pytest.approx(direct["random_object"]["acc_0.5"])
     assert got["mean_box"]["test/rec/miou"] == pytest.approx(direct["mean_box"]["miou"])
+
+
+@pytest.mark.parametrize("task", ["grec", "gres"])
+def test_generalized_baselines_equal_a_direct_computation(task):
+    """grec / gres get "always nothing" and "always everything" (every object of the scene)."""
+    test = ShapesDataset(split="test", tasks=[task], size=40, referents={"none": 0.3, "one": 0.4, "several": 0.3})
+    got = baseline_figures(test, task, Evaluator(tasks=[task]))
+    assert set(got) == {"always_nothing", "always_everything"}
+    none = [len(test[i].targets) == 0 for i in range(40)]
+    nothing, everything = got["always_nothing"], got["always_everything"]
+    assert nothing["n_acc"] == 1.0 and nothing["t_acc"] == 0.0
+    assert everything["n_acc"] == 0.0 and everything["t_acc"] == 1.0
+    if task == "grec":  # F1 = 1 exactly when the answer is the target set
+        assert nothing["pr_f1_0.5"] == pytest.approx(np.mean(none))
+        whole = [len(test[i].targets) == len(test.scene(i).objects) for i in range(40)]
+        assert everything["pr_f1_0.5"] == pytest.approx(np.mean(whole))
+    else:  # gIoU of "nothing": the share of no-target samples; of "everything": IoU with every object
+        assert nothing["giou"] == pytest.approx(np.mean(none)) and nothing["ciou"] == 0.0
+        ious = []
+        for i in range(40):
+            gt = np.zeros((64, 64), dtype=bool)
+            for k in test[i].meta["object_ids"]:
+                gt |= test.scene(i).mask(k)
+            inter, union = _iou_masks(test.scene(i).owner >= 0, gt)
+            ious.append(inter / union if gt.any() else 0.0)
+        assert everything["giou"] == pytest.approx(np.mean(ious), abs=1e-6)

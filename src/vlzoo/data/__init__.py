@@ -10,7 +10,9 @@ from vlzoo.data.coco import CocoDataset
 from vlzoo.data.datamodule import DEFAULT_TEMPLATE, PromptTemplate, VLCollate, VLDataModule
 from vlzoo.data.errors import DataError
 from vlzoo.data.export import export_shapes_coco
+from vlzoo.data.grefcoco import GRefCocoDataset
 from vlzoo.data.images import load_image
+from vlzoo.data.reasonseg import ReasonSegDataset
 from vlzoo.data.refcoco import RefCocoDataset, load_refs
 from vlzoo.data.shapes import (
     CATEGORY_NAMES,
@@ -32,6 +34,8 @@ __all__ = [
     "DataError",
     "CocoDataset",
     "RefCocoDataset",
+    "GRefCocoDataset",
+    "ReasonSegDataset",
     "load_refs",
     "load_image",
     "export_shapes_coco",

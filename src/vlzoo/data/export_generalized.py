@@ -22,7 +22,8 @@ from vlzoo.data.shapes.language import render
 
 __all__ = ["export_shapes_grefcoco", "export_shapes_reasonseg", "mask_to_polygons", "LONG_QUERY_TEMPLATE"]
 
-_REFERRING = ("rec", "res")
+#: the items exported: one referent (rec / res) or a referent set of any size (grec / gres)
+_REFERRING = ("rec", "res", "grec", "gres")
 #: how an exported long query (``is_sentence: true``) wraps a Shapes expression
 LONG_QUERY_TEMPLATE = "there are several shapes in this picture; which of them is {expr}?"
 
@@ -31,8 +32,8 @@ def _referring_indices(dataset: ShapesDataset, n: int) -> list[int]:
     out = [i for i in range(n) if dataset.task_of(i) in _REFERRING]
     if not out:
         raise ValueError(
-            f"the first {n} items of the ShapesDataset have no rec / res samples; export a dataset with "
-            "tasks rec or res"
+            f"the first {n} items of the ShapesDataset have no rec / res / grec / gres samples; export a dataset "
+            "with one of those tasks"
         )
     return out
 
@@ -52,7 +53,7 @@ def export_shapes_grefcoco(
 ) -> dict[str, Path]:
     """gRefCOCO format: ``images/``, ``annotations/instances.json`` (every object of every scene,
     as :func:`~vlzoo.data.export.export_shapes_coco` writes them, with its ``refs(shapes).p``)
-    and ``grefs(shapes).json``: one ref per rec / res item of the first ``num_images`` items,
+    and ``grefs(shapes).json``: one ref per rec / res / grec / gres item of the first ``num_images`` items,
     with ``ann_id`` the list of its referents' annotation ids (``[-1]`` and ``no_target: true``
     for none) and up to ``phrasings`` sentences.  Returns ``{"root", "image_dir", "instances",
     "grefs"}``."""
@@ -121,7 +122,7 @@ def export_shapes_reasonseg(
     dataset: ShapesDataset, out_dir: str | Path, *, num_images: int | None = None, split: str | None = None,
     phrasings: int = 2, ignore_margin: int = 0, long_queries: bool = False,
 ) -> dict[str, Path]:
-    """ReasonSeg format: ``<split>/<index:06d>.png`` and ``<split>/<index:06d>.json`` per rec / res
+    """ReasonSeg format: ``<split>/<index:06d>.png`` and ``<split>/<index:06d>.json`` per rec / res / grec / gres
     item of the first ``num_images`` items.  The JSON's ``text`` holds up to ``phrasings``
     phrasings of the expression, ``shapes`` the referents' mask as ``target`` polygons
     (:func:`mask_to_polygons`) and, with ``ignore_margin`` > 0, the ring of pixels within that

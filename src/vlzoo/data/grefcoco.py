@@ -40,7 +40,9 @@ __all__ = ["GRefCocoDataset", "load_grefs", "NO_TARGET_ANN_ID"]
 
 #: the annotation id a no-target ref lists (``"ann_id": [-1]``)
 NO_TARGET_ANN_ID = -1
-_TASKS = ("rec", "res")
+#: ``grec`` / ``gres`` are the generalized tasks the evaluator scores with gRefCOCO's metrics; ``rec``
+#: / ``res`` keep the same samples under the one-referent task names
+_TASKS = ("rec", "res", "grec", "gres")
 
 
 def load_grefs(path: str | Path) -> list[dict]:
@@ -245,7 +247,7 @@ class GRefCocoDataset(Dataset):
         rng = np.random.default_rng([self.seed, index])
         task = self.tasks[int(rng.integers(len(self.tasks)))]
         expr = str(sent["sent"]).strip()
-        targets = self._objects(ann_ids, image_id, (h, w), masks=task == "res").replace(expressions=[expr])
+        targets = self._objects(ann_ids, image_id, (h, w), masks=task in ("res", "gres")).replace(expressions=[expr])
         meta: dict[str, Any] = {
             "ref_id": ref.get("ref_id"),
             "sent_id": sent.get("sent_id"),

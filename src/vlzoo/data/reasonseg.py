@@ -126,6 +126,10 @@ class ReasonSegDataset(Dataset):
         on_bad_sample: ``"error"`` raises on the first bad annotation; ``"skip"`` leaves bad
             annotations out while loading (``num_skipped``).
         seed: picks the instruction phrasing of short queries.
+        task: the task of every sample: ``"res"``, or ``"gres"`` to be scored by the generalized
+            metrics, which apply the ignore region and count an empty target answered empty as
+            IoU 1 (LISA's gIoU / cIoU; docs/evaluation.md); the ``Evaluator``'s ``res`` metric
+            does not read the ignore region.
 
     ``meta``: ``file_name``, ``json_file``, ``is_sentence``, ``query_index``.
     """
@@ -139,7 +143,11 @@ class ReasonSegDataset(Dataset):
         phrasings: str = "first",
         on_bad_sample: str = "error",
         seed: int = 0,
+        task: str = "res",
     ) -> None:
+        if task not in ("res", "gres"):
+            raise ValueError(f"ReasonSegDataset: task must be 'res' or 'gres', got {task!r}")
+        self.task = task
         if queries not in _QUERIES:
             raise ValueError(f"ReasonSegDataset: queries must be one of {_QUERIES}, got {queries!r}")
         if phrasings not in _PHRASINGS:
@@ -197,7 +205,7 @@ class ReasonSegDataset(Dataset):
         if record["is_sentence"]:
             prompt = LONG_QUERY_INSTRUCTION.format(query=query)
         else:
-            prompt = instruction("res", np.random.default_rng([self.seed, index]), expr=query)
+            prompt = instruction(self.task, np.random.default_rng([self.seed, index]), expr=query)
         meta: dict[str, Any] = {"file_name": image_path.name, "json_file": str(path),
                                 "is_sentence": record["is_sentence"], "query_index": q}
-        return Sample(image, "res", prompt, targets, image_id=image_id, meta=meta)
+        return Sample(image, self.task, prompt, targets, image_id=image_id, meta=meta)

@@ -13,6 +13,9 @@ __all__ = ["INSTRUCTIONS", "instruction", "plural"]
 INSTRUCTIONS: dict[str, tuple[str, ...]] = {
     "rec": ("where is {expr}?", "locate {expr}.", "find {expr}.", "give the box of {expr}."),
     "res": ("segment {expr}.", "give the mask of {expr}.", "find the pixels of {expr}."),
+    # generalized referring: the expression may denote no object or several ("every red shape")
+    "grec": ("find {expr}.", "locate {expr}.", "give the boxes of {expr}."),
+    "gres": ("segment {expr}.", "give the masks of {expr}.", "find the pixels of {expr}."),
     "det": ("detect every {category}.", "find all {plural}.", "where are the {plural}?"),
     "seg": ("segment every {category}.", "give the masks of all {plural}.", "segment all {plural}."),
     "pose": (

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torchmetrics import Metric, MetricCollection
 
 from vlzoo.evaluation.detection import DetectionMAP
+from vlzoo.evaluation.generalized import GeneralizedReferringBoxes, GeneralizedReferringSegmentation
 from vlzoo.evaluation.keypoints import KeypointAP
 from vlzoo.evaluation.referring import ReferringBoxAccuracy, ReferringSegmentation
 from vlzoo.evaluation.text import CaptionScores, ExactMatch, ParseFailureRate
@@ -34,7 +35,16 @@ class Evaluator:
     reg,       ``bleu4``, ``rouge_l``, ``cider``
     caption
     vqa        ``exact_match``
+    grec       ``pr_f1_0.5`` (Pr@(F1=1, IoU>=``grec_iou_threshold``)), ``n_acc``, ``t_acc``,
+               ``count``, ``no_target_count``
+    gres       ``ciou``, ``giou``, ``n_acc``, ``t_acc``, ``prec_0.7`` ... ``prec_0.9`` (one per
+               ``gres_thresholds``), ``count``, ``no_target_count``
     ========== ===========================================================================
+
+    grec / gres (generalized referring: zero, one or several referents) are scored by
+    :class:`~vlzoo.evaluation.generalized.GeneralizedReferringBoxes` /
+    :class:`~vlzoo.evaluation.generalized.GeneralizedReferringSegmentation`, gRefCOCO's
+    definitions (docs/evaluation.md).
 
     plus ``parse_fail_rate`` in every collection, and for rec / res the same figures per kind of
     referring expression, ``by_kind/<kind>/<figure>`` and ``by_kind/<kind>/count``, for the
@@ -49,6 +59,8 @@ class Evaluator:
             (predictions must carry their labels).
         max_detection_thresholds: COCO's three detection budgets for det / seg recall.
         expression_kinds: the expression kinds rec / res are broken down by (empty: none).
+        grec_iou_threshold: the IoU a grec box must reach to match a target box.
+        gres_thresholds: IoU thresholds of the gres precisions (over target samples).
     """
 
     def __init__(
@@ -61,6 +73,8 @@ class Evaluator:
         keypoint_default_label: int = 1,
         max_detection_thresholds: Sequence[int] = (1, 10, 100),
         expression_kinds: Sequence[str] = EXPRESSION_KINDS,
+        grec_iou_threshold: float = 0.5,
+        gres_thresholds: Sequence[float] = (0.7, 0.8, 0.9),
     ) -> None:
         chosen = list(TASKS) if tasks is None else list(tasks)
         unknown = [t for t in chosen if t not in TASKS]
@@ -73,6 +87,8 @@ class Evaluator:
         self.keypoint_default_label = int(keypoint_default_label)
         self.max_detection_thresholds = tuple(int(d) for d in max_detection_thresholds)
         self.expression_kinds = tuple(str(k) for k in expression_kinds)
+        self.grec_iou_threshold = float(grec_iou_threshold)
+        self.gres_thresholds = tuple(float(t) for t in gres_thresholds)
         # build each collection once so bad arguments fail at construction, not mid-validation
         for task in self.tasks:
             self.collection(task)
@@ -87,6 +103,10 @@ class Evaluator:
             return task, DetectionMAP(iou_type=iou_type, max_detection_thresholds=self.max_detection_thresholds)
         if task == "pose":
             return "pose", KeypointAP(sigmas=self.keypoint_sigmas, default_label=self.keypoint_default_label)
+        if task == "grec":
+            return "grec", GeneralizedReferringBoxes(iou_threshold=self.grec_iou_threshold)
+        if task == "gres":
+            return "gres", GeneralizedReferringSegmentation(thresholds=self.gres_thresholds)
         if task in ("reg", "caption"):
             return "caption", CaptionScores()
         return "exact_match", ExactMatch()

@@ -71,8 +71,9 @@ __all__ = ["AttentionKeypoints", "AttentionKeypointsAnswer", "HEAD_FORMAT"]
 
 #: format tag of :meth:`AttentionKeypoints.save_head` files
 HEAD_FORMAT = "vlzoo-attention-keypoints-head/1"
-_MASK_TASKS = ("res", "seg")
-_MULTI_TASKS = ("seg", "det")
+_MASK_TASKS = ("res", "seg", "gres")
+#: tasks answered with every heatmap peak above ``peak_threshold`` (none: an empty answer)
+_MULTI_TASKS = ("seg", "det", "grec", "gres")
 
 
 class AttentionKeypointsAnswer(AnswerFormat):
@@ -129,15 +130,16 @@ class AttentionKeypoints(BaseParadigm):
         heatmap_upsample: the heatmap is this many times finer than the image-token grid.
         min_radius: smallest Gaussian radius of a target, in heatmap cells.
         refine: sub-pixel refinement, ``"quadratic"`` or ``"soft_argmax"``.
-        max_instances: peaks kept for ``seg`` / ``det`` (and instances trained per sample).
-        peak_threshold: score a ``seg`` / ``det`` peak must exceed (REC / RES keep the top one).
+        max_instances: peaks kept for ``seg`` / ``det`` / ``grec`` / ``gres`` (and instances trained per sample).
+        peak_threshold: score a ``seg`` / ``det`` / ``grec`` / ``gres`` peak must exceed (REC / RES keep
+            the top one); on grec / gres no peak above it is the answer "no object" (an empty mask).
         point_jitter: training keypoints are the targets' interior points moved by up to this
             many pixels, so the mask decoder learns to work from imperfect predicted peaks.
         mask_threshold: mask logit threshold at prediction.
     """
 
     name: ClassVar[str] = "attention_keypoints"
-    supported_tasks: ClassVar[tuple[str, ...]] = ("res", "rec", "seg", "det")
+    supported_tasks: ClassVar[tuple[str, ...]] = ("res", "rec", "seg", "det", "grec", "gres")
 
     def __init__(
         self,
@@ -336,13 +338,16 @@ class AttentionKeypoints(BaseParadigm):
         if self.training and self.point_jitter > 0 and len(flat):
             flat = flat + (torch.rand_like(flat) * 2 - 1) * self.point_jitter
         h, w = batch.input_size
+        zero = reading.heatmap.sum() * 0
+        if not len(flat):  # every sample refers to nothing (grec / gres): the heatmap alone learns
+            zero = zero + sum(p.sum() * 0.0 for p in self.mask_head.parameters() if p.requires_grad)
+            return {**parts, "mask_bce": zero, "mask_dice": zero, "mask_iou": zero, "box_projection": zero}
         flat = torch.stack([flat[:, 0].clamp(0, w - 1e-3), flat[:, 1].clamp(0, h - 1e-3)], dim=-1)
         logits, iou = self._masks(reading, index.to(flat.device), flat, (h, w))
         masked, boxed = [], []
         for row, (i, k) in enumerate(_object_rows(points)):
             target, task = batch.targets[i], batch.tasks[i]
             (masked if task in _MASK_TASKS and target.masks is not None else boxed).append((row, i, k))
-        zero = reading.heatmap.sum() * 0
         if masked:
             rows = torch.tensor([r for r, _, _ in masked], device=logits.device)
             gt = torch.stack([batch.targets[i].masks[k] for _, i, k in masked]).to(logits.device)

@@ -14,7 +14,9 @@ Lumen's two stages, each a swappable part:
    or by the sample's task (``route="given"``): rec - top-1 peak + size -> one box; det - top-K
    local maxima above a threshold -> scored boxes labelled with the category the instruction
    names; seg / res - each box (and its peak) prompts a SAM mask decoder; pose - inside each
-   detected box, the peak of every keypoint heatmap, refined to sub-cell precision.
+   detected box, the peak of every keypoint heatmap, refined to sub-cell precision; grec / gres
+   (generalized referring) - every local maximum above ``referent_threshold``, so *no
+   peak* answers "no object" and several peaks "several objects" (gres: a mask per box).
 
 Because the answer sentence carries no coordinates, ``route="given"`` reads ``[LOC]`` from one
 teacher-forced forward pass (no generation), which is exact and fast; ``route="generated"``
@@ -72,7 +74,11 @@ TASK_TOKENS: dict[str, str] = {
     "det": "[DET]",
     "seg": "[SEG]",
     "pose": "[POSE]",
+    "grec": "[GREC]",
+    "gres": "[GRES]",
 }
+#: tasks whose decoder prompts the mask decoder with each decoded box
+_MASK_TASKS = ("seg", "res", "gres")
 #: Lumen's answer sentence; ``{loc}`` and ``{task}`` are replaced by the special tokens
 DEFAULT_ANSWER = "sure, the location is {loc}. the task output is {task}."
 
@@ -127,6 +133,9 @@ class HeatmapMatching(BaseParadigm):
             ``"generated"`` (generate the answer, route by the emitted task token).
         max_detections: top-K peaks for det / seg / pose.
         score_threshold: peaks at or below it are dropped (det / seg / pose).
+        referent_threshold: the heatmap score a peak must exceed to be a referent of a grec /
+            gres answer (no peak there: the expression refers to nothing); a decision
+            threshold, as GREC's F1 scores the set, unlike det's ranked mAP.
         nms_kernel: max-pool window of the local-maximum NMS.
         refine: sub-cell refinement of box centres (``"quadratic"``, ``"soft_argmax"`` or ``None``).
         subcell_targets: Gaussian targets centred on the exact centre (see
@@ -140,7 +149,7 @@ class HeatmapMatching(BaseParadigm):
     """
 
     name: ClassVar[str] = "heatmap"
-    supported_tasks: ClassVar[tuple[str, ...]] = ("rec", "res", "det", "seg", "pose")
+    supported_tasks: ClassVar[tuple[str, ...]] = ("rec", "res", "det", "seg", "pose", "grec", "gres")
 
     def __init__(
         self,
@@ -153,6 +162,7 @@ class HeatmapMatching(BaseParadigm):
         route: str = "given",
         max_detections: int = 20,
         score_threshold: float = 0.05,
+        referent_threshold: float = 0.3,
         nms_kernel: int = 3,
         refine: str | None = "quadratic",
         subcell_targets: bool = True,
@@ -200,7 +210,7 @@ class HeatmapMatching(BaseParadigm):
             )
         )
         self.feature_grid = feature_grid
-        needs_masks = [t for t in self.tasks if t in ("seg", "res")]
+        needs_masks = [t for t in self.tasks if t in _MASK_TASKS]
         if needs_masks and self.mask_head is None:
             raise ValueError(
                 f"tasks {needs_masks} need masks: set paradigm.mask_decoder (e.g. vlzoo.decoders.SamMaskDecoder)"
@@ -212,6 +222,9 @@ class HeatmapMatching(BaseParadigm):
         self.route = route
         self.max_detections = int(max_detections)
         self.score_threshold = float(score_threshold)
+        if not 0.0 <= referent_threshold < 1.0:
+            raise ValueError(f"paradigm.referent_threshold must be in [0, 1), got {referent_threshold}")
+        self.referent_threshold = float(referent_threshold)
         self.nms_kernel = int(nms_kernel)
         self.refine = refine
         self.subcell_targets = bool(subcell_targets)
@@ -357,12 +370,12 @@ class HeatmapMatching(BaseParadigm):
         return self.mask_head(feats, boxes=boxes, points=centres)
 
     def _mask_loss(self, batch: Batch, out: Any) -> dict[str, Tensor]:
-        """SAM-style training of the mask decoder: every ground-truth instance of a seg / res
-        sample prompts it with its box and centre (at most ``max_mask_prompts`` per batch);
+        """SAM-style training of the mask decoder: every ground-truth instance of a seg / res /
+        gres sample prompts it with its box and centre (at most ``max_mask_prompts`` per batch);
         BCE + Dice against the instance mask."""
         rows, boxes, masks = [], [], []
         for i, (task, t) in enumerate(zip(batch.tasks, batch.targets, strict=True)):
-            if task not in ("seg", "res") or t.masks is None:
+            if task not in _MASK_TASKS or t.masks is None:
                 continue
             for n in range(len(t)):
                 if len(rows) < self.max_mask_prompts:
@@ -446,7 +459,9 @@ class HeatmapMatching(BaseParadigm):
         heat = maps.centre[index].detach().float().sigmoid()
         sizes = maps.box_size[index].detach().float()
         k = 1 if task in ("rec", "res") else self.max_detections
-        threshold = -1.0 if task in ("rec", "res") else self.score_threshold
+        threshold = {"rec": -1.0, "res": -1.0, "grec": self.referent_threshold, "gres": self.referent_threshold}.get(
+            task, self.score_threshold
+        )
         boxes, scores = decode_boxes(
             heat,
             sizes,
@@ -466,7 +481,7 @@ class HeatmapMatching(BaseParadigm):
             image_size=input_size,
             evidence={"heatmap": heat},
         )
-        if task in ("seg", "res"):
+        if task in _MASK_TASKS:
             masks, ious = self._masks(out, index, boxes, input_size)
             pred = pred.replace(masks=masks, mask_scores=ious)
         if task == "pose":

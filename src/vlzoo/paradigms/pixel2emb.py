@@ -88,8 +88,10 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "mask_iou": 1.0,
 }
 
-_MASK_TASKS = ("res", "seg")
-_BOX_TASKS = ("rec", "det", "res", "seg")
+_MASK_TASKS = ("res", "seg", "gres")
+_BOX_TASKS = ("rec", "det", "res", "seg", "grec", "gres")
+#: generalized referring: one trigger per referent, none for an expression that refers to nothing
+_SET_TASKS = ("grec", "gres")
 
 
 class EmbeddingAnswerFormat(AnswerFormat):
@@ -108,6 +110,9 @@ class EmbeddingAnswerFormat(AnswerFormat):
             ``"crop"`` (AnyRef: the crop's vision features pooled to ``crop_tokens`` tokens
             between ``<ref_start>`` and ``<ref_end>``).
         crop_tokens: tokens per crop reference (a square number: pooled on a k x k grid).
+        none_answer: the answer of a grec / gres expression that refers to nothing: text
+            without a trigger (a referent set is one trigger per referent, in the shared
+            answer order, each named by the expression when ``grounded``).
     """
 
     def __init__(
@@ -121,7 +126,10 @@ class EmbeddingAnswerFormat(AnswerFormat):
         separator: str = " and ",
         reference: str = "box",
         crop_tokens: int = 4,
+        none_answer: str = "none",
     ) -> None:
+        if not none_answer.strip() or trigger in none_answer:
+            raise ValueError(f"EmbeddingAnswerFormat: none_answer must be non-empty text without the trigger, got {none_answer!r}")
         if reference not in ("box", "crop"):
             raise ValueError(f"EmbeddingAnswerFormat: reference must be 'box' or 'crop', got {reference!r}")
         side = int(round(crop_tokens**0.5))
@@ -135,6 +143,7 @@ class EmbeddingAnswerFormat(AnswerFormat):
         self.separator = separator
         self.reference = reference
         self.crop_tokens = crop_tokens
+        self.none_answer = none_answer
         self.ref_start, self.ref_token, self.ref_end = "<ref_start>", "<ref>", "<ref_end>"
         tokens = [trigger]
         if box_after_trigger or reference == "box":
@@ -155,6 +164,12 @@ class EmbeddingAnswerFormat(AnswerFormat):
 
     def localization_answer(self, sample: Sample, input_size: tuple[int, int]) -> str:
         t = sample.targets
+        if sample.task in _SET_TASKS:
+            if len(t) == 0:
+                return self.none_answer
+            expression = t.expressions[0] if t.expressions else None
+            body = self.separator.join(self.object_text(expression) for _ in answer_order(t.boxes))
+            return f"{self.prefix} {body}".strip() if self.prefix else body
         if len(t) == 0:
             raise ValueError(
                 f"sample {sample.image_id} ({sample.task}): pixel2emb writes one trigger per object, "
@@ -255,7 +270,7 @@ class Pixel2Emb(BaseParadigm):
     """
 
     name: ClassVar[str] = "pixel2emb"
-    supported_tasks: ClassVar[tuple[str, ...]] = ("rec", "res", "det", "seg", "reg", "caption", "vqa")
+    supported_tasks: ClassVar[tuple[str, ...]] = ("rec", "res", "det", "seg", "reg", "caption", "vqa", "grec", "gres")
 
     def __init__(
         self,
@@ -344,10 +359,10 @@ class Pixel2Emb(BaseParadigm):
         return parts
 
     def _check_heads(self, fmt: EmbeddingAnswerFormat, box_decoder: Any, box_encoder: Any, mask_decoder: Any) -> None:
-        if any(t in ("rec", "det") for t in self.tasks) and box_decoder is None:
-            raise ValueError("paradigm.box_decoder is required for tasks rec / det (paradigm.tasks)")
+        if any(t in ("rec", "det", "grec") for t in self.tasks) and box_decoder is None:
+            raise ValueError("paradigm.box_decoder is required for tasks rec / det / grec (paradigm.tasks)")
         if any(t in _MASK_TASKS for t in self.tasks) and mask_decoder is None:
-            raise ValueError("paradigm.mask_decoder is required for tasks res / seg (paradigm.tasks)")
+            raise ValueError("paradigm.mask_decoder is required for tasks res / seg / gres (paradigm.tasks)")
         if (fmt.box_after_trigger or (fmt.reference == "box" and "reg" in self.tasks)) and box_encoder is None:
             raise ValueError(
                 "paradigm.box_encoder is required when the answer format writes <loc> "
@@ -617,7 +632,8 @@ class Pixel2Emb(BaseParadigm):
                 scores=torch.tensor(hooks.scores[r], dtype=torch.float32),
                 labels=torch.full((n,), label, dtype=torch.long),
                 text=text,
-                parsed=bool(boxes or hooks.masks[r]) or batch.tasks[r] not in _BOX_TASKS,
+                # no trigger is the answer "no object" on grec / gres, a failure elsewhere
+                parsed=bool(boxes or hooks.masks[r]) or batch.tasks[r] not in _BOX_TASKS or batch.tasks[r] in _SET_TASKS,
                 image_id=batch.image_ids[r],
                 image_size=size,
             )

@@ -9,7 +9,9 @@ a polygon vertex is written with the coordinate convention of one model family
   ``none`` when there is none; ``pose`` the ``K``
   keypoints of every instance (same order), ``none`` when there is none; ``res`` a polygon of
   the mask (``polygon_vertices`` vertices, rasterised back to a mask); ``reg`` the box goes into
-  the prompt through the codec and the answer is text.
+  the prompt through the codec and the answer is text; ``grec`` / ``gres`` (generalized
+  referring) the boxes / polygons of every referent in the shared answer order, and ``none``
+  for an expression that refers to nothing.
 * **Training**: LM cross-entropy on the answer tokens (the batch labels mask the prompt).  With
   ``coordinate_sigma > 0`` the target of a coordinate token is a Gaussian over neighbouring bins
   instead of one bin, so a near miss costs less than a far one (token codecs only).
@@ -71,7 +73,7 @@ class Pixel2SeqAnswerFormat(AnswerFormat):
         write_phrases: write the referring expression with the box where the family does
             (Kosmos-2 ``<phrase>``, Qwen ``<|object_ref_start|>``, PaliGemma label ...); REC only.
         polygon_vertices: vertices of a RES polygon.
-        max_objects: most boxes / instances in a det or pose answer (longer answers keep the
+        max_objects: most boxes / instances in a det, pose, grec or gres answer (longer answers keep the
             first ones in the shared answer order); ``None`` for no limit.
         num_keypoints: keypoints per instance of a pose answer (its grammar and parser at predict
             time; the targets are never read there).
@@ -141,6 +143,22 @@ class Pixel2SeqAnswerFormat(AnswerFormat):
                     f"sample {sample.image_id} (res): the referred mask is empty at the input size"
                 )
             return self.codec.encode_points(mask_to_polygon(mask, vertices=self.polygon_vertices), input_size)
+        if task == "grec":  # the set of referents, possibly empty
+            return NONE_ANSWER if len(t) == 0 else self.codec.encode(t.boxes[self._order(t.boxes)], input_size)
+        if task == "gres":
+            if t.masks is None or t.masks.shape[0] != len(t):
+                raise ValueError(f"sample {sample.image_id} (gres): the target has no mask per referent")
+            if len(t) == 0:
+                return NONE_ANSWER
+            polygons = []
+            for i in self._order(t.boxes):
+                if not bool(t.masks[i].any()):
+                    raise ValueError(
+                        f"sample {sample.image_id} (gres): referent {i}'s mask is empty at the input size"
+                    )
+                polygons.append(self.codec.encode_points(mask_to_polygon(t.masks[i], vertices=self.polygon_vertices),
+                                                         input_size))
+            return self.codec.separator.join(polygons)
         return super().localization_answer(sample, input_size)
 
     @staticmethod
@@ -160,7 +178,7 @@ class Pixel2SeqAnswerFormat(AnswerFormat):
         c = self.codec
         if task == "rec":
             return c.boxes_grammar(1, 1, phrase=self.write_phrases)
-        if task == "det":
+        if task in ("det", "grec"):
             return f"(?:none|{c.boxes_grammar(1, self.max_objects)})"
         if task == "pose":
             k = num_keypoints or self.num_keypoints
@@ -171,6 +189,10 @@ class Pixel2SeqAnswerFormat(AnswerFormat):
         if task == "res":
             v = self.polygon_vertices
             return c.points_grammar(v, v)
+        if task == "gres":
+            v = self.polygon_vertices
+            rest = "*" if self.max_objects is None else f"{{0,{self.max_objects - 1}}}"
+            return f"(?:none|(?:{c.points_grammar(v, v)})(?:{c.separator_grammar()}{c.points_grammar(v, v)}){rest})"
         return None
 
     # --- reading --------------------------------------------------------------------------------
@@ -185,13 +207,15 @@ class Pixel2SeqAnswerFormat(AnswerFormat):
         """Fields of a :class:`Predictions` for generated ``text`` (input pixels); raises
         :class:`~vlzoo.paradigms.codecs.CodecError` when it does not parse."""
         stripped = text.strip()
-        if task in ("det", "pose") and stripped == NONE_ANSWER:
+        if task in ("det", "pose", "grec", "gres") and stripped == NONE_ANSWER:
             empty: dict[str, Any] = {"boxes": torch.zeros((0, 4))}
             if task == "pose":
                 k = num_keypoints or self.num_keypoints
                 empty["keypoints"] = torch.zeros((0, k, 3))
+            if task == "gres":
+                empty["masks"] = torch.zeros((0, *input_size), dtype=torch.bool)
             return empty
-        if task in ("rec", "det"):
+        if task in ("rec", "det", "grec"):
             boxes = self.codec.decode(text, input_size)
             if task == "rec":
                 boxes = boxes[:1]
@@ -212,6 +236,15 @@ class Pixel2SeqAnswerFormat(AnswerFormat):
             mask = polygon_to_mask(pts, input_size)
             box = torch.cat([pts.min(0).values, pts.max(0).values])[None]
             return {"masks": mask[None], "boxes": box}
+        if task == "gres":  # polygons of polygon_vertices points each, one per referent
+            v = self.polygon_vertices
+            pts = self.codec.decode_points(text, input_size)
+            if pts.shape[0] == 0 or pts.shape[0] % v:
+                raise CodecError(f"gres: {pts.shape[0]} points is not a multiple of {v} polygon vertices")
+            polys = pts.reshape(-1, v, 2)
+            masks = torch.stack([polygon_to_mask(p, input_size) for p in polys])
+            boxes = torch.cat([polys.min(1).values, polys.max(1).values], 1)
+            return {"masks": masks, "boxes": boxes}
         raise ValueError(f"Pixel2SeqAnswerFormat cannot parse task {task!r}")
 
     def __repr__(self) -> str:
@@ -245,7 +278,7 @@ class Pixel2Seq(BaseParadigm):
     """
 
     name: ClassVar[str] = "pixel2seq"
-    supported_tasks: ClassVar[tuple[str, ...]] = ("rec", "det", "reg", "pose", "res")
+    supported_tasks: ClassVar[tuple[str, ...]] = ("rec", "det", "reg", "pose", "res", "grec", "gres")
 
     def __init__(
         self,
@@ -364,7 +397,7 @@ class Pixel2Seq(BaseParadigm):
         out = []
         for i, (task, text) in enumerate(zip(batch.tasks, texts, strict=True)):
             base = Predictions(text=text, image_id=batch.image_ids[i], image_size=size)
-            if task not in ("rec", "det", "pose", "res"):
+            if task not in ("rec", "det", "pose", "res", "grec", "gres"):
                 out.append(base)
                 continue
             try:

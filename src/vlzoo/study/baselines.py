@@ -8,6 +8,11 @@ splits, with the cell's own evaluator, and without training.
 * ``mean_box``: the mean referred box of the training split (each box relative to its image
   size, the mean scaled to each test image); for RES the mask is that box, filled.
 * ``union_of_objects`` (RES only): the union of every object's mask - "mask everything".
+* ``always_nothing`` / ``always_everything`` (grec / gres, generalized referring): no box and
+  no mask for every expression, or every object of the image (Shapes: its scene; without
+  scenes, the whole image); :mod:`vlzoo.evaluation.generalized`'s answers, scored by the
+  cell's grec / gres metric.  "Always nothing" reaches N-acc = 1 and, with gIoU, the share of
+  no-target samples: the floor a generalized cell's N-acc and gIoU are read against.
 
 A paradigm below ``random_object`` localizes objects but does not select the referred one.
 """
@@ -20,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vlzoo.structures import Predictions, Targets
+from vlzoo.evaluation.generalized import always_everything, always_nothing
+from vlzoo.structures import GENERALIZED_TASKS, Predictions, Targets
 
 __all__ = [
     "BASELINES",
@@ -29,18 +35,21 @@ __all__ = [
     "BASELINE_TASKS",
     "mean_box",
     "baseline_figures",
+    "generalized_baseline_figures",
     "recipe_baselines",
 ]
 
-BASELINES = ("random_object", "mean_box", "union_of_objects")
+BASELINES = ("random_object", "mean_box", "union_of_objects", "always_nothing", "always_everything")
 BASELINE_LABELS = {
     "random_object": "random object",
     "mean_box": "mean training box",
     "union_of_objects": "union of every object",
+    "always_nothing": "always nothing",
+    "always_everything": "always everything",
 }
 #: the baseline a cell must beat to show that it selects the referred object
 SELECTION_BASELINE = "random_object"
-BASELINE_TASKS = ("rec", "res")
+BASELINE_TASKS = ("rec", "res", *GENERALIZED_TASKS)
 
 
 def mean_box(dataset: Any, task: str, *, samples: int) -> Tensor:
@@ -87,12 +96,49 @@ def _task_metric(evaluator: Any, task: str) -> Any:
     return next(metric for name, metric in collection.items() if name != "parse_fail_rate")
 
 
-def baseline_figures(dataset: Any, task: str, evaluator: Any, *, train_mean_box: Tensor) -> dict[str, dict[str, float]]:
+def _scene_objects(dataset: Any, index: int, masks: bool) -> Targets | None:
+    """Every object of item ``index``'s image as :class:`Targets` (``None`` without scenes)."""
+    if not hasattr(dataset, "scene"):
+        return None
+    scene = dataset.scene(index)
+    boxes = torch.tensor([[float(v) for v in o.box] for o in scene.objects], dtype=torch.float32).reshape(-1, 4)
+    stacked = torch.stack([torch.from_numpy(scene.mask(j)) for j in range(len(scene.objects))]) if masks else None
+    return Targets(boxes=boxes, masks=stacked, image_size=scene.size)
+
+
+def generalized_baseline_figures(dataset: Any, task: str, evaluator: Any) -> dict[str, dict[str, float]]:
+    """``{"always_nothing": {...}, "always_everything": {...}}`` on the grec / gres samples of
+    ``dataset``, scored by the evaluator's ``task`` metric."""
+    metrics = {"always_nothing": _task_metric(evaluator, task), "always_everything": _task_metric(evaluator, task)}
+    seen = 0
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        if sample.task != task:
+            continue
+        seen += 1
+        target = sample.targets
+        metrics["always_nothing"].update([always_nothing(target)], [target])
+        objects = _scene_objects(dataset, i, masks=task == "gres")
+        metrics["always_everything"].update([always_everything(target, objects)], [target])
+    if seen == 0:
+        return {}
+    return {name: {k: float(v) for k, v in metric.compute().items()} for name, metric in metrics.items()}
+
+
+def baseline_figures(
+    dataset: Any, task: str, evaluator: Any, *, train_mean_box: Tensor | None = None
+) -> dict[str, dict[str, float]]:
     """``{baseline: {figure: value}}`` on the ``task`` samples of ``dataset``, scored by the
     evaluator's ``task`` metric (figures named as the evaluator names them, per kind included).
-    ``random_object`` and ``union_of_objects`` are left out when the dataset has no scenes."""
+    ``random_object`` and ``union_of_objects`` are left out when the dataset has no scenes.
+    grec / gres get ``always_nothing`` and ``always_everything`` instead
+    (:func:`generalized_baseline_figures`; no mean box)."""
     if task not in BASELINE_TASKS:
         raise ValueError(f"baselines exist for {BASELINE_TASKS}, not {task!r}")
+    if task in GENERALIZED_TASKS:
+        return generalized_baseline_figures(dataset, task, evaluator)
+    if train_mean_box is None:
+        raise ValueError(f"baselines: task {task!r} needs train_mean_box (the mean training box)")
     res = task == "res"
     scenes = hasattr(dataset, "scene")
     metrics = {"mean_box": _task_metric(evaluator, task)}
@@ -155,7 +201,7 @@ def recipe_baselines(recipe: Any, task: str, *, train_samples: int) -> dict[str,
     train = _split_datasets(recipe.get("data.train"), "train", inject, allow, "data.train")
     if "train" not in train:
         raise ValueError("baselines: the recipe's data slot has no train split (the mean box is taken over it)")
-    box = mean_box(train["train"], task, samples=train_samples)
+    box = None if task in GENERALIZED_TASKS else mean_box(train["train"], task, samples=train_samples)
     out: dict[str, dict[str, float]] = {}
     for split, dataset in _split_datasets(recipe.get("data.test"), "test", inject, allow, "data.test").items():
         for name, figures in baseline_figures(dataset, task, evaluator, train_mean_box=box).items():

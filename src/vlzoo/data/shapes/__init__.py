@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from vlzoo.data.shapes.dataset import RUNG_KINDS, RUNGS, SPLITS, ShapesDataset
+from vlzoo.data.shapes.dataset import (
+    DEFAULT_REFERENTS,
+    REFERENT_SETS,
+    RUNG_KINDS,
+    RUNGS,
+    SPLITS,
+    ShapesDataset,
+)
 from vlzoo.data.shapes.language import (
     Ref,
+    SetRef,
+    absent_references,
     caption,
     choose_reference,
     referring_candidates,
     render,
     resolve,
+    set_references,
     vqa_question,
 )
 from vlzoo.data.shapes.world import (
@@ -30,6 +40,8 @@ __all__ = [
     "SPLITS",
     "RUNGS",
     "RUNG_KINDS",
+    "REFERENT_SETS",
+    "DEFAULT_REFERENTS",
     "SHAPES_CATEGORIES",
     "CATEGORY_NAMES",
     "COLOUR_NAMES",
@@ -41,6 +53,9 @@ __all__ = [
     "ShapeObject",
     "generate_scene",
     "Ref",
+    "SetRef",
+    "set_references",
+    "absent_references",
     "resolve",
     "render",
     "referring_candidates",

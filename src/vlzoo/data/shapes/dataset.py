@@ -12,16 +12,20 @@ from torch.utils.data import Dataset
 from vlzoo.data.errors import DataError
 from vlzoo.data.shapes.language import (
     Ref,
+    SetRef,
+    absent_references,
     caption,
     choose_reference,
     render,
+    resolve,
+    set_references,
     vqa_question,
 )
-from vlzoo.data.shapes.world import Scene, generate_scene
+from vlzoo.data.shapes.world import COMPOSITIONAL_HOLDOUT, Scene, generate_scene
 from vlzoo.data.templates import instruction
-from vlzoo.structures import EXPRESSION_KINDS, TASKS, Sample, Targets
+from vlzoo.structures import EXPRESSION_KINDS, GENERALIZED_TASKS, TASKS, Sample, Targets
 
-__all__ = ["ShapesDataset", "SPLITS", "RUNGS", "RUNG_KINDS"]
+__all__ = ["ShapesDataset", "SPLITS", "RUNGS", "RUNG_KINDS", "REFERENT_SETS", "DEFAULT_REFERENTS"]
 
 #: split name -> seed stream; disjoint streams give disjoint scenes for the same index
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "comp_test": 3}
@@ -41,6 +45,14 @@ RUNG_KINDS: dict[str, tuple[str, ...]] = {
     "full": EXPRESSION_KINDS,
 }
 
+#: The referent sets of a generalized referring sample (``grec`` / ``gres``): an expression
+#: that denotes no object ("the purple cross" when there is none), exactly one, or several
+#: ("every red shape").
+REFERENT_SETS: tuple[str, ...] = ("none", "one", "several")
+#: The share of each referent set when a recipe does not give ``referents``; on one-object
+#: scenes (``num_objects`` up to 1) ``several`` is left out and the other shares renormalised.
+DEFAULT_REFERENTS: dict[str, float] = {"none": 0.2, "one": 0.6, "several": 0.2}
+
 
 class ShapesDataset(Dataset):
     """Procedural scenes of coloured shapes with referring expressions, captions and questions.
@@ -56,7 +68,14 @@ class ShapesDataset(Dataset):
       ``category_name`` (``seg`` masks, ``pose`` keypoints ``(N, 5, 3)``);
     * ``reg``: the region (box) in ``Sample.prompt_boxes`` and a ``{box}`` placeholder in the
       prompt; ``answer`` = ``text`` = ``captions[0]`` = a unique expression of the region;
-    * ``caption`` / ``vqa``: text answers only (``meta["vqa_kind"]`` for vqa).
+    * ``caption`` / ``vqa``: text answers only (``meta["vqa_kind"]`` for vqa);
+    * ``grec`` / ``gres`` (generalized referring): the *set* of objects the expression denotes,
+      drawn per item from ``referents``: none (``Targets`` with N = 0 boxes, ``gres`` masks
+      ``(0, H, W)``), one (a unique expression of the rung's kinds, as rec / res) or several
+      (a :class:`~vlzoo.data.shapes.language.SetRef`, "every red shape", N >= 2).
+      ``meta["referents"]`` names the set, ``meta["object_ids"]`` the referents and
+      ``meta["ref"]`` the program (:func:`~vlzoo.data.shapes.language.resolve` gives the ids
+      back).  No-target and set expressions are attribute expressions.
 
     Args:
         split: ``train`` / ``val`` / ``test`` (disjoint seed streams) or ``comp_test``, whose
@@ -75,6 +94,10 @@ class ShapesDataset(Dataset):
         twin_prob: chance an object copies the attributes of an earlier one (needs spatial
             expressions to be told apart).
         compositional: keep held-out combinations out of this split (use for ``train``).
+        referents: the share of each referent set (:data:`REFERENT_SETS`) among the ``grec`` /
+            ``gres`` items, e.g. ``{none: 0.2, one: 0.6, several: 0.2}`` (default
+            :data:`DEFAULT_REFERENTS`); it changes no other task, and giving it without a
+            ``grec`` / ``gres`` task is an error.
         seed: base seed (injected by ``vlzoo.build``).
     """
 
@@ -92,6 +115,7 @@ class ShapesDataset(Dataset):
         texture: bool = False,
         twin_prob: float = 0.35,
         compositional: bool = False,
+        referents: Mapping[str, float] | None = None,
         seed: int = 0,
     ) -> None:
         if split not in SPLITS:
@@ -141,7 +165,38 @@ class ShapesDataset(Dataset):
         self.texture = bool(texture)
         self.twin_prob = float(twin_prob)
         self.compositional = bool(compositional)
+        self.referents = self._referent_shares(referents, weights, hi)
+        self._referent_cum = np.cumsum([self.referents[k] for k in REFERENT_SETS])
         self.seed = int(seed)
+
+    @staticmethod
+    def _referent_shares(referents: Mapping[str, float] | None, weights: Mapping[str, float], hi: int) -> dict[str, float]:
+        generalized = [t for t in weights if t in GENERALIZED_TASKS]
+        if referents is None:
+            shares = dict(DEFAULT_REFERENTS)
+            if hi < 2:
+                shares["several"] = 0.0
+        else:
+            if not generalized:
+                raise ValueError(
+                    f"ShapesDataset: referents {dict(referents)} apply to the grec / gres tasks only, and tasks are "
+                    f"{list(weights)}; add grec or gres to tasks or leave referents out"
+                )
+            if not isinstance(referents, Mapping):
+                raise ValueError(f"ShapesDataset: referents must be a mapping like {DEFAULT_REFERENTS}, got {referents!r}")
+            unknown = [k for k in referents if k not in REFERENT_SETS]
+            if unknown:
+                raise ValueError(f"ShapesDataset: unknown referent sets {unknown} in referents; choose from {list(REFERENT_SETS)}")
+            shares = {k: float(referents.get(k, 0.0)) for k in REFERENT_SETS}
+            if any(v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
+                raise ValueError(f"ShapesDataset: referents shares must be >= 0 and not all 0, got {dict(referents)}")
+            if shares["several"] > 0 and hi < 2:
+                raise ValueError(
+                    f"ShapesDataset: referents asks for 'several' referents but scenes have at most {hi} object; "
+                    "raise num_objects or set several: 0"
+                )
+        total = sum(shares.values())
+        return {k: v / total for k, v in shares.items()}
 
     def __len__(self) -> int:
         return self.size
@@ -160,7 +215,67 @@ class ShapesDataset(Dataset):
     def scene(self, index: int) -> Scene:
         """The scene graph of item ``index`` (the same one ``self[index]`` is drawn from)."""
         rng = self._task_rng(index)
-        return self._referable(index, self._draw_task(rng), rng)[0]
+        task = self._draw_task(rng)
+        if task in GENERALIZED_TASKS:
+            return self._generalized(index, rng)[0]
+        return self._referable(index, task, rng)[0]
+
+    def referents_of(self, index: int) -> str | None:
+        """The referent set (:data:`REFERENT_SETS`) of a ``grec`` / ``gres`` item, else ``None``."""
+        rng = self._task_rng(index)
+        if self._draw_task(rng) not in GENERALIZED_TASKS:
+            return None
+        return self._draw_referents(rng)
+
+    def _draw_referents(self, rng: np.random.Generator) -> str:
+        u = rng.random()
+        k = min(int(np.searchsorted(self._referent_cum, u, side="right")), len(REFERENT_SETS) - 1)
+        while self.referents[REFERENT_SETS[k]] == 0.0:  # u at the very top of the last share
+            k -= 1
+        return REFERENT_SETS[k]
+
+    def _generalized(self, index: int, rng: np.random.Generator) -> tuple[Scene, str, list[int], Ref]:
+        """``(scene, referent set, referent ids, program)`` of a grec / gres item.  ``rng`` is the
+        item's task stream just after the task draw.  A scene without an expression of the drawn
+        set (no two objects share an attribute, every expression is ambiguous) is redrawn from a
+        derived seed, as for rec / res."""
+        kind = self._draw_referents(rng)
+        key = self._key(index)
+        # held-out (category, colour) pairs stay unnamed outside comp_test, in no-target expressions too
+        exclude = frozenset(COMPOSITIONAL_HOLDOUT) if self.compositional and self.split != "comp_test" else frozenset()
+        for attempt in range(self.MAX_SCENE_ATTEMPTS):
+            scene_rng = np.random.default_rng(key + ([0] if attempt == 0 else [2, attempt]))
+            scene = self._scene(scene_rng)
+            if kind == "one":
+                focus = 0 if self.split == "comp_test" else int(rng.integers(len(scene.objects)))
+                picked = self._reference(scene, focus, rng, self.kinds)
+                if picked is not None:
+                    return scene, kind, [picked[0]], picked[1]
+                continue
+            refs = set_references(scene) if kind == "several" else absent_references(scene, exclude=exclude)
+            if not refs:
+                continue
+            ref = refs[int(rng.integers(len(refs)))]
+            if kind == "none" and rng.random() < 0.5:  # "every purple cross": the set form denotes nothing too
+                ref = SetRef(size=ref.size, colour=ref.colour, category=ref.category)
+            return scene, kind, resolve(ref, scene), ref
+        raise DataError(
+            f"ShapesDataset({self.split}) item {index}: no expression with {kind!r} referents in "
+            f"{self.MAX_SCENE_ATTEMPTS} scenes; use more object variety (num_objects, twin_prob) or change referents"
+        )
+
+    def _generalized_sample(self, index: int, task: str, rng: np.random.Generator) -> Sample:
+        scene, kind, ids, ref = self._generalized(index, rng)
+        expr = render(ref, rng)
+        h, w = scene.size
+        base = Targets(image_id=int(index), image_size=(h, w))
+        t = self._targets(scene, ids, base, masks=task == "gres", keypoints=False)
+        t = t.replace(expressions=[expr], expression_kinds=[ref.kind])
+        meta = {"object_ids": ids, "ref": ref, "referents": kind}
+        return Sample(
+            torch.from_numpy(scene.image), task, instruction(task, rng, expr=expr), t, image_id=index,
+            expression_kind=ref.kind, meta=meta,
+        )
 
     #: scenes redrawn (deterministically) before a referring sample gives up
     MAX_SCENE_ATTEMPTS = 16
@@ -209,6 +324,8 @@ class ShapesDataset(Dataset):
             raise IndexError(f"ShapesDataset index {index} out of range [0, {self.size})")
         rng = self._task_rng(index)
         task = self._draw_task(rng)
+        if task in GENERALIZED_TASKS:
+            return self._generalized_sample(index, task, rng)
         scene, focus, picked = self._referable(index, task, rng)
         image = torch.from_numpy(scene.image)
         h, w = scene.size
@@ -275,7 +392,9 @@ class ShapesDataset(Dataset):
             iscrowd=torch.zeros(len(objs), dtype=torch.bool),
         )
         if masks:
-            out.masks = torch.from_numpy(np.stack([scene.owner == i for i in ids]))
+            h, w = scene.size
+            stacked = np.stack([scene.owner == i for i in ids]) if ids else np.zeros((0, h, w), dtype=bool)
+            out.masks = torch.from_numpy(stacked)
         if keypoints:
             out.keypoints = torch.from_numpy(np.array([o.keypoints for o in objs], dtype=np.float32))
         return out

@@ -13,14 +13,24 @@ from itertools import product
 
 import numpy as np
 
-from vlzoo.data.shapes.world import CATEGORY_NAMES, CATEGORY_PLURALS, COLOUR_NAMES, Scene, ShapeObject
+from vlzoo.data.shapes.world import (
+    CATEGORY_NAMES,
+    CATEGORY_PLURALS,
+    COLOUR_NAMES,
+    SIZE_NAMES,
+    Scene,
+    ShapeObject,
+)
 from vlzoo.structures import EXPRESSION_KINDS
 
 __all__ = [
     "Ref",
+    "SetRef",
     "resolve",
     "render",
     "referring_candidates",
+    "set_references",
+    "absent_references",
     "caption",
     "vqa_question",
     "NUMBER_WORDS",
@@ -66,6 +76,13 @@ class Ref:
         if self.superlative:
             return "superlative"
         return "attribute"
+
+
+@dataclass(frozen=True)
+class SetRef(Ref):
+    """A set expression ("every red shape", "all the small circles"): an attribute filter read as
+    every object it keeps - what :func:`resolve` returns for any filter.  It differs from
+    :class:`Ref` in its rendering only (generalized referring, ``grec`` / ``gres``)."""
 
 
 class _View:
@@ -159,6 +176,9 @@ def render(ref: Ref, rng: np.random.Generator | None = None) -> str:
         return options[0] if rng is None else options[int(rng.integers(len(options)))]
 
     noun = _noun(ref)
+    if isinstance(ref, SetRef):
+        plural = " ".join([w for w in (ref.size, ref.colour) if w] + [CATEGORY_PLURALS.get(ref.category, "shapes")])
+        return pick([f"every {noun}", f"all {plural}", f"all the {plural}"])
     if ref.relation is not None:
         rel = pick(RELATIONS[ref.relation])
         anchor = render(ref.anchor, None).removeprefix("the ")
@@ -236,6 +256,38 @@ def referring_candidates(target: int, scene: Scene) -> dict[str, list[Ref]]:
     """Every program of each kind that resolves to exactly ``target``."""
     v = _View(scene)
     return {kind: _candidates_of_kind(kind, target, v) for kind in _KINDS}
+
+
+def set_references(scene: Scene) -> list[Ref]:
+    """Every set expression (:class:`SetRef`, an attribute filter) that denotes two or more
+    objects of ``scene``: "every red shape", "all the small circles"."""
+    v = _View(scene)
+    seen: set[Ref] = set()
+    out: list[Ref] = []
+    for attrs in v.attrs:
+        for f in _filters(attrs, allow_empty=False):
+            ref = SetRef(size=f.size, colour=f.colour, category=f.category)
+            if ref not in seen and len(_members(f, v)) >= 2:
+                seen.add(ref)
+                out.append(ref)
+    return out
+
+
+def absent_references(scene: Scene, *, exclude: frozenset[tuple[str, str]] = frozenset()) -> list[Ref]:
+    """Every attribute filter (size, colour, category, each optional but not all absent) that
+    denotes *no* object of ``scene``: "the purple cross" when there is none.  ``exclude`` holds
+    ``(category, colour)`` names no expression may name together (held-out combinations)."""
+    v = _View(scene)
+    out = []
+    for size, colour, cat in product((None, *SIZE_NAMES), (None, *COLOUR_NAMES), (None, *CATEGORY_NAMES)):
+        if size is None and colour is None and cat is None:
+            continue
+        if (cat, colour) in exclude:
+            continue
+        ref = Ref(size=size, colour=colour, category=cat)
+        if not _members(ref, v):
+            out.append(ref)
+    return out
 
 
 def choose_reference(
