@@ -8,6 +8,7 @@ same interface.  Training policies live in :mod:`vlzoo.backbones.policies`.  :cl
 reads (``hidden_size``, ``vision_width``, ``feature_grid``, ``input_size``) and its passes.
 """
 
+from vlzoo.backbones.audio import WhisperAudioEncoder
 from vlzoo.backbones.generation import DecodingHooks, DecodingState, greedy_decode
 from vlzoo.backbones.interface import Backbone
 from vlzoo.backbones.language import CausalLM, load_tokenizer
@@ -25,6 +26,7 @@ from vlzoo.backbones.policies import (
     set_trainable,
     train_rows,
 )
+from vlzoo.backbones.references import ReferenceEncoder, crop_reference_tokens
 from vlzoo.backbones.vision import ClipVisionEncoder, SamImageEncoder, TimmVisionEncoder, VisionOutput
 
 __all__ = [
@@ -40,6 +42,9 @@ __all__ = [
     "BackboneCheckpointError",
     "LlavaBackbone",
     "build_projector",
+    "ReferenceEncoder",
+    "WhisperAudioEncoder",
+    "crop_reference_tokens",
     "DecodingHooks",
     "DecodingState",
     "greedy_decode",
