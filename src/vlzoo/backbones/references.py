@@ -154,56 +154,81 @@ class ReferenceEncoder(nn.Module):
         encode_images: Callable[[Tensor], tuple[Tensor, Tensor]],
         grid: tuple[int, int],
     ) -> Tensor:
-        """``text_embeds`` with every placeholder replaced by its reference's tokens."""
+        """``text_embeds`` with every placeholder replaced by its reference's tokens.
+
+        A row's clip fills its ``<ref_audio>`` span.  Its crop and box spans (runs of k ``<ref>``
+        / ``<ref_box>``) take the row's prompt boxes in prompt order; there are as many spans as
+        prompt boxes, or none (the boxes are then referred to otherwise, e.g. a pixel2emb
+        ``<loc>`` or plain text)."""
         out = text_embeds
-        for modality in self.modalities:
-            placeholder = REFERENCE_TOKENS[modality]
-            is_ref = input_ids == token_ids[placeholder]
-            counts = is_ref.sum(1).tolist()
-            if not any(counts):
-                continue
-            if references is None:
+        if "audio" in self.modalities:
+            out = self._embed_audio(out, input_ids, references, token_ids)
+        spatial = [m for m in ("crop", "box") if m in self.modalities]
+        if not spatial:
+            return out
+        kinds = torch.full_like(input_ids, -1)
+        for i, m in enumerate(spatial):
+            kinds[input_ids == token_ids[REFERENCE_TOKENS[m]]] = i
+        rows_with = (kinds >= 0).any(1).nonzero().flatten().tolist()
+        if not rows_with:
+            return out
+        self._need(references, " / ".join(REFERENCE_TOKENS[m] for m in spatial))
+        jobs: dict[str, list[tuple[int, Tensor, Tensor]]] = {m: [] for m in spatial}  # (row, box, columns)
+        for row in rows_with:
+            cols = (kinds[row] >= 0).nonzero().flatten()
+            boxes = references.prompt_boxes[row].reshape(-1, 4) if row < len(references.prompt_boxes) else torch.zeros(0, 4)
+            if len(cols) != self.tokens * len(boxes):
                 raise ValueError(
-                    f"the prompts hold {placeholder} references but the backbone was given no references "
-                    "(pass references=batch.references())"
+                    f"row {row}: {len(cols)} crop / box reference tokens for {len(boxes)} prompt boxes x {self.tokens} "
+                    "backbone.references.tokens; write each prompt box as reference_text(modality, tokens)"
                 )
-            rows, per_row = [], []
-            for row, n in enumerate(counts):
-                if modality == "audio":
-                    expected = 0 if row >= len(references.audio) or references.audio[row] is None else 1
-                else:
-                    boxes = references.prompt_boxes[row] if row < len(references.prompt_boxes) else None
-                    expected = 0 if boxes is None else int(boxes.reshape(-1, 4).shape[0])
-                if n != expected * self.tokens:
-                    what = "a spoken clip (Sample.reference_audio)" if modality == "audio" else "prompt boxes"
-                    raise ValueError(
-                        f"row {row}: {n} {placeholder} tokens for {expected} x {what} x {self.tokens} "
-                        "backbone.references.tokens; write each reference as reference_text(modality, tokens)"
-                    )
-                if n:
-                    rows.append(row)
-                    per_row.append(expected)
-            tokens = self._tokens(modality, rows, references, images, encode_images, grid)
-            r, c = is_ref.nonzero(as_tuple=True)  # row-major: the rows' references in prompt order
+            for i, box in enumerate(boxes):
+                span = cols[i * self.tokens : (i + 1) * self.tokens]
+                span_kinds = kinds[row, span].unique().tolist()
+                if len(span_kinds) != 1 or int(span[-1] - span[0]) != self.tokens - 1:
+                    raise ValueError(f"row {row}: reference {i} is not {self.tokens} consecutive placeholders of one modality")
+                jobs[spatial[span_kinds[0]]].append((row, box, span))
+        for modality, items in jobs.items():
+            if not items:
+                continue
+            boxes = torch.stack([b for _, b, _ in items]).float().to(images.device)
+            if modality == "box":
+                tokens = self.box_tokens(boxes, tuple(images.shape[-2:]))
+            else:
+                index = torch.tensor([r for r, _, _ in items], device=images.device)
+                tokens = crop_reference_tokens(encode_images, images[index], boxes, tokens=self.tokens, grid=grid)
+            r = torch.cat([torch.full((self.tokens,), row, dtype=torch.long) for row, _, _ in items]).to(out.device)
+            c = torch.cat([span for _, _, span in items]).to(out.device)
             out = out.index_put((r, c), tokens.reshape(-1, tokens.shape[-1]).to(out.dtype))
         return out
 
-    def _tokens(
-        self,
-        modality: str,
-        rows: list[int],
-        references: References,
-        images: Tensor,
-        encode_images: Callable[[Tensor], tuple[Tensor, Tensor]],
-        grid: tuple[int, int],
+    @staticmethod
+    def _need(references: References | None, placeholder: str) -> None:
+        if references is None:
+            raise ValueError(
+                f"the prompts hold {placeholder} references but the backbone was given no references "
+                "(pass references=batch.references())"
+            )
+
+    def _embed_audio(
+        self, out: Tensor, input_ids: Tensor, references: References | None, token_ids: dict[str, int]
     ) -> Tensor:
-        if modality == "audio":
-            return self.audio_tokens([references.audio[r] for r in rows])
-        device = images.device
-        boxes = torch.cat([references.prompt_boxes[r].reshape(-1, 4).float() for r in rows]).to(device)
-        index = torch.cat(
-            [torch.full((references.prompt_boxes[r].reshape(-1, 4).shape[0],), r, dtype=torch.long) for r in rows]
-        ).to(device)
-        if modality == "box":
-            return self.box_tokens(boxes, tuple(images.shape[-2:]))
-        return crop_reference_tokens(encode_images, images[index], boxes, tokens=self.tokens, grid=grid)
+        placeholder = REFERENCE_TOKENS["audio"]
+        is_ref = input_ids == token_ids[placeholder]
+        counts = is_ref.sum(1).tolist()
+        if not any(counts):
+            return out
+        self._need(references, placeholder)
+        rows = []
+        for row, n in enumerate(counts):
+            has = row < len(references.audio) and references.audio[row] is not None
+            if n != self.tokens * int(has):
+                raise ValueError(
+                    f"row {row}: {n} {placeholder} tokens for {int(has)} x a spoken clip (Sample.reference_audio) x "
+                    f"{self.tokens} backbone.references.tokens; write the clip as reference_text('audio', tokens)"
+                )
+            if has:
+                rows.append(row)
+        tokens = self.audio_tokens([references.audio[r] for r in rows])
+        r, c = is_ref.nonzero(as_tuple=True)  # row-major: each row's k tokens in order
+        return out.index_put((r, c), tokens.reshape(-1, tokens.shape[-1]).to(out.dtype))
