@@ -17,11 +17,12 @@ from vlzoo.structures import reference_text
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt-get install espeak-ng)")
 
 
-def test_a_missing_synthesizer_names_what_to_install(tmp_path):
+def test_a_missing_synthesizer_names_what_to_install(tmp_path, monkeypatch):
     with pytest.raises(SynthesizerMissing, match="apt-get install -y espeak-ng"):
         EspeakSynthesizer(cache_dir=str(tmp_path), program="no-such-espeak-ng")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no espeak-ng on PATH
     with pytest.raises(SynthesizerMissing, match="espeak-ng"):
-        SpokenShapesDataset(size=2, tasks=["res"], cache_dir=str(tmp_path), program="no-such-espeak-ng")
+        SpokenShapesDataset(size=2, tasks=["res"], cache_dir=str(tmp_path))
 
 
 @needs_espeak

@@ -37,8 +37,8 @@ _SPOKEN_TASKS = ("rec", "res")
 class Speaker:
     """Turns a referring sample into a spoken one (the part both datasets below share).
 
-    Args: ``reference_tokens``, ``voices``, ``speeds``, ``cache_dir``, ``program``, ``seed`` as
-    for :class:`SpokenReferences`.
+    Args: ``reference_tokens``, ``voices``, ``speeds``, ``cache_dir``, ``seed`` as for
+    :class:`SpokenReferences`.
     """
 
     def __init__(
@@ -48,7 +48,6 @@ class Speaker:
         voices: Sequence[str] = DEFAULT_VOICES,
         speeds: Sequence[int] = DEFAULT_SPEEDS,
         cache_dir: str | None = None,
-        program: str = "espeak-ng",
         seed: int = 0,
     ) -> None:
         if not voices or not speeds:
@@ -60,7 +59,8 @@ class Speaker:
         self.voices = tuple(voices)
         self.speeds = tuple(int(s) for s in speeds)
         self.seed = int(seed)
-        self.synthesizer = EspeakSynthesizer(cache_dir=cache_dir, program=program)
+        # espeak-ng from PATH: a recipe chooses voices, speeds and the cache, never an executable
+        self.synthesizer = EspeakSynthesizer(cache_dir=cache_dir)
 
     def voice_of(self, index: int) -> tuple[str, int]:
         """The voice and speed of item ``index`` (deterministic in ``(seed, index)``)."""
@@ -94,7 +94,6 @@ class SpokenReferences(Dataset):
         voices: espeak-ng voices to draw from (``espeak-ng --voices``; ``+f2`` ... are variants).
         speeds: speaking rates (words per minute) to draw from.
         cache_dir: the clip cache (default ``$VLZOO_SPEECH_CACHE`` or ``~/.cache/vlzoo/speech``).
-        program: the espeak-ng executable.
         seed: base seed of the voice / speed draws (injected by ``vlzoo.build``).
     """
 
@@ -106,12 +105,11 @@ class SpokenReferences(Dataset):
         voices: Sequence[str] = DEFAULT_VOICES,
         speeds: Sequence[int] = DEFAULT_SPEEDS,
         cache_dir: str | None = None,
-        program: str = "espeak-ng",
         seed: int = 0,
     ) -> None:
         self.dataset = dataset
         self.speaker = Speaker(
-            reference_tokens=reference_tokens, voices=voices, speeds=speeds, cache_dir=cache_dir, program=program, seed=seed
+            reference_tokens=reference_tokens, voices=voices, speeds=speeds, cache_dir=cache_dir, seed=seed
         )
 
     def __len__(self) -> int:
@@ -124,8 +122,8 @@ class SpokenReferences(Dataset):
 class SpokenShapesDataset(ShapesDataset):
     """Spoken Shapes: :class:`~vlzoo.data.ShapesDataset` whose rec / res expressions are clips.
 
-    Takes every ``ShapesDataset`` argument plus ``reference_tokens``, ``voices``, ``speeds``,
-    ``cache_dir`` and ``program`` (see :class:`SpokenReferences`).  The scene, the task and the
+    Takes every ``ShapesDataset`` argument plus ``reference_tokens``, ``voices``, ``speeds`` and
+    ``cache_dir`` (see :class:`SpokenReferences`).  The scene, the task and the
     targets of item ``i`` are those of ``ShapesDataset`` item ``i``; the voice and speed are
     drawn from ``(seed, i)``.
     """
@@ -137,7 +135,6 @@ class SpokenShapesDataset(ShapesDataset):
         voices: Sequence[str] = DEFAULT_VOICES,
         speeds: Sequence[int] = DEFAULT_SPEEDS,
         cache_dir: str | None = None,
-        program: str = "espeak-ng",
         split: str = "train",
         size: int = 10000,
         image_size: int = 64,
@@ -170,7 +167,6 @@ class SpokenShapesDataset(ShapesDataset):
             voices=voices,
             speeds=speeds,
             cache_dir=cache_dir,
-            program=program,
             seed=self.seed,
         )
 
