@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from vlzoo.backbones import CausalLM, MultimodalBackbone, ReferenceEncoder, TimmVisionEncoder, WhisperAudioEncoder
+from vlzoo.backbones import (
+    CausalLM,
+    MultimodalBackbone,
+    ReferenceEncoder,
+    TimmVisionEncoder,
+    WhisperAudioEncoder,
+)
 from vlzoo.backbones.references import crop_reference_tokens
 from vlzoo.structures import REFERENCE_TOKENS, AudioClip, References, reference_text
 

@@ -64,7 +64,15 @@ from vlzoo.decoders.prompt import PromptMLP, TriggerImageAttention
 from vlzoo.decoders.sam import SamMaskDecoder
 from vlzoo.decoders.sam_prompt import SamPromptHead, mask_loss_parts
 from vlzoo.paradigms.base import BaseParadigm, OptimizerFactory, SchedulerFactory
-from vlzoo.structures import CATEGORY_TASKS, REFERENCE_TOKENS, Batch, Predictions, Sample, answer_order, reference_text
+from vlzoo.structures import (
+    CATEGORY_TASKS,
+    REFERENCE_TOKENS,
+    Batch,
+    Predictions,
+    Sample,
+    answer_order,
+    reference_text,
+)
 
 __all__ = [
     "EmbeddingAnswerFormat",
