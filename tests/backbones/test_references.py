@@ -152,3 +152,35 @@ def test_the_reference_encoder_checks_its_settings():
     with pytest.raises(ValueError, match="unknown"):
         ReferenceEncoder(tokens=4, modalities=["smell"])
     assert ReferenceEncoder(tokens=3, modalities=["box"]).tokens == 3
+
+
+def test_a_backbone_file_with_an_audio_tower_round_trips(tmp_path):
+    def make(lora):
+        torch.manual_seed(0)
+        refs = ReferenceEncoder(tokens=K, modalities=["audio"], audio=WhisperAudioEncoder(lora=lora))
+        return MultimodalBackbone(
+            vision=TimmVisionEncoder(**VIT), language=CausalLM(config=dict(LLAMA), tokenizer="shapes"), references=refs
+        )
+
+    trained = make({"r": 2, "alpha": 4})
+    with torch.no_grad():
+        for name, p in trained.references.audio.encoder.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1)  # a LoRA that changes the tower
+    trained.save_backbone(tmp_path / "bb.pt")
+    ids, mask = _ids(trained, [f"segment {reference_text('audio', K)} ."])
+    refs = References([torch.zeros(0, 4)], [_clip(400)])
+    images = torch.randn(1, 3, 32, 32)
+    trained.eval()
+    with torch.no_grad():
+        expected = trained(images, ids, mask, references=refs).logits
+    for lora in (None, {"r": 2, "alpha": 4}):  # LoRA merged into the file: loads with or without it
+        again = MultimodalBackbone(
+            vision=TimmVisionEncoder(**VIT), language=CausalLM(config=dict(LLAMA), tokenizer="shapes"),
+            references=ReferenceEncoder(tokens=K, modalities=["audio"], audio=WhisperAudioEncoder(lora=lora)),
+            checkpoint=str(tmp_path / "bb.pt"),
+        ).eval()
+        with torch.no_grad():
+            got = again(images, ids, mask, references=refs).logits
+        # with a LoRA the fresh adapter starts at zero (B = 0): the merged weights alone
+        assert torch.allclose(got, expected, atol=1e-5)

@@ -583,7 +583,13 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
                     lines.append(f"  {title} ({len(items)}): {shown}")
             lines.append("  build the backbone with the recipe the checkpoint was saved from")
             raise BackboneCheckpointError("\n".join(lines))
-        self.load_state_dict(saved, strict=True)
+        # plain keys onto this module's own (an audio tower's LoRA is in place before loading:
+        # the merged weight goes to its base layer, its fresh adapter stays as built)
+        actual = {_plain_key(k): k for k in self.state_dict() if _plain_key(k) is not None}
+        result = self.load_state_dict({actual[k]: v for k, v in saved.items()}, strict=False)
+        left = [k for k in result.missing_keys if _plain_key(k) is not None] + list(result.unexpected_keys)
+        if left:
+            raise BackboneCheckpointError(f"backbone checkpoint {path}: keys not loaded {left[:8]}")
 
 
 def _trainable(weight: nn.Parameter) -> bool:
