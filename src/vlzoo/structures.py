@@ -70,6 +70,7 @@ QUERY_META_KEYS = {
     "category_id": "category_id",
     "prompt_boxes": "prompt_boxes",
     "expression_kind": "expression_kind",
+    "reference_audio": "reference_audio",
 }
 
 

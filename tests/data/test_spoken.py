@@ -112,3 +112,13 @@ def test_any_referring_dataset_can_be_spoken(tmp_path):
     spoken = SpokenReferences(dataset=inner, cache_dir=str(tmp_path), reference_tokens=2)
     assert len(spoken) == 3
     assert reference_text("audio", 2) in spoken[0].prompt and spoken[0].reference_audio is not None
+
+
+def test_a_clip_in_meta_is_refused_naming_the_typed_field():
+    from vlzoo.data import DataError
+    from vlzoo.data.datamodule import check_query
+
+    sample = ShapesDataset(split="val", size=2, image_size=32, tasks=["rec"])[0]
+    sample.meta["reference_audio"] = "clip.wav"
+    with pytest.raises(DataError, match="Sample.reference_audio"):
+        check_query(sample)
