@@ -43,6 +43,12 @@ __all__ = [
     "ImageTransform",
     "Sample",
     "Batch",
+    "AudioClip",
+    "References",
+    "REFERENCE_START",
+    "REFERENCE_END",
+    "REFERENCE_TOKENS",
+    "reference_text",
 ]
 
 #: Every task name vlzoo knows.  ``rec`` referring expression -> box, ``res`` expression -> mask,
@@ -71,6 +77,7 @@ QUERY_META_KEYS = {
     "category_id": "category_id",
     "prompt_boxes": "prompt_boxes",
     "expression_kind": "expression_kind",
+    "reference_audio": "reference_audio",
 }
 
 
@@ -210,6 +217,54 @@ class ImageTransform:
         return out
 
 
+#: AnyRef's reference span: ``<ref_start>`` + k placeholder tokens + ``<ref_end>``; the backbone's
+#: :class:`~vlzoo.backbones.ReferenceEncoder` puts k embedding tokens at the placeholders.  One
+#: placeholder token per modality, so a prompt may mix a crop and a clip.
+REFERENCE_START = "<ref_start>"
+REFERENCE_END = "<ref_end>"
+REFERENCE_TOKENS: dict[str, str] = {"crop": "<ref>", "box": "<ref_box>", "audio": "<ref_audio>"}
+
+
+def reference_text(modality: str, tokens: int) -> str:
+    """The prompt text of one reference: ``<ref_start>`` + ``tokens`` placeholders + ``<ref_end>``."""
+    if modality not in REFERENCE_TOKENS:
+        raise ValueError(f"unknown reference modality {modality!r}; choose one of {sorted(REFERENCE_TOKENS)}")
+    if tokens < 1:
+        raise ValueError(f"a reference needs >= 1 token, got {tokens}")
+    return REFERENCE_START + REFERENCE_TOKENS[modality] * int(tokens) + REFERENCE_END
+
+
+@dataclass
+class AudioClip:
+    """A mono waveform (``(S,)`` float in [-1, 1]) and its sample rate: a spoken reference."""
+
+    waveform: Tensor
+    sample_rate: int
+
+    def __post_init__(self) -> None:
+        wave = torch.as_tensor(self.waveform, dtype=torch.float32)
+        if wave.dim() != 1 or wave.numel() == 0:
+            raise ValueError(f"AudioClip: expected a non-empty mono waveform (S,), got shape {tuple(wave.shape)}")
+        if int(self.sample_rate) <= 0:
+            raise ValueError(f"AudioClip: sample_rate must be > 0, got {self.sample_rate}")
+        self.waveform = wave
+        self.sample_rate = int(self.sample_rate)
+
+    @property
+    def seconds(self) -> float:
+        return self.waveform.numel() / self.sample_rate
+
+
+@dataclass
+class References:
+    """What a backbone's reference encoder reads for a batch, one entry per row: the prompt boxes
+    (input pixels; crop and box references, one per reference in prompt order) and the spoken
+    reference (``None`` for a row without one)."""
+
+    prompt_boxes: list[Tensor]
+    audio: list[AudioClip | None]
+
+
 @dataclass
 class Sample:
     """One dataset item: an image, a task, its instruction, its query and its targets (original
@@ -226,7 +281,9 @@ class Sample:
     * ``prompt_boxes``: ``(N, 4)`` float ``xyxy`` boxes in *original* pixels that the prompt
       refers to, one per ``{box}`` placeholder in order (REG's region);
     * ``expression_kind``: the kind (:data:`EXPRESSION_KINDS`) of a referring expression, when
-      the dataset knows it (Shapes).
+      the dataset knows it (Shapes);
+    * ``reference_audio``: a spoken reference (:class:`AudioClip`), written in the prompt as
+      :func:`reference_text` ``("audio", k)`` (Spoken Shapes).
     """
 
     image: Tensor  # (3, H, W) uint8
@@ -239,6 +296,7 @@ class Sample:
     category_name: str | None = None
     prompt_boxes: Tensor = field(default_factory=_empty_boxes)  # (N, 4) float xyxy, original pixels
     expression_kind: str | None = None
+    reference_audio: AudioClip | None = None
     #: free-form extras no paradigm or evaluator reads (``object_ids``, ``ref``, ``file_name`` ...);
     #: the query keys of :data:`QUERY_META_KEYS` are refused here
     meta: dict[str, Any] = field(default_factory=dict)
@@ -270,6 +328,7 @@ class Batch:
     category_names: list[str | None] = field(default_factory=list)
     prompt_boxes: list[Tensor] = field(default_factory=list)  # (N_i, 4) xyxy, network-input pixels
     expression_kinds: list[str | None] = field(default_factory=list)
+    reference_audio: list[AudioClip | None] = field(default_factory=list)
     meta: list[dict[str, Any]] = field(default_factory=list)  # free-form extras, read by no method
     raw_images: list[Tensor] | None = None  # original uint8 images, kept for overlays when asked
 
@@ -293,6 +352,12 @@ class Batch:
                 "targets' labels use) for det / seg / pose samples"
             )
         return int(value)
+
+    def references(self) -> References:
+        """The rows' references for the backbone (prompt boxes and spoken clips)."""
+        audio = list(self.reference_audio) + [None] * (len(self) - len(self.reference_audio))
+        boxes = list(self.prompt_boxes) + [torch.zeros(0, 4)] * (len(self) - len(self.prompt_boxes))
+        return References(prompt_boxes=boxes, audio=audio)
 
     def to(self, device: torch.device | str) -> Batch:
         """Move tensors (not targets: they stay on CPU for evaluation) to ``device``."""

@@ -99,3 +99,22 @@ def test_llava_policies_tokens_and_round_trip(llava_dir, tmp_path):
     third = LlavaBackbone(name_or_path=str(tmp_path / "folder")).eval()
     assert third.tokenizer.convert_tokens_to_ids("<loc>") == ids["<loc>"]
     assert torch.allclose(third(images, tokens, mask).logits, again(images, tokens, mask).logits, atol=1e-5)
+
+
+def test_llava_takes_references_too(llava_dir):
+    from vlzoo.backbones import ReferenceEncoder
+    from vlzoo.structures import REFERENCE_TOKENS, References, reference_text
+
+    torch.manual_seed(0)
+    bb = LlavaBackbone(name_or_path=llava_dir, references=ReferenceEncoder(tokens=2, modalities=["box"])).eval()
+    text = "<image> where is " + reference_text("box", 2)
+    ids = torch.tensor([bb.tokenizer(text, add_special_tokens=False)["input_ids"]])
+    refs = References([torch.tensor([[2.0, 3.0, 20.0, 24.0]])], [None])
+    images = torch.randn(1, 3, bb.input_size, bb.input_size)
+    with torch.no_grad():
+        embeds = bb.embed_references(bb.embed_tokens(ids), ids, refs, images)
+        where = ids == bb._reference_ids[REFERENCE_TOKENS["box"]]
+        assert int(where.sum()) == 2
+        assert torch.allclose(embeds[where], bb.references.box_tokens(refs.prompt_boxes[0], (bb.input_size,) * 2)[0])
+        out = bb(images, ids, torch.ones_like(ids), references=refs)
+    assert out.logits.shape[1] == ids.shape[1] - 1 + out.image_tokens.shape[1]

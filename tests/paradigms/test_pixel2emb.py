@@ -121,11 +121,11 @@ def test_box_losses_zero_when_decoder_outputs_the_targets():
 def test_loc_embeddings_come_from_the_box_encoder():
     p = make_paradigm()
     batch = make_batch(p, tasks=("rec", "reg"), n=4)
-    plan, crops = p._embedding_plan(batch, batch.input_ids)
+    plan = p._embedding_plan(batch, batch.input_ids)
     locs = (batch.input_ids == p.loc_id).nonzero().tolist()
     assert sorted(plan) == sorted(map(tuple, locs)) and len(locs) >= 4
     embeds = p.backbone.embed_tokens(batch.input_ids)
-    new = p._embeds_fn(plan, crops)(embeds, batch.input_ids)
+    new = p._embeds_fn(plan)(embeds, batch.input_ids)
     for (r, c), box in plan.items():
         assert torch.allclose(new[r, c], p.box_encoder(box))
         if batch.tasks[r] == "rec":  # after the trigger: the ground-truth box (teacher forcing)
@@ -138,10 +138,13 @@ def test_loc_embeddings_come_from_the_box_encoder():
 
 
 def test_crop_references_fill_ref_tokens():
-    p = make_paradigm(fmt=EmbeddingAnswerFormat(reference="crop", crop_tokens=4), tasks=["reg", "rec"])
+    from vlzoo.backbones import ReferenceEncoder
+
+    with pytest.raises(ValueError, match="backbone.references"):
+        make_paradigm(fmt=EmbeddingAnswerFormat(reference="crop", crop_tokens=4), tasks=["reg", "rec"])
+    bb = make_backbone(references=ReferenceEncoder(tokens=4, modalities=["crop"]))
+    p = make_paradigm(bb, fmt=EmbeddingAnswerFormat(reference="crop", crop_tokens=4), tasks=["reg", "rec"])
     batch = make_batch(p, tasks=("reg",), n=3)
-    plan, crops = p._embedding_plan(batch, batch.input_ids)
-    assert crops.shape == (3 * 4, 32)
     assert int((batch.input_ids == p.ref_id).sum()) == 12
     parts = p.loss(batch)
     parts["lm"].backward()
@@ -312,7 +315,7 @@ def test_generation_same_with_and_without_cache_and_batched_as_alone(options):
         for k, c in enumerate(locs):
             plan[(r, c)] = normalise_boxes(preds[r].boxes[k], batch.input_size)
     with torch.no_grad():
-        out = bb(batch.images, ids, mask, output_attentions=[-1], inputs_embeds_fn=p._embeds_fn(plan, torch.zeros(0, 32)))
+        out = bb(batch.images, ids, mask, output_attentions=[-1], inputs_embeds_fn=p._embeds_fn(plan))
         rows, cols = (ids[:, start:] == p.trigger_id).nonzero(as_tuple=True)
         cols = cols + start
         keys = []

@@ -9,6 +9,7 @@ checkpoints (their ``smart_resize`` frame and M-RoPE).  Training policies live i
 reads (``hidden_size``, ``vision_width``, ``feature_grid``, ``input_size``) and its passes.
 """
 
+from vlzoo.backbones.audio import WhisperAudioEncoder
 from vlzoo.backbones.generation import DecodingHooks, DecodingState, greedy_decode
 from vlzoo.backbones.interface import Backbone
 from vlzoo.backbones.language import CausalLM, load_tokenizer
@@ -27,6 +28,7 @@ from vlzoo.backbones.policies import (
     train_rows,
 )
 from vlzoo.backbones.qwen2vl import Qwen2VLBackbone, Qwen25VLBackbone
+from vlzoo.backbones.references import ReferenceEncoder, crop_reference_tokens
 from vlzoo.backbones.vision import ClipVisionEncoder, SamImageEncoder, TimmVisionEncoder, VisionOutput
 
 __all__ = [
@@ -44,6 +46,9 @@ __all__ = [
     "Qwen2VLBackbone",
     "Qwen25VLBackbone",
     "build_projector",
+    "ReferenceEncoder",
+    "WhisperAudioEncoder",
+    "crop_reference_tokens",
     "DecodingHooks",
     "DecodingState",
     "greedy_decode",

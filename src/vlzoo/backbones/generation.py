@@ -146,6 +146,7 @@ def greedy_decode(
     eos_token_id: int | Sequence[int] | None = None,
     use_cache: bool = True,
     inputs_embeds_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    references: Any = None,
 ) -> Tensor:
     """Greedy decoding from left-padded prompts through a splicing backbone.
 
@@ -160,6 +161,8 @@ def greedy_decode(
         use_cache: keep keys / values (``False`` re-runs the whole sequence every step).
         inputs_embeds_fn: ``fn(text_embeds, ids)`` applied to the prompt's text embeddings
             before splicing (e.g. a box embedding at a prompt ``<loc>``).
+        references: the rows' :class:`~vlzoo.structures.References`; their tokens replace the
+            prompt's reference placeholders (``backbone.embed_references``).
     Returns:
         ``(B, new_tokens)`` generated ids, pad after a row's eos; decoding stops when every row
         has finished.
@@ -171,6 +174,8 @@ def greedy_decode(
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     image_features, image_tokens = backbone.encode_images(images)
     text = backbone.embed_tokens(prompt_ids)
+    if hasattr(backbone, "embed_references"):
+        text = backbone.embed_references(text, prompt_ids, references, images)
     if inputs_embeds_fn is not None:
         text = inputs_embeds_fn(text, prompt_ids)
     sp = backbone.splice(text, prompt_ids, prompt_attention_mask, image_tokens)

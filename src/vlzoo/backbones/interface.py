@@ -47,8 +47,10 @@ class Backbone(Protocol):
     Besides the sizes: ``tokenizer`` (a transformers tokenizer), ``image_token_id``,
     ``add_special_tokens(tokens) -> {token: id}``, ``encode_images(images) -> (feature_map,
     image_tokens)``, the forward pass (``backbone(images=..., input_ids=..., attention_mask=...,
-    labels=..., output_attentions=..., inputs_embeds_fn=...) -> MultimodalOutput``) and the
-    KV-cached ``generate`` / ``decode`` loops (see docs/architecture.md, "Backbone").
+    labels=..., output_attentions=..., inputs_embeds_fn=..., references=...) -> MultimodalOutput``)
+    and the KV-cached ``generate`` / ``decode`` loops, which take ``references`` too (the rows'
+    :class:`~vlzoo.structures.References`, ``batch.references()``: every paradigm passes them;
+    see docs/references.md and docs/architecture.md, "Backbone").
     """
 
     tokenizer: Any

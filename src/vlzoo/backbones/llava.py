@@ -50,8 +50,8 @@ class LlavaBackbone(_SplicingBackbone):
         dtype: weight dtype name.
         attn_implementation: ``eager`` / ``sdpa`` / ...; ``None`` lets transformers choose.
         freeze_vision, freeze_projector, freeze_lm, train_new_embeddings, lora,
-        gradient_checkpointing, checkpoint: as for ``MultimodalBackbone`` (LoRA never touches
-            the vision tower or projector).
+        gradient_checkpointing, references, checkpoint: as for ``MultimodalBackbone`` (LoRA
+            never touches the vision tower, projector or reference encoder).
     """
 
     def __init__(
@@ -70,6 +70,7 @@ class LlavaBackbone(_SplicingBackbone):
         train_new_embeddings: bool = True,
         lora: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
+        references: Any = None,
         checkpoint: str | None = None,
     ) -> None:
         super().__init__()
@@ -105,6 +106,7 @@ class LlavaBackbone(_SplicingBackbone):
         self._stride = int(vision_config.patch_size)
         self._input_size = int(vision_config.image_size)
         self._mean, self._std = _normalisation(name_or_path, image_mean, image_std, "LlavaBackbone")
+        self._setup_references(references, self.model.get_input_embeddings().weight.dtype)
         if checkpoint is not None and read_weights(checkpoint, "backbone checkpoint"):
             self._load_backbone(checkpoint)
         inner = self.model.model

@@ -41,6 +41,7 @@ from vlzoo.backbones.policies import (
     train_rows,
 )
 from vlzoo.backbones.shipped import read_weights
+from vlzoo.structures import References
 from vlzoo.weights import load_weights
 
 __all__ = [
@@ -139,6 +140,34 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
         self._new_token_ids: list[int] = []
         self._train_new_embeddings = True
         self._row_hooks: list[tuple[nn.Parameter, Any]] = []
+        self._reference_ids: dict[str, int] = {}
+
+    # --- references (vlzoo.backbones.references) ---------------------------------------------
+    def _setup_references(self, references: nn.Module | None, dtype: torch.dtype) -> None:
+        """Register the reference encoder, size it to the LM and add its tokens (new rows
+        trainable like any added token's)."""
+        self.references = references
+        if references is not None:
+            references.bind(self.hidden_size, dtype)
+            self._reference_ids = self.add_special_tokens(references.special_tokens)
+
+    def embed_references(
+        self, text_embeds: Tensor, input_ids: Tensor, references: References | None, images: Tensor
+    ) -> Tensor:
+        """``text_embeds`` with the reference placeholders replaced by the references' tokens
+        (unchanged without a reference encoder or placeholders)."""
+        encoder = getattr(self, "references", None)
+        if encoder is None:
+            return text_embeds
+        return encoder.embed(
+            text_embeds,
+            input_ids,
+            references,
+            token_ids=self._reference_ids,
+            images=images,
+            encode_images=self.encode_images,
+            grid=tuple(self.feature_grid),
+        )
 
     # --- subclass hooks ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -375,6 +404,7 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
         labels: Tensor | None = None,
         output_attentions: Sequence[int] | None = None,
         inputs_embeds_fn: InputsEmbedsFn | None = None,
+        references: References | None = None,
     ) -> MultimodalOutput:
         """Run vision encoder, projector and LM on a batch (see the module doc for the layout).
 
@@ -386,9 +416,11 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
                 attention for this call).
             inputs_embeds_fn: ``fn(text_embeds (B, L, D), input_ids) -> (B, L, D)`` applied to the
                 text embeddings before splicing (e.g. to put a box embedding at a ``<loc>``).
+            references: the rows' references (``batch.references()``): their tokens replace the
+                reference placeholders (see :mod:`vlzoo.backbones.references`).
         """
         image_features, image_tokens = self.encode_images(images)
-        text = self.embed_tokens(input_ids)
+        text = self.embed_references(self.embed_tokens(input_ids), input_ids, references, images)
         if inputs_embeds_fn is not None:
             text = inputs_embeds_fn(text, input_ids)
         sp = self.splice(text, input_ids, attention_mask, image_tokens, labels)
@@ -427,6 +459,7 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
         eos_token_id: int | Sequence[int] | None = None,
         use_cache: bool = True,
         inputs_embeds_fn: InputsEmbedsFn | None = None,
+        references: References | None = None,
     ) -> Tensor:
         """Greedy decoding from left-padded prompts; returns ``(B, new_tokens)`` token ids.
 
@@ -447,6 +480,7 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
             eos_token_id=eos_token_id,
             use_cache=use_cache,
             inputs_embeds_fn=inputs_embeds_fn,
+            references=references,
         )
 
     def decode(
@@ -460,6 +494,7 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
         eos_token_id: int | Sequence[int] | None = None,
         use_cache: bool = True,
         inputs_embeds_fn: InputsEmbedsFn | None = None,
+        references: References | None = None,
     ) -> Tensor:
         """Greedy decoding with a paradigm's :class:`~vlzoo.backbones.generation.DecodingHooks`
         (see :func:`~vlzoo.backbones.generation.greedy_decode`); returns the new token ids."""
@@ -473,6 +508,7 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
             eos_token_id=eos_token_id,
             use_cache=use_cache,
             inputs_embeds_fn=inputs_embeds_fn,
+            references=references,
         )
 
     # --- checkpoints ----------------------------------------------------------------------------
@@ -481,7 +517,7 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
         LoRA has), so a checkpoint loads whatever LoRA setting the next recipe uses."""
         state = self.state_dict()
         merged: dict[str, Tensor] = {}
-        if self.peft_model is not None:
+        if self.peft_model is not None or any("lora_" in k for k in state):  # the LM's or the audio encoder's
             from peft.tuners.lora import LoraLayer
 
             for name, module in self.named_modules():
@@ -553,7 +589,13 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
                     lines.append(f"  {title} ({len(items)}): {shown}")
             lines.append("  build the backbone with the recipe the checkpoint was saved from")
             raise BackboneCheckpointError("\n".join(lines))
-        self.load_state_dict(saved, strict=True)
+        # plain keys onto this module's own (an audio tower's LoRA is in place before loading:
+        # the merged weight goes to its base layer, its fresh adapter stays as built)
+        actual = {_plain_key(k): k for k in self.state_dict() if _plain_key(k) is not None}
+        result = self.load_state_dict({actual[k]: v for k, v in saved.items()}, strict=False)
+        left = [k for k in result.missing_keys if _plain_key(k) is not None] + list(result.unexpected_keys)
+        if left:
+            raise BackboneCheckpointError(f"backbone checkpoint {path}: keys not loaded {left[:8]}")
 
 
 def _trainable(weight: nn.Parameter) -> bool:
@@ -607,6 +649,8 @@ class MultimodalBackbone(_SplicingBackbone):
             v_proj], modules_to_save: [lm_head]}`` (see ``policies.LORA_DEFAULTS``); the LM's
             base weights are then frozen.
         gradient_checkpointing: activation checkpointing in the LM (and a trainable encoder).
+        references: a :class:`~vlzoo.backbones.ReferenceEncoder` (crop / box / audio references
+            in prompts, AnyRef); its audio encoder keeps its own freeze / LoRA policy.
         checkpoint: a :meth:`save_backbone` file loaded after building and before LoRA /
             freezing; a different architecture raises :class:`BackboneCheckpointError`.
     """
@@ -624,6 +668,7 @@ class MultimodalBackbone(_SplicingBackbone):
         train_new_embeddings: bool = True,
         lora: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
+        references: nn.Module | None = None,
         checkpoint: str | None = None,
     ) -> None:
         super().__init__()
@@ -637,6 +682,7 @@ class MultimodalBackbone(_SplicingBackbone):
         self.image_token = image_token
         self.image_token_id = self.add_special_tokens([image_token])[image_token]
         self._new_token_ids = []  # the placeholder's row is never read: not a trainable new row
+        self._setup_references(references, lm_dtype)
         if checkpoint is not None and read_weights(checkpoint, "backbone checkpoint"):
             self._load_backbone(checkpoint)
         self._setup_policies(

@@ -24,6 +24,7 @@ from vlzoo.data.shapes import (
     SKELETON,
     ShapesDataset,
 )
+from vlzoo.data.spoken import SpokenReferences, SpokenShapesDataset
 from vlzoo.data.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, save_shapes_tokenizer, shapes_tokenizer
 from vlzoo.data.transforms import ResizeTransform
 
@@ -40,6 +41,8 @@ __all__ = [
     "load_image",
     "export_shapes_coco",
     "ShapesDataset",
+    "SpokenReferences",
+    "SpokenShapesDataset",
     "SHAPES_CATEGORIES",
     "CATEGORY_NAMES",
     "COLOUR_NAMES",

@@ -205,6 +205,7 @@ class VLCollate:
             category_names=[s.category_name for s in samples],
             prompt_boxes=prompt_boxes,
             expression_kinds=[s.expression_kind for s in samples],
+            reference_audio=[s.reference_audio for s in samples],
             meta=metas,
             raw_images=[s.image for s in samples] if self.keep_raw_images else None,
         )

@@ -260,6 +260,7 @@ class AttentionKeypoints(BaseParadigm):
                 input_ids=batch.prompt_ids,
                 attention_mask=batch.prompt_attention_mask,
                 output_attentions=self.attention_layers,
+                references=batch.references(),
             )
         t = out.hidden_states.shape[1]
         after_image = torch.arange(t, device=out.hidden_states.device)[None] > out.image_positions[:, -1:]

@@ -173,6 +173,7 @@ class BaseParadigm(L.LightningModule):
                 max_new_tokens=self.max_new_tokens,
                 logits_processor=logits_processor,
                 use_cache=self.use_cache,
+                references=batch.references(),
             )
         else:
             if logits_processor is not None:
@@ -184,6 +185,7 @@ class BaseParadigm(L.LightningModule):
                 hooks=hooks,
                 max_new_tokens=self.max_new_tokens,
                 use_cache=self.use_cache,
+                references=batch.references(),
             )
         texts = self.backbone.tokenizer.batch_decode(new_ids, skip_special_tokens=False)
         return new_ids, [self._clean_text(t) for t in texts]

@@ -239,12 +239,12 @@ class HeatmapMatching(BaseParadigm):
 
     # ------------------------------------------------------------------ matching
     def _backbone_pass(
-        self, batch_images: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None
+        self, batch_images: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None, references: Any = None
     ):
         if self.backbone is None or self.loc_token_id is None:
             raise ValueError("HeatmapMatching needs a backbone (paradigm.backbone)")
         return self.backbone(
-            images=batch_images, input_ids=input_ids, attention_mask=attention_mask, labels=labels
+            images=batch_images, input_ids=input_ids, attention_mask=attention_mask, labels=labels, references=references
         )
 
     def _loc_states(
@@ -278,7 +278,9 @@ class HeatmapMatching(BaseParadigm):
 
     def match(self, batch: Batch) -> tuple[Any, AlignerOutput]:
         """One teacher-forced pass: backbone output (with the LM loss) and the aligner's maps."""
-        out = self._backbone_pass(batch.images, batch.input_ids, batch.attention_mask, batch.labels)
+        out = self._backbone_pass(
+            batch.images, batch.input_ids, batch.attention_mask, batch.labels, references=batch.references()
+        )
         loc = self._loc_states(out, batch.input_ids, batch.tasks, batch.image_ids)
         return out, self.aligner(self._image_features(out), loc)
 

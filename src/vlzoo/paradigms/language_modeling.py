@@ -30,6 +30,7 @@ class LanguageModeling(BaseParadigm):
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             labels=batch.labels,
+            references=batch.references(),
         )
         return {"lm": out.loss}
 

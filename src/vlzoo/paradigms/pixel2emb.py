@@ -9,8 +9,9 @@ The method, in the order one batch meets it:
    or, with AnyRef's unified references, ``<ref_start> <ref> x k <ref_end>``.
 2. **Input embeddings.**  Through the backbone's ``inputs_embeds_fn`` hook every ``<loc>`` input
    embedding is replaced by ``BoxEncoder(box)`` (the ground-truth box after a trigger - teacher
-   forcing - or the prompt's box) and every ``<ref>`` by the crop's pooled, projected vision
-   tokens.  The LM loss skips the ``<loc>`` that follows a trigger: generation inserts it.
+   forcing - or the prompt's box); every ``<ref>`` (crop), ``<ref_audio>`` (clip) ... gets the
+   tokens of the backbone's reference encoder (:mod:`vlzoo.backbones.references`, shared by
+   every paradigm).  The LM loss skips the ``<loc>`` that follows a trigger: generation inserts it.
 3. **Heads.**  The last-layer hidden state at each ``<trigger>`` (optionally *refocused*:
    ``h + lambda * sum_i a_i h_i`` with ``a_i`` the normalised last-layer attention from the
    trigger to the answer tokens before it, AnyRef) optionally attends to the image tokens
@@ -33,8 +34,7 @@ prompt scaling, decoder, upsampling - this paradigm only chooses its prompts, th
 ``PromptMLP`` tokens and optionally the decoded box), the mask loss names, the order of the
 objects of an answer (:func:`vlzoo.structures.answer_order`) and the sizes (all from the backbone
 interface, :class:`~vlzoo.backbones.Backbone`).  pixel2emb's own: the trigger / ``<loc>``
-answers, box embeddings as input, the box heads and cycle losses, refocusing, crop references
-and the NExT-Chat decoding hooks.  Checkpoints written before the shared head
+answers, box embeddings as input, the box heads and cycle losses, refocusing and the NExT-Chat decoding hooks.  Checkpoints written before the shared head
 (``mask_projection.*`` / ``mask_decoder.*``, now ``mask_head.neck.*`` / ``mask_head.decoder.*``)
 do not load into this module.
 """
@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from vlzoo.backbones.generation import DecodingHooks, DecodingState
 from vlzoo.backbones.interface import Backbone, check_backbone
+from vlzoo.backbones.references import crop_reference_tokens
 from vlzoo.data.answers import AnswerFormat
 from vlzoo.decoders.box import (
     BoxDecoder,
@@ -63,7 +64,15 @@ from vlzoo.decoders.prompt import PromptMLP, TriggerImageAttention
 from vlzoo.decoders.sam import SamMaskDecoder
 from vlzoo.decoders.sam_prompt import SamPromptHead, mask_loss_parts
 from vlzoo.paradigms.base import BaseParadigm, OptimizerFactory, SchedulerFactory
-from vlzoo.structures import CATEGORY_TASKS, Batch, Predictions, Sample, answer_order
+from vlzoo.structures import (
+    CATEGORY_TASKS,
+    REFERENCE_TOKENS,
+    Batch,
+    Predictions,
+    Sample,
+    answer_order,
+    reference_text,
+)
 
 __all__ = [
     "EmbeddingAnswerFormat",
@@ -108,7 +117,8 @@ class EmbeddingAnswerFormat(AnswerFormat):
         separator: text between objects.
         reference: how a prompt box is referred to: ``"box"`` (``<loc>``, box encoder) or
             ``"crop"`` (AnyRef: the crop's vision features pooled to ``crop_tokens`` tokens
-            between ``<ref_start>`` and ``<ref_end>``).
+            between ``<ref_start>`` and ``<ref_end>``, computed by the backbone's reference
+            encoder - ``backbone.references`` with modality ``crop`` and ``tokens: crop_tokens``).
         crop_tokens: tokens per crop reference (a square number: pooled on a k x k grid).
         none_answer: the answer of a grec / gres expression that refers to nothing: text
             without a trigger (a referent set is one trigger per referent, in the shared
@@ -144,7 +154,7 @@ class EmbeddingAnswerFormat(AnswerFormat):
         self.reference = reference
         self.crop_tokens = crop_tokens
         self.none_answer = none_answer
-        self.ref_start, self.ref_token, self.ref_end = "<ref_start>", "<ref>", "<ref_end>"
+        self.ref_start, self.ref_token, self.ref_end = "<ref_start>", REFERENCE_TOKENS["crop"], "<ref_end>"
         tokens = [trigger]
         if box_after_trigger or reference == "box":
             tokens.append(loc)
@@ -160,7 +170,7 @@ class EmbeddingAnswerFormat(AnswerFormat):
     def box_in_prompt(self, box: list[float], input_size: tuple[int, int]) -> str:
         if self.reference == "box":
             return self.loc
-        return self.ref_start + self.ref_token * self.crop_tokens + self.ref_end
+        return reference_text("crop", self.crop_tokens)
 
     def localization_answer(self, sample: Sample, input_size: tuple[int, int]) -> str:
         t = sample.targets
@@ -207,39 +217,6 @@ def refocus(hidden: Tensor, attention: Tensor, *, query: int, keys: Tensor, stre
     a = row[:, keys].float().mean(0)
     a = a / a.sum().clamp(min=1e-9)
     return hidden[query] + strength * (a.to(hidden.dtype)[:, None] * hidden[keys]).sum(0)
-
-
-def crop_reference_tokens(
-    encode_images: Callable[[Tensor], tuple[Tensor, Tensor]],
-    images: Tensor,
-    boxes: Tensor,
-    *,
-    tokens: int,
-    grid: tuple[int, int],
-) -> Tensor:
-    """AnyRef's image-crop reference: crop each box out of its image, resize the crop to the input
-    size, encode it with the backbone (vision encoder + projector) and average-pool the projected
-    tokens on a ``sqrt(tokens)`` square grid.
-
-    Args:
-        encode_images: the backbone's ``encode_images`` (``-> (feature_map, tokens (B, N, D))``).
-        images: ``(R, 3, S, S)`` the image of each reference.
-        boxes: ``(R, 4)`` input-pixel boxes.
-        tokens: tokens per reference.
-        grid: the backbone's feature grid ``(h, w)``.
-    Returns:
-        ``(R, tokens, D)``.
-    """
-    from torchvision.ops import roi_align
-
-    size = images.shape[-2:]
-    rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None], boxes], 1)
-    crops = roi_align(images, rois.to(images.dtype), output_size=tuple(size), aligned=True)
-    _, projected = encode_images(crops)
-    h, w = grid
-    side = int(round(tokens**0.5))
-    fmap = projected.transpose(1, 2).reshape(projected.shape[0], projected.shape[-1], h, w)
-    return F.adaptive_avg_pool2d(fmap, side).flatten(2).transpose(1, 2)
 
 
 class Pixel2Emb(BaseParadigm):
@@ -346,6 +323,14 @@ class Pixel2Emb(BaseParadigm):
         self.trigger_id = ids.get(fmt.trigger, -1)
         self.loc_id = ids.get(fmt.loc, -1)
         self.ref_id = ids.get(fmt.ref_token, -1)
+        if fmt.reference == "crop":
+            encoder = getattr(backbone, "references", None)
+            if encoder is None or "crop" not in encoder.modalities or encoder.tokens != fmt.crop_tokens:
+                raise ValueError(
+                    f"answer_format.reference: crop needs the backbone's reference encoder to make the crop tokens: "
+                    f"set backbone.references to a vlzoo.backbones.ReferenceEncoder with modalities [crop] and "
+                    f"tokens: {fmt.crop_tokens} (answer_format.crop_tokens)"
+                )
 
     # ------------------------------------------------------------------ construction checks
     def _produced_parts(self, mask_loss: str, lm_loss: bool) -> set[str]:
@@ -383,17 +368,14 @@ class Pixel2Emb(BaseParadigm):
             return torch.zeros(0, 4, device=batch.images.device)
         return normalise_boxes(boxes.float().reshape(-1, 4).to(batch.images.device), batch.input_size)
 
-    def _embedding_plan(self, batch: Batch, input_ids: Tensor) -> tuple[dict[tuple[int, int], Tensor], Tensor]:
-        """What replaces the ``<loc>`` / ``<ref>`` input embeddings of ``input_ids``.
-
-        Returns ``{(row, index): normalised box}`` for every ``<loc>`` (a ``<loc>`` right after a
-        trigger takes the row's next target box - teacher forcing; any other one the next prompt
-        box) and ``(R, D)`` crop tokens in the order of the ``<ref>`` tokens (row-major).  The
-        targets are read only for a ``<loc>`` after a trigger, which a prompt (predict) never has.
-        """
+    def _embedding_plan(self, batch: Batch, input_ids: Tensor) -> dict[tuple[int, int], Tensor]:
+        """What replaces the ``<loc>`` input embeddings of ``input_ids``: ``{(row, index):
+        normalised box}`` (a ``<loc>`` right after a trigger takes the row's next target box -
+        teacher forcing; any other one the next prompt box).  The targets are read only for a
+        ``<loc>`` after a trigger, which a prompt (predict) never has.  Crop / audio references
+        are the backbone's (``references=batch.references()``)."""
         fmt: EmbeddingAnswerFormat = self.answer_format  # type: ignore[assignment]
         plan: dict[tuple[int, int], Tensor] = {}
-        crops = []
         for row in range(input_ids.shape[0]):
             ids = input_ids[row]
             prompt_boxes = self._prompt_boxes(batch, row)
@@ -419,47 +401,18 @@ class Pixel2Emb(BaseParadigm):
                         )
                     plan[(row, i)] = prompt_boxes[n_prompt]
                     n_prompt += 1
-            if fmt.reference == "crop" and self.ref_id >= 0:
-                refs = int((ids == self.ref_id).sum())
-                if refs:
-                    if refs != fmt.crop_tokens * len(prompt_boxes):
-                        raise ValueError(
-                            f"sample {batch.image_ids[row]} ({batch.tasks[row]}): {refs} {fmt.ref_token} tokens "
-                            f"for {len(prompt_boxes)} prompt boxes x {fmt.crop_tokens} crop_tokens"
-                        )
-                    crops.append((row, denormalise_boxes(prompt_boxes, batch.input_size)))
-        crop_tokens = self._crop_tokens(batch, crops)
-        return plan, crop_tokens
+        return plan
 
-    def _crop_tokens(self, batch: Batch, crops: list[tuple[int, Tensor]]) -> Tensor:
-        if not crops:
-            return torch.zeros(0, int(self.backbone.hidden_size), device=batch.images.device)
-        fmt: EmbeddingAnswerFormat = self.answer_format  # type: ignore[assignment]
-        rows = torch.cat([torch.full((len(b),), r, dtype=torch.long) for r, b in crops]).to(batch.images.device)
-        boxes = torch.cat([b for _, b in crops])
-        pooled = crop_reference_tokens(
-            self.backbone.encode_images,
-            batch.images[rows],
-            boxes,
-            tokens=fmt.crop_tokens,
-            grid=tuple(self.backbone.feature_grid),
-        )
-        return pooled.reshape(-1, pooled.shape[-1])
-
-    def _embeds_fn(self, plan: dict[tuple[int, int], Tensor], crop_tokens: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-        """The backbone's ``inputs_embeds_fn``: box embeddings at ``<loc>``, crop tokens at ``<ref>``."""
+    def _embeds_fn(self, plan: dict[tuple[int, int], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+        """The backbone's ``inputs_embeds_fn``: box embeddings at ``<loc>``."""
 
         def fn(embeds: Tensor, input_ids: Tensor) -> Tensor:
-            out = embeds
-            if plan:
-                rows = torch.tensor([r for r, _ in plan], device=embeds.device)
-                cols = torch.tensor([c for _, c in plan], device=embeds.device)
-                boxes = torch.stack(list(plan.values())).to(embeds.device)
-                out = out.index_put((rows, cols), self.box_encoder(boxes).to(embeds.dtype))
-            if crop_tokens.shape[0]:
-                r, c = (input_ids == self.ref_id).nonzero(as_tuple=True)
-                out = out.index_put((r, c), crop_tokens.to(embeds.dtype))
-            return out
+            if not plan:
+                return embeds
+            rows = torch.tensor([r for r, _ in plan], device=embeds.device)
+            cols = torch.tensor([c for _, c in plan], device=embeds.device)
+            boxes = torch.stack(list(plan.values())).to(embeds.device)
+            return embeds.index_put((rows, cols), self.box_encoder(boxes).to(embeds.dtype))
 
         return fn
 
@@ -546,7 +499,7 @@ class Pixel2Emb(BaseParadigm):
 
     def loss(self, batch: Batch) -> dict[str, Tensor]:
         ids = batch.input_ids
-        plan, crop_tokens = self._embedding_plan(batch, ids)
+        plan = self._embedding_plan(batch, ids)
         labels = batch.labels.clone()
         after_trigger = torch.zeros_like(ids, dtype=torch.bool)
         after_trigger[:, 1:] = (ids[:, 1:] == self.loc_id) & (ids[:, :-1] == self.trigger_id)
@@ -557,7 +510,8 @@ class Pixel2Emb(BaseParadigm):
             attention_mask=batch.attention_mask,
             labels=labels,
             output_attentions=[-1] if self.refocus_lambda > 0 else None,
-            inputs_embeds_fn=self._embeds_fn(plan, crop_tokens),
+            inputs_embeds_fn=self._embeds_fn(plan),
+            references=batch.references(),
         )
         parts: dict[str, Tensor] = {}
         if self.lm_loss:
@@ -605,7 +559,7 @@ class Pixel2Emb(BaseParadigm):
     def predict(self, batch: Batch) -> list[Predictions]:
         b = len(batch)
         device = batch.images.device
-        plan, crop_tokens = self._embedding_plan(batch, batch.prompt_ids)
+        plan = self._embedding_plan(batch, batch.prompt_ids)
         tok = self.backbone.tokenizer
         hooks = _NextChatDecoding(self, batch)
         new_ids = self.backbone.decode(
@@ -616,7 +570,8 @@ class Pixel2Emb(BaseParadigm):
             max_new_tokens=self.max_new_tokens,
             eos_token_id=[] if tok.eos_token_id is None else tok.eos_token_id,
             use_cache=self.use_cache,
-            inputs_embeds_fn=self._embeds_fn(plan, crop_tokens),
+            inputs_embeds_fn=self._embeds_fn(plan),
+            references=batch.references(),
         )
         texts = tok.batch_decode(new_ids, skip_special_tokens=False)
         preds = []

@@ -338,6 +338,7 @@ class Pixel2Seq(BaseParadigm):
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             labels=batch.labels,
+            references=batch.references(),
         )
         if self.coordinate_sigma <= 0:
             return {"lm": out.loss}
