@@ -184,3 +184,28 @@ def test_a_backbone_file_with_an_audio_tower_round_trips(tmp_path):
             got = again(images, ids, mask, references=refs).logits
         # with a LoRA the fresh adapter starts at zero (B = 0): the merged weights alone
         assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_a_backbone_file_without_references_starts_a_backbone_with_them(tmp_path):
+    # the usual start: a stage-0 LMM (no reference encoder) -> a recipe that adds audio references
+    torch.manual_seed(0)
+    plain = MultimodalBackbone(vision=TimmVisionEncoder(**VIT), language=CausalLM(config=dict(LLAMA), tokenizer="shapes"))
+    plain.add_special_tokens(["[SEG]"])  # a token the earlier run added: keeps its id
+    plain.save_backbone(tmp_path / "stage0.pt")
+    saved = plain.plain_state_dict()
+    refs = ReferenceEncoder(tokens=K, modalities=["audio"], audio=WhisperAudioEncoder())
+    grown = MultimodalBackbone(
+        vision=TimmVisionEncoder(**VIT), language=CausalLM(config=dict(LLAMA), tokenizer="shapes"),
+        references=refs, checkpoint=str(tmp_path / "stage0.pt"),
+    )
+    own = grown.plain_state_dict()
+    rows = saved["language.model.model.embed_tokens.weight"].shape[0]
+    for key, value in saved.items():
+        if value.shape == own[key].shape:
+            assert torch.equal(own[key], value), key
+        else:  # the embeddings grew by the reference tokens, after the file's rows
+            assert torch.equal(own[key][:rows], value), key
+    assert own["language.model.model.embed_tokens.weight"].shape[0] == rows + len(refs.special_tokens)
+    assert grown.tokenizer.convert_tokens_to_ids("[SEG]") == plain.tokenizer.convert_tokens_to_ids("[SEG]")
+    assert all(grown.tokenizer.convert_tokens_to_ids(t) >= rows for t in refs.special_tokens)
+    assert any(k.startswith("references.") for k in own)

@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from vlzoo.backbones.multimodal import _SplicingBackbone
-from vlzoo.backbones.shipped import load_pretrained, load_pretrained_tokenizer, read_weights
+from vlzoo.backbones.shipped import load_pretrained, load_pretrained_tokenizer
 from vlzoo.backbones.vision import _dtype, _normalisation
 
 __all__ = ["LlavaBackbone"]
@@ -106,9 +106,7 @@ class LlavaBackbone(_SplicingBackbone):
         self._stride = int(vision_config.patch_size)
         self._input_size = int(vision_config.image_size)
         self._mean, self._std = _normalisation(name_or_path, image_mean, image_std, "LlavaBackbone")
-        self._setup_references(references, self.model.get_input_embeddings().weight.dtype)
-        if checkpoint is not None and read_weights(checkpoint, "backbone checkpoint"):
-            self._load_backbone(checkpoint)
+        self._setup_references_and_load(references, self.model.get_input_embeddings().weight.dtype, checkpoint)
         inner = self.model.model
         self._setup_policies(
             vision=inner.vision_tower,

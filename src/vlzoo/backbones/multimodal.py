@@ -550,12 +550,32 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         torch.save(self.backbone_blob(), str(path))
 
-    def _load_backbone(self, path: str | Path) -> None:
-        """Load a :meth:`save_backbone` file before any LoRA / freezing is applied.
+    def _setup_references_and_load(
+        self, references: nn.Module | None, dtype: torch.dtype, checkpoint: str | Path | None
+    ) -> None:
+        """Register the reference encoder and load the ``checkpoint`` backbone file, in the order
+        the file needs. A file saved with a reference encoder loads after the encoder is set up
+        (its weights and token rows are in the file). A file saved without one - a stage-0 LMM,
+        the usual start - loads first, and the encoder and its tokens are added after it, fresh:
+        "start from this LMM and learn to read references"."""
+        blob = None
+        if checkpoint is not None and read_weights(checkpoint, "backbone checkpoint"):
+            blob = self._read_backbone_file(checkpoint)
+        if references is not None and blob is not None:
+            if not any(k.startswith("references.") for k in blob["state_dict"]):
+                self._load_backbone(checkpoint, blob=blob)
+                self._setup_references(references, dtype)
+                return
+        self._setup_references(references, dtype)
+        if blob is not None:
+            self._load_backbone(checkpoint, blob=blob)
 
-        A whole run's checkpoint (``vlzoo fit``'s ``last.ckpt``) is refused: taking the backbone
-        out of it means rebuilding that run's paradigm, an explicit step of its own
-        (``vlzoo export CHECKPOINT FILE --backbone``, :func:`vlzoo.checkpoints.export_backbone`)."""
+    @staticmethod
+    def _read_backbone_file(path: str | Path) -> dict[str, Any]:
+        """The contents of a :meth:`save_backbone` file; a whole run's checkpoint (``vlzoo fit``'s
+        ``last.ckpt``) is refused: taking the backbone out of it means rebuilding that run's
+        paradigm, an explicit step of its own (``vlzoo export CHECKPOINT FILE --backbone``,
+        :func:`vlzoo.checkpoints.export_backbone`)."""
         blob = load_weights(path, what="backbone checkpoint")
         if isinstance(blob, dict) and "pytorch-lightning_version" in blob:
             raise BackboneCheckpointError(
@@ -565,6 +585,13 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
             )
         if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
             raise BackboneCheckpointError(f"{path} is not a vlzoo backbone checkpoint (save_backbone)")
+        return blob
+
+    def _load_backbone(self, path: str | Path, *, blob: dict[str, Any] | None = None) -> None:
+        """Load a :meth:`save_backbone` file (``blob``: its contents, if already read) before any
+        LoRA / freezing is applied."""
+        if blob is None:
+            blob = self._read_backbone_file(path)
         ids = self.add_special_tokens(blob["added_tokens"])
         moved = {t: (i, blob["token_ids"][t]) for t, i in ids.items() if blob["token_ids"].get(t) != i}
         if moved:
@@ -682,9 +709,7 @@ class MultimodalBackbone(_SplicingBackbone):
         self.image_token = image_token
         self.image_token_id = self.add_special_tokens([image_token])[image_token]
         self._new_token_ids = []  # the placeholder's row is never read: not a trainable new row
-        self._setup_references(references, lm_dtype)
-        if checkpoint is not None and read_weights(checkpoint, "backbone checkpoint"):
-            self._load_backbone(checkpoint)
+        self._setup_references_and_load(references, lm_dtype, checkpoint)
         self._setup_policies(
             vision=vision,
             projector=self.projector,
