@@ -32,7 +32,7 @@ from vlzoo.data.coco import (
 )
 from vlzoo.data.errors import DataError
 from vlzoo.data.images import load_image
-from vlzoo.data.refcoco import REFER_SPLITS, load_refs
+from vlzoo.data.refcoco import check_reader_args, check_split_present, index_annotations, load_refs
 from vlzoo.data.templates import instruction
 from vlzoo.structures import Sample, Targets
 
@@ -95,13 +95,7 @@ class GRefCocoDataset(Dataset):
         on_bad_sample: str = "error",
         seed: int = 0,
     ) -> None:
-        if on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"GRefCocoDataset: on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
-        bad = [t for t in tasks if t not in _TASKS]
-        if bad or not tasks:
-            raise ValueError(f"GRefCocoDataset: tasks {bad} not supported; choose from {_TASKS}")
-        if split not in REFER_SPLITS:
-            raise ValueError(f"GRefCocoDataset: split must be one of {REFER_SPLITS}, got {split!r}")
+        check_reader_args("GRefCocoDataset", tasks=tasks, allowed=_TASKS, split=split, on_bad_sample=on_bad_sample)
         self.refs_file = Path(refs_file)
         self.instances_file = Path(instances_file)
         self.image_dir = Path(image_dir)
@@ -113,17 +107,12 @@ class GRefCocoDataset(Dataset):
         data = load_coco_json(self.instances_file)
         self.images = index_images(data, self.instances_file)
         self.categories = index_categories(data, self.instances_file)
-        self.anns: dict[int, dict] = {}
+        self.anns = index_annotations(data, self.instances_file)
         self.image_anns: dict[int, list[int]] = defaultdict(list)
-        for i, a in enumerate(data["annotations"]):
-            if not isinstance(a, dict) or not _is_int(a.get("id")):
-                raise DataError(f"{self.instances_file} annotations[{i}]: field 'id' is missing or not an integer")
-            self.anns[a["id"]] = a
+        for a in self.anns.values():
             if _is_int(a.get("image_id")):
                 self.image_anns[a["image_id"]].append(a["id"])
-        present = sorted({str(r.get("split")) for r in refs})
-        if split not in present:
-            raise DataError(f"{self.refs_file}: no refs of split {split!r}; the file has splits {present}")
+        check_split_present(refs, split, self.refs_file)
         self.items: list[tuple[dict, dict, list[int]]] = []
         for ref in refs:
             if ref.get("split") != split:

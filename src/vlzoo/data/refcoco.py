@@ -46,6 +46,35 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a refs file")
 
 
+
+def check_reader_args(name: str, *, tasks: Sequence[str], allowed: Sequence[str], split: str, on_bad_sample: str) -> None:
+    """The argument checks every REFER-format reader makes (RefCOCO, gRefCOCO)."""
+    if on_bad_sample not in ("error", "skip"):
+        raise ValueError(f"{name}: on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+    bad = [t for t in tasks if t not in allowed]
+    if bad or not tasks:
+        raise ValueError(f"{name}: tasks {bad} not supported; choose from {tuple(allowed)}")
+    if split not in REFER_SPLITS:
+        raise ValueError(f"{name}: split must be one of {REFER_SPLITS}, got {split!r}")
+
+
+def index_annotations(data: dict, instances_file: Path) -> dict[int, dict]:
+    """``{id: annotation}`` of an ``instances.json``; an annotation without an integer id is an error."""
+    anns: dict[int, dict] = {}
+    for i, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict) or isinstance(a.get("id"), bool) or not isinstance(a.get("id"), int):
+            raise DataError(f"{instances_file} annotations[{i}]: field 'id' is missing or not an integer")
+        anns[a["id"]] = a
+    return anns
+
+
+def check_split_present(refs: Sequence[dict], split: str, refs_file: Path) -> None:
+    """A refs file must hold refs of the split asked for."""
+    present = sorted({str(r.get("split")) for r in refs})
+    if split not in present:
+        raise DataError(f"{refs_file}: no refs of split {split!r}; the file has splits {present}")
+
+
 def load_refs(path: str | Path) -> list[dict]:
     """Read a REFER refs pickle with only plain data admitted; :class:`DataError` otherwise."""
     path = Path(path)
@@ -88,13 +117,7 @@ class RefCocoDataset(Dataset):
         on_bad_sample: str = "error",
         seed: int = 0,
     ) -> None:
-        if on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"RefCocoDataset: on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
-        bad = [t for t in tasks if t not in _REF_TASKS]
-        if bad or not tasks:
-            raise ValueError(f"RefCocoDataset: tasks {bad} not supported; choose from {_REF_TASKS}")
-        if split not in REFER_SPLITS:
-            raise ValueError(f"RefCocoDataset: split must be one of {REFER_SPLITS}, got {split!r}")
+        check_reader_args("RefCocoDataset", tasks=tasks, allowed=_REF_TASKS, split=split, on_bad_sample=on_bad_sample)
         self.refs_file = Path(refs_file)
         self.instances_file = Path(instances_file)
         self.image_dir = Path(image_dir)
@@ -106,14 +129,8 @@ class RefCocoDataset(Dataset):
         data = load_coco_json(self.instances_file)
         self.images = index_images(data, self.instances_file)
         self.categories = index_categories(data, self.instances_file)
-        self.anns = {}
-        for i, a in enumerate(data["annotations"]):
-            if not isinstance(a, dict) or isinstance(a.get("id"), bool) or not isinstance(a.get("id"), int):
-                raise DataError(f"{self.instances_file} annotations[{i}]: field 'id' is missing or not an integer")
-            self.anns[a["id"]] = a
-        present = sorted({str(r.get("split")) for r in refs})
-        if split not in present:
-            raise DataError(f"{self.refs_file}: no refs of split {split!r}; the file has splits {present}")
+        self.anns = index_annotations(data, self.instances_file)
+        check_split_present(refs, split, self.refs_file)
         self.items: list[tuple[dict, dict]] = []
         matched = 0
         for ref in refs:
