@@ -231,17 +231,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _study_cells(spec: Any) -> list[Any]:
     """The cells of a study, as :class:`~vlzoo.study.runner.StudyRun` expands them, without
     opening a tracking store."""
-    from functools import partial
-
-    from vlzoo.study.runner import cell_supports
+    from vlzoo.study.runner import paradigm_supports
     from vlzoo.study.spec import expand_grid
 
     try:
-        return expand_grid(spec, supports=partial(cell_supports, spec))
+        return expand_grid(spec, supports=paradigm_supports)
     except RecipeError as err:
         raise StudyError(f"study file {spec.path}: key 'study.recipe': a recipe it names is broken: {err}") from None
     except (KeyError, IndexError, ValueError) as err:
-        raise StudyError(f"study file {spec.path}: key 'study.recipe' ({spec.recipe}) cannot be filled in from "
+        patterns = ", ".join(part.recipe for part in spec.parts)
+        raise StudyError(f"study file {spec.path}: key 'study.recipe' ({patterns}) cannot be filled in from "
                          f"the grid: {type(err).__name__}: {err}") from None
 
 
@@ -255,7 +254,7 @@ def _check_study(spec: Any) -> None:
         reasons = "; ".join(f"cell {c.index} [{c.key}]: {c.reason}" for c in cells[:3])
         raise StudyError(
             f"study file {spec.path}: none of its {len(cells)} cells can run ({reasons}); check study.recipe "
-            f"({spec.recipe}) and study.grid"
+            f"({', '.join(part.recipe for part in spec.parts)}) and study.grid"
         )
     for cell in runnable:
         try:
@@ -314,7 +313,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         study = StudyRun(spec, tracking_uri=tracking_uri, output_dir=output_dir)
         from vlzoo.study.runner import check_fairness
 
-        check_fairness(study.cells)
+        check_fairness(study.cells, axes=spec.fairness_axes)
         parent = study.parent()
         stage0 = study.stage0_checkpoint()
         study.baselines()

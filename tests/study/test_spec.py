@@ -85,8 +85,8 @@ def test_missing_recipe_and_unsupported_task_are_kept_as_cells(tmp_path):
 """,
     )
 
-    def supports(paradigm: str, task: str):
-        return (False, "b cannot rec") if (paradigm, task) == ("b", "rec") else (True, "")
+    def supports(recipe: Path, task: str):
+        return (False, "b cannot rec") if (recipe.stem, task) == ("b_rec", "rec") else (True, "")
 
     cells = {c.key: c for c in expand_grid(load_study(path), supports=supports)}
     assert len(cells) == 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import json
 import math
 import re
 import tempfile
@@ -29,7 +30,7 @@ from vlzoo.tracking import tracking_client  # noqa: E402
 if TYPE_CHECKING:
     from vlzoo.tracking import MlflowClient
 
-__all__ = ["CellResult", "collect_results", "build_report", "STUDY_TAG", "ROLE_TAG"]
+__all__ = ["CellResult", "collect_results", "build_report", "comparison_tables", "STUDY_TAG", "ROLE_TAG"]
 
 STUDY_TAG = "vlzoo.study"
 ROLE_TAG = "vlzoo.role"  # "study" for the parent, "cell" or "baseline" for a child
@@ -37,6 +38,7 @@ BASELINE_TAG = "vlzoo.baseline"  # which baseline a "baseline" child run holds
 CELL_KEY_TAG = "vlzoo.cell_key"
 STATUS_TAG = "vlzoo.cell_status"  # finished | failed | unsupported
 ERROR_TAG = "vlzoo.error"
+COMPARE_TAG = "vlzoo.compare"  # the study's declared comparisons, JSON (parent run)
 GRID_PREFIX = "grid."
 #: grid keys a baseline does not depend on (it depends on the data only)
 NOT_DATA_KEYS = ("paradigm", "seed", "budget")
@@ -322,6 +324,62 @@ def _kind_tables(results: list[CellResult], primary: dict[str, str]) -> list[_Ta
     return tables
 
 
+def comparison_tables(results: list[CellResult], primary: dict[str, str], comparisons: list[dict[str, str]]) -> list[_Table]:
+    """One table per declared comparison (``study.compare``): a row per setting and task where
+    both arms finished - each arm's mean ± std and per-seed figures of the task's primary test
+    metric, the difference, its 95 % Welch interval and the verdict."""
+    from vlzoo.study.compare import LEVEL, verdict, welch_interval
+
+    tables = []
+    cells = [r for r in results if not r.baseline and r.status == "finished"]
+    for comp in comparisons:
+        axis, a, b, part = comp["axis"], str(comp["a"]), str(comp["b"]), comp.get("part", "")
+        arms: dict[tuple[str, str], dict[str, list[CellResult]]] = defaultdict(lambda: {a: [], b: []})
+        for r in cells:
+            if r.values.get("part", "") != part or r.values.get(axis) not in (a, b):
+                continue
+            context = ",".join(f"{k}={v}" for k, v in r.values.items() if k not in ("seed", axis, "part"))
+            arms[(context, r.task)][r.values[axis]].append(r)
+        rows = []
+        for (context, task), members in arms.items():
+            metric = primary.get(task)
+            if metric is None or not members[a] or not members[b]:
+                continue
+            column = f"test/{task}/{metric}"
+
+            def figures(rs: list[CellResult]) -> list[tuple[str, float]]:
+                got = [(r.values.get("seed", "-"), r.metrics[column]) for r in rs if column in r.metrics]
+                return sorted((seed, v) for seed, v in got if not math.isnan(v))
+
+            fa, fb = figures(members[a]), figures(members[b])
+            if not fa or not fb:
+                continue
+            interval = welch_interval([v for _, v in fa], [v for _, v in fb])
+            ma, sa = _mean_std([v for _, v in fa])
+            mb, sb = _mean_std([v for _, v in fb])
+            ci = "-" if interval is None else f"[{interval.low:+.3f}, {interval.high:+.3f}]"
+            rows.append([
+                context or "-",
+                f"{metric}",
+                f"{_fmt(ma, sa, len(fa))} ({' / '.join(f'{v:.3f}' for _, v in fa)})",
+                f"{_fmt(mb, sb, len(fb))} ({' / '.join(f'{v:.3f}' for _, v in fb)})",
+                f"{ma - mb:+.3f}",
+                ci,
+                verdict(interval, a, b, higher_is_better=_higher_is_better(metric)),
+            ])
+        if rows:
+            where = f" (part `{part}`)" if part else ""
+            tables.append(_Table(
+                title=f"Comparison{where}: {axis} = `{a}` vs `{b}`",
+                header=["setting", "metric", f"{a}: mean ± std (per seed)", f"{b}: mean ± std (per seed)",
+                        "difference", f"{LEVEL:.0%} interval", "verdict"],
+                rows=rows,
+                note=f"Test figures; seeds in seed order. The interval is Welch's t on the seeds of each arm "
+                f"({LEVEL:.0%}); a verdict names an arm only when the interval excludes 0.",
+            ))
+    return tables
+
+
 def _retention_table(results: list[CellResult], before: dict[str, float]) -> _Table | None:
     """Stage-0 text metrics of the backbone after each cell's training against before it."""
     agg = _aggregate(results)
@@ -505,13 +563,22 @@ def _gallery(client: MlflowClient, results: list[CellResult], out: Path) -> list
     return paths
 
 
+def _arm_label(result: CellResult) -> str:
+    """The paradigm, and the cell's other grid values that are neither data nor protocol (e.g.
+    ``pixel2emb (paradigm.refocus_lambda=0.1)``): the name of an arm in the first paragraph."""
+    extra = [f"{k}={v}" for k, v in result.values.items() if k not in (*NOT_DATA_KEYS, "task", "rung", "part")]
+    if not extra:
+        return result.paradigm
+    return f"{result.paradigm} ({', '.join(extra)})" if result.paradigm else ", ".join(extra)
+
+
 def _largest_budgets(results: list[CellResult]) -> dict[tuple[str, str, str], str]:
     """``(task, paradigm, rung) -> group`` of its largest budget (finished cells)."""
     chosen: dict[tuple[str, str, str], tuple[float, str]] = {}
     for r in results:
         if r.baseline or r.status != "finished":
             continue
-        key = (r.task, r.paradigm, r.values.get("rung", ""))
+        key = (r.task, _arm_label(r), r.values.get("rung", ""))
         budget = float(r.values.get("budget", 1))
         if key not in chosen or budget > chosen[key][0]:
             chosen[key] = (budget, r.group)
@@ -685,7 +752,9 @@ def build_report(
                 + [r.metrics.get(k, "") for k in keys]
             )
     cells = [r for r in results if not r.baseline]
-    tables = _tables(results, primary)
+    comparisons = json.loads(parent.data.tags.get(COMPARE_TAG) or "[]")
+    tables = comparison_tables(results, primary, comparisons)
+    tables += _tables(results, primary)
     tables += _kind_tables(results, primary)
     tables += _time_to_accuracy(client, cells, primary)
     kept = _retention_table(cells, dict(parent.data.metrics))

@@ -30,6 +30,7 @@ from vlzoo.callbacks import CpuTimeCurve
 from vlzoo.study.report import (
     BASELINE_TAG,
     CELL_KEY_TAG,
+    COMPARE_TAG,
     ERROR_TAG,
     GRID_PREFIX,
     ROLE_TAG,
@@ -45,7 +46,6 @@ __all__ = [
     "run_study",
     "run_cell",
     "paradigm_supports",
-    "cell_supports",
     "check_fairness",
     "CpuTimeCurve",
 ]
@@ -92,37 +92,38 @@ def paradigm_supports(recipe_path: Path, task: str) -> tuple[bool, str]:
     return True, ""
 
 
-def check_fairness(cells: Sequence[Cell], *, extra_overrides: Sequence[str] = ()) -> None:
-    """Cells of one task that differ only in the paradigm must see the same data, backbone,
-    starting checkpoint, budget and evaluator; raise :class:`StudyError` naming the key if not."""
+def check_fairness(
+    cells: Sequence[Cell], *, extra_overrides: Sequence[str] = (), axes: Sequence[str] = ("paradigm",)
+) -> None:
+    """Cells of one task that differ only in the paradigm - or only along another compared
+    ``axes`` (``study.compare``) - must see the same data, backbone, starting checkpoint,
+    budget and evaluator; raise :class:`StudyError` naming the key if not.  A compared axis that
+    is itself one of those keys (e.g. ``data.train.size``) is the difference, not a mistake."""
     from vlzoo.config import load_recipe
 
-    groups: dict[str, list[tuple[Cell, dict[str, Any]]]] = {}
+    fingerprints: dict[int, dict[str, Any]] = {}
     for cell in cells:
-        if not cell.supported:
-            continue
-        recipe = load_recipe(cell.recipe, [*cell.overrides, *extra_overrides])
-        fingerprint = {key: recipe.get(key) for key in FAIRNESS_KEYS}
-        rest = ",".join(f"{k}={v}" for k, v in cell.values.items() if k != "paradigm")
-        groups.setdefault(rest, []).append((cell, fingerprint))
-    for members in groups.values():
-        first_cell, first = members[0]
-        for cell, fingerprint in members[1:]:
-            for key in FAIRNESS_KEYS:
-                if fingerprint[key] != first[key]:
-                    raise StudyError(
-                        f"unfair study: cells '{first_cell.key}' and '{cell.key}' differ in recipe key "
-                        f"{key} ({first[key]!r} vs {fingerprint[key]!r}); fix the recipes or set it "
-                        "under study.fixed so every paradigm gets the same"
-                    )
-
-
-def cell_supports(spec: StudySpec, paradigm: str, task: str) -> tuple[bool, str]:
-    """Whether the study's recipe for ``paradigm`` and ``task`` supports the task (other grid
-    keys in the recipe pattern take their first value)."""
-    values = {**{k: v[0] for k, v in spec.grid.items()}, "paradigm": paradigm, "task": task}
-    path = (spec.path.parent / spec.recipe.format(**values)).resolve()
-    return paradigm_supports(path, task)
+        if cell.supported:
+            recipe = load_recipe(cell.recipe, [*cell.overrides, *extra_overrides])
+            fingerprints[cell.index] = {key: recipe.get(key) for key in FAIRNESS_KEYS}
+    for axis in dict.fromkeys(axes):
+        groups: dict[str, list[Cell]] = {}
+        for cell in cells:
+            if cell.index in fingerprints and axis in cell.values:
+                rest = ",".join(f"{k}={v}" for k, v in cell.values.items() if k != axis)
+                groups.setdefault(rest, []).append(cell)
+        keys = [k for k in FAIRNESS_KEYS if not (k == axis or k.startswith(f"{axis}.") or axis.startswith(f"{k}."))]
+        for members in groups.values():
+            first_cell, first = members[0], fingerprints[members[0].index]
+            for cell in members[1:]:
+                fingerprint = fingerprints[cell.index]
+                for key in keys:
+                    if fingerprint[key] != first[key]:
+                        raise StudyError(
+                            f"unfair study: cells '{first_cell.key}' and '{cell.key}' differ in recipe key "
+                            f"{key} ({first[key]!r} vs {fingerprint[key]!r}); fix the recipes or set it "
+                            f"under study.fixed so every {axis} gets the same"
+                        )
 
 
 class StudyRun:
@@ -142,12 +143,9 @@ class StudyRun:
         self.client = tracking_client(tracking_uri)
         self.experiment_name = f"study-{spec.name}"
         self.parent_run_id = parent_run_id
-        self.cells = expand_grid(spec, supports=self._supports)
+        self.cells = expand_grid(spec, supports=paradigm_supports)
 
     # ------------------------------------------------------------------ tracking
-    def _supports(self, paradigm: str, task: str) -> tuple[bool, str]:
-        return cell_supports(self.spec, paradigm, task)
-
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment_name)
         if exp is not None:
@@ -169,19 +167,30 @@ class StudyRun:
         if runs:
             self.parent_run_id = runs[0].info.run_id
             return self.parent_run_id
-        tags = {
-            STUDY_TAG: self.spec.name,
-            ROLE_TAG: "study",
-            "vlzoo.description": self.spec.description,
-            "vlzoo.budget": ", ".join(f"{k}={v}" for k, v in self.spec.budget.items()) or "recipe default",
-            "vlzoo.stage0": str(self.spec.stage0.name) if self.spec.stage0 else "none",
-            "vlzoo.command": f"vlzoo study {shlex.quote(str(self.spec.path))}",
-            "vlzoo.grid": json.dumps(self.spec.grid),
-        }
-        tags.update({f"vlzoo.primary.{k}": v for k, v in self.spec.primary.items()})
+        tags = {STUDY_TAG: self.spec.name, ROLE_TAG: "study", **self.spec_tags()}
         run = self.client.create_run(exp_id, tags=tags, run_name=f"study-{self.spec.name}")
         self.parent_run_id = run.info.run_id
         return self.parent_run_id
+
+    def spec_tags(self) -> dict[str, str]:
+        """What the report reads of the study file: description, budget, grid, comparisons,
+        primary metrics (written at creation and again by every :meth:`run`, so an edited file's
+        report says what its cells ran)."""
+        def budget(b: dict[str, Any]) -> str:
+            return ", ".join(f"{k}={v}" for k, v in b.items()) or "recipe default"
+
+        parts = self.spec.parts
+        named = len(parts) > 1 or parts[0].name
+        tags = {
+            "vlzoo.description": self.spec.description,
+            "vlzoo.budget": "; ".join(f"{p.name}: {budget(p.budget)}" for p in parts) if named else budget(self.spec.budget),
+            "vlzoo.stage0": str(self.spec.stage0.name) if self.spec.stage0 else "none",
+            "vlzoo.command": f"vlzoo study {shlex.quote(str(self.spec.path))}",
+            "vlzoo.grid": json.dumps({p.name: p.grid for p in parts} if named else self.spec.grid),
+            COMPARE_TAG: json.dumps([c.as_dict() for c in self.spec.comparisons]),
+        }
+        tags.update({f"vlzoo.primary.{k}": v for k, v in self.spec.primary.items()})
+        return tags
 
     def cell_runs(self) -> dict[str, Any]:
         """cell key -> newest child run."""
@@ -330,8 +339,10 @@ class StudyRun:
 
     def run(self, *, jobs: int = 1, log: Any = print) -> dict[str, int]:
         """Run every pending cell (``jobs`` at a time, each in its own process)."""
-        check_fairness(self.cells)
-        self.parent()
+        check_fairness(self.cells, axes=self.spec.fairness_axes)
+        parent = self.parent()
+        for key, value in self.spec_tags().items():
+            self.client.set_tag(parent, key, value)
         self.stage0_checkpoint()
         self.baselines(log=log)
         todo = self.pending()

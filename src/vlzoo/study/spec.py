@@ -29,6 +29,30 @@ Two grid keys are axes with a meaning of their own, not recipe overrides:
 
 A cell whose recipe file does not exist, or whose paradigm does not support its task, is kept
 as an *unsupported* cell: the report shows it, it is never silently dropped.
+
+**Comparisons.** ``compare:`` declares the differences the study is run to answer; the report
+gives each one a row per setting: both arms' mean +/- std over seeds, every seed's figure, the
+difference and its 95 % confidence interval (Welch's t), and a verdict that says whether the
+difference is real at that many seeds::
+
+      compare:
+        - {axis: paradigm, a: pixel2emb, b: pixel2seq}    # a and b are values of grid.<axis>
+
+**Parts.** A study that answers several questions, each with its own recipes and grid, lists
+them under ``parts:`` instead of one ``recipe`` / ``grid``; every part has ``recipe`` and
+``grid`` and may have ``fixed`` (applied after the study's), ``budget`` (instead of the
+study's) and ``compare``.  All parts share the stage 0, the primary metrics, the baselines and
+one report; a cell's key starts with ``part=<name>``::
+
+      parts:
+        nextchat:
+          recipe: ../shapes/{paradigm}_rec.yaml
+          grid: {paradigm: [pixel2emb, pixel2seq], rung: [one, full], seed: [0, 1, 2]}
+          compare: [{axis: paradigm, a: pixel2emb, b: pixel2seq}]
+        heatmap:
+          recipe: ../shapes/heatmap_rec_textfirst.yaml
+          grid: {rung: [full], seed: [0, 1, 2]}
+          budget: {steps: 6000}
 """
 
 from __future__ import annotations
@@ -41,14 +65,27 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Cell", "StudySpec", "StudyError", "load_study", "expand_grid", "rung_overrides", "AXES"]
+__all__ = [
+    "Cell",
+    "Comparison",
+    "StudyPart",
+    "StudySpec",
+    "StudyError",
+    "load_study",
+    "expand_grid",
+    "rung_overrides",
+    "AXES",
+    "PART_KEY",
+]
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 _BUDGET_KINDS = {"steps": "trainer.max_steps", "epochs": "trainer.max_epochs", "minutes": "trainer.max_time"}
 #: grid keys that are axes of the protocol, not recipe overrides
 RUNG_KEY = "rung"
 BUDGET_KEY = "budget"
-AXES = (RUNG_KEY, BUDGET_KEY)
+#: the value of a part's cells: the part's name (``study.parts``)
+PART_KEY = "part"
+AXES = (RUNG_KEY, BUDGET_KEY, PART_KEY)
 _SHAPES_TARGETS = ("vlzoo.data.ShapesDataset", "vlzoo.data.shapes.ShapesDataset", "vlzoo.data.shapes.dataset.ShapesDataset")
 
 
@@ -86,12 +123,53 @@ class Cell:
         return ",".join(f"{k}={v}" for k, v in self.values.items() if k != "seed")
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """A declared difference: grid value ``a`` against ``b`` of grid key ``axis``, every other
+    grid value (but the seed) equal, within one part."""
+
+    axis: str
+    a: Any
+    b: Any
+    part: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"axis": self.axis, "a": str(self.a), "b": str(self.b), "part": self.part}
+
+
+@dataclass
+class StudyPart:
+    """One recipe pattern and grid of a study (a study without ``parts`` has one, named ``""``)."""
+
+    name: str
+    recipe: str
+    grid: dict[str, list[Any]]
+    fixed: list[str] = field(default_factory=list)  # after the study's own fixed
+    budget: dict[str, Any] = field(default_factory=dict)
+    compare: list[Comparison] = field(default_factory=list)
+
+    def budget_overrides(self, multiplier: float = 1) -> list[str]:
+        return _budget_overrides(self.budget, multiplier)
+
+
+def _budget_overrides(budget: dict[str, Any], multiplier: float) -> list[str]:
+    out = []
+    for kind, value in budget.items():
+        if kind == "minutes":
+            total = int(round(float(value) * multiplier * 60))
+            value = f"00:{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}"
+        else:
+            value = max(1, int(round(value * multiplier)))
+        out.append(f"{_BUDGET_KINDS[kind]}={value}")
+    return out
+
+
 @dataclass
 class StudySpec:
     name: str
     path: Path
-    recipe: str
-    grid: dict[str, list[Any]]
+    recipe: str  # "" for a study with parts
+    grid: dict[str, list[Any]]  # {} for a study with parts
     fixed: list[str] = field(default_factory=list)  # key=value overrides, {grid key} placeholders
     budget: dict[str, Any] = field(default_factory=dict)
     stage0: Path | None = None
@@ -101,18 +179,26 @@ class StudySpec:
     description: str = ""
     #: ``None``: no baselines; else ``{"train_samples": N}`` (training samples the mean box is taken over)
     baselines: dict[str, Any] | None = field(default_factory=lambda: {"train_samples": 2000})
+    #: the recipe patterns and grids; a study without ``parts`` has one part named ``""``
+    parts: list[StudyPart] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            self.parts = [StudyPart(name="", recipe=self.recipe, grid=self.grid, budget=self.budget)]
+
+    @property
+    def comparisons(self) -> list[Comparison]:
+        return [c for part in self.parts for c in part.compare]
+
+    @property
+    def fairness_axes(self) -> list[str]:
+        """The grid keys along which cells must differ in nothing else: the paradigm and every
+        compared axis."""
+        return list(dict.fromkeys(["paradigm", *(c.axis for c in self.comparisons)]))
 
     def budget_overrides(self, multiplier: float = 1) -> list[str]:
         """The budget as trainer overrides, every kind scaled by ``multiplier`` (the budget axis)."""
-        out = []
-        for kind, value in self.budget.items():
-            if kind == "minutes":
-                total = int(round(float(value) * multiplier * 60))
-                value = f"00:{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}"
-            else:
-                value = max(1, int(round(value * multiplier)))
-            out.append(f"{_BUDGET_KINDS[kind]}={value}")
-        return out
+        return _budget_overrides(self.budget, multiplier)
 
 
 def _fail(path: Path, key: str, message: str) -> StudyError:
@@ -132,60 +218,59 @@ def load_study(path: str | Path) -> StudySpec:
     if not isinstance(raw, dict) or not isinstance(raw.get("study"), dict):
         raise StudyError(f"study file {path}: expected a top-level mapping 'study:'")
     body = raw["study"]
-    known = {"name", "recipe", "grid", "fixed", "budget", "stage0", "stage0_overrides", "primary", "gallery", "baselines"}
+    known = {
+        "name", "recipe", "grid", "fixed", "budget", "stage0", "stage0_overrides", "primary", "gallery", "baselines",
+        "compare", "parts",
+    }
     unknown = sorted(set(body) - known)
     if unknown:
         raise _fail(path, f"study.{unknown[0]}", f"unknown key; the keys are {sorted(known)}")
-    for required in ("name", "recipe", "grid"):
-        if required not in body:
-            raise _fail(path, f"study.{required}", "is required")
-    for key in ("name", "recipe"):
-        if not isinstance(body[key], str) or not body[key].strip():
-            raise _fail(path, f"study.{key}", f"must be text, got {body[key]!r}")
+    if "parts" in body:
+        for key in ("recipe", "grid", "compare"):
+            if key in body:
+                raise _fail(path, f"study.{key}", "a study with parts sets it in each part (study.parts.<name>.{key})")
+    else:
+        for required in ("recipe", "grid"):
+            if required not in body:
+                raise _fail(path, f"study.{required}", "is required (or list study.parts)")
+    if "name" not in body:
+        raise _fail(path, "study.name", "is required")
+    if not isinstance(body["name"], str) or not body["name"].strip():
+        raise _fail(path, "study.name", f"must be text, got {body['name']!r}")
     for key in ("budget", "primary", "gallery"):
         if body.get(key) is not None and not isinstance(body[key], dict):
             raise _fail(path, f"study.{key}", f"must be a mapping, got {type(body[key]).__name__} {body[key]!r}")
-    grid = body["grid"]
-    if not isinstance(grid, dict) or not grid:
-        raise _fail(path, "study.grid", "must map each grid key to a list of values")
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise _fail(path, f"study.grid.{key}", "must be a non-empty list")
-    for name in _PLACEHOLDER.findall(str(body["recipe"])):
-        if name not in grid:
-            raise _fail(path, "study.recipe", f"placeholder {{{name}}} is not a grid key")
-    if RUNG_KEY in grid:
-        from vlzoo.data.shapes import RUNGS
-
-        bad_rungs = [v for v in grid[RUNG_KEY] if v not in RUNGS]
-        if bad_rungs:
-            raise _fail(path, f"study.grid.{RUNG_KEY}", f"unknown rung(s) {bad_rungs}; the Shapes ladder is {list(RUNGS)}")
-    budget = body.get("budget") or {}
-    if BUDGET_KEY in grid:
-        bad_mult = [v for v in grid[BUDGET_KEY] if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0]
-        if bad_mult:
-            raise _fail(path, f"study.grid.{BUDGET_KEY}", f"must be positive multipliers of study.budget, got {bad_mult}")
-        if not budget:
-            raise _fail(path, f"study.grid.{BUDGET_KEY}", "multiplies study.budget, which is not set (e.g. budget: {steps: 300})")
-    bad = sorted(set(budget) - set(_BUDGET_KINDS))
-    if bad:
-        raise _fail(path, f"study.budget.{bad[0]}", f"unknown budget kind; use one of {sorted(_BUDGET_KINDS)}")
-    for kind, value in budget.items():
-        whole = kind != "minutes"
-        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or value <= 0:
-            what = "a positive integer" if whole else "a positive number"
-            raise _fail(path, f"study.budget.{kind}", f"must be {what}, got {value!r}")
+    budget = _read_budget(path, "study.budget", body.get("budget") or {})
+    fixed_list = _read_fixed(path, "study.fixed", body.get("fixed") or {})
+    if "parts" in body:
+        parts_raw = body["parts"]
+        if not isinstance(parts_raw, dict) or not parts_raw:
+            raise _fail(path, "study.parts", "must map each part's name to its recipe, grid, fixed, budget and compare")
+        parts = []
+        for name, part in parts_raw.items():
+            where = f"study.parts.{name}"
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+                raise _fail(path, where, "a part's name is letters, digits, '_' and '-'")
+            if not isinstance(part, dict):
+                raise _fail(path, where, f"must be a mapping with recipe and grid, got {part!r}")
+            extra = sorted(set(part) - {"recipe", "grid", "fixed", "budget", "compare"})
+            if extra:
+                raise _fail(path, f"{where}.{extra[0]}", "unknown key; a part has recipe, grid, fixed, budget, compare")
+            for required in ("recipe", "grid"):
+                if required not in part:
+                    raise _fail(path, f"{where}.{required}", "is required")
+            if part.get("budget") is not None and not isinstance(part["budget"], dict):
+                raise _fail(path, f"{where}.budget", f"must be a mapping, got {part['budget']!r}")
+            part_budget = _read_budget(path, f"{where}.budget", part["budget"]) if part.get("budget") else dict(budget)
+            parts.append(_read_part(path, where, name, part, part_budget, _read_fixed(path, f"{where}.fixed", part.get("fixed") or {})))
+        recipe, grid = "", {}
+    else:
+        parts = [_read_part(path, "study", "", body, budget, [])]
+        recipe, grid = parts[0].recipe, parts[0].grid
     stage0 = body.get("stage0")
     stage0_path = (path.parent / stage0).resolve() if stage0 else None
     if stage0_path is not None and not stage0_path.is_file():
         raise _fail(path, "study.stage0", f"recipe {stage0_path} does not exist")
-    fixed = body.get("fixed") or {}
-    if isinstance(fixed, dict):
-        fixed_list = [f"{k}={_override_value(v)}" for k, v in fixed.items()]
-    elif isinstance(fixed, list) and all(isinstance(x, str) and "=" in x for x in fixed):
-        fixed_list = list(fixed)
-    else:
-        raise _fail(path, "study.fixed", "must be a mapping of recipe keys to values or a list of key=value strings")
     stage0_overrides = body.get("stage0_overrides") or []
     if not isinstance(stage0_overrides, list) or not all(isinstance(x, str) and "=" in x for x in stage0_overrides):
         raise _fail(path, "study.stage0_overrides", "must be a list of key=value strings")
@@ -205,8 +290,8 @@ def load_study(path: str | Path) -> StudySpec:
     return StudySpec(
         name=str(body["name"]),
         path=path.resolve(),
-        recipe=str(body["recipe"]),
-        grid={k: list(v) for k, v in grid.items()},
+        recipe=recipe,
+        grid=grid,
         fixed=fixed_list,
         budget=dict(budget),
         stage0=stage0_path,
@@ -215,7 +300,79 @@ def load_study(path: str | Path) -> StudySpec:
         gallery=dict(body.get("gallery") or {"samples": 6, "split": "test"}),
         description=first.lstrip("# ").strip() if first.startswith("#") else "",
         baselines=baselines,
+        parts=parts,
     )
+
+
+def _read_budget(path: Path, where: str, budget: dict[str, Any]) -> dict[str, Any]:
+    bad = sorted(set(budget) - set(_BUDGET_KINDS))
+    if bad:
+        raise _fail(path, f"{where}.{bad[0]}", f"unknown budget kind; use one of {sorted(_BUDGET_KINDS)}")
+    for kind, value in budget.items():
+        whole = kind != "minutes"
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or value <= 0:
+            what = "a positive integer" if whole else "a positive number"
+            raise _fail(path, f"{where}.{kind}", f"must be {what}, got {value!r}")
+    return dict(budget)
+
+
+def _read_fixed(path: Path, where: str, fixed: Any) -> list[str]:
+    if isinstance(fixed, dict):
+        return [f"{k}={_override_value(v)}" for k, v in fixed.items()]
+    if isinstance(fixed, list) and all(isinstance(x, str) and "=" in x for x in fixed):
+        return list(fixed)
+    raise _fail(path, where, "must be a mapping of recipe keys to values or a list of key=value strings")
+
+
+def _read_part(
+    path: Path, where: str, name: str, body: dict[str, Any], budget: dict[str, Any], fixed: list[str]
+) -> StudyPart:
+    """``recipe``, ``grid`` and ``compare`` of a study (``where`` = ``study``) or of one part."""
+    recipe = body["recipe"]
+    if not isinstance(recipe, str) or not recipe.strip():
+        raise _fail(path, f"{where}.recipe", f"must be text, got {recipe!r}")
+    grid = body["grid"]
+    if not isinstance(grid, dict) or not grid:
+        raise _fail(path, f"{where}.grid", "must map each grid key to a list of values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise _fail(path, f"{where}.grid.{key}", "must be a non-empty list")
+    if PART_KEY in grid:
+        raise _fail(path, f"{where}.grid.{PART_KEY}", "is the part's name: list the parts under study.parts instead")
+    for placeholder in _PLACEHOLDER.findall(recipe):
+        if placeholder not in grid:
+            raise _fail(path, f"{where}.recipe", f"placeholder {{{placeholder}}} is not a grid key")
+    if RUNG_KEY in grid:
+        from vlzoo.data.shapes import RUNGS
+
+        bad_rungs = [v for v in grid[RUNG_KEY] if v not in RUNGS]
+        if bad_rungs:
+            raise _fail(path, f"{where}.grid.{RUNG_KEY}", f"unknown rung(s) {bad_rungs}; the Shapes ladder is {list(RUNGS)}")
+    if BUDGET_KEY in grid:
+        bad_mult = [v for v in grid[BUDGET_KEY] if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0]
+        if bad_mult:
+            raise _fail(path, f"{where}.grid.{BUDGET_KEY}", f"must be positive multipliers of study.budget, got {bad_mult}")
+        if not budget:
+            raise _fail(path, f"{where}.grid.{BUDGET_KEY}", "multiplies study.budget, which is not set (e.g. budget: {steps: 300})")
+    compare_raw = body.get("compare") or []
+    if not isinstance(compare_raw, list):
+        raise _fail(path, f"{where}.compare", "must be a list of {axis, a, b} mappings")
+    compare = []
+    for i, item in enumerate(compare_raw):
+        at = f"{where}.compare[{i}]"
+        if not isinstance(item, dict) or set(item) != {"axis", "a", "b"}:
+            raise _fail(path, at, f"must be a mapping with exactly axis, a and b, got {item!r}")
+        axis = item["axis"]
+        if axis not in grid or axis == "seed":
+            raise _fail(path, f"{at}.axis", f"{axis!r} is not a grid key to compare along (the grid has {sorted(grid)})")
+        for side in ("a", "b"):
+            if item[side] not in grid[axis]:
+                raise _fail(path, f"{at}.{side}", f"{item[side]!r} is not a value of grid.{axis} {grid[axis]}")
+        if item["a"] == item["b"]:
+            raise _fail(path, at, "a and b are the same value: nothing to compare")
+        compare.append(Comparison(axis=str(axis), a=item["a"], b=item["b"], part=name))
+    return StudyPart(name=name, recipe=recipe, grid={k: list(v) for k, v in grid.items()}, fixed=fixed,
+                     budget=dict(budget), compare=compare)
 
 
 def _override_value(value: Any) -> str:
@@ -251,35 +408,40 @@ def rung_overrides(recipe: Path, overrides: list[str], rung: str) -> list[str]:
 
 
 def expand_grid(spec: StudySpec, *, supports: Any = None) -> list[Cell]:
-    """The cells of a study in a stable order (the grid's key order, values in listed order).
+    """The cells of a study in a stable order: the parts in file order, each part's grid in its
+    key order with values in listed order; indices run over the whole study.
 
-    ``supports(paradigm, task) -> (bool, reason)`` decides whether a paradigm can do a task;
-    by default only a missing recipe file makes a cell unsupported.
+    ``supports(recipe_path, task) -> (bool, reason)`` decides whether a cell's recipe can do
+    its task (e.g. :func:`vlzoo.study.runner.paradigm_supports`); by default only a missing
+    recipe file makes a cell unsupported.
     """
-    keys = list(spec.grid)
-    selecting = set(_PLACEHOLDER.findall(spec.recipe))
-    cells = []
-    for index, combo in enumerate(itertools.product(*(spec.grid[k] for k in keys))):
-        values = dict(zip(keys, combo, strict=True))
-        recipe = (spec.path.parent / spec.recipe.format(**values)).resolve()
-        overrides = [f"{k}={_override_value(v)}" for k, v in values.items() if k not in selecting and k not in AXES]
-        overrides += [_fill(item, values) for item in spec.fixed]
-        if RUNG_KEY in values and recipe.is_file():
-            overrides += rung_overrides(recipe, overrides, str(values[RUNG_KEY]))
-        overrides += spec.budget_overrides(values.get(BUDGET_KEY, 1))
-        supported, reason = True, ""
-        if "paradigm" in values and "task" in values and supports is not None:
-            supported, reason = supports(str(values["paradigm"]), str(values["task"]))
-        if supported and not recipe.is_file():
-            supported, reason = False, f"no recipe {recipe.name} for this cell"
-        cells.append(
-            Cell(
-                index=index,
-                values=values,
-                recipe=recipe,
-                overrides=tuple(overrides),
-                supported=supported,
-                reason=reason,
+    cells: list[Cell] = []
+    for part in spec.parts:
+        keys = list(part.grid)
+        selecting = set(_PLACEHOLDER.findall(part.recipe))
+        for combo in itertools.product(*(part.grid[k] for k in keys)):
+            values = dict(zip(keys, combo, strict=True))
+            if part.name:
+                values = {PART_KEY: part.name, **values}
+            recipe = (spec.path.parent / part.recipe.format(**values)).resolve()
+            overrides = [f"{k}={_override_value(v)}" for k, v in values.items() if k not in selecting and k not in AXES]
+            overrides += [_fill(item, values) for item in [*spec.fixed, *part.fixed]]
+            if RUNG_KEY in values and recipe.is_file():
+                overrides += rung_overrides(recipe, overrides, str(values[RUNG_KEY]))
+            overrides += part.budget_overrides(values.get(BUDGET_KEY, 1))
+            supported, reason = True, ""
+            if "task" in values and supports is not None:
+                supported, reason = supports(recipe, str(values["task"]))
+            if supported and not recipe.is_file():
+                supported, reason = False, f"no recipe {recipe.name} for this cell"
+            cells.append(
+                Cell(
+                    index=len(cells),
+                    values=values,
+                    recipe=recipe,
+                    overrides=tuple(overrides),
+                    supported=supported,
+                    reason=reason,
+                )
             )
-        )
     return cells
