@@ -190,3 +190,106 @@ def test_bad_axes_name_the_key(tmp_path, grid, message):
     path = _write(tmp_path, "study:\n  name: t\n  recipe: r/a_rec.yaml\n  grid:\n    budget: [1, 2]\n")
     with pytest.raises(StudyError, match="study.grid.budget.*not set"):
         load_study(path)
+
+
+PARTS = """# two questions in one study
+study:
+  name: t
+  fixed: [trainer.val_check_interval=5]
+  budget: {steps: 7}
+  parts:
+    first:
+      recipe: r/{paradigm}_{task}.yaml
+      grid: {paradigm: [a, b], task: [rec], seed: [0, 1]}
+      compare: [{axis: paradigm, a: a, b: b}]
+    second:
+      recipe: r/a_{task}.yaml
+      grid: {task: [res], paradigm.cycle: [true, false]}
+      fixed: [data.batch_size=4]
+      budget: {steps: 70}
+      compare: [{axis: paradigm.cycle, a: true, b: false}]
+"""
+
+
+def test_parts_expand_in_file_order_with_their_own_fixed_and_budget(tmp_path):
+    _recipes(tmp_path, ["a_rec", "b_rec", "a_res"])
+    spec = load_study(_write(tmp_path, PARTS))
+    cells = expand_grid(spec)
+    assert [c.key for c in cells] == [
+        "part=first,paradigm=a,task=rec,seed=0",
+        "part=first,paradigm=a,task=rec,seed=1",
+        "part=first,paradigm=b,task=rec,seed=0",
+        "part=first,paradigm=b,task=rec,seed=1",
+        "part=second,task=res,paradigm.cycle=True",
+        "part=second,task=res,paradigm.cycle=False",
+    ]
+    assert [c.index for c in cells] == list(range(6))
+    # the part's name is no override; the study's fixed comes before the part's, then its own budget
+    assert cells[0].overrides == ("seed=0", "trainer.val_check_interval=5", "trainer.max_steps=7")
+    assert cells[4].overrides == ("paradigm.cycle=true", "trainer.val_check_interval=5", "data.batch_size=4",
+                                  "trainer.max_steps=70")
+    assert cells[4].recipe == (tmp_path / "r" / "a_res.yaml").resolve()
+    assert [(c.part, c.axis, c.a, c.b) for c in spec.comparisons] == [
+        ("first", "paradigm", "a", "b"), ("second", "paradigm.cycle", True, False)
+    ]
+    assert spec.fairness_axes == ["paradigm", "paradigm.cycle"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.replace("  parts:", "  recipe: r/a_rec.yaml\n  parts:"), "study.recipe"),
+        (lambda s: s.replace("axis: paradigm, a: a", "axis: task, a: a"), "study.parts.first.compare[0].a"),
+        (lambda s: s.replace("axis: paradigm, a: a", "axis: colour, a: a"), "study.parts.first.compare[0].axis"),
+        (lambda s: s.replace("axis: paradigm, a: a, b: b", "axis: paradigm, a: a, b: a"), "nothing to compare"),
+        (lambda s: s.replace("{axis: paradigm, a: a, b: b}", "{axis: seed, a: 0, b: 1}"), "compare[0].axis"),
+        (lambda s: s.replace("grid: {task: [res]", "grid: {part: [x], task: [res]"), "study.parts.second.grid.part"),
+        (lambda s: s.replace("      budget: {steps: 70}", "      budget: {steps: -1}"), "study.parts.second.budget.steps"),
+        (lambda s: s.replace("      fixed: [data.batch_size=4]", "      fixd: [data.batch_size=4]"), "study.parts.second.fixd"),
+        (lambda s: s.replace("      recipe: r/a_{task}.yaml\n", ""), "study.parts.second.recipe"),
+    ],
+)
+def test_bad_parts_and_comparisons_name_the_key(tmp_path, edit, message):
+    _recipes(tmp_path, ["a_rec", "b_rec", "a_res"])
+    path = _write(tmp_path, edit(PARTS))
+    with pytest.raises(StudyError) as info:
+        load_study(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_a_compared_axis_gets_the_fairness_check(tmp_path):
+    from vlzoo.study.runner import check_fairness
+
+    shapes = Path(__file__).resolve().parents[2] / "recipes" / "shapes"
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "wide.yaml").write_text(f"_base_: {shapes / 'pixel2emb_rec.yaml'}\n")
+    (tmp_path / "r" / "narrow.yaml").write_text(f"_base_: {shapes / 'pixel2emb_rec.yaml'}\ndata: {{batch_size: 4}}\n")
+    path = _write(tmp_path, """study:
+  name: t
+  recipe: r/{arm}.yaml
+  grid: {arm: [wide, narrow]}
+  compare: [{axis: arm, a: wide, b: narrow}]
+""")
+    spec = load_study(path)
+    cells = expand_grid(spec)
+    check_fairness(cells)  # along the paradigm alone there is nothing to compare
+    with pytest.raises(StudyError, match="differ in recipe key data.batch_size.*every arm gets the same"):
+        check_fairness(cells, axes=spec.fairness_axes)
+    # the difference a comparison is about is not unfair
+    path.write_text(path.read_text().replace("r/{arm}.yaml", "r/wide.yaml").replace("arm: [wide, narrow]", "data.batch_size: [4, 8]")
+                    .replace("axis: arm, a: wide, b: narrow", "axis: data.batch_size, a: 4, b: 8"))
+    spec = load_study(path)
+    check_fairness(expand_grid(spec), axes=spec.fairness_axes)
+
+
+def test_shipped_claims_study_is_valid_and_fair():
+    from vlzoo.study.runner import StudyRun, check_fairness
+
+    root = Path(__file__).resolve().parents[2]
+    spec = load_study(root / "recipes" / "studies" / "shapes_claims.yaml")
+    study = StudyRun(spec, tracking_uri="sqlite:///:memory:", output_dir=root / "studies" / "unused")
+    assert all(c.supported for c in study.cells), [c.reason for c in study.cells if not c.supported]
+    assert {c.values["part"] for c in study.cells} == {p.name for p in spec.parts}
+    check_fairness(study.cells, axes=spec.fairness_axes)
+    assert spec.comparisons

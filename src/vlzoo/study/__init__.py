@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from vlzoo.study.baselines import baseline_figures, recipe_baselines
-from vlzoo.study.report import build_report, collect_results
+from vlzoo.study.compare import Interval, verdict, welch_interval
+from vlzoo.study.report import build_report, collect_results, comparison_tables
 from vlzoo.study.runner import StudyRun, check_fairness, run_cell, run_study
-from vlzoo.study.spec import Cell, StudyError, StudySpec, expand_grid, load_study
+from vlzoo.study.spec import Cell, Comparison, StudyError, StudyPart, StudySpec, expand_grid, load_study
 from vlzoo.study.summary import first_paragraph
 
 __all__ = [
     "Cell",
+    "Comparison",
+    "Interval",
+    "StudyPart",
     "StudyError",
     "StudyRun",
     "StudySpec",
@@ -17,10 +21,13 @@ __all__ = [
     "build_report",
     "check_fairness",
     "collect_results",
+    "comparison_tables",
     "expand_grid",
     "first_paragraph",
     "load_study",
     "recipe_baselines",
     "run_cell",
     "run_study",
+    "verdict",
+    "welch_interval",
 ]

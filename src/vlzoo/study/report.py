@@ -324,6 +324,12 @@ def _kind_tables(results: list[CellResult], primary: dict[str, str]) -> list[_Ta
     return tables
 
 
+def _seed_figures(results: list[CellResult], column: str) -> list[tuple[str, float]]:
+    """``(seed, figure)`` of each result that has ``column``, in seed order."""
+    got = [(r.values.get("seed", "-"), r.metrics[column]) for r in results if column in r.metrics]
+    return sorted(((seed, v) for seed, v in got if not math.isnan(v)), key=lambda item: (len(item[0]), item[0]))
+
+
 def comparison_tables(results: list[CellResult], primary: dict[str, str], comparisons: list[dict[str, str]]) -> list[_Table]:
     """One table per declared comparison (``study.compare``): a row per setting and task where
     both arms finished - each arm's mean ± std and per-seed figures of the task's primary test
@@ -334,24 +340,19 @@ def comparison_tables(results: list[CellResult], primary: dict[str, str], compar
     cells = [r for r in results if not r.baseline and r.status == "finished"]
     for comp in comparisons:
         axis, a, b, part = comp["axis"], str(comp["a"]), str(comp["b"]), comp.get("part", "")
-        arms: dict[tuple[str, str], dict[str, list[CellResult]]] = defaultdict(lambda: {a: [], b: []})
+        arms: dict[tuple[str, str], dict[str, list[CellResult]]] = {}
         for r in cells:
             if r.values.get("part", "") != part or r.values.get(axis) not in (a, b):
                 continue
             context = ",".join(f"{k}={v}" for k, v in r.values.items() if k not in ("seed", axis, "part"))
-            arms[(context, r.task)][r.values[axis]].append(r)
+            arms.setdefault((context, r.task), {a: [], b: []})[r.values[axis]].append(r)
         rows = []
         for (context, task), members in arms.items():
             metric = primary.get(task)
             if metric is None or not members[a] or not members[b]:
                 continue
             column = f"test/{task}/{metric}"
-
-            def figures(rs: list[CellResult]) -> list[tuple[str, float]]:
-                got = [(r.values.get("seed", "-"), r.metrics[column]) for r in rs if column in r.metrics]
-                return sorted((seed, v) for seed, v in got if not math.isnan(v))
-
-            fa, fb = figures(members[a]), figures(members[b])
+            fa, fb = _seed_figures(members[a], column), _seed_figures(members[b], column)
             if not fa or not fb:
                 continue
             interval = welch_interval([v for _, v in fa], [v for _, v in fb])
