@@ -96,3 +96,79 @@ def test_generation_is_padding_invariant_and_matches_native_generate(folder):
         with torch.no_grad():
             ref = native.generate(**native_in, max_new_tokens=6, do_sample=False, eos_token_id=None)
         assert alone.tolist() == ref[0, native_in["input_ids"].shape[1] :].tolist()
+
+
+def test_attention_maps_show_the_prefix_both_ways(folder):
+    """The maps a paradigm reads (eager, asked layers) come from the same prefix mask: an image
+    token attends to the prompt after it, an answer token never to a later one."""
+    bb = PaliGemmaBackbone(name_or_path=folder).eval()
+    ids, mask = _rows(bb.tokenizer, ["detect red circle"], ["red circle"])
+    with torch.no_grad():
+        out = bb(torch.randn(1, 3, SIDE, SIDE), ids, mask, output_attentions=[-1])
+    attn = out.attentions[1][0].sum(0)  # (T, T) summed over heads
+    start = 16 + 1 + 3 + 1  # the first answer token
+    assert attn[0, 16:start].sum() > 0  # the first image token reads <bos>, the prompt and "\n"
+    assert attn[0, start:].sum() == 0  # ... but not the answer
+    assert torch.equal(attn[start:, start:], attn[start:, start:].tril())  # the answer is causal
+
+
+def test_the_frame_is_the_processors(folder):
+    """A fixed square resize without padding to the tower's side, normalised with the saved
+    preprocessor's mean / std: at that side the pixels equal SiglipImageProcessor's; other sizes
+    are resampled close to it (PIL's bicubic vs torch's) and boxes map back exactly."""
+    from transformers import AutoImageProcessor
+
+    bb = PaliGemmaBackbone(name_or_path=folder)
+    assert (bb.hidden_size, bb.vision_width, bb.feature_grid, bb.input_size, bb.num_image_tokens) == (64, 32, (4, 4), 32, 16)
+    assert bb.data_config["transform"] is bb.transform and bb.data_config["input_size"] == SIDE
+    processor = AutoImageProcessor.from_pretrained(folder)
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, SIDE, SIDE), dtype=torch.uint8)
+    x, geo = bb.transform.image(image)
+    assert torch.allclose(x, processor(images=[image], return_tensors="pt")["pixel_values"][0], atol=1e-6)
+    smooth = (torch.linspace(0, 255, 90)[None, :, None] * torch.ones(3, 90, 60)).to(torch.uint8)
+    x, geo = bb.transform.image(smooth)
+    ref = processor(images=[smooth], return_tensors="pt")["pixel_values"][0]
+    assert geo.input_size == (32, 32) and geo.offset == (0.0, 0.0) and (x - ref).abs().max() < 0.01
+    box = torch.tensor([[6.0, 9.0, 48.0, 81.0]])
+    assert torch.allclose(geo.boxes_to_input(box), torch.tensor([[3.2, 3.2, 25.6, 28.8]]))
+    assert torch.allclose(geo.boxes_to_original(geo.boxes_to_input(box)), box, atol=1e-5)
+    with pytest.raises(ValueError, match="not in PaliGemma's 32 x 32 frame"):
+        bb.encode_images(torch.randn(1, 3, 48, 48))
+
+
+def test_policies_lora_and_checkpoint_round_trip(folder, tmp_path):
+    bb = PaliGemmaBackbone(name_or_path=folder, freeze_lm=True, lora={"r": 2, "target_modules": ["q_proj", "v_proj"]})
+    new = bb.add_special_tokens(["<loc0007>"])["<loc0007>"]
+    images = torch.randn(1, 3, SIDE, SIDE)
+    ids, mask = _rows(bb.tokenizer, ["detect red circle"], ["<loc0007> red circle"])
+    bb(images, ids, mask, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in bb.named_parameters()}
+    lora = [n for n in grads if "lora_" in n]
+    assert lora and all("vision_tower" not in n for n in lora) and all(grads[n] is not None for n in lora)
+    assert all(g is None for n, g in grads.items() if "vision_tower" in n)  # the frozen tower
+    assert all(g is not None for n, g in grads.items() if "multi_modal_projector" in n)  # the trainable projector
+    emb = bb._lm().get_input_embeddings().weight  # tied to the head, as released
+    assert bb._lm().get_output_embeddings().weight is emb
+    assert emb.grad.abs().sum(-1).nonzero().flatten().tolist() == [new]
+    bb.save_backbone(tmp_path / "pg.pt")
+    again = PaliGemmaBackbone(name_or_path=folder, checkpoint=str(tmp_path / "pg.pt")).eval()
+    assert torch.allclose(again(images, ids, mask).logits, bb.eval()(images, ids, mask).logits, atol=1e-5)
+    again.save_pretrained(tmp_path / "folder")
+    third = PaliGemmaBackbone(name_or_path=str(tmp_path / "folder")).eval()
+    assert third.tokenizer.convert_tokens_to_ids("<loc0007>") == new and third.transform.resample == "bicubic"
+    assert torch.allclose(third(images, ids, mask).logits, again(images, ids, mask).logits, atol=1e-5)
+
+
+def test_bad_inputs_are_refused_with_what_to_do(folder, tmp_path):
+    bb = PaliGemmaBackbone(name_or_path=folder)
+    ids = torch.tensor([bb.tokenizer("<image><bos>detect red circle", add_special_tokens=False)["input_ids"]])
+    with pytest.raises(ValueError, match=r"rows \[0\] have no '\\n' after the image.*PALIGEMMA_TEMPLATE"):
+        bb(torch.randn(1, 3, SIDE, SIDE), ids, torch.ones_like(ids))
+    with pytest.raises(ValueError, match="flash"):
+        PaliGemmaBackbone(name_or_path=folder, attn_implementation="flash_attention_2")
+    from .qwen_tiny import make_qwen_folder
+
+    qwen = make_qwen_folder(tmp_path / "qwen", "qwen2_vl", layers=1)
+    with pytest.raises(ValueError, match="needs a 'paligemma' model, got model_type 'qwen2_vl'"):
+        PaliGemmaBackbone(name_or_path=qwen)
