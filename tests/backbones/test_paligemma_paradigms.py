@@ -85,7 +85,6 @@ def test_the_collate_writes_the_processors_rows(folder):
     assert row.tolist() == alone["input_ids"][0].tolist() and alone["token_type_ids"].sum() == 0
 
 
-@pytest.mark.slow
 def test_pixel2seq_with_the_paligemma_codec_trains_in_its_frame(folder):
     built = build(recipe_from_dict(_recipe(folder, _pixel2seq())))
     batch = next(iter(built.datamodule.train_dataloader()))
@@ -102,7 +101,6 @@ def test_pixel2seq_with_the_paligemma_codec_trains_in_its_frame(folder):
     assert torch.allclose(back, torch.tensor([[0.0, 0.0, 60.0, 60.0]]))
 
 
-@pytest.mark.slow
 def test_heatmap_builds_and_steps_on_a_paligemma_backbone(folder):
     paradigm = {"_base_": str(RECIPES / "paradigm" / "heatmap.yaml"), "tasks": ["rec"],
                 "aligner": {"dim": 32, "depth": 1, "heads": 2}}
