@@ -121,6 +121,8 @@ class PaliGemmaBackbone(_SplicingBackbone):
         tokenizer: a tokenizer name or folder (``None``: ``name_or_path``'s); it must hold
             ``<image>`` (the config's image id), a bos token and ``\\n`` as one token.
         image_mean, image_std: normalisation (``None``: the preprocessor's, else 0.5 / 0.5).
+        resample: ``"bicubic"`` or ``"bilinear"`` (``None``: the preprocessor's ``resample``, else
+            bicubic as released).
         dtype, attn_implementation: as for :class:`~vlzoo.backbones.LlavaBackbone` (``eager`` or
             ``sdpa``; PaliGemma refuses flash attention, which cannot hold the prefix mask).
         freeze_vision, freeze_projector, freeze_lm, train_new_embeddings, lora,
@@ -139,6 +141,7 @@ class PaliGemmaBackbone(_SplicingBackbone):
         tokenizer: str | None = None,
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
+        resample: str | None = None,
         dtype: str = "float32",
         attn_implementation: str | None = None,
         freeze_vision: bool = True,
@@ -207,17 +210,20 @@ class PaliGemmaBackbone(_SplicingBackbone):
                     f"{source}: preprocessor_config.json size {size} is not the vision tower's {self._input_size} x "
                     f"{self._input_size} square"
                 )
-        resample = int(settings.get("resample", 3))
-        if resample not in _RESAMPLE:
-            raise ValueError(
-                f"{source}: preprocessor_config.json resample={resample} is not one vlzoo reproduces "
-                f"({', '.join(f'{k} ({v})' for k, v in _RESAMPLE.items())})"
-            )
-        self._resample = _RESAMPLE[resample]
+        if resample is None:
+            code = int(settings.get("resample", 3))
+            if code not in _RESAMPLE:
+                raise ValueError(
+                    f"{source}: preprocessor_config.json resample={code} is not one vlzoo reproduces "
+                    f"({', '.join(f'{k} ({v})' for k, v in _RESAMPLE.items())})"
+                )
+            resample = _RESAMPLE[code]
+        #: the frame's interpolation (``vlzoo export`` keeps it)
+        self.resample = str(resample)
         self._mean = tuple(float(v) for v in (image_mean or settings.get("image_mean") or PALIGEMMA_MEAN))
         self._std = tuple(float(v) for v in (image_std or settings.get("image_std") or PALIGEMMA_STD))
         self.transform = SquareResizeTransform(size=self._input_size, mean=self._mean, std=self._std,
-                                               resample=self._resample)
+                                               resample=self.resample)
         self._setup_references_and_load(references, self.model.get_input_embeddings().weight.dtype, checkpoint)
         inner = self.model.model
         self._setup_policies(
@@ -285,7 +291,7 @@ class PaliGemmaBackbone(_SplicingBackbone):
         self.tokenizer.save_pretrained(folder)
         SiglipImageProcessor(
             size={"height": self._input_size, "width": self._input_size},
-            resample={v: k for k, v in _RESAMPLE.items()}[self._resample],
+            resample={v: k for k, v in _RESAMPLE.items()}[self.resample],
             image_mean=list(self._mean),
             image_std=list(self._std),
             image_seq_length=self.num_image_tokens,
