@@ -113,3 +113,18 @@ def test_heatmap_builds_and_steps_on_a_paligemma_backbone(folder):
     model.eval()
     preds = model.predict(batch)
     assert len(preds) == 8 and all(p.boxes.shape[-1] == 4 for p in preds)
+
+
+@pytest.mark.slow
+def test_pixel2emb_steps_and_predicts_on_a_paligemma_backbone(folder):
+    """NExT-Chat's trigger -> box head over PaliGemma: the training rows' triggers sit in the
+    causal answer, prediction decodes them through the shared loop (prefix bidirectional)."""
+    paradigm = {"_base_": str(RECIPES / "paradigm" / "pixel2emb.yaml"), "tasks": ["rec"], "max_new_tokens": 6}
+    built = build(recipe_from_dict(_recipe(folder, paradigm)))
+    batch = next(iter(built.datamodule.train_dataloader()))
+    assert "<trigger>" in batch.answers[0]
+    losses = _steps(built.model, batch, 3)
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    built.model.eval()
+    preds = built.model.predict(batch)
+    assert len(preds) == 8 and all(p.image_size == (32, 32) for p in preds)
