@@ -218,7 +218,7 @@ def test_every_gpu_recipe_passes_the_dry_run(path):
     assert report.ok, report.format()
     assert report.losses and report.predictions > 0
     trainable, total = report.parts[-1][1:]
-    assert 0 < trainable < total and total > 7_000_000_000
+    assert 0 < trainable < total and total > 2_500_000_000  # full size: PaliGemma-3B the smallest, the rest 7B+
     assert any(what == "model" for what, _, _ in report.replaced)
     assert report.memory is not None and report.memory.total > report.memory.trainable_bytes
 

@@ -81,6 +81,28 @@ def test_template_places_the_image_where_it_says():
         PromptTemplate(text="{image} {prompt} {image}")
 
 
+def test_a_verbatim_template_is_tokenized_as_written():
+    """PaliGemma's layout: no bos in front (the text writes it after the image), the trailing
+    newline kept, the answer right after it without a space."""
+    from tokenizers import AddedToken
+
+    template = PromptTemplate(text="{image}<s>{prompt}\n", verbatim=True)
+    assert template.split("find it") == ("", "<s>find it\n") and template("x") == "<s>x\n"
+    assert repr(template) == "PromptTemplate(text='{image}<s>{prompt}\\n', verbatim=True)"
+    tok = shapes_tokenizer()
+    tok.add_tokens([AddedToken("\n", normalized=False)])
+    dm = _dm(template=template, tasks=["rec"], tokenizer=tok)
+    b = next(iter(dm.train_dataloader()))
+    newline, image_id = tok.convert_tokens_to_ids("\n"), tok.convert_tokens_to_ids("<image>")
+    for i in range(len(b)):
+        n = int(b.attention_mask[i].sum())
+        ids = b.input_ids[i, :n].tolist()
+        start = next(j for j, v in enumerate(b.labels[i].tolist()) if v != -100)
+        assert ids[:2] == [image_id, tok.bos_token_id] and ids[start - 1] == newline
+        assert ids[start:-1] == tok(b.answers[i], add_special_tokens=False)["input_ids"]  # the answer alone (the space check: tests/backbones/test_paligemma_paradigms.py)
+        assert tok.decode(ids[2 : start - 1]) == b.prompts[i].lower()
+
+
 def test_targets_in_input_and_original_frames():
     dm = _dm(tasks=["reg", "seg"], keep_raw_images=True)
     b = next(iter(dm.train_dataloader()))

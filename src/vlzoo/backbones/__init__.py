@@ -4,7 +4,8 @@
 (:class:`TimmVisionEncoder`, :class:`ClipVisionEncoder`, :class:`SamImageEncoder`) with a
 :class:`CausalLM`; :class:`LlavaBackbone` adapts a native transformers LLaVA checkpoint to the
 same interface, :class:`Qwen2VLBackbone` / :class:`Qwen25VLBackbone` native Qwen2-VL / Qwen2.5-VL
-checkpoints (their ``smart_resize`` frame and M-RoPE).  Training policies live in :mod:`vlzoo.backbones.policies`.  :class:`Backbone`
+checkpoints (their ``smart_resize`` frame and M-RoPE), :class:`PaliGemmaBackbone` native PaliGemma
+checkpoints (a fixed square frame and prefix-LM attention).  Training policies live in :mod:`vlzoo.backbones.policies`.  :class:`Backbone`
 (:mod:`vlzoo.backbones.interface`) is that interface as a typed protocol: the sizes a paradigm
 reads (``hidden_size``, ``vision_width``, ``feature_grid``, ``input_size``) and its passes.
 """
@@ -20,6 +21,7 @@ from vlzoo.backbones.multimodal import (
     MultimodalOutput,
     build_projector,
 )
+from vlzoo.backbones.paligemma import PaliGemmaBackbone
 from vlzoo.backbones.policies import (
     apply_lora,
     enable_gradient_checkpointing,
@@ -45,6 +47,7 @@ __all__ = [
     "LlavaBackbone",
     "Qwen2VLBackbone",
     "Qwen25VLBackbone",
+    "PaliGemmaBackbone",
     "build_projector",
     "ReferenceEncoder",
     "WhisperAudioEncoder",

@@ -19,7 +19,9 @@ does differently lives in a :class:`DecodingHooks` subclass:
 Batches are left-padded prompts; position ids count attended tokens only, so a padded row
 decodes like the same row alone.  After a row emits an eos token it is filled with the pad id,
 which is not attended.  ``use_cache=False`` re-runs the whole (embedded) sequence every step -
-the same embeddings, so the same answers - and exists to check the cache.
+the same embeddings, so the same answers - and exists to check the cache.  A prefix LM
+(PaliGemma: ``backbone.bidirectional_prefix``) reads its whole prompt bidirectionally in the
+prompt pass; every generated token is causal (it sees the prompt and the tokens before it).
 """
 
 from __future__ import annotations
@@ -181,21 +183,26 @@ def greedy_decode(
     sp = backbone.splice(text, prompt_ids, prompt_attention_mask, image_tokens)
     embeds, mask = sp.embeds, sp.attention_mask
     positions = backbone.position_ids(sp, image_features)  # (B, T), or (3, B, T) for M-RoPE
+    # a prefix LM's bidirectional prompt (PaliGemma); generated tokens are causal
+    prefix = backbone.bidirectional_prefix(prompt_ids, sp) if hasattr(backbone, "bidirectional_prefix") else None
     cache = None
     if use_cache:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=backbone._lm().get_decoder().config)
-    head = backbone._lm().get_output_embeddings()
+    head = backbone.lm_logits if hasattr(backbone, "lm_logits") else backbone._lm().get_output_embeddings()
 
-    def run(step_embeds: Tensor, step_positions: Tensor, layers: Sequence[int] | None) -> tuple[Tensor, dict[int, Tensor]]:
+    def run(
+        step_embeds: Tensor, step_positions: Tensor, layers: Sequence[int] | None, step_prefix: Tensor | None = None
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        extra = {} if step_prefix is None else {"prefix": step_prefix}
         hidden, captured = backbone._decode(
-            step_embeds, mask, step_positions, past_key_values=cache, attention_layers=layers
+            step_embeds, mask, step_positions, past_key_values=cache, attention_layers=layers, **extra
         )
         # the newest query's row, whether the pass covered one position (cache) or all of them
         return hidden, {k: v[:, :, -1] for k, v in captured.items()}
 
-    hidden, attentions = run(embeds, positions, hooks.attention_layers(None))
+    hidden, attentions = run(embeds, positions, hooks.attention_layers(None), prefix)
     state = DecodingState(
         step=0,
         ids=prompt_ids,
@@ -224,12 +231,16 @@ def greedy_decode(
         mask = torch.cat([mask, attended], 1)
         next_position = positions[..., -1:] + 1
         positions = torch.cat([positions, next_position], -1)
+        step_prefix = None  # one causal query over the cache: every earlier key is visible
         if use_cache:
             step_embeds, step_positions = token_embeds, next_position
         else:
             embeds = torch.cat([embeds, token_embeds], 1)
             step_embeds, step_positions = embeds, positions
-        hidden, attentions = run(step_embeds, step_positions, hooks.attention_layers(token))
+            if prefix is not None:
+                prefix = torch.cat([prefix, prefix.new_zeros(prefix.shape[0], 1)], 1)
+                step_prefix = prefix
+        hidden, attentions = run(step_embeds, step_positions, hooks.attention_layers(token), step_prefix)
         state = DecodingState(
             step=step + 1,
             ids=torch.cat([state.ids, token[:, None]], 1),

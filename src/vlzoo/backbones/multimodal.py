@@ -361,6 +361,42 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
         Generation continues the last position by one on every axis."""
         return (spliced.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
+    def bidirectional_prefix(self, input_ids: Tensor, spliced: _Spliced) -> Tensor | None:
+        """``(B, T)`` bool: the expanded positions of each row that attend each other both ways
+        (a prefix LM's prefix, PaliGemma's image + prompt); the rest attends causally.  ``None``
+        (the default): causal attention everywhere.  ``input_ids`` are the text rows ``spliced``
+        was made from; generation marks every generated token causal."""
+        return None
+
+    def lm_logits(self, hidden: Tensor) -> Tensor:
+        """The LM head on last-layer hidden states (a backbone whose model post-processes its
+        logits, e.g. Gemma 2's soft-capping, overrides it)."""
+        return self._lm().get_output_embeddings()(hidden)
+
+    def _prefix_mask(
+        self, decoder: nn.Module, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any, prefix: Tensor
+    ) -> Any:
+        """The decoder's attention mask with ``prefix`` bidirectional (transformers' own mask
+        builder with block ids, as PaliGemma's ``token_type_ids`` do; both kinds for a LM with
+        sliding-window layers)."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        kwargs = {
+            "config": decoder.config,
+            "inputs_embeds": embeds,
+            "attention_mask": attention_mask,
+            "cache": cache,
+            "position_ids": position_ids,
+            "block_sequence_ids": torch.where(prefix, 0, -1),
+            "allow_is_causal_skip": False,
+        }
+        if "cache" not in inspect.signature(create_causal_mask).parameters:  # transformers < 5
+            kwargs["past_key_values"] = kwargs.pop("cache")
+        mask = create_causal_mask(**kwargs)
+        if getattr(decoder.config, "sliding_window", None) is not None:
+            return {"full_attention": mask, "sliding_attention": create_sliding_window_causal_mask(**kwargs)}
+        return mask
+
     # --- the LM ---------------------------------------------------------------------------------
     def _decode(
         self,
@@ -370,7 +406,10 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
         *,
         past_key_values: Any = None,
         attention_layers: Sequence[int] | None = None,
+        prefix: Tensor | None = None,
     ) -> tuple[Tensor, dict[int, Tensor]]:
+        """Run the LM on spliced embeddings; ``prefix`` (``(B, T)`` bool over the keys, from
+        :meth:`bidirectional_prefix`) makes those positions attend each other both ways."""
         decoder = self._lm().get_decoder()
         captured: dict[int, Tensor] = {}
         with contextlib.ExitStack() as stack:
@@ -387,9 +426,12 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
 
                     handle = attn.register_forward_hook(_hook)
                     stack.callback(handle.remove)
+            mask: Any = attention_mask
+            if prefix is not None:  # built inside the eager block: the mask's form follows the kernel
+                mask = self._prefix_mask(decoder, embeds, attention_mask, position_ids, past_key_values, prefix)
             out = decoder(
                 inputs_embeds=embeds,
-                attention_mask=attention_mask,
+                attention_mask=mask,
                 position_ids=position_ids,
                 use_cache=past_key_values is not None,
                 **{_cache_argument(decoder): past_key_values},
@@ -426,9 +468,13 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
         sp = self.splice(text, input_ids, attention_mask, image_tokens, labels)
         position_ids = self.position_ids(sp, image_features)
         hidden, attentions = self._decode(
-            sp.embeds, sp.attention_mask, position_ids, attention_layers=output_attentions
+            sp.embeds,
+            sp.attention_mask,
+            position_ids,
+            attention_layers=output_attentions,
+            prefix=self.bidirectional_prefix(input_ids, sp),
         )
-        logits = self._lm().get_output_embeddings()(hidden)
+        logits = self.lm_logits(hidden)
         loss = None
         if sp.labels is not None:
             target = sp.labels[:, 1:]

@@ -52,14 +52,21 @@ class PromptTemplate:
     (causal attention) can attend to it.  The text is tokenized in two parts, before and after
     ``{image}``.  The default uses only words the Shapes tokenizer knows and reads naturally to
     chat models; use e.g. ``"USER: {prompt} ASSISTANT:"`` for a Vicuna-style model.
+
+    ``verbatim=True`` tokenizes the text exactly as written: nothing is stripped (a trailing
+    ``\n`` stays), no ``bos`` is put in front (write it where the model wants it) and the answer
+    follows the text's last character directly, without the usual space.  PaliGemma's layout
+    ``<image> <bos> prompt \n answer <eos>`` is ``PromptTemplate(text="{image}<bos>{prompt}\n",
+    verbatim=True)`` (``vlzoo.backbones.paligemma.PALIGEMMA_TEMPLATE``).
     """
 
-    def __init__(self, *, text: str = DEFAULT_TEMPLATE) -> None:
+    def __init__(self, *, text: str = DEFAULT_TEMPLATE, verbatim: bool = False) -> None:
         if text.count("{prompt}") != 1:
             raise ValueError(f"PromptTemplate: text must contain '{{prompt}}' exactly once, got {text!r}")
         if text.count("{image}") > 1:
             raise ValueError(f"PromptTemplate: text may contain '{{image}}' at most once, got {text!r}")
         self.text = text
+        self.verbatim = bool(verbatim)
 
     @property
     def image_first(self) -> bool:
@@ -68,15 +75,16 @@ class PromptTemplate:
 
     def __call__(self, prompt: str) -> str:
         """The whole text with the instruction filled in (``{image}`` left out)."""
-        return " ".join(part for part in self.split(prompt) if part)
+        return ("" if self.verbatim else " ").join(part for part in self.split(prompt) if part)
 
     def split(self, prompt: str) -> tuple[str, str]:
         """``(text before the image, text after it)`` with the instruction filled in."""
         before, _, after = self.text.partition("{image}") if "{image}" in self.text else ("", "", self.text)
-        return before.replace("{prompt}", prompt).strip(), after.replace("{prompt}", prompt).strip()
+        before, after = before.replace("{prompt}", prompt), after.replace("{prompt}", prompt)
+        return (before, after) if self.verbatim else (before.strip(), after.strip())
 
     def __repr__(self) -> str:
-        return f"PromptTemplate(text={self.text!r})"
+        return f"PromptTemplate(text={self.text!r}" + (", verbatim=True)" if self.verbatim else ")")
 
 
 class SkippedBatch:
@@ -155,8 +163,9 @@ class VLCollate:
         parts = [self.template.split(p) for p in prompts]
         enc_before = self.tokenizer([b for b, _ in parts], add_special_tokens=False)["input_ids"]
         enc_p = self.tokenizer([a for _, a in parts], add_special_tokens=False)["input_ids"]
-        enc_a = self.tokenizer([" " + a for a in answers], add_special_tokens=False)["input_ids"]
-        head = [bos] if bos is not None else []
+        space = "" if self.template.verbatim else " "
+        enc_a = self.tokenizer([space + a for a in answers], add_special_tokens=False)["input_ids"]
+        head = [bos] if bos is not None and not self.template.verbatim else []
         seqs, labs, prompt_seqs = [], [], []
         for b_ids, p_ids, a_ids in zip(enc_before, enc_p, enc_a, strict=True):
             prompt = head + list(b_ids) + [image_tok] + list(p_ids)
