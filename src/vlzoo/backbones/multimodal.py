@@ -362,6 +362,11 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
         return (spliced.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     # --- the LM ---------------------------------------------------------------------------------
+    def _decoder_module(self) -> nn.Module:
+        """The module :meth:`_decode` runs (embeddings in, ``last_hidden_state`` out): the LM's
+        decoder; a family whose ``get_decoder()`` is the causal LM itself names its transformer."""
+        return self._lm().get_decoder()
+
     def _decode(
         self,
         embeds: Tensor,
@@ -371,7 +376,7 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
         past_key_values: Any = None,
         attention_layers: Sequence[int] | None = None,
     ) -> tuple[Tensor, dict[int, Tensor]]:
-        decoder = self._lm().get_decoder()
+        decoder = self._decoder_module()
         captured: dict[int, Tensor] = {}
         with contextlib.ExitStack() as stack:
             if attention_layers:
