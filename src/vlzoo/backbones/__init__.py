@@ -4,7 +4,7 @@
 (:class:`TimmVisionEncoder`, :class:`ClipVisionEncoder`, :class:`SamImageEncoder`) with a
 :class:`CausalLM`; :class:`LlavaBackbone` adapts a native transformers LLaVA checkpoint to the
 same interface, :class:`Qwen2VLBackbone` / :class:`Qwen25VLBackbone` native Qwen2-VL / Qwen2.5-VL
-checkpoints (their ``smart_resize`` frame and M-RoPE).  Training policies live in :mod:`vlzoo.backbones.policies`.  :class:`Backbone`
+checkpoints (their ``smart_resize`` frame and M-RoPE), :class:`Kosmos2Backbone` native Kosmos-2 ones.  Training policies live in :mod:`vlzoo.backbones.policies`.  :class:`Backbone`
 (:mod:`vlzoo.backbones.interface`) is that interface as a typed protocol: the sizes a paradigm
 reads (``hidden_size``, ``vision_width``, ``feature_grid``, ``input_size``) and its passes.
 """
@@ -12,6 +12,7 @@ reads (``hidden_size``, ``vision_width``, ``feature_grid``, ``input_size``) and 
 from vlzoo.backbones.audio import WhisperAudioEncoder
 from vlzoo.backbones.generation import DecodingHooks, DecodingState, greedy_decode
 from vlzoo.backbones.interface import Backbone
+from vlzoo.backbones.kosmos2 import Kosmos2Backbone
 from vlzoo.backbones.language import CausalLM, load_tokenizer
 from vlzoo.backbones.llava import LlavaBackbone
 from vlzoo.backbones.multimodal import (
@@ -45,6 +46,7 @@ __all__ = [
     "LlavaBackbone",
     "Qwen2VLBackbone",
     "Qwen25VLBackbone",
+    "Kosmos2Backbone",
     "build_projector",
     "ReferenceEncoder",
     "WhisperAudioEncoder",
