@@ -182,3 +182,20 @@ def test_bad_folders_and_templates_are_refused(folder, tmp_path):
     (tmp_path / "other" / "config.json").write_text('{"model_type": "llava"}')
     with pytest.raises(ValueError, match="needs a 'kosmos-2' model, got model_type 'llava'"):
         Kosmos2Backbone(name_or_path=str(tmp_path / "other"))
+
+
+def test_the_shipped_config_is_the_released_checkpoint_in_a_dry_run():
+    """The shipped microsoft/kosmos-2-patch14-224 facts: 1.66 B parameters on meta, the released
+    token ids (transformers' integration test: <image> 64003, </image> 64004, <grounding> 64012,
+    <patch_index_0044> 64057) and the 224 px resize frame."""
+    from vlzoo.backbones.shipped import dry_loading
+
+    with dry_loading():
+        bb = Kosmos2Backbone(name_or_path="microsoft/kosmos-2-patch14-224", dtype="bfloat16")
+    assert sum(p.numel() for p in {id(p): p for p in bb.parameters()}.values()) == 1_664_485_376
+    tok = bb.tokenizer
+    assert (bb.image_token_id, bb.end_image_token_id, bb.first_image_token_id) == (64003, 64004, 4)
+    assert tok.convert_tokens_to_ids(["<grounding>", "<phrase>", "<object>", "<patch_index_0044>"]) == [
+        64012, 64007, 64009, 64057]
+    assert (bb.input_size, bb.feature_grid, bb.num_image_tokens) == (224, (16, 16), 64)
+    assert bb.transform.geometry((480, 640)).input_size == (224, 224)
