@@ -83,7 +83,6 @@ def test_pixel2seq_with_the_kosmos2_codec_trains_in_its_frame(folder):
     assert torch.allclose(back, torch.tensor([[0.0, 0.0, 60.0, 60.0]]))
 
 
-@pytest.mark.slow
 def test_heatmap_builds_and_steps_on_a_kosmos2_backbone(folder):
     paradigm = {"_base_": str(RECIPES / "paradigm" / "heatmap.yaml"), "tasks": ["rec"],
                 "aligner": {"dim": 32, "depth": 1, "heads": 2}}
