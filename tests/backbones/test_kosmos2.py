@@ -95,18 +95,26 @@ def test_the_codec_tokens_are_the_tokenizers(folder):
 
 def test_the_frame_maps_boxes_exactly(folder):
     """The frame is the processor's resize straight to the tower's side: its pixel values for an
-    image at that side are the transform's, and a box written in the input frame has the patch
+    image at that side are the transform's (close to them for a resized one), and a box written in the input frame has the patch
     indices transformers' own helper gives the original box (random boxes, COCO-like sizes)."""
     from transformers import AutoImageProcessor
     from transformers.models.kosmos2.processing_kosmos2 import coordinate_to_patch_index
 
     bb = Kosmos2Backbone(name_or_path=folder)
     assert (bb.input_size, bb.feature_grid, bb.hidden_size, bb.vision_width) == (32, (4, 4), 64, 32)
-    assert bb.data_config["transform"] is bb.transform and bb.transform.mode == "resize"
+    assert bb.data_config["transform"] is bb.transform and bb.transform.mode == "resize"  # Kosmos2ResizeTransform
     image = torch.randint(0, 256, (3, SIDE, SIDE), dtype=torch.uint8)
     x, geo = bb.transform.image(image)
     ref = AutoImageProcessor.from_pretrained(folder)(images=[image], return_tensors="pt")["pixel_values"]
     assert torch.allclose(x[None], ref, atol=1e-5)
+    # resized (non-square, aspect ratio not kept) the pixels are close to the processor's bicubic
+    # (bilinear would be 0.07..0.10 away here)
+    for shape in ((3, 48, 64), (3, 90, 60)):
+        image = torch.randint(0, 256, shape, dtype=torch.uint8)
+        x, geo = bb.transform.image(image)
+        assert geo.input_size == (SIDE, SIDE) and geo.scale == (SIDE / shape[2], SIDE / shape[1])
+        ref = AutoImageProcessor.from_pretrained(folder)(images=[image], return_tensors="pt")["pixel_values"]
+        assert (x[None] - ref).abs().mean() < 0.01
     codec, rng = Kosmos2Codec(), random.Random(0)
     for _ in range(2000):
         h, w = rng.choice([(480, 640), (427, 640), (640, 480), (375, 500), (612, 612), (360, 640)])

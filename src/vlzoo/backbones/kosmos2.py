@@ -11,7 +11,7 @@ on it:
   ``image_size`` x ``image_size`` (224; the aspect ratio is not kept, the centre crop that
   follows is a no-op), so the ``kosmos2`` codec's 32 x 32 patch indices are fractions of the
   *original* image on both axes; the backbone declares that resize
-  (:class:`~vlzoo.data.transforms.ResizeTransform` ``mode="resize"``) in
+  (:class:`Kosmos2ResizeTransform`: bicubic, as the processor resamples) in
   ``data_config["transform"]`` and predictions map back through it;
 * **splicing** - the processor writes ``<s><image>`` + 64 placeholder ids + ``</image>`` before
   the text and an ``image_embeds_position_mask`` marking the 64.  Here the datamodule's single
@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlzoo.backbones.multimodal import _Spliced, _SplicingBackbone
@@ -56,8 +57,9 @@ from vlzoo.backbones.vision import _dtype
 from vlzoo.data.smart_resize import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vlzoo.data.tokenizer import IMAGE_TOKEN
 from vlzoo.data.transforms import ResizeTransform
+from vlzoo.structures import ImageTransform
 
-__all__ = ["Kosmos2Backbone", "KOSMOS2_TEMPLATE", "KOSMOS2_TAG_TOKENS", "KOSMOS2_PATCH_TOKENS"]
+__all__ = ["Kosmos2Backbone", "Kosmos2ResizeTransform", "KOSMOS2_TEMPLATE", "KOSMOS2_TAG_TOKENS", "KOSMOS2_PATCH_TOKENS"]
 
 #: the processor's text after the image for a grounded answer (``<grounding>`` then the prompt),
 #: as a :class:`~vlzoo.data.PromptTemplate` text (``data.template``); the collate puts ``<s>`` first
@@ -70,6 +72,29 @@ KOSMOS2_TAG_TOKENS = (
 #: the location tokens it adds after them (ids 64013..65036)
 KOSMOS2_PATCH_TOKENS = tuple(f"<patch_index_{k:04d}>" for k in range(1024))
 _EOI = "</image>"
+
+
+class Kosmos2ResizeTransform(ResizeTransform):
+    """Kosmos-2's frame: every image resized straight to ``size`` x ``size`` (aspect ratio not
+    kept), resampled with antialiased bicubic interpolation as the processor's ``resample=3``
+    (PIL bicubic) does, then normalised.  The geometry is ``ResizeTransform(mode="resize")``'s."""
+
+    def __init__(self, *, size: int = 224, mean: Sequence[float] = OPENAI_CLIP_MEAN,
+                 std: Sequence[float] = OPENAI_CLIP_STD) -> None:
+        super().__init__(size=size, mode="resize", mean=mean, std=std)
+
+    def image(self, image: Tensor) -> tuple[Tensor, ImageTransform]:
+        geo = self.geometry((int(image.shape[-2]), int(image.shape[-1])))
+        x = image.float().div_(255.0)
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x[None], size=self.size, mode="bicubic", align_corners=False, antialias=True)[0]
+            x = x.clamp_(0.0, 1.0)
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(3, 1, 1)
+        return (x - mean) / std, geo
+
+    def __repr__(self) -> str:
+        return f"Kosmos2ResizeTransform(size={self.size[0]})"
 
 
 def _kosmos2_config(settings: dict[str, Any]) -> Any:
@@ -210,7 +235,7 @@ class Kosmos2Backbone(_SplicingBackbone):
         self._check_frame(settings, source)
         self._mean = tuple(float(v) for v in (image_mean or settings.get("image_mean") or OPENAI_CLIP_MEAN))
         self._std = tuple(float(v) for v in (image_std or settings.get("image_std") or OPENAI_CLIP_STD))
-        self.transform = ResizeTransform(size=self._input_size, mode="resize", mean=self._mean, std=self._std)
+        self.transform = Kosmos2ResizeTransform(size=self._input_size, mean=self._mean, std=self._std)
         if checkpoint is not None and read_weights(checkpoint, "backbone checkpoint"):
             self._load_backbone(checkpoint)
         self._setup_policies(
