@@ -95,3 +95,13 @@ def test_heatmap_builds_and_steps_on_a_kosmos2_backbone(folder):
     model.eval()
     preds = model.predict(batch)
     assert len(preds) == 8 and all(p.boxes.shape[-1] == 4 for p in preds)
+
+
+def test_attention_keypoints_says_why_not(folder):
+    """Kosmos-2's 64 image tokens are latent queries, not the tower's grid: the paradigm that reads
+    the LM's attention over them as a map refuses the backbone when it is built."""
+    from vlzoo.backbones import Kosmos2Backbone
+    from vlzoo.paradigms import AttentionKeypoints
+
+    with pytest.raises(ValueError, match="4 image tokens that are not on its feature grid; use heatmap"):
+        AttentionKeypoints(backbone=Kosmos2Backbone(name_or_path=folder), tasks=["res"])
