@@ -1,5 +1,6 @@
 """Paradigms on the Kosmos-2 backbone through recipes: pixel2seq with the kosmos2 codec trains on
-Shapes in Kosmos-2's frame (60 px images resized to the tower's 32 px), heatmap builds and steps."""
+Shapes in Kosmos-2's frame (60 px images resized to the tower's 32 px), heatmap and pixel2emb build
+and step, attention_keypoints refuses it."""
 
 from __future__ import annotations
 
@@ -94,6 +95,17 @@ def test_heatmap_builds_and_steps_on_a_kosmos2_backbone(folder):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     model.eval()
     preds = model.predict(batch)
+    assert len(preds) == 8 and all(p.boxes.shape[-1] == 4 for p in preds)
+
+
+def test_pixel2emb_builds_and_steps_on_a_kosmos2_backbone(folder):
+    paradigm = {"_base_": str(RECIPES / "paradigm" / "pixel2emb.yaml"), "tasks": ["rec"]}
+    built = build(recipe_from_dict(_recipe(folder, paradigm)))
+    batch = next(iter(built.datamodule.train_dataloader()))
+    losses = _steps(built.model, batch, 6, lr=1e-3)
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+    built.model.eval()
+    preds = built.model.predict(batch)
     assert len(preds) == 8 and all(p.boxes.shape[-1] == 4 for p in preds)
 
 
