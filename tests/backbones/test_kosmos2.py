@@ -72,6 +72,24 @@ def test_the_processors_layout_and_the_native_logits(folder):
     assert torch.allclose(out.logits[keep], ref.logits[keep], atol=1e-5)
 
 
+def test_attention_maps_are_the_native_models(folder):
+    """Asked layers return (B, heads, T, T) maps computed with eager attention for the call (the
+    model stays on its sdpa kernel otherwise), equal to the native model's eager attentions."""
+    bb = Kosmos2Backbone(name_or_path=folder).eval()
+    ids, mask = _rows(bb, ["the red circle", "a blue square is left of the green triangle"])
+    images = torch.randn(2, 3, SIDE, SIDE)
+    out = bb(images, ids, mask, output_attentions=[0, -1])
+    t = out.attention_mask.shape[1]
+    assert sorted(out.attentions) == [0, 1] and out.attentions[0].shape == (2, 4, t, t)
+    assert bb._decoder_module().config._attn_implementation == "sdpa"
+    native = _native(folder)
+    native.config.text_config._attn_implementation = "eager"
+    with torch.no_grad():
+        ref = native(**bb.native_inputs(images, ids, mask), output_attentions=True)
+    for layer in (0, 1):
+        assert torch.allclose(out.attentions[layer], ref.attentions[layer], atol=1e-6)
+
+
 def test_the_codec_tokens_are_the_tokenizers(folder):
     """The kosmos2 codec's tokens are the processor's (tag tokens then patch indices, in its order,
     as in the released tokenizer: 64002.. and 64013..); pixel2seq adds no row for them."""
