@@ -139,7 +139,7 @@ def self_contained_recipe(recipe: Recipe, model: Any) -> tuple[dict[str, Any], d
                     changes.append(f"{key}.name_or_path: {node['name_or_path']} -> config and normalisation of the "
                                    "loaded vision tower")
                     node["name_or_path"] = None
-            elif name in ("LlavaBackbone", "Qwen2VLBackbone", "Qwen25VLBackbone", "PaliGemmaBackbone"):
+            elif name in ("LlavaBackbone", "Qwen2VLBackbone", "Qwen25VLBackbone", "PaliGemmaBackbone", "Kosmos2Backbone"):
                 module = _module_at(model, key)
                 if node.get("name_or_path") is not None:
                     node["config"] = _llava_config(module, key)
@@ -157,7 +157,7 @@ def self_contained_recipe(recipe: Recipe, model: Any) -> tuple[dict[str, Any], d
                 raise RecipeError(
                     f"vlzoo export: recipe key {key}.name_or_path ({node['name_or_path']}, a {name}) loads pretrained "
                     "files that the export cannot rebuild from a config yet; only CausalLM language models, CLIP vision "
-                    "towers, LLaVA, Qwen and PaliGemma backbones, timm encoders and checkpoint files are made self-contained"
+                    "towers, LLaVA, Qwen, PaliGemma and Kosmos-2 backbones, timm encoders and checkpoint files are made self-contained"
                 )
         for child_key, child in node.items():
             if child_key != "_target_":

@@ -5,7 +5,7 @@
 :class:`CausalLM`; :class:`LlavaBackbone` adapts a native transformers LLaVA checkpoint to the
 same interface, :class:`Qwen2VLBackbone` / :class:`Qwen25VLBackbone` native Qwen2-VL / Qwen2.5-VL
 checkpoints (their ``smart_resize`` frame and M-RoPE), :class:`PaliGemmaBackbone` native PaliGemma
-checkpoints (a fixed square frame and prefix-LM attention).  Training policies live in :mod:`vlzoo.backbones.policies`.  :class:`Backbone`
+checkpoints (a fixed square frame and prefix-LM attention), :class:`Kosmos2Backbone` native Kosmos-2 ones.  Training policies live in :mod:`vlzoo.backbones.policies`.  :class:`Backbone`
 (:mod:`vlzoo.backbones.interface`) is that interface as a typed protocol: the sizes a paradigm
 reads (``hidden_size``, ``vision_width``, ``feature_grid``, ``input_size``) and its passes.
 """
@@ -13,6 +13,7 @@ reads (``hidden_size``, ``vision_width``, ``feature_grid``, ``input_size``) and 
 from vlzoo.backbones.audio import WhisperAudioEncoder
 from vlzoo.backbones.generation import DecodingHooks, DecodingState, greedy_decode
 from vlzoo.backbones.interface import Backbone
+from vlzoo.backbones.kosmos2 import Kosmos2Backbone
 from vlzoo.backbones.language import CausalLM, load_tokenizer
 from vlzoo.backbones.llava import LlavaBackbone
 from vlzoo.backbones.multimodal import (
@@ -47,6 +48,7 @@ __all__ = [
     "LlavaBackbone",
     "Qwen2VLBackbone",
     "Qwen25VLBackbone",
+    "Kosmos2Backbone",
     "PaliGemmaBackbone",
     "build_projector",
     "ReferenceEncoder",

@@ -398,6 +398,11 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
         return mask
 
     # --- the LM ---------------------------------------------------------------------------------
+    def _decoder_module(self) -> nn.Module:
+        """The module :meth:`_decode` runs (embeddings in, ``last_hidden_state`` out): the LM's
+        decoder; a family whose ``get_decoder()`` is the causal LM itself names its transformer."""
+        return self._lm().get_decoder()
+
     def _decode(
         self,
         embeds: Tensor,
@@ -410,7 +415,7 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
     ) -> tuple[Tensor, dict[int, Tensor]]:
         """Run the LM on spliced embeddings; ``prefix`` (``(B, T)`` bool over the keys, from
         :meth:`bidirectional_prefix`) makes those positions attend each other both ways."""
-        decoder = self._lm().get_decoder()
+        decoder = self._decoder_module()
         captured: dict[int, Tensor] = {}
         with contextlib.ExitStack() as stack:
             if attention_layers:

@@ -208,6 +208,14 @@ class AttentionKeypoints(BaseParadigm):
         self.attention_heads = heads
         hidden_size, vision_width = int(backbone.hidden_size), int(backbone.vision_width)
         self.feature_grid = (int(backbone.feature_grid[0]), int(backbone.feature_grid[1]))
+        tokens = getattr(backbone, "num_image_tokens", None)  # a backbone whose image tokens are not its grid
+        if tokens is not None and int(tokens) != self.feature_grid[0] * self.feature_grid[1]:
+            raise ValueError(
+                f"paradigm 'attention_keypoints' reads the LM's attention over the image tokens as a "
+                f"{self.feature_grid[0]}x{self.feature_grid[1]} map, but {type(backbone).__name__} gives the LM "
+                f"{int(tokens)} image tokens that are not on its feature grid; use heatmap, pixel2emb or pixel2seq "
+                "on this backbone"
+            )
         self.input_size = int(backbone.input_size)
         self.heatmap_upsample = heatmap_upsample
         self.min_radius = min_radius

@@ -373,6 +373,18 @@ class PaliGemmaCodec(_TokenCodec):
         return _joined(one, self.separator_grammar(), min_count, max_count)
 
 
+#: how close (in patches) a corner must be to a patch edge to count as on it: a box that went
+#: through a resized frame in float32 (a 640 px edge at 20 px is 7.000001 px of a 224 px input)
+#: lands on the patch the original pixels give; 1e-5 patch is 2e-4 px of a 640 px image
+_EDGE_TOLERANCE = 1e-5
+
+
+def _on_edge(value: float) -> float:
+    """``value`` (in patch units) snapped to the nearest integer when within the tolerance."""
+    nearest = round(value)
+    return float(nearest) if abs(value - nearest) < _EDGE_TOLERANCE else value
+
+
 class Kosmos2Codec(_TokenCodec):
     """Kosmos-2 patch-index tokens on a 32 x 32 grid.
 
@@ -410,10 +422,11 @@ class Kosmos2Codec(_TokenCodec):
         x1, x2 = (min(max(v / w, 0.0), 1.0) for v in (x1, x2))
         y1, y2 = (min(max(v / h, 0.0), 1.0) for v in (y1, y2))
         n = self.side
-        ul_x, ul_y = min(math.floor(x1 * n), n - 1), min(math.floor(y1 * n), n - 1)
+        x1, y1, x2, y2 = (_on_edge(v * n) for v in (x1, y1, x2, y2))
+        ul_x, ul_y = min(math.floor(x1), n - 1), min(math.floor(y1), n - 1)
         # the processor's ceil(v * n - 1), kept inside the grid and not before the other corner
-        lr_x = min(max(math.ceil(x2 * n - 1), ul_x), n - 1)
-        lr_y = min(max(math.ceil(y2 * n - 1), ul_y), n - 1)
+        lr_x = min(max(math.ceil(x2 - 1), ul_x), n - 1)
+        lr_y = min(max(math.ceil(y2 - 1), ul_y), n - 1)
         return ul_y * n + ul_x, lr_y * n + lr_x
 
     def box_from_indices(self, ul: int, lr: int, image_size: tuple[int, int]) -> tuple[float, ...]:
