@@ -11,7 +11,7 @@ reads (``hidden_size``, ``vision_width``, ``feature_grid``, ``input_size``) and 
 """
 
 from vlzoo.backbones.audio import WhisperAudioEncoder
-from vlzoo.backbones.florence2 import Florence2Backbone
+from vlzoo.backbones.florence2 import Florence2Backbone, Florence2Template
 from vlzoo.backbones.generation import DecodingHooks, DecodingState, greedy_decode
 from vlzoo.backbones.interface import Backbone
 from vlzoo.backbones.language import CausalLM, load_tokenizer
@@ -48,6 +48,7 @@ __all__ = [
     "Qwen2VLBackbone",
     "Qwen25VLBackbone",
     "Florence2Backbone",
+    "Florence2Template",
     "build_projector",
     "ReferenceEncoder",
     "WhisperAudioEncoder",
