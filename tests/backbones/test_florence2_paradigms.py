@@ -108,3 +108,18 @@ def test_refocusing_and_attention_keypoints_are_refused_with_the_key(folder):
     batch = next(iter(built.datamodule.train_dataloader()))
     with pytest.raises(AttentionUnavailableError, match="paradigm.refocus_lambda"):
         built.model.loss(batch)
+
+
+@pytest.mark.slow
+def test_pixel2emb_reads_the_decoders_trigger_state(folder):
+    """NExT-Chat's <trigger><loc>: the trigger state (a decoder state) gives the box, the <loc>
+    input embedding (the box encoder's) enters the decoder, in training and in cached decoding."""
+    paradigm = {"_base_": str(RECIPES / "paradigm" / "pixel2emb.yaml"), "tasks": ["rec"], "mask_decoder": None}
+    built = build(recipe_from_dict(_recipe(folder, paradigm)))
+    model = built.model
+    batch = next(iter(built.datamodule.train_dataloader()))
+    losses = _steps(model, batch, 3)
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    model.eval()
+    preds = model.predict(batch)
+    assert len(preds) == 8
