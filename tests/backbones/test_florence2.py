@@ -159,6 +159,10 @@ def test_refusals_name_the_setting(folder, tmp_path):
     before = torch.cat([torch.tensor([[bb.tokenizer.convert_tokens_to_ids("▁the")]]), ids], 1)
     with pytest.raises(ValueError, match="text before the image"):
         bb(images, before, torch.ones_like(before))
+    from vlzoo.backbones import greedy_decode
+
+    with pytest.raises(TypeError, match="encoder-decoder"):
+        greedy_decode(bb, images, ids, mask)
     (tmp_path / "config.json").write_text('{"model_type": "qwen2_vl"}')
     with pytest.raises(ValueError, match="needs a 'florence2' model"):
         Florence2Backbone(name_or_path=str(tmp_path))

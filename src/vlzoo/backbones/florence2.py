@@ -554,6 +554,14 @@ class Florence2Backbone(_SplicingBackbone):
                 "backbone.references"
             )
 
+    def splice(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused: a decoder-only splice has no meaning for an encoder-decoder (the shared
+        :func:`~vlzoo.backbones.greedy_decode` loop would run the decoder without the encoder)."""
+        raise TypeError(
+            f"{type(self).__name__} is an encoder-decoder: it has no decoder-only splice; call its own forward / "
+            "generate / decode (vlzoo.backbones.greedy_decode is for decoder-only backbones)"
+        )
+
     # --- generation ---------------------------------------------------------------------------
     def native_inputs(
         self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None

@@ -2,8 +2,10 @@
 
 Every size a paradigm or its heads need comes from here and nowhere else (not from a recipe,
 not from a hard-coded default): :class:`Backbone` is a :class:`typing.Protocol`, implemented by
-:class:`~vlzoo.backbones.MultimodalBackbone` and :class:`~vlzoo.backbones.LlavaBackbone`, and
-any class with these members works as a paradigm's ``backbone``.
+:class:`~vlzoo.backbones.MultimodalBackbone` and :class:`~vlzoo.backbones.LlavaBackbone` (and the
+native Qwen and Florence-2 adapters), and any class with these members works as a paradigm's
+``backbone``.  For an encoder-decoder (:class:`~vlzoo.backbones.Florence2Backbone`) the hidden
+states are the encoder's followed by the decoder's (see its module doc).
 
 Sizes:
 
