@@ -66,9 +66,15 @@ def test_layout_and_logits_match_the_native_model(folder, native):
     te = enc.shape[1]
     assert out.image_positions[0].tolist() == list(range(1, 65))
     assert out.image_features.shape == (2, 32, 8, 8) and out.image_tokens.shape == (2, 64, 64)
-    # the answer ids map to the decoder block, after </s> <s>
+    # the answer ids map to the decoder block, after </s> <s>; the collate's lone space before the
+    # answer maps onto <s>, so the decoder reads <s><loc_..> as the processor's tokenizer writes it
     answer = (labels[0] != -100).nonzero().flatten()
-    assert out.positions[0, answer].tolist() == [te + 2 + j for j in range(len(answer))]
+    tok = bb.tokenizer
+    assert tok.convert_ids_to_tokens(int(ids[0, answer[0]])) == "\u2581"
+    assert out.positions[0, answer].tolist() == [te + 1] + [te + 2 + j for j in range(len(answer) - 1)]
+    assert native_in["decoder_input_ids"][0].tolist() == [bb.decoder_start_id, tok.bos_token_id] + tok(
+        "<loc_1><loc_2><loc_300><loc_999>", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    answer = answer[1:]
     with torch.no_grad():
         ref = native(**native_in)
     keep = out.attention_mask[:, te:].bool()

@@ -19,7 +19,8 @@ interface (:class:`~vlzoo.backbones.Backbone`) as far as an encoder-decoder can:
   tokens such as ``<OD>`` exactly as the processor does);
 * **the decoder's input** - ``</s> <s>`` (``decoder_start_token_id``, then the ``<s>`` the
   released model always writes first) followed by the answer; the loss is on the answer and its
-  ``</s>``.
+  ``</s>``.  A lone space piece before the answer (the collate writes ``" " + answer``) maps onto
+  ``<s>`` and is not trained, so the decoder reads the answer as the processor's tokenizer does.
 
 The expanded sequence of a :class:`~vlzoo.backbones.MultimodalOutput` is the encoder's sequence
 followed by the decoder's: ``hidden_states`` is ``(B, T_enc + T_dec, D)`` (the encoder's last
@@ -395,6 +396,14 @@ class Florence2Backbone(_SplicingBackbone):
             rows.append((prompt, answer))
         return rows
 
+    def _is_space(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a lone whitespace piece (BART's ``Ġ``, SentencePiece's ``▁``)."""
+        cache = self.__dict__.setdefault("_space_ids", {})
+        if token_id not in cache:
+            special = set(self.tokenizer.all_special_ids)
+            cache[token_id] = token_id not in special and self.tokenizer.decode([token_id]).strip() == ""
+        return cache[token_id]
+
     def _decoder_prefix(self) -> list[int]:
         bos = self.tokenizer.bos_token_id
         return [self.decoder_start_id] + ([] if bos is None else [int(bos)])
@@ -409,7 +418,7 @@ class Florence2Backbone(_SplicingBackbone):
         pad = int(self.tokenizer.pad_token_id)
         rows = self._split_rows(input_ids, attention_mask, labels)
         prefix = self._decoder_prefix()
-        enc_ids, enc_src, dec_ids, dec_src = [], [], [], []
+        enc_ids, enc_src, dec_ids, dec_src, dec_lead = [], [], [], [], []
         for b, (prompt, answer) in enumerate(rows):
             ids = input_ids[b].tolist()
             text = [i for i in prompt if ids[i] not in (bos, self.image_token_id)]
@@ -422,8 +431,14 @@ class Florence2Backbone(_SplicingBackbone):
                 elif ids[i] == bos and i not in place:
                     place[i] = n_image
             enc_src.append(place)
+            lead = {}
+            if answer and self._is_space(ids[answer[0]]):
+                # the collate writes " " + answer: a lone space token is not what the processor's
+                # tokenizer gives the decoder (<s><loc_..>); it maps onto <s> and is not trained
+                lead, answer = {answer[0]: len(prefix) - 1}, answer[1:]
             dec_ids.append(prefix + [ids[i] for i in answer])
             dec_src.append({i: len(prefix) + j for j, i in enumerate(answer)})
+            dec_lead.append(lead)
         te = max(len(r) for r in enc_ids)
         td = max(len(r) for r in dec_ids)
         b = len(rows)
@@ -440,6 +455,8 @@ class Florence2Backbone(_SplicingBackbone):
             dec_mask[r, : len(dec_ids[r])] = 1
             for i, p in enc_src[r].items():
                 positions[r, i] = p
+            for i, p in dec_lead[r].items():
+                positions[r, i] = te + p
             for i, p in dec_src[r].items():
                 positions[r, i] = te + p
                 if labels is not None:
