@@ -653,6 +653,10 @@ class Florence2Backbone(_SplicingBackbone):
         memory = self._encode(enc_embeds, memory_mask)
         b = prompt_ids.shape[0]
         head = self._lm().get_output_embeddings()
+        lm = self._lm()
+        flag = "is_activation_checkpointing" if hasattr(type(lm), "is_activation_checkpointing") else "is_gradient_checkpointing"
+        if self.training and getattr(lm, flag, False):
+            use_cache = False  # transformers drops the cache under activation checkpointing: re-run instead
         cache = None
         if use_cache:
             from transformers import DynamicCache, EncoderDecoderCache
