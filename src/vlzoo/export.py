@@ -139,13 +139,15 @@ def self_contained_recipe(recipe: Recipe, model: Any) -> tuple[dict[str, Any], d
                     changes.append(f"{key}.name_or_path: {node['name_or_path']} -> config and normalisation of the "
                                    "loaded vision tower")
                     node["name_or_path"] = None
-            elif name in ("LlavaBackbone", "Qwen2VLBackbone", "Qwen25VLBackbone"):
+            elif name in ("LlavaBackbone", "Qwen2VLBackbone", "Qwen25VLBackbone", "Florence2Backbone"):
                 module = _module_at(model, key)
                 if node.get("name_or_path") is not None:
                     node["config"] = _llava_config(module, key)
                     node.update(_normalisation(module))
                     if hasattr(module, "min_pixels"):  # Qwen's frame: the loaded preprocessor's limits
                         node.update(min_pixels=int(module.min_pixels), max_pixels=int(module.max_pixels))
+                    if name == "Florence2Backbone":  # Florence-2's frame: the loaded preprocessor's side
+                        node["image_size"] = int(module.input_size)
                     changes.append(f"{key}.name_or_path: {node['name_or_path']} -> config and normalisation of the "
                                    "loaded LLaVA model")
                     node["name_or_path"] = None
