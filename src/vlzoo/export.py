@@ -157,7 +157,7 @@ def self_contained_recipe(recipe: Recipe, model: Any) -> tuple[dict[str, Any], d
                 raise RecipeError(
                     f"vlzoo export: recipe key {key}.name_or_path ({node['name_or_path']}, a {name}) loads pretrained "
                     "files that the export cannot rebuild from a config yet; only CausalLM language models, CLIP vision "
-                    "towers, LLaVA and Qwen backbones, timm encoders and checkpoint files are made self-contained"
+                    "towers, LLaVA, Qwen and Florence-2 backbones, timm encoders and checkpoint files are made self-contained"
                 )
         for child_key, child in node.items():
             if child_key != "_target_":
