@@ -101,13 +101,17 @@ def test_heatmap_reads_encoder_image_states_and_the_decoders_loc_state(folder):
 
 
 def test_refocusing_and_attention_keypoints_are_refused_with_the_key(folder):
-    from vlzoo.backbones.florence2 import AttentionUnavailableError
+    """Both read text-to-image self-attention, which an encoder-decoder has not: refused when
+    built, naming the recipe key; the backbone refuses attention maps in a pass too."""
+    from vlzoo.backbones import Florence2Backbone
+    from vlzoo.config.recipe import RecipeError
+    from vlzoo.paradigms import AttentionKeypoints
 
     paradigm = {"_base_": str(RECIPES / "paradigm" / "pixel2emb.yaml"), "tasks": ["rec"], "refocus_lambda": 0.1}
-    built = build(recipe_from_dict(_recipe(folder, paradigm)))
-    batch = next(iter(built.datamodule.train_dataloader()))
-    with pytest.raises(AttentionUnavailableError, match="paradigm.refocus_lambda"):
-        built.model.loss(batch)
+    with pytest.raises((ValueError, RecipeError), match="paradigm.refocus_lambda: 0"):
+        build(recipe_from_dict(_recipe(folder, paradigm)))
+    with pytest.raises(ValueError, match=r"paradigm\._target_.*pick pixel2seq, heatmap or pixel2emb"):
+        AttentionKeypoints(backbone=Florence2Backbone(name_or_path=folder), tasks=["res"])
 
 
 @pytest.mark.slow

@@ -181,6 +181,9 @@ class Florence2Backbone(_SplicingBackbone):
 
     family = "florence2"
     model_class = "Florence2ForConditionalGeneration"
+    #: no text-to-image self-attention (the decoder reads the image through cross-attention):
+    #: paradigms that need those maps refuse it when built (vlzoo.backbones.interface.check_attention_maps)
+    text_to_image_attention = False
 
     def __init__(
         self,
