@@ -98,6 +98,9 @@ def test_heatmap_reads_encoder_image_states_and_the_decoders_loc_state(folder):
     model.eval()
     preds = model.predict(batch)
     assert len(preds) == 8 and all(p.boxes.shape[-1] == 4 for p in preds)
+    model.route = "generated"  # [LOC] read from the decoding pass: the decoder's state, encoder image states
+    preds = model.predict(batch)
+    assert len(preds) == 8
 
 
 def test_refocusing_and_attention_keypoints_are_refused_with_the_key(folder):
