@@ -139,7 +139,7 @@ def self_contained_recipe(recipe: Recipe, model: Any) -> tuple[dict[str, Any], d
                     changes.append(f"{key}.name_or_path: {node['name_or_path']} -> config and normalisation of the "
                                    "loaded vision tower")
                     node["name_or_path"] = None
-            elif name in ("LlavaBackbone", "Qwen2VLBackbone", "Qwen25VLBackbone", "PaliGemmaBackbone", "Kosmos2Backbone"):
+            elif name in ("LlavaBackbone", "Qwen2VLBackbone", "Qwen25VLBackbone", "PaliGemmaBackbone", "Kosmos2Backbone", "Florence2Backbone"):
                 module = _module_at(model, key)
                 if node.get("name_or_path") is not None:
                     node["config"] = _llava_config(module, key)
@@ -148,6 +148,8 @@ def self_contained_recipe(recipe: Recipe, model: Any) -> tuple[dict[str, Any], d
                         node.update(min_pixels=int(module.min_pixels), max_pixels=int(module.max_pixels))
                     if isinstance(getattr(module, "resample", None), str):  # PaliGemma's frame: its interpolation
                         node["resample"] = module.resample
+                    if name == "Florence2Backbone":  # Florence-2's frame: the loaded preprocessor's side
+                        node["image_size"] = int(module.input_size)
                     changes.append(f"{key}.name_or_path: {node['name_or_path']} -> config and normalisation of the "
                                    "loaded LLaVA model")
                     node["name_or_path"] = None
@@ -157,7 +159,7 @@ def self_contained_recipe(recipe: Recipe, model: Any) -> tuple[dict[str, Any], d
                 raise RecipeError(
                     f"vlzoo export: recipe key {key}.name_or_path ({node['name_or_path']}, a {name}) loads pretrained "
                     "files that the export cannot rebuild from a config yet; only CausalLM language models, CLIP vision "
-                    "towers, LLaVA, Qwen, PaliGemma and Kosmos-2 backbones, timm encoders and checkpoint files are made self-contained"
+                    "towers, LLaVA, Qwen, PaliGemma, Kosmos-2 and Florence-2 backbones, timm encoders and checkpoint files are made self-contained"
                 )
         for child_key, child in node.items():
             if child_key != "_target_":

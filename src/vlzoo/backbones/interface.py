@@ -2,8 +2,10 @@
 
 Every size a paradigm or its heads need comes from here and nowhere else (not from a recipe,
 not from a hard-coded default): :class:`Backbone` is a :class:`typing.Protocol`, implemented by
-:class:`~vlzoo.backbones.MultimodalBackbone` and :class:`~vlzoo.backbones.LlavaBackbone`, and
-any class with these members works as a paradigm's ``backbone``.
+:class:`~vlzoo.backbones.MultimodalBackbone` and :class:`~vlzoo.backbones.LlavaBackbone` (and the
+native Qwen and Florence-2 adapters), and any class with these members works as a paradigm's
+``backbone``.  For an encoder-decoder (:class:`~vlzoo.backbones.Florence2Backbone`) the hidden
+states are the encoder's followed by the decoder's (see its module doc).
 
 Sizes:
 
@@ -29,7 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["Backbone", "SIZE_PARAMETERS", "check_backbone"]
+__all__ = ["Backbone", "SIZE_PARAMETERS", "check_backbone", "check_attention_maps"]
 
 #: Decoder parameter name -> the :class:`Backbone` property it is filled from (``vlzoo.build``).
 SIZE_PARAMETERS: dict[str, str] = {
@@ -95,3 +97,15 @@ def check_backbone(backbone: object, paradigm: str) -> Backbone:
             "interface (vlzoo.backbones.Backbone: hidden_size, vision_width, feature_grid, input_size, ...)"
         )
     return backbone  # type: ignore[return-value]
+
+
+def check_attention_maps(backbone: object, paradigm: str, key: str, fix: str) -> None:
+    """Refuse, naming the recipe ``key`` and the ``fix``, a backbone without text-to-image
+    self-attention maps (an encoder-decoder such as :class:`~vlzoo.backbones.Florence2Backbone`
+    declares ``text_to_image_attention = False``: its decoder reaches the image only through
+    cross-attention) for a paradigm setting that reads those maps."""
+    if getattr(backbone, "text_to_image_attention", True) is False:
+        raise ValueError(
+            f"paradigm '{paradigm}' ({key}) reads text-to-image self-attention maps, which the backbone "
+            f"{type(backbone).__name__} (an encoder-decoder) does not have: {fix}"
+        )

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import masks_to_boxes
 
-from vlzoo.backbones.interface import Backbone, check_backbone
+from vlzoo.backbones.interface import Backbone, check_attention_maps, check_backbone
 from vlzoo.data.answers import AnswerFormat
 from vlzoo.decoders.heatmap import gaussian_heatmap_targets, heatmap_focal_loss
 from vlzoo.decoders.keypoints import (
@@ -169,6 +169,8 @@ class AttentionKeypoints(BaseParadigm):
         multimask: bool = False,
     ) -> None:
         check_backbone(backbone, self.name)
+        check_attention_maps(backbone, self.name, "paradigm._target_",
+                             "pick pixel2seq, heatmap or pixel2emb for this backbone")
         if getattr(backbone, "peft_model", None) is not None:
             raise ValueError(
                 "paradigm 'attention_keypoints' keeps the LMM frozen: remove backbone.lora from the recipe"

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlzoo.backbones.generation import DecodingHooks, DecodingState
-from vlzoo.backbones.interface import Backbone, check_backbone
+from vlzoo.backbones.interface import Backbone, check_attention_maps, check_backbone
 from vlzoo.backbones.references import crop_reference_tokens
 from vlzoo.data.answers import AnswerFormat
 from vlzoo.decoders.box import (
@@ -279,6 +279,8 @@ class Pixel2Emb(BaseParadigm):
             raise ValueError(f"paradigm.mask_loss must be 'bce' or 'focal', got {mask_loss!r}")
         if refocus_lambda < 0:
             raise ValueError(f"paradigm.refocus_lambda must be >= 0, got {refocus_lambda}")
+        if refocus_lambda > 0:
+            check_attention_maps(backbone, self.name, "paradigm.refocus_lambda", "set paradigm.refocus_lambda: 0")
         self._head_parts = {
             "box": box_decoder is not None,
             "encoder": box_encoder is not None,
