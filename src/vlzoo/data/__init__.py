@@ -6,6 +6,7 @@ See docs/data.md for the schema of a sample and what each task fills in.
 from __future__ import annotations
 
 from vlzoo.data.answers import BOX_PLACEHOLDER, AnswerFormat, plain_box_text
+from vlzoo.data.audio_files import read_audio
 from vlzoo.data.coco import CocoDataset
 from vlzoo.data.datamodule import DEFAULT_TEMPLATE, PromptTemplate, VLCollate, VLDataModule
 from vlzoo.data.errors import DataError
@@ -54,6 +55,7 @@ __all__ = [
     "save_shapes_tokenizer",
     "IMAGE_TOKEN",
     "SPECIAL_TOKENS",
+    "read_audio",
     "ResizeTransform",
     "PromptTemplate",
     "DEFAULT_TEMPLATE",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from vlzoo.structures import LOCALIZATION_TASKS, REFERENCE_START, REFERENCE_TOKENS, Sample
 
-__all__ = ["AnswerFormat", "BOX_PLACEHOLDER", "plain_box_text"]
+__all__ = ["AnswerFormat", "BOX_PLACEHOLDER", "plain_box_text", "spatial_reference_spans"]
 
 #: Placeholder a dataset writes into a prompt where a box of ``Sample.prompt_boxes`` is referred
 #: to (one per placeholder, in order), e.g. for REG.  The collate hands the format the sample in
