@@ -177,3 +177,14 @@ def test_a_reference_the_model_has_no_slot_for_is_refused(ckpt, model, spoken, t
         text_only(png, audio=_wav(spoken, 0), task="res")
     with pytest.raises(ValueError, match="takes no crop or box reference"):
         text_only(png, reference_box=[1, 1, 30, 30], task="res")
+
+
+def test_an_export_hears_as_its_checkpoint(ckpt, model, spoken, tmp_path) -> None:
+    folder = tmp_path / "heard-export"
+    assert main(["export", str(ckpt), str(folder)]) == 0
+    exported = vlzoo.load(folder)
+    assert exported.reference_modalities == ("audio", "crop") and exported.reference_tokens == K
+    sample, wav = spoken[2], _wav(spoken, 2)
+    a, b = model(sample.image, audio=wav, task="res"), exported(sample.image, audio=wav, task="res")
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.masks, b.masks)
+    assert torch.equal(a.evidence["heatmap"], b.evidence["heatmap"])
