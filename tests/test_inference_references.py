@@ -130,9 +130,42 @@ def test_the_clip_is_what_the_answer_depends_on(model, spoken) -> None:
     torch.testing.assert_close(both[0].boxes, heard.boxes, atol=1e-4, rtol=0)
 
 
+REGIONS = (f"{{_target_: vlzoo.data.RegionReferences, modality: crop, reference_tokens: {K}, dataset: "
+           f"{{_target_: vlzoo.data.ShapesDataset, split: test, size: {SIZE}, image_size: 64, tasks: [res]}}}}")
+
+
+def test_a_crop_reference_answers_as_vlzoo_predict_does(ckpt, model, tmp_path) -> None:
+    """A region as a crop reference: the answer to Shapes RES with the target shown as a crop
+    (vlzoo.data.RegionReferences through vlzoo predict) is the one vlzoo.load gives for its box."""
+    from vlzoo.data import RegionReferences, ShapesDataset
+    from vlzoo.predictions import encode_rle
+
+    output = tmp_path / "predictions.json"
+    argv = ["predict", "--checkpoint", str(ckpt), f"data.predict={REGIONS}", "data.eval_batch_size=1",
+            f"trainer.limit_predict_batches={SIZE}", "--output", str(output), "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    records = {r["image_id"]: r for r in json.loads(output.read_text())}
+    regions = RegionReferences(dataset=ShapesDataset(split="test", size=SIZE, image_size=64, tasks=["res"]),
+                               modality="crop", reference_tokens=K)
+    routes = set()
+    for index in range(SIZE):
+        sample = regions[index]
+        box = sample.prompt_boxes[0].tolist()
+        default = sample.prompt == instruction("res", expr=reference_text("crop", K))
+        routes.add(default)
+        pred = model(sample.image, reference_box=box, task="res", prompt=None if default else sample.prompt)
+        record = records[index]
+        x1, y1, x2, y2 = pred.boxes[0].tolist()
+        assert [x1, y1, x2 - x1, y2 - y1] == pytest.approx(record["bbox"], abs=1e-5)
+        assert float(pred.scores[0]) == pytest.approx(record["score"], abs=1e-7)
+        assert encode_rle(pred.masks[0]) == record["segmentation"]
+    assert routes == {True, False}  # the phrasing vlzoo.load writes, and another given verbatim
+
+
 def test_a_crop_reference_answers_as_the_recipes_collate_does(model, spoken) -> None:
-    """A region as a crop reference: the sample a dataset would write ("segment <crop span>.",
-    the box in Sample.prompt_boxes) through the recipe's own collate and predict_step."""
+    """A region of an image of another size as a crop reference: the sample a dataset would write
+    ("segment <crop span>.", the box in Sample.prompt_boxes) through the recipe's own collate and
+    predict_step."""
     image = Image.fromarray(spoken[1].image.permute(1, 2, 0).numpy()).resize((96, 80))  # not the input size
     pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
     box = [12.0, 10.0, 60.0, 50.0]

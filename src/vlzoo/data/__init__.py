@@ -15,6 +15,7 @@ from vlzoo.data.grefcoco import GRefCocoDataset
 from vlzoo.data.images import load_image
 from vlzoo.data.reasonseg import ReasonSegDataset
 from vlzoo.data.refcoco import RefCocoDataset, load_refs
+from vlzoo.data.regions import RegionReferences
 from vlzoo.data.shapes import (
     CATEGORY_NAMES,
     COLOUR_NAMES,
@@ -44,6 +45,7 @@ __all__ = [
     "ShapesDataset",
     "SpokenReferences",
     "SpokenShapesDataset",
+    "RegionReferences",
     "SHAPES_CATEGORIES",
     "CATEGORY_NAMES",
     "COLOUR_NAMES",
