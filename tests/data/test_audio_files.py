@@ -48,7 +48,7 @@ def test_samples_and_rate_in_either_order_arrays_and_tensors():
     ints = (tone * 32767).astype(np.int16)
     a = read_audio((tone.astype(np.float32), RATE))
     b = read_audio((RATE, ints))  # Gradio's order and dtype
-    c = read_audio((torch.from_numpy(tone), RATE))
+    c = read_audio((torch.from_numpy(tone), float(RATE)))  # librosa gives the rate as a float
     assert a.sample_rate == b.sample_rate == c.sample_rate == RATE
     np.testing.assert_allclose(b.waveform.numpy(), a.waveform.numpy(), atol=1e-4)
     assert torch.allclose(c.waveform, a.waveform)
@@ -62,6 +62,7 @@ def test_samples_and_rate_in_either_order_arrays_and_tensors():
     "value, says",
     [
         ((np.zeros(100), 0), "positive whole number of Hz"),
+        ((np.zeros(100), 16000.5), "positive whole number of Hz"),
         ((np.zeros((2, 3, 4)), 16000), "mono samples"),
         ((np.array(["a", "b"]), 16000), "integers or floats"),
         (3.5, "WAV file path"),

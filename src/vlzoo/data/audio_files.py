@@ -58,7 +58,7 @@ def read_audio(audio: Any, *, name: str = "audio") -> AudioClip:
         return _read_wav_file(Path(audio))
     if isinstance(audio, (tuple, list)) and len(audio) == 2:
         first, second = audio
-        rate, samples = (first, second) if _is_rate(first) else (second, first)
+        rate, samples = (first, second) if np.ndim(first) == 0 else (second, first)
         if not _is_rate(rate):
             raise ValueError(f"{name}: give (samples, sample rate) with the rate a positive whole number of Hz, got {rate!r}")
         return AudioClip(torch.from_numpy(_mono(samples, name=name)), int(rate))
@@ -68,7 +68,10 @@ def read_audio(audio: Any, *, name: str = "audio") -> AudioClip:
 
 
 def _is_rate(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and int(value) > 0
+    """A sample rate: a positive whole number of Hz (``16000``, ``np.int64(16000)``, ``16000.0``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return float(value).is_integer() and float(value) > 0
 
 
 def _read_wav_file(path: Path) -> AudioClip:
