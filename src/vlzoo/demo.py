@@ -6,6 +6,11 @@ expression, choose the task, and see each model's overlay and its JSON answer
 (:func:`vlzoo.inference.predictions_to_json`).  Several models answer side by side - the
 head-to-head study, live.  The answer is the one :func:`vlzoo.load` gives (the endpoint
 ``/answer`` serves it to ``gradio_client`` as well).
+
+When a model has an audio reference slot (``backbone.references`` with ``audio``) the page also
+takes a spoken reference - a WAV upload or a microphone recording - in place of the expression
+(``/answer`` then has a fifth input, the clip), and the examples include the Shapes scenes with
+their expressions spoken by espeak-ng when it is installed.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 from vlzoo.config import RecipeError
 from vlzoo.inference import CATEGORY_TASKS, TrainedModel, load
 
-__all__ = ["make_app", "shapes_examples", "serve", "API_NAME"]
+__all__ = ["make_app", "shapes_examples", "spoken_examples", "hears", "serve", "API_NAME"]
 
 #: The endpoint of the answer (``gradio_client``: ``client.predict(..., api_name="/answer")``).
 API_NAME = "answer"
@@ -34,10 +39,17 @@ def _gradio() -> Any:
     return gr
 
 
+def hears(models: Sequence[TrainedModel]) -> bool:
+    """Whether any of ``models`` takes a spoken reference (an audio reference slot)."""
+    return any("audio" in m.reference_modalities for m in models)
+
+
 def shapes_examples(models: Sequence[TrainedModel], folder: str | Path, *, count: int = 4) -> list[list[Any]]:
     """``[[image.png, expression, task, box], ...]``: scenes of the Shapes test split (the
     first model recipe's own test split when it is Shapes) saved as PNG files in ``folder``, one
-    per task the models do, taken in turn."""
+    per task the models do, taken in turn.  When the models :func:`hears`, every row has a fifth
+    column, the spoken clip (``None`` for a text row), and the rec / res scenes come again with
+    their expression spoken (:func:`spoken_examples`)."""
     from PIL import Image
 
     from vlzoo.data import ShapesDataset
@@ -66,7 +78,35 @@ def shapes_examples(models: Sequence[TrainedModel], folder: str | Path, *, count
         else:
             expression = sample.targets.expressions[0]
         rows.append([str(path), expression, task, box])
+    if hears(models):
+        rows = [row + [None] for row in rows] + spoken_examples(rows, folder)
     return rows
+
+
+def spoken_examples(rows: Sequence[Sequence[Any]], folder: Path) -> list[list[Any]]:
+    """The rec / res rows of ``rows`` with the expression spoken instead
+    (``[image.png, "", task, "", clip.wav]``, espeak-ng's first Spoken Shapes voice, cached as
+    Spoken Shapes caches); none when espeak-ng is not installed."""
+    import shutil
+
+    from vlzoo.data.speech import EspeakSynthesizer, SynthesizerMissing
+    from vlzoo.data.spoken import DEFAULT_SPEEDS, DEFAULT_VOICES
+
+    spoken = [row for row in rows if row[2] in ("rec", "res") and row[1]]
+    if not spoken:
+        return []
+    try:
+        synthesizer = EspeakSynthesizer()
+    except SynthesizerMissing:
+        return []
+    out: list[list[Any]] = []
+    for index, (image, expression, task, *_rest) in enumerate(spoken):
+        synthesizer(expression, voice=DEFAULT_VOICES[0], speed=DEFAULT_SPEEDS[1])
+        cached, _ = synthesizer.paths(expression, DEFAULT_VOICES[0], DEFAULT_SPEEDS[1])
+        clip = folder / f"spoken-{index}-{task}.wav"
+        shutil.copyfile(cached, clip)
+        out.append([image, "", task, "", str(clip)])
+    return out
 
 
 def _box(text: str | None) -> list[float] | None:
@@ -93,7 +133,7 @@ def make_app(models: Sequence[TrainedModel], *, examples_dir: str | Path | None 
     tasks = list(dict.fromkeys(t for m in models for t in m.tasks))  # what the models were trained for
     counter = {"n": 0}
 
-    def answer(image: str | None, expression: str, task: str, box: str) -> list[Any]:
+    def answer(image: str | None, expression: str, task: str, box: str, audio: str | None = None) -> list[Any]:
         if image is None:
             raise gr.Error("upload an image or pick an example first")
         out: list[Any] = []
@@ -101,24 +141,32 @@ def make_app(models: Sequence[TrainedModel], *, examples_dir: str | Path | None 
         for index, model in enumerate(models):
             target = overlays / f"answer-{counter['n']}-{index}.png"
             try:
-                result = model.answer(image, expression or None, task=task, box=_box(box), overlay=target)
-                result.pop("image", None)
-                result.pop("overlay", None)
+                result = model.answer(image, expression or None, task=task, box=_box(box), overlay=target,
+                                      audio=audio or None)
+                for key in ("image", "overlay", "audio"):  # the server's copies of the uploads
+                    result.pop(key, None)
                 out += [str(target), result]
             except ValueError as err:
                 out += [None, {"error": str(err)}]
         return out
 
     with gr.Blocks(title=title) as app:
+        spoken = hears(models)
         gr.Markdown(f"# {title}\nAsk {'these models' if len(models) > 1 else 'a trained model'} where things are: "
                     "upload an image or pick an example, type an expression (a category name for det / seg / pose), "
-                    "choose the task. For reg, give the region as x1,y1,x2,y2.")
+                    "choose the task. For reg, give the region as x1,y1,x2,y2."
+                    + (" Or say what to find: upload or record a spoken reference and leave the expression empty."
+                       if spoken else ""))
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", format="png", label="image", sources=["upload", "clipboard"])
                 expression = gr.Textbox(label="expression", placeholder="the red circle", elem_id="expression")
                 task = gr.Dropdown(choices=tasks, value=tasks[0], label="task", elem_id="task")
                 box = gr.Textbox(label="box (x1,y1,x2,y2, for reg)", value="", elem_id="box")
+                inputs = [image, expression, task, box]
+                if spoken:
+                    inputs.append(gr.Audio(type="filepath", format="wav", sources=["upload", "microphone"],
+                                           label="spoken reference (in place of the expression)", elem_id="audio"))
                 button = gr.Button("Answer", variant="primary", elem_id="answer-button")
         outputs: list[Any] = []
         with gr.Row():
@@ -131,8 +179,8 @@ def make_app(models: Sequence[TrainedModel], *, examples_dir: str | Path | None 
                     outputs.append(gr.JSON(label=f"answer ({model.name})", elem_id=f"answer-{index}"))
         rows = shapes_examples(models, work / "examples")
         if rows:
-            gr.Examples(examples=rows, inputs=[image, expression, task, box], label="Shapes test scenes")
-        button.click(answer, inputs=[image, expression, task, box], outputs=outputs, api_name=API_NAME)
+            gr.Examples(examples=rows, inputs=inputs, label="Shapes test scenes")
+        button.click(answer, inputs=inputs, outputs=outputs, api_name=API_NAME)
     return app
 
 

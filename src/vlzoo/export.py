@@ -13,8 +13,9 @@ Self-contained means the recipe rebuilds the *architecture* only: every pretrain
 is neutralised - ``checkpoint`` files (a stage-0 backbone, another run's ``last.ckpt``, SAM
 weights) become ``null``, ``pretrained: true`` (timm) becomes ``false``, a language model, CLIP vision tower or LLaVA
 backbone named by ``name_or_path`` becomes the ``config`` of the loaded model (a tower or LLaVA
-also keeps its loaded ``image_mean`` / ``image_std``, so images are read as in training), and the
-tokenizer is the exported folder - and the full state dict is loaded over it.  :func:`vlzoo.load` and ``vlzoo infer`` read
+also keeps its loaded ``image_mean`` / ``image_std``, so images are read as in training), a
+pretrained Whisper audio encoder (``pretrained:`` a folder or hub name) becomes the ``config`` of
+the loaded encoder, and the tokenizer is the exported folder - and the full state dict is loaded over it.  :func:`vlzoo.load` and ``vlzoo infer`` read
 the folder without the training run, MLflow or any file it came from.
 """
 
@@ -155,6 +156,13 @@ def self_contained_recipe(recipe: Recipe, model: Any) -> tuple[dict[str, Any], d
                     node["name_or_path"] = None
                 node["tokenizer"] = TOKENIZER_DIR
                 paths[f"{key}.tokenizer"] = TOKENIZER_DIR
+            elif name == "WhisperAudioEncoder" and isinstance(node.get("pretrained"), str):
+                encoder = getattr(_module_at(model, key), "encoder", None)
+                settings = _scrubbed(_built_config(encoder, key, "audio encoder").to_dict())
+                settings.pop("model_type", None)
+                node["config"] = settings
+                changes.append(f"{key}.pretrained: {node['pretrained']} -> config of the loaded audio encoder")
+                node["pretrained"] = None
             elif isinstance(node.get("name_or_path"), str):
                 raise RecipeError(
                     f"vlzoo export: recipe key {key}.name_or_path ({node['name_or_path']}, a {name}) loads pretrained "

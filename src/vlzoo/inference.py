@@ -12,6 +12,14 @@ predict`` agree.  How the instruction is written from the expression is the data
 (:func:`vlzoo.data.templates.instruction`, its first phrasing): ``rec`` "where is {expr}?",
 ``res`` "segment {expr}.", ``det`` "detect every {category}." ...; ``prompt=`` gives the
 instruction verbatim instead.
+
+A model whose backbone has a reference encoder (``backbone.references``, :mod:`vlzoo.backbones.references`)
+is asked about a *reference* in place of the expression: a spoken clip (``audio=``: a WAV file or
+``(samples, rate)``) or a region of the image as a crop / box reference (``reference_box=``).  The
+instruction is the task's with the reference span :func:`~vlzoo.structures.reference_text` where
+the expression goes ("segment <ref_start><ref_audio> x k<ref_end>."), as Spoken Shapes writes it,
+so the sample is the one a dataset gives.  A model without that modality refuses it, naming what
+it takes.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch
 from torch import Tensor
 
 from vlzoo.config import Recipe, RecipeError, check_trust, recipe_from_dict
-from vlzoo.structures import CATEGORY_TASKS, ImageTransform, Predictions, Sample, Targets
+from vlzoo.structures import CATEGORY_TASKS, ImageTransform, Predictions, Sample, Targets, reference_text
 
 __all__ = [
     "TrainedModel",
@@ -41,6 +49,7 @@ __all__ = [
     "json_text",
     "CATEGORY_TASKS",
     "recipe_categories",
+    "REFERRING_TASKS",
     "EXPORT_MANIFEST",
     "WEIGHTS_FILE",
     "RECIPE_FILE",
@@ -54,6 +63,11 @@ RECIPE_FILE = "recipe.yaml"
 TOKENIZER_DIR = "tokenizer"
 #: The dataset slots of a datamodule: left out when only its transform and collate are needed.
 DATASET_KEYS = ("train", "val", "test", "predict")
+#: The tasks whose instruction names its referent with an expression - which a spoken, crop or
+#: box reference can take the place of.
+REFERRING_TASKS = ("rec", "res", "grec", "gres")
+#: The reference modalities ``reference_box=`` can write.
+SPATIAL_REFERENCES = ("crop", "box")
 
 
 def read_image(image: Any, *, name: str = "image") -> Tensor:
@@ -222,11 +236,20 @@ class TrainedModel:
         prompt: str | None = None,
         image_id: int = 0,
         category_id: int | None = None,
+        audio: Any = None,
+        reference_box: Sequence[float] | None = None,
+        reference_kind: str | None = None,
     ) -> Sample:
         """The :class:`Sample` a dataset would give for this image and expression (no targets).
 
         For det / seg / pose the expression is a category name; its id (the label of the
-        predictions) is ``category_id`` when given, else the name's id in :attr:`categories`."""
+        predictions) is ``category_id`` when given, else the name's id in :attr:`categories`.
+
+        ``audio`` (a WAV file, ``(samples, rate)`` or an :class:`~vlzoo.structures.AudioClip`) or
+        ``reference_box`` (``x1, y1, x2, y2`` in the image's pixels, referred to as a ``crop`` or
+        ``box`` reference: ``reference_kind``, default the one the model has) takes the place of
+        the expression of a referring task (:data:`REFERRING_TASKS`); the model's backbone must
+        have that reference modality."""
         task = task or self.tasks[0]
         if task not in self.tasks:
             raise ValueError(
@@ -235,12 +258,22 @@ class TrainedModel:
             )
         pixels = read_image(image)
         h, w = int(pixels.shape[1]), int(pixels.shape[2])
-        text = prompt if prompt is not None else self.instruction(expression, task, box=box)
-        prompt_boxes = torch.zeros(0, 4)
+        clip = None
+        reference_boxes = torch.zeros(0, 4)
+        if audio is not None or reference_box is not None:
+            modality = self.reference_modality(audio=audio, reference_box=reference_box, reference_kind=reference_kind)
+            text = self._reference_prompt(modality, expression, task, box=box, prompt=prompt)
+            if modality == "audio":
+                from vlzoo.data.audio_files import read_audio
+
+                clip = read_audio(audio)
+            else:
+                reference_boxes = torch.tensor([_checked_box(reference_box, "reference_box")], dtype=torch.float32)
+        else:
+            text = prompt if prompt is not None else self.instruction(expression, task, box=box)
+        prompt_boxes = reference_boxes
         if box is not None:
-            values = [float(v) for v in box]
-            if len(values) != 4 or not (values[2] > values[0] and values[3] > values[1]):
-                raise ValueError(f"box must be x1,y1,x2,y2 with x2 > x1 and y2 > y1 (original pixels), got {box}")
+            values = _checked_box(box, "box")
             from vlzoo.data.answers import BOX_PLACEHOLDER
 
             if BOX_PLACEHOLDER in text:
@@ -255,8 +288,83 @@ class TrainedModel:
             targets = targets.replace(expressions=[expression])
         return Sample(
             pixels, task, text, targets, image_id=int(image_id), category_id=category_id, category_name=name,
-            prompt_boxes=prompt_boxes,
+            prompt_boxes=prompt_boxes, reference_audio=clip,
         )
+
+    # ------------------------------------------------------------------ references
+    @property
+    def reference_modalities(self) -> tuple[str, ...]:
+        """The references the model's backbone turns into tokens (``backbone.references.modalities``:
+        ``crop``, ``box``, ``audio``); empty when it has no reference encoder."""
+        encoder = getattr(getattr(self.model, "backbone", None), "references", None)
+        return tuple(getattr(encoder, "modalities", ()) or ())
+
+    @property
+    def reference_tokens(self) -> int | None:
+        """k, the tokens per reference (``backbone.references.tokens``); ``None`` without references."""
+        encoder = getattr(getattr(self.model, "backbone", None), "references", None)
+        return None if encoder is None else int(encoder.tokens)
+
+    def accepts(self) -> str:
+        """What the model can be asked about, in words (for error messages)."""
+        have = self.reference_modalities
+        if not have:
+            return ("its backbone has no reference encoder (backbone.references), so it takes text expressions "
+                    "(and a task's {box}) only")
+        spoken = ["a spoken clip (audio= / --audio FILE.wav)"] if "audio" in have else []
+        spatial = [m for m in SPATIAL_REFERENCES if m in have]
+        regions = [f"a region as a {' or '.join(spatial)} reference (reference_box= / --ref-box x1,y1,x2,y2)"] if spatial else []
+        return f"its backbone's references are {list(have)}: it takes text expressions, " + " and ".join(spoken + regions)
+
+    def reference_modality(self, *, audio: Any = None, reference_box: Sequence[float] | None = None,
+                           reference_kind: str | None = None) -> str:
+        """The modality of the reference given (``audio``, or ``crop`` / ``box`` for
+        ``reference_box``), checked against what the model's backbone takes."""
+        have = self.reference_modalities
+        where = f"model {self.name} ({self.source})"
+        if audio is not None and reference_box is not None:
+            raise ValueError("give one reference at a time: a spoken clip (audio) or a region (reference_box), not both")
+        if audio is not None:
+            if reference_kind not in (None, "audio"):
+                raise ValueError(f"reference_kind {reference_kind!r} is for reference_box; a clip is an audio reference")
+            if "audio" not in have:
+                raise ValueError(f"{where} takes no spoken reference (audio): {self.accepts()}")
+            return "audio"
+        if reference_kind is not None and reference_kind not in SPATIAL_REFERENCES:
+            raise ValueError(f"reference_kind must be one of {list(SPATIAL_REFERENCES)} for a reference_box, got {reference_kind!r}")
+        spatial = [m for m in SPATIAL_REFERENCES if m in have]
+        if reference_kind is None:
+            if len(spatial) > 1:
+                raise ValueError(f"{where} takes crop and box references: choose one with reference_kind= / --ref-kind")
+            if not spatial:
+                raise ValueError(f"{where} takes no crop or box reference (reference_box): {self.accepts()}")
+            return spatial[0]
+        if reference_kind not in have:
+            raise ValueError(f"{where} takes no {reference_kind} reference: {self.accepts()}")
+        return reference_kind
+
+    def _reference_prompt(self, modality: str, expression: str | None, task: str, *,
+                          box: Sequence[float] | None, prompt: str | None) -> str:
+        """The instruction with the reference span where the expression goes (or ``prompt``,
+        which must hold the span)."""
+        from vlzoo.data.templates import instruction
+
+        span = reference_text(modality, int(self.reference_tokens or 0))
+        what = "a spoken clip (audio)" if modality == "audio" else f"a {modality} reference (reference_box)"
+        if prompt is not None:
+            if span not in prompt:
+                raise ValueError(f"{what} is given but the prompt does not hold its span {span!r} where it goes: {prompt!r}")
+            return prompt
+        if task not in REFERRING_TASKS:
+            raise ValueError(
+                f"{what} takes the place of a referring expression, and task '{task}' has none; use one of "
+                f"{[t for t in REFERRING_TASKS if t in self.tasks] or list(REFERRING_TASKS)}"
+            )
+        if expression:
+            raise ValueError(f"give an expression or {what}, not both: the reference says what to find")
+        if modality != "audio" and box is not None:
+            raise ValueError("give a region as reference_box (a reference) or as box (a task's {box}), not both")
+        return instruction(task, expr=span)
 
     @property
     def categories(self) -> dict[str, int]:
@@ -298,8 +406,14 @@ class TrainedModel:
         box: Sequence[float] | Sequence[Sequence[float] | None] | None = None,
         prompt: str | Sequence[str | None] | None = None,
         category_id: int | Sequence[int | None] | None = None,
+        audio: Any = None,
+        reference_box: Sequence[float] | Sequence[Sequence[float] | None] | None = None,
+        reference_kind: str | Sequence[str | None] | None = None,
     ) -> Predictions | list[Predictions]:
-        """Answer about one image (-> :class:`Predictions`) or a list of images (-> a list)."""
+        """Answer about one image (-> :class:`Predictions`) or a list of images (-> a list).
+
+        With a list of images, ``audio`` is one clip for all or a *list* of one per image (a
+        ``(samples, rate)`` pair is a tuple)."""
         batched = isinstance(image, (list, tuple))
         images = list(image) if batched else [image]
         n = len(images)
@@ -314,9 +428,16 @@ class TrainedModel:
             return [value] * n
 
         exprs, tasks, prompts, ids = spread(expression), spread(task), spread(prompt), spread(category_id)
-        boxes = spread(box, nested=True)
+        boxes, ref_boxes, kinds = spread(box, nested=True), spread(reference_box, nested=True), spread(reference_kind)
+        if batched and isinstance(audio, list):
+            if len(audio) != n:
+                raise ValueError(f"{len(audio)} audio clips for {n} images")
+            clips = list(audio)
+        else:
+            clips = [audio] * n
         samples = [
-            self.sample(img, exprs[i], task=tasks[i], box=boxes[i], prompt=prompts[i], image_id=i, category_id=ids[i])
+            self.sample(img, exprs[i], task=tasks[i], box=boxes[i], prompt=prompts[i], image_id=i, category_id=ids[i],
+                        audio=clips[i], reference_box=ref_boxes[i], reference_kind=kinds[i])
             for i, img in enumerate(images)
         ]
         preds = self.predict_samples(samples)
@@ -324,10 +445,13 @@ class TrainedModel:
 
     def answer(self, image: Any, expression: str | None = None, *, task: str | None = None,
                box: Sequence[float] | None = None, prompt: str | None = None,
-               overlay: str | Path | None = None, category_id: int | None = None) -> dict[str, Any]:
+               overlay: str | Path | None = None, category_id: int | None = None, audio: Any = None,
+               reference_box: Sequence[float] | None = None, reference_kind: str | None = None) -> dict[str, Any]:
         """One image's answer as JSON-ready data (:func:`predictions_to_json`); with ``overlay``
-        also draws it into that PNG."""
-        sample = self.sample(image, expression, task=task, box=box, prompt=prompt, category_id=category_id)
+        also draws it into that PNG.  A reference is recorded as ``reference`` (its modality),
+        ``audio`` (the file, or its length and rate) and ``reference_box``."""
+        sample = self.sample(image, expression, task=task, box=box, prompt=prompt, category_id=category_id,
+                             audio=audio, reference_box=reference_box, reference_kind=reference_kind)
         (pred,) = self.predict_samples([sample])
         geo = self.geometry((int(sample.image.shape[1]), int(sample.image.shape[2])))
         result = predictions_to_json(pred, task=sample.task, prompt=sample.prompt, transform=geo)
@@ -335,14 +459,24 @@ class TrainedModel:
             result["expression"] = expression
         if box is not None:
             result["box"] = [float(v) for v in box]
+        if audio is not None or reference_box is not None:
+            result["reference"] = self.reference_modality(audio=audio, reference_box=reference_box,
+                                                          reference_kind=reference_kind)
+        if sample.reference_audio is not None:
+            clip = sample.reference_audio
+            result["audio"] = (str(audio) if isinstance(audio, (str, Path))
+                               else {"seconds": round(clip.seconds, 4), "sample_rate": clip.sample_rate})
+        if reference_box is not None:
+            result["reference_box"] = [float(v) for v in reference_box]
         if isinstance(image, (str, Path)):
             result["image"] = str(image)
         if overlay is not None:
             from vlzoo.visualize import draw_overlay
 
             title = f"{sample.task}: {sample.prompt}" + (f"\n-> {pred.text}" if pred.text else "")
-            boxes = torch.tensor([result["box"]]) if box is not None else torch.zeros(0, 4)
-            given = Targets(boxes=boxes, image_size=pred.image_size) if box is not None else None
+            shown = [v for v in (result.get("box"), result.get("reference_box")) if v is not None]
+            boxes = torch.tensor(shown) if shown else torch.zeros(0, 4)
+            given = Targets(boxes=boxes, image_size=pred.image_size) if shown else None
             result["overlay"] = str(draw_overlay(sample.image, given, pred, overlay, title[:200], transform=geo))
         return result
 
@@ -565,7 +699,14 @@ def load(
     return trained
 
 
-def _parse_box(text: str | None) -> list[float] | None:
+def _checked_box(box: Sequence[float] | None, name: str) -> list[float]:
+    values = [float(v) for v in box] if box is not None else []
+    if len(values) != 4 or not (values[2] > values[0] and values[3] > values[1]):
+        raise ValueError(f"{name} must be x1,y1,x2,y2 with x2 > x1 and y2 > y1 (original pixels), got {box}")
+    return values
+
+
+def _parse_box(text: str | None, flag: str = "--box") -> list[float] | None:
     if text is None:
         return None
     try:
@@ -573,7 +714,7 @@ def _parse_box(text: str | None) -> list[float] | None:
     except ValueError:
         values = []
     if len(values) != 4:
-        raise RecipeError(f"--box {text!r}: give four numbers x1,y1,x2,y2 in the image's pixels")
+        raise RecipeError(f"{flag} {text!r}: give four numbers x1,y1,x2,y2 in the image's pixels")
     return values
 
 
@@ -587,12 +728,29 @@ def run_infer(
     prompt: str | None = None,
     overlay: str | Path | None = None,
     allow_targets: Sequence[str] = (),
+    audio: str | Path | None = None,
+    reference_box: str | Sequence[float] | None = None,
+    reference_kind: str | None = None,
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """What ``vlzoo infer`` prints: one image's answer, or a list for a folder / glob.  With
-    several images ``overlay`` is a folder receiving ``<image stem>.png`` each."""
+    several images ``overlay`` is a folder receiving ``<image stem>.png`` each.  ``audio`` (a WAV
+    file) or ``reference_box`` is the reference every image is asked about."""
     files = image_files(images)
     values = _parse_box(box) if isinstance(box, str) or box is None else [float(v) for v in box]
+    ref_values = (_parse_box(reference_box, "--ref-box") if isinstance(reference_box, str) or reference_box is None
+                  else [float(v) for v in reference_box])
+    if audio is not None and not Path(audio).is_file():
+        raise RecipeError(f"--audio {audio}: no such file (give a WAV file)")
     trained = load(model_path, allow_targets=allow_targets)
+    clip = None
+    if audio is not None:
+        from vlzoo.data.audio_files import read_audio
+
+        try:
+            trained.reference_modality(audio=audio, reference_box=ref_values, reference_kind=reference_kind)
+            clip = read_audio(audio)  # read once, asked about every image
+        except ValueError as err:
+            raise RecipeError(f"--audio {audio}: {err}") from None
     several = len(files) > 1 or Path(str(images)).is_dir() or glob.has_magic(str(images))
     results = []
     for file in files:
@@ -600,9 +758,13 @@ def run_infer(
         if overlay is not None:
             target = Path(overlay) / f"{file.stem}.png" if several else Path(overlay)
         try:
-            results.append(trained.answer(file, expression, task=task, box=values, prompt=prompt, overlay=target))
+            result = trained.answer(file, expression, task=task, box=values, prompt=prompt, overlay=target,
+                                    audio=clip, reference_box=ref_values, reference_kind=reference_kind)
         except ValueError as err:
             raise RecipeError(f"{file}: {err}") from None
+        if audio is not None:
+            result["audio"] = str(audio)
+        results.append(result)
     return results if several else results[0]
 
 

@@ -3,6 +3,7 @@
 ::
 
     vlzoo infer CHECKPOINT|DIR IMAGE [EXPRESSION] [--task T] [--box x1,y1,x2,y2] [--prompt TEXT]
+                [--audio FILE.wav | --ref-box x1,y1,x2,y2 [--ref-kind crop|box]]
                 [--overlay OUT.png|DIR] [--output FILE]
     vlzoo export CHECKPOINT DIR [--tracking-uri U] [--overwrite]
     vlzoo export CHECKPOINT FILE --backbone
@@ -45,6 +46,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                            help="default: the first task the model was trained for")
             p.add_argument("--box", default=None, metavar="x1,y1,x2,y2", help="a region in the image's pixels (reg)")
             p.add_argument("--prompt", default=None, help="the whole instruction, verbatim (instead of the task's)")
+            p.add_argument("--audio", default=None, metavar="FILE.wav",
+                           help="a spoken reference in place of the expression (models with an audio reference slot)")
+            p.add_argument("--ref-box", default=None, metavar="x1,y1,x2,y2",
+                           help="a region of the image as the reference in place of the expression (models with "
+                                "crop / box references)")
+            p.add_argument("--ref-kind", default=None, choices=["crop", "box"],
+                           help="how --ref-box is referred to (default: the one the model's backbone has)")
             p.add_argument("--overlay", default=None, metavar="OUT.png|DIR",
                            help="also draw the answer (a folder when several images are given)")
             p.add_argument("--output", default=None, metavar="FILE", help="write the JSON here instead of stdout")
@@ -67,7 +75,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from vlzoo.inference import json_text, run_infer
 
     result = run_infer(args.model, args.image, args.expression, task=args.task, box=args.box, prompt=args.prompt,
-                       overlay=args.overlay, allow_targets=args.allow_target)
+                       overlay=args.overlay, allow_targets=args.allow_target, audio=args.audio,
+                       reference_box=args.ref_box, reference_kind=args.ref_kind)
     text = json_text(result)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ See docs/data.md for the schema of a sample and what each task fills in.
 from __future__ import annotations
 
 from vlzoo.data.answers import BOX_PLACEHOLDER, AnswerFormat, plain_box_text
+from vlzoo.data.audio_files import read_audio
 from vlzoo.data.coco import CocoDataset
 from vlzoo.data.datamodule import DEFAULT_TEMPLATE, PromptTemplate, VLCollate, VLDataModule
 from vlzoo.data.errors import DataError
@@ -14,6 +15,7 @@ from vlzoo.data.grefcoco import GRefCocoDataset
 from vlzoo.data.images import load_image
 from vlzoo.data.reasonseg import ReasonSegDataset
 from vlzoo.data.refcoco import RefCocoDataset, load_refs
+from vlzoo.data.regions import RegionReferences
 from vlzoo.data.shapes import (
     CATEGORY_NAMES,
     COLOUR_NAMES,
@@ -43,6 +45,7 @@ __all__ = [
     "ShapesDataset",
     "SpokenReferences",
     "SpokenShapesDataset",
+    "RegionReferences",
     "SHAPES_CATEGORIES",
     "CATEGORY_NAMES",
     "COLOUR_NAMES",
@@ -54,6 +57,7 @@ __all__ = [
     "save_shapes_tokenizer",
     "IMAGE_TOKEN",
     "SPECIAL_TOKENS",
+    "read_audio",
     "ResizeTransform",
     "PromptTemplate",
     "DEFAULT_TEMPLATE",

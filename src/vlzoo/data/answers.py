@@ -8,14 +8,22 @@ turns a sample - already in network-input pixels - into prompt and answer text.
 
 from __future__ import annotations
 
-from vlzoo.structures import LOCALIZATION_TASKS, Sample
+from vlzoo.structures import LOCALIZATION_TASKS, REFERENCE_START, REFERENCE_TOKENS, Sample
 
-__all__ = ["AnswerFormat", "BOX_PLACEHOLDER", "plain_box_text"]
+__all__ = ["AnswerFormat", "BOX_PLACEHOLDER", "plain_box_text", "spatial_reference_spans"]
 
 #: Placeholder a dataset writes into a prompt where a box of ``Sample.prompt_boxes`` is referred
 #: to (one per placeholder, in order), e.g. for REG.  The collate hands the format the sample in
-#: input-frame pixels, so ``box_in_prompt`` receives input pixels.
+#: input-frame pixels, so ``box_in_prompt`` receives input pixels.  A prompt may instead hold
+#: the boxes' crop / box reference spans already (``reference_text("crop" | "box", k)``, one per
+#: box, as ``vlzoo.load``'s ``reference_box`` writes): the backbone's reference encoder reads them.
 BOX_PLACEHOLDER = "{box}"
+
+
+def spatial_reference_spans(prompt: str) -> int:
+    """How many crop / box reference spans (``<ref_start><ref>...`` / ``<ref_start><ref_box>...``)
+    ``prompt`` holds."""
+    return sum(prompt.count(REFERENCE_START + REFERENCE_TOKENS[m]) for m in ("crop", "box"))
 
 
 def plain_box_text(box: list[float] | tuple[float, ...], input_size: tuple[int, int]) -> str:
@@ -41,10 +49,13 @@ class AnswerFormat:
         prompt = sample.prompt
         boxes = sample.prompt_boxes.tolist()
         n = prompt.count(BOX_PLACEHOLDER)
+        if n == 0 and boxes and spatial_reference_spans(prompt) == len(boxes):
+            return prompt  # the boxes are crop / box references, already written as their spans
         if n != len(boxes):
             raise ValueError(
                 f"sample {sample.image_id} ({sample.task}): prompt has {n} '{BOX_PLACEHOLDER}' "
-                f"placeholders but Sample.prompt_boxes holds {len(boxes)} boxes"
+                f"placeholders but Sample.prompt_boxes holds {len(boxes)} boxes (write one '{BOX_PLACEHOLDER}', "
+                "or one crop / box reference span reference_text(modality, k), per box)"
             )
         for box in boxes:
             prompt = prompt.replace(BOX_PLACEHOLDER, self.box_in_prompt(box, input_size), 1)
