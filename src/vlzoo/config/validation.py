@@ -102,9 +102,30 @@ def validate(recipe: Recipe, *, injectable: Mapping[str, Collection[str]] | None
         for path, sub in _iter_nodes(node, (slot,)):
             _validate_node(recipe, path, sub, prefixes, frozenset(injectable.get(slot, ())))
     _check_data_counts(recipe)
+    _check_schedule_length(recipe)
     seed = recipe.data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RecipeError(f"recipe key seed (set in {recipe.source('seed')}) must be an integer, got {seed!r}")
+
+
+def _check_schedule_length(recipe: Recipe) -> None:
+    """A schedule over the run's length (a scheduler taking ``total_steps``, filled from the
+    trainer) needs a run with an end: refuse ``trainer.max_steps=-1`` with ``trainer.max_epochs=-1``."""
+    scheduler = recipe.data.get("scheduler")
+    trainer = recipe.data.get("trainer")
+    if not isinstance(scheduler, Mapping) or not isinstance(trainer, Mapping) or "total_steps" in scheduler:
+        return
+    if trainer.get("max_steps", -1) not in (-1, None) or trainer.get("max_epochs") != -1:
+        return
+    signature = _signature(locate(str(scheduler.get(_TARGET)), recipe.allowed_prefixes))
+    if signature is None or "total_steps" not in signature.parameters:
+        return
+    raise RecipeError(
+        f"recipe key scheduler ({scheduler.get(_TARGET)}, set in {recipe.source('scheduler')}) decays over the run's "
+        f"length, but trainer.max_steps and trainer.max_epochs are both -1 (a run without an end; set in "
+        f"{recipe.source('trainer.max_epochs')}). Set trainer.max_steps (or trainer.max_epochs), or give the "
+        "scheduler its length (scheduler.total_steps=N)"
+    )
 
 
 def _check_arguments(recipe: Recipe, node: Any, path: _Path) -> None:

@@ -392,7 +392,13 @@ class BaseParadigm(L.LightningModule):
             return optimizer
         kwargs: dict[str, Any] = {}
         if _accepts_unbound(self.scheduler_factory, "total_steps"):
-            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+            steps = self.trainer.estimated_stepping_batches
+            if not math.isfinite(steps):  # validation refuses such a recipe; this is for code that builds its own
+                raise ValueError(
+                    "a schedule over the run's length (a scheduler taking total_steps) needs a finite run, but "
+                    "trainer.max_steps and trainer.max_epochs are both -1; set one, or bind the scheduler's total_steps"
+                )
+            kwargs["total_steps"] = int(steps)
         scheduler = self.scheduler_factory(optimizer, **kwargs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
