@@ -166,6 +166,17 @@ def checkpoint_weights(path: str | Path) -> CheckpointWeights:
     return CheckpointWeights(Path(path), shapes, stored, run_id if isinstance(run_id, str) else None)
 
 
+#: weight names of the mask paradigms before the shared SAM prompt head (heatmap's ``mask_proj``,
+#: pixel2emb's ``mask_projection``, LENS's ``embed``, and their SAM decoders)
+_OLD_MASK_HEAD_PREFIXES = ("mask_decoder.", "decoder.", "mask_proj.", "mask_projection.", "embed.")
+
+
+def _before_shared_mask_head(missing: list[str], unexpected: list[str]) -> bool:
+    return any(k.startswith("mask_head.") for k in missing) and any(
+        k.startswith(_OLD_MASK_HEAD_PREFIXES) for k in unexpected
+    )
+
+
 def check_weights_fit(weights: CheckpointWeights, model: Any, recipe: Recipe, *, resuming: bool) -> None:
     """:class:`RecipeError` when the checkpoint's weights do not fit the model the recipe built
     (another paradigm, backbone or size): said before Lightning fails half-way with a long
@@ -197,6 +208,13 @@ def check_weights_fit(weights: CheckpointWeights, model: Any, recipe: Recipe, *,
         if resuming
         else "give the recipe it was trained with, or leave RECIPE out to use the checkpoint's own recipe"
     )
+    if _before_shared_mask_head(missing, unexpected):
+        hint = (
+            "note that it was written before the mask paradigms shared one SAM prompt head (vlzoo.decoders."
+            "SamPromptHead at paradigm.mask_head: the old paradigm.mask_decoder / decoder and its neck were renamed, "
+            "and heatmap's neck gained a GroupNorm), so no recipe of this version loads it: retrain it, or load it "
+            "with the vlzoo version that wrote it"
+        )
     raise RecipeError(
         f"checkpoint {path} does not fit recipe {recipe.path or recipe.name}: it was written by recipe "
         f"'{stored.name}' ({written_by}), and {'; '.join(parts)}. To use it, {hint}."
