@@ -98,3 +98,45 @@ def test_pixel2emb_with_crop_references_learns_on_a_qwen2_vl(folder):
     assert losses[-1] < 0.75 * losses[0], losses
     built.model.eval()
     assert len(built.model.predict(batch)) == 8
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_a_spoken_qwen_run_exports_self_contained(tmp_path, monkeypatch):
+    import yaml
+
+    import vlzoo
+    from support.trained import SMALL
+    from vlzoo.cli import main
+    from vlzoo.config import load_recipe
+    from vlzoo.data import SpokenShapesDataset
+    from vlzoo.export import export
+
+    monkeypatch.setenv("VLZOO_SPEECH_CACHE", str(tmp_path / "speech"))
+    pretrained = Path(make_qwen_folder(tmp_path / "qwen", "qwen2_vl"))
+    data = load_recipe(RECIPES / "shapes" / "heatmap_audio_res.yaml").data
+    data["name"] = "heatmap_audio_res_qwen2"
+    references = data["backbone"]["references"]
+    references["audio"]["config"] = dict(AUDIO)
+    data["backbone"] = {"_target_": "vlzoo.backbones.Qwen2VLBackbone", "name_or_path": str(pretrained),
+                        "image_size": 64, "references": references}
+    data["data"]["template"] = TINY_TEMPLATE
+    recipe = tmp_path / "heatmap_audio_res_qwen2.yaml"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = tmp_path / "run"
+    assert main(["check", str(recipe)]) == 0  # the validator takes backbone.references on a Qwen backbone
+    assert main(["fit", str(recipe), *SMALL, "trainer.max_steps=1", "--output-dir", str(out)]) == 0
+    (ckpt,) = out.rglob("last.ckpt")
+    sample = SpokenShapesDataset(split="test", size=1, image_size=64, tasks=["res"], reference_tokens=4)[0]
+    clip = (sample.reference_audio.waveform.numpy(), sample.reference_audio.sample_rate)
+    original = vlzoo.load(ckpt)
+    expected = original(sample.image, audio=clip, task="res")
+    folder = export(ckpt, tmp_path / "export")
+    shutil.rmtree(pretrained)  # the pretrained folder is gone: the export alone must do
+    node = yaml.safe_load((folder / "recipe.yaml").read_text())["backbone"]
+    assert node["name_or_path"] is None and node["references"]["modalities"] == ["audio"]
+    reloaded = vlzoo.load(folder)
+    got = reloaded(sample.image, audio=clip, task="res")
+    assert torch.equal(got.boxes, expected.boxes) and torch.equal(got.masks, expected.masks)
+    for key, value in original.model.state_dict().items():
+        assert torch.equal(reloaded.model.state_dict()[key], value), key
