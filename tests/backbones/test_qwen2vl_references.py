@@ -59,7 +59,7 @@ def _rows(tok, prompts: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _prompts() -> list[list[str]]:
     return [
-        ["▁find", *_span("audio"), "▁near", *_span("crop")],
+        ["▁find", *_span("audio"), "▁and", *_span("crop")],
         ["▁where", "▁is", "▁the", "▁red", *_span("crop"), "▁and", *_span("crop"), "▁?"],
     ]
 
