@@ -570,8 +570,9 @@ class Florence2Backbone(_SplicingBackbone):
             return
         if any(a is not None for a in references.audio):
             raise ValueError(
-                f"{type(self).__name__} has no reference encoder: spoken references need a MultimodalBackbone with "
-                "backbone.references"
+                f"{type(self).__name__} has no reference encoder: spoken references need a decoder-only backbone "
+                "with backbone.references (MultimodalBackbone, LlavaBackbone, PaliGemmaBackbone, Qwen2VLBackbone / "
+                "Qwen25VLBackbone, Kosmos2Backbone)"
             )
 
     def splice(self, *args: Any, **kwargs: Any) -> Any:

@@ -38,6 +38,7 @@ do not apply.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,6 @@ from vlzoo.backbones.shipped import (
     load_pretrained,
     load_pretrained_tokenizer,
     preprocessor_settings,
-    read_weights,
 )
 from vlzoo.backbones.vision import _dtype
 from vlzoo.data.smart_resize import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -149,9 +149,11 @@ class Kosmos2Backbone(_SplicingBackbone):
             The input side is the vision config's ``image_size``.
         dtype, attn_implementation: as for :class:`~vlzoo.backbones.LlavaBackbone`.
         freeze_vision, freeze_projector (the image-to-text projection), freeze_lm,
-        train_new_embeddings, lora, gradient_checkpointing, checkpoint: as for
-            :class:`~vlzoo.backbones.MultimodalBackbone` (LoRA never touches the vision tower or
-            the projection).
+        train_new_embeddings, lora, gradient_checkpointing, references, checkpoint: as for
+            :class:`~vlzoo.backbones.MultimodalBackbone` (LoRA never touches the vision tower,
+            the projection or the reference encoder).  Reference tokens are text to the decoder
+            (one sinusoidal position each); a crop reference is the crop's 64 latent tokens,
+            pooled in query order (:meth:`reference_grid`).
     """
 
     family = "kosmos-2"
@@ -172,6 +174,7 @@ class Kosmos2Backbone(_SplicingBackbone):
         train_new_embeddings: bool = True,
         lora: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
+        references: nn.Module | None = None,
         checkpoint: str | None = None,
     ) -> None:
         super().__init__()
@@ -236,8 +239,13 @@ class Kosmos2Backbone(_SplicingBackbone):
         self._mean = tuple(float(v) for v in (image_mean or settings.get("image_mean") or OPENAI_CLIP_MEAN))
         self._std = tuple(float(v) for v in (image_std or settings.get("image_std") or OPENAI_CLIP_STD))
         self.transform = Kosmos2ResizeTransform(size=self._input_size, mean=self._mean, std=self._std)
-        if checkpoint is not None and read_weights(checkpoint, "backbone checkpoint"):
-            self._load_backbone(checkpoint)
+        side = math.isqrt(self.num_image_tokens)
+        if references is not None and "crop" in references.modalities and side * side != self.num_image_tokens:
+            raise ValueError(
+                f"{source}: crop references pool the crop's latent image tokens on a square, but latent_query_num is "
+                f"{self.num_image_tokens}; use box or audio references (backbone.references.modalities) with this model"
+            )
+        self._setup_references_and_load(references, self.model.get_input_embeddings().weight.dtype, checkpoint)
         self._setup_policies(
             vision=self.model.vision_model,
             projector=self.model.image_to_text_projection,
@@ -340,6 +348,12 @@ class Kosmos2Backbone(_SplicingBackbone):
         gh, gw = self.feature_grid
         feature_map = patches.transpose(1, 2).reshape(b, d, gh, gw)
         return feature_map, out.pooler_output
+
+    def reference_grid(self, images: Tensor) -> tuple[int, int]:
+        """The latent image tokens in query order on a square (8 x 8 for Kosmos-2's 64): a crop
+        reference averages groups of consecutive queries down to its k tokens."""
+        side = math.isqrt(self.num_image_tokens)
+        return (side, side)
 
     # --- splicing and positions --------------------------------------------------------------------
     def splice(

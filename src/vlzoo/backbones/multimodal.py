@@ -166,8 +166,14 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
             token_ids=self._reference_ids,
             images=images,
             encode_images=self.encode_images,
-            grid=tuple(self.feature_grid),
+            grid=self.reference_grid(images),
         )
+
+    def reference_grid(self, images: Tensor) -> tuple[int, int]:
+        """``(h, w)``: how :meth:`encode_images` lays out the tokens of ``images`` (a crop
+        reference is encoded at the images' size and pooled on this grid): ``feature_grid``; a
+        backbone whose grid follows the image size (Qwen's smart_resize frame) overrides it."""
+        return tuple(self.feature_grid)
 
     # --- subclass hooks ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -617,6 +623,10 @@ class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
                 self._load_backbone(checkpoint, blob=blob)
                 self._setup_references(references, dtype)
                 return
+            # the file's tokens first, in its id order: reference tokens that were added after
+            # earlier ones (a stage-0 file's [SEG]) get back the ids they were saved with
+            saved_ids = blob["token_ids"]
+            self.add_special_tokens(sorted(blob["added_tokens"], key=lambda t: saved_ids.get(t, -1)))
         self._setup_references(references, dtype)
         if blob is not None:
             self._load_backbone(checkpoint, blob=blob)

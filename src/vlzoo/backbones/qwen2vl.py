@@ -20,7 +20,13 @@ Qwen2 LM with multimodal rotary positions (M-RoPE).  :class:`Qwen2VLBackbone` an
   (:meth:`native_inputs` gives those ids and checks it against the native model);
 * **positions** - M-RoPE ``(3, B, T)`` position ids from the model's own ``get_rope_index``
   (:meth:`position_ids`); generation continues them by one per token on every axis, which is
-  what the native ``rope_deltas`` do.
+  what the native ``rope_deltas`` do;
+* **references** - a reference encoder (``references``, :mod:`vlzoo.backbones.references`) fills
+  the prompt's ``<ref_start>`` + k placeholders + ``<ref_end>`` spans before the image is spliced;
+  ``get_rope_index`` sees them as text (token type 0), so each reference token is one step on all
+  three axes, as the text around it, in training and in KV-cached decoding alike.  A crop
+  reference is the crop resized to the batch's input size, encoded by the ViT and merger and
+  pooled from its merged grid (:meth:`reference_grid`), so it needs no ``image_size``.
 
 Sizes.  ``hidden_size`` is the LM width; ``vision_width`` too (``image_features`` is the merger's
 output, the tokens the LM reads, laid out on the merged grid).  The grid depends on each image's
@@ -45,7 +51,6 @@ from vlzoo.backbones.shipped import (
     load_pretrained,
     load_pretrained_tokenizer,
     preprocessor_settings,
-    read_weights,
 )
 from vlzoo.backbones.vision import _dtype
 from vlzoo.data.frames import QWEN_MIN_PIXELS, QWEN_RELEASED_MAX_PIXELS, smart_resize
@@ -100,6 +105,7 @@ class _QwenVLBackbone(_SplicingBackbone):
         train_new_embeddings: bool = True,
         lora: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
+        references: nn.Module | None = None,
         checkpoint: str | None = None,
     ) -> None:
         super().__init__()
@@ -168,8 +174,7 @@ class _QwenVLBackbone(_SplicingBackbone):
             patch_size=self.patch_size, merge_size=self.merge_size, temporal_patch_size=self.temporal_patch_size,
             min_pixels=self.min_pixels, max_pixels=self.max_pixels, image_mean=list(self._mean), image_std=list(self._std),
         )
-        if checkpoint is not None and read_weights(checkpoint, "backbone checkpoint"):
-            self._load_backbone(checkpoint)
+        self._setup_references_and_load(references, self.model.get_input_embeddings().weight.dtype, checkpoint)
         inner = self.model.model
         self._setup_policies(
             vision=inner.visual,
@@ -297,6 +302,11 @@ class _QwenVLBackbone(_SplicingBackbone):
         )
         return positions
 
+    def reference_grid(self, images: Tensor) -> tuple[int, int]:
+        """The merged grid of ``images`` (each side / ``patch_size * merge_size``): a crop
+        reference is encoded at the batch's input size, whatever ``image_size`` says."""
+        return (int(images.shape[-2]) // self.factor, int(images.shape[-1]) // self.factor)
+
     def native_inputs(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         """What the processor gives the native model for the same rows: ``input_ids`` with the
         ``<image>`` placeholder expanded into ``<|image_pad|>`` tokens (one per merged patch), the
@@ -333,8 +343,10 @@ class Qwen2VLBackbone(_QwenVLBackbone):
         image_mean, image_std: normalisation (``None``: the preprocessor's, else OpenAI CLIP's).
         dtype, attn_implementation: as for :class:`~vlzoo.backbones.LlavaBackbone`.
         freeze_vision, freeze_projector (the patch merger), freeze_lm, train_new_embeddings, lora,
-        gradient_checkpointing, checkpoint: as for :class:`~vlzoo.backbones.MultimodalBackbone`
-            (LoRA never touches the vision tower or merger).
+        gradient_checkpointing, references, checkpoint: as for
+            :class:`~vlzoo.backbones.MultimodalBackbone` (LoRA never touches the vision tower,
+            merger or reference encoder; reference tokens take text positions on the three M-RoPE
+            axes, see the module doc).
     """
 
     model_class = "Qwen2VLForConditionalGeneration"
