@@ -16,6 +16,10 @@ and **warns** when another frame fits far better (:data:`FAR_BETTER_GAIN` absolu
 :data:`FAR_BETTER_RATIO` times the declared frame's Acc@0.5): the likely mistake is the declared
 frame.  The declared frame's figures are always the ones reported; the best frame is never
 silently kept.
+
+``task="res"`` and ``task="det"`` score polygons / masks with
+:class:`~vlzoo.evaluation.ReferringSegmentation` and labelled boxes with
+:class:`~vlzoo.evaluation.DetectionMAP` the same way (:mod:`vlzoo.scoring.tasks`).
 """
 
 from __future__ import annotations
