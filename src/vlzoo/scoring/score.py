@@ -414,7 +414,9 @@ def score_answers(
     if task not in SCORED_TASKS:
         raise ValueError(f"unknown task {task!r}; vlzoo score scores {', '.join(SCORED_TASKS)}")
     if not refs:
-        raise AnswersError(f"{split}: the split has no {_TASK_NAMES[task]} ({task}) samples to score")
+        others = ", ".join(f"--task {t}" for t in SCORED_TASKS if t != task)
+        raise AnswersError(f"{split}: the split has no {_TASK_NAMES[task]} ({task}) samples to score; "
+                           f"is the split of another task ({others})?")
     frame = frame or FAMILY_FRAMES[codec]
     options = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels), ("factor", factor),
                                  ("square_size", square_size)) if v is not None}

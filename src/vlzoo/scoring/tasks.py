@@ -40,8 +40,23 @@ from vlzoo.scoring.answers_parser import ParsedAnswer
 from vlzoo.scoring.objects_parser import ParsedObjects, ParsedPolygons
 from vlzoo.structures import Predictions, Targets, polygon_to_mask
 
-__all__ = ["SCORED_TASKS", "PRIMARY", "resolve_label", "category_names", "decode_segmentation",
-           "points_to_original", "detection_units", "DetectionUnit"]
+__all__ = [
+    "SCORED_TASKS",
+    "PRIMARY",
+    "resolve_label",
+    "category_names",
+    "decode_segmentation",
+    "points_to_original",
+    "mask_prediction",
+    "mask_figures",
+    "detection_units",
+    "DetectionUnit",
+    "ResolvedObjects",
+    "resolve_objects",
+    "detection_prediction",
+    "detection_figures",
+    "unknown_summary",
+]
 
 #: the tasks ``vlzoo score`` scores, and the figure each one's diagnostic compares frames on
 SCORED_TASKS = ("rec", "res", "det")
@@ -96,10 +111,12 @@ def points_to_original(points: Sequence[Sequence[float]] | torch.Tensor, frame: 
     polygon at the image border itself)."""
     pts = torch.as_tensor(points, dtype=torch.float64).reshape(-1, 2)
     ref_h, ref_w = frame.reference_size(size)
+    unit_h, unit_w = frame.units(size)
     if fractions:
         ref = pts * torch.tensor([ref_w, ref_h], dtype=torch.float64)
+    elif (unit_h, unit_w) == (float(ref_h), float(ref_w)):
+        ref = pts  # a pixel frame: its units are the reference image's pixels
     else:
-        unit_h, unit_w = frame.units(size)
         ref = pts / torch.tensor([unit_w, unit_h], dtype=torch.float64) * torch.tensor([ref_w, ref_h],
                                                                                        dtype=torch.float64)
     geo = frame.transform(size)
