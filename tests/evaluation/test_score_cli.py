@@ -312,3 +312,30 @@ def test_score_det_on_coco_images_with_several_categories(tmp_path, capsys, coco
     report = json.loads(out.read_text())
     assert report["samples"] == len(by_image) and report["metrics"]["map_50"] == 1.0
     assert report["details"]["unknown_label_names"] == {"unicorn": 1}
+
+
+def test_predict_det_records_of_several_categories_of_one_image_read_back(tmp_path):
+    """vlzoo predict on a split with one det sample per (image, category): one text per category,
+    each box's record naming its category; read back as one answer per image."""
+    size = (100, 200)
+    circles = Targets(boxes=torch.tensor([[10.0, 10.0, 40.0, 40.0], [120.0, 50.0, 160.0, 90.0]]),
+                      labels=torch.tensor([1, 1]), image_id=3, image_size=size)
+    crosses = Targets(boxes=torch.tensor([[60.0, 20.0, 90.0, 60.0]]), labels=torch.tensor([5]), image_id=3,
+                      image_size=size)
+    nothing = Targets(image_id=3, image_size=size)
+    texts = ["<|box_start|>(10,10),(40,40)<|box_end|><|box_start|>(120,50),(160,90)<|box_end|>",
+             "<|box_start|>(60,20),(90,60)<|box_end|>", "none"]
+    preds = [Predictions(boxes=t.boxes.clone(), labels=t.labels.clone(), text=x, image_id=3)
+             for t, x in zip((circles, crosses, nothing), texts, strict=True)]
+    writer = PredictionWriter(tmp_path / "predictions.json")
+    batch = SimpleNamespace(tasks=["det"] * 3, original_targets=[circles, crosses, nothing], meta=[{}, {}, {}],
+                            category_ids=[1, 5, 2])
+    writer.on_predict_batch_end(None, None, preds, batch, 0)
+    writer.on_predict_end(None, None)
+    answers = read_answers(tmp_path / "predictions.json", task="det")
+    assert len(answers) == 1 and set(answers[0].parts) == {1, 5, None}
+    refs = [Reference(ids={"image_id": 3}, target=t, category_id=c, category_name=n)
+            for t, c, n in ((circles, 1, "circle"), (crosses, 5, "cross"), (nothing, 2, "square"))]
+    report = score_answers(answers, refs, codec="qwen2.5vl", frame="original", task="det")
+    assert report.metrics["map"] == 1.0 and report.details["scored_boxes"] == 3 and not report.warnings
+    assert report.forms == {"pairs": 1}

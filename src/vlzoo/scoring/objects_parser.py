@@ -13,7 +13,9 @@ for ``vlzoo score --task det`` / ``--task res``.
   cut off mid-way keeps every complete object before the cut;
 * **point pairs**, Qwen2-VL's ``<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``
   (a label applies to the boxes that follow it);
-* plain bracketed lists (unlabelled).
+* plain bracketed lists (unlabelled);
+* **no object**: ``none`` (vlzoo's own answer for an image without the category), an empty JSON
+  list ``[]`` (also fenced): a parsed answer with no box (form ``none``), not a failure.
 
 :func:`parse_polygons` reads polygons (each a list of ``(x, y)`` vertices):
 
@@ -81,6 +83,8 @@ class ParsedObjects:
     fractions: bool = False
     truncated: bool = False
     failure: str | None = None
+    #: of an answer in several parts (one per category's sample), how many did not parse
+    failed_parts: int = 0
 
     @property
     def parsed(self) -> bool:
@@ -274,6 +278,9 @@ def parse_objects(text: Any, codec: CoordinateCodec | str) -> ParsedObjects:
         return ParsedObjects(failure=f"the answer is {type(text).__name__}, not text")
     if not text.strip():
         return ParsedObjects(failure="empty answer")
+    bare = re.sub(r"^(?:json|JSON)\s*", "", text.strip().strip("`").strip()).strip()
+    if bare.lower() in ("none", "[]"):
+        return ParsedObjects(form="none")
     codec = _reader(codec)
     for reader in (lambda t: _token_objects(t, codec), _json_objects, _pair_objects):
         found = reader(text)

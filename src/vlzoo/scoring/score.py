@@ -94,6 +94,10 @@ class Answer:
     #: ``(place, segmentation field)`` of each record of the sample with one (COCO RLE or
     #: polygons, original pixels; ``--task res``): ``vlzoo predict`` writes one record per instance
     segmentation: list[tuple[str, Any]] = field(default_factory=list)
+    #: ``--task det``: the texts of an image's records by the category they name (``None``: no
+    #: ``category_id``): ``vlzoo predict`` on a split with one sample per image and category, as
+    #: COCO, writes one text per category; the first is :attr:`text`
+    parts: dict[int | None, Any] = field(default_factory=dict)
 
     @property
     def place(self) -> str:
@@ -164,15 +168,21 @@ def read_answers(path: str | Path, task: str = "rec") -> list[Answer]:
             raise AnswersError(f"{path} {where} {number}: no 'text' (the model's answer){extra} for {key[0]} {key[1]}")
         text = record.get("text")
         seen = answers.get(key)
+        parts = task == "det" and key[0] == "image_id"
+        category = record.get("category_id") if parts and isinstance(record.get("category_id"), int) else None
+        if seen is not None and parts and category not in seen.parts:
+            seen.parts[category] = text  # another category's sample of the same image (vlzoo predict)
+            continue
         if seen is not None:
-            if seen.text != text:
+            if (seen.parts[category] if parts else seen.text) != text:
                 raise AnswersError(f"{path} {where} {number}: a second, different answer to {key[0]} {key[1]} "
                                    f"(the first is at {seen.place}); keep one answer per sample")
             if segmentation is not None:  # another instance of the same answer (vlzoo predict)
                 seen.segmentation.append((f"{where} {number}", segmentation))
             continue
         answers[key] = Answer(line=number, key=key, text=text, where=where,
-                              segmentation=[] if segmentation is None else [(f"{where} {number}", segmentation)])
+                              segmentation=[] if segmentation is None else [(f"{where} {number}", segmentation)],
+                              parts={category: text} if parts else {})
     if not answers:
         raise AnswersError(f"{path}: no answers in the file")
     kinds = {a.key[0] for a in answers.values()}
@@ -328,7 +338,8 @@ class ScoreReport:
     #: ``rec``, ``res`` or ``det``
     task: str = "rec"
     #: counts of the task's own (res: ``dropped_polygons``, ``segmentation_fields``; det:
-    #: ``boxes``, ``scored_boxes``, ``unknown_labels``, ``unlabelled``, ``unknown_label_names``)
+    #: ``boxes``, ``scored_boxes``, ``unknown_labels``, ``unlabelled``, ``unknown_label_names``,
+    #: ``unparsed_parts``, ``categories``)
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -383,7 +394,9 @@ class ScoreReport:
             return (f"truncated {self.truncated} (complete boxes kept); boxes {d.get('boxes', 0)}, scored "
                     f"{d.get('scored_boxes', 0)}, labels of no category {d.get('unknown_labels', 0)}"
                     + (f" ({names})" if names else "") + f", unlabelled in a unit of several categories "
-                    f"{d.get('unlabelled', 0)} (neither scored)")
+                    f"{d.get('unlabelled', 0)} (neither scored)"
+                    + (f"; unparsed parts of answers {d['unparsed_parts']} (their boxes are misses)"
+                       if d.get("unparsed_parts") else ""))
         return f"several boxes {self.several_boxes} (the first is scored); truncated {self.truncated} (complete boxes kept)"
 
 
@@ -519,6 +532,34 @@ def _score_masks(answers: list[Answer], refs: list[Reference], frames: dict[str,
     )
 
 
+def _resolved_answer(answer: Answer | None, unit: Any, names: Mapping[str, int], reader) -> Any:
+    """One image's answer parsed and its labels resolved; an answer in several parts (one per
+    category's sample, from vlzoo predict) is their boxes together, an unlabelled box taking its
+    part's category."""
+    if answer is None:
+        return resolve_objects(ParsedObjects(failure="no answer"), unit, names)
+    if len(answer.parts) <= 1:
+        category = next(iter(answer.parts), None)
+        parsed = parse_objects(answer.text, reader)
+        return resolve_objects(parsed, unit, names, defaults=[category] * len(parsed.boxes))
+    pieces = [(category, parse_objects(text, reader)) for category, text in answer.parts.items()]
+    failed = [p for _, p in pieces if not p.parsed]
+    merged = ParsedObjects(form=next((p.form for _, p in pieces if p.parsed and p.boxes), pieces[0][1].form),
+                           fractions=any(p.fractions for _, p in pieces),
+                           truncated=any(p.truncated for _, p in pieces))
+    if len({p.fractions for _, p in pieces if p.boxes}) > 1:
+        merged.failure = "the parts of this image's answer mix coordinate tokens and plain numbers"
+    elif len(failed) == len(pieces):
+        merged.failure = failed[0].failure
+    defaults: list[int | None] = []
+    merged.failed_parts = len(failed) if merged.failure is None else 0
+    for category, p in pieces:
+        merged.boxes.extend(p.boxes)
+        merged.labels.extend(p.labels)
+        defaults.extend([category] * len(p.boxes))
+    return resolve_objects(merged, unit, names, defaults=defaults)
+
+
 def _score_detections(answers: list[Answer], refs: list[Reference], frames: dict[str, Frame], frame: str, reader,
                       *, codec: str, answers_file: str, split: str) -> ScoreReport:
     """``--task det``: labelled boxes per image -> DetectionMAP, labels mapped to the split's categories."""
@@ -535,9 +576,7 @@ def _score_detections(answers: list[Answer], refs: list[Reference], frames: dict
             raise AnswersError(f"{answers_file} {answer.place}: image_id {answer.key[1]!r} is not an image of the "
                                "split's det samples; check --recipe / --split (and the recipe's seed)")
         matched[i] = answer
-    resolved = [resolve_objects(parse_objects(a.text, reader) if a is not None
-                                else ParsedObjects(failure="no answer"), u, names)
-                for a, u in zip(matched, units, strict=True)]
+    resolved = [_resolved_answer(a, u, names, reader) for a, u in zip(matched, units, strict=True)]
     answered = [(a, r) for a, r in zip(matched, resolved, strict=True) if a is not None]
     failures = [(a, r.parsed) for a, r in answered if not r.parsed.parsed]
     targets = [u.target for u in units]
@@ -557,6 +596,7 @@ def _score_detections(answers: list[Answer], refs: list[Reference], frames: dict
                  "scored_boxes": sum(c is not None for _, r in answered for c in r.ids),
                  "unknown_labels": sum(unknown.values()), "unknown_label_names": unknown,
                  "unlabelled": sum(r.unlabelled for _, r in answered),
+                 "unparsed_parts": sum(r.parsed.failed_parts for _, r in answered),
                  "categories": sorted(names, key=names.get)},
     )
 

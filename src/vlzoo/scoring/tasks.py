@@ -219,13 +219,18 @@ class ResolvedObjects:
     unlabelled: int
 
 
-def resolve_objects(parsed: ParsedObjects, unit: DetectionUnit, names: Mapping[str, int]) -> ResolvedObjects:
+def resolve_objects(parsed: ParsedObjects, unit: DetectionUnit, names: Mapping[str, int],
+                    defaults: Sequence[int | None] | None = None) -> ResolvedObjects:
+    """Category ids of a parsed answer's boxes: a label by :func:`resolve_label`; an unlabelled
+    box by ``defaults`` (the category its record names), else the unit's category when it has one."""
     ids: list[int | None] = []
     unknown: list[str] = []
     unlabelled = 0
-    for label in parsed.labels:
+    for i, label in enumerate(parsed.labels):
         if label is None:
-            if len(unit.categories) == 1:
+            if defaults is not None and defaults[i] is not None:
+                ids.append(int(defaults[i]))
+            elif len(unit.categories) == 1:
                 ids.append(unit.categories[0])
             else:
                 ids.append(None)
