@@ -58,6 +58,7 @@ def test_realistic_detection_and_segmentation_answers(case):
             assert not parsed.parsed and parsed.failure
             return
         assert parsed.failure is None and parsed.labels == case["labels"]
+        assert parsed.skipped == case.get("skipped", 0)
         got, want = parsed.boxes, case["boxes"]
     else:
         parsed = parse_polygons(case["text"], case["codec"])

@@ -85,6 +85,8 @@ class ParsedObjects:
     failure: str | None = None
     #: of an answer in several parts (one per category's sample), how many did not parse
     failed_parts: int = 0
+    #: complete coordinate groups that are no box (a ``<|box_start|>`` group of 1 or 3+ points)
+    skipped: int = 0
 
     @property
     def parsed(self) -> bool:
@@ -263,13 +265,18 @@ def _pair_objects(text: str) -> ParsedObjects | None:
     out = ParsedObjects(form="pairs")
     for m in _BOXED_RE.finditer(text):
         pairs = [(float(a), float(b)) for a, b in _PAIR_RE.findall(m.group(1))]
-        if len(pairs) != 2 or not m.group(0).endswith(Qwen2VLCodec.BOX_END):
-            out.truncated = out.truncated or not m.group(0).endswith(Qwen2VLCodec.BOX_END)
+        if not m.group(0).endswith(Qwen2VLCodec.BOX_END):
+            out.truncated = True
+            continue
+        if len(pairs) != 2:
+            out.skipped += 1
             continue
         label = next((lab for end, lab in reversed(refs) if end <= m.start()), None)
         out.boxes.append((*pairs[0], *pairs[1]))
         out.labels.append(label)
-    return out if out.boxes else None
+    if not out.boxes and out.skipped:
+        out.failure = f"{out.skipped} {Qwen2VLCodec.BOX_START} group(s), none of two points (a box)"
+    return out if out.boxes or out.skipped else None
 
 
 def parse_objects(text: Any, codec: CoordinateCodec | str) -> ParsedObjects:

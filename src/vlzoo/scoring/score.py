@@ -339,7 +339,7 @@ class ScoreReport:
     task: str = "rec"
     #: counts of the task's own (res: ``dropped_polygons``, ``segmentation_fields``; det:
     #: ``boxes``, ``scored_boxes``, ``unknown_labels``, ``unlabelled``, ``unknown_label_names``,
-    #: ``unparsed_parts``, ``categories``)
+    #: ``unparsed_parts``, ``skipped_groups``, ``categories``)
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -396,7 +396,9 @@ class ScoreReport:
                     + (f" ({names})" if names else "") + f", unlabelled in a unit of several categories "
                     f"{d.get('unlabelled', 0)} (neither scored)"
                     + (f"; unparsed parts of answers {d['unparsed_parts']} (their boxes are misses)"
-                       if d.get("unparsed_parts") else ""))
+                       if d.get("unparsed_parts") else "")
+                    + (f"; coordinate groups that are no box {d['skipped_groups']} (not read)"
+                       if d.get("skipped_groups") else ""))
         return f"several boxes {self.several_boxes} (the first is scored); truncated {self.truncated} (complete boxes kept)"
 
 
@@ -553,6 +555,7 @@ def _resolved_answer(answer: Answer | None, unit: Any, names: Mapping[str, int],
         merged.failure = failed[0].failure
     defaults: list[int | None] = []
     merged.failed_parts = len(failed) if merged.failure is None else 0
+    merged.skipped = sum(p.skipped for _, p in pieces)
     for category, p in pieces:
         merged.boxes.extend(p.boxes)
         merged.labels.extend(p.labels)
@@ -597,6 +600,7 @@ def _score_detections(answers: list[Answer], refs: list[Reference], frames: dict
                  "unknown_labels": sum(unknown.values()), "unknown_label_names": unknown,
                  "unlabelled": sum(r.unlabelled for _, r in answered),
                  "unparsed_parts": sum(r.parsed.failed_parts for _, r in answered),
+                 "skipped_groups": sum(r.parsed.skipped for _, r in answered),
                  "categories": sorted(names, key=names.get)},
     )
 
