@@ -204,3 +204,138 @@ def test_refcoco_answers_keyed_by_sentence(tmp_path, capsys, refer_recipe):
     _write(answers, [{"image_id": refs[0].ids["image_id"], "text": "(1,2),(3,4)"}])
     assert main(argv) == 2
     assert "key the answers by sent_id" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- res / det
+def _res_lines(size: int = 8) -> tuple[list[dict], list]:
+    from vlzoo.paradigms.codecs import Florence2Codec
+    from vlzoo.scoring.score import load_split
+    from vlzoo.structures import mask_to_polygon
+
+    dataset, _ = load_split("shapes_res", "val", overrides=[f"data.val.size={size}"])
+    refs = reference_samples(dataset, task="res")
+    codec = Florence2Codec()
+    lines = [{"image_id": r.ids["image_id"], "task": "res",
+              "text": "<REFERRING_EXPRESSION_SEGMENTATION>" + codec.encode_points(mask_to_polygon(r.target.masks[0]),
+                                                                                 r.target.image_size)}
+             for r in refs]
+    return lines, refs
+
+
+def test_score_res_prints_ciou_and_reads_predict_masks(tmp_path, capsys):
+    lines, refs = _res_lines()
+    answers = _write(tmp_path / "answers.jsonl", lines)
+    out = tmp_path / "report.json"
+    argv = ["score", str(answers), "--recipe", "shapes_res", "--split", "val", "data.val.size=8"]
+    assert main([*argv, "--task", "res", "--codec", "florence2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "task res, codec florence2, frame original" in text and "ciou 0.9" in text and "WARNING" not in text
+    report = json.loads(out.read_text())
+    assert report["task"] == "res" and report["forms"] == {"tokens": 8} and report["metrics"]["ciou"] > 0.85
+    # vlzoo predict's records of a res batch: the mask as a COCO RLE in 'segmentation', scored as is
+    writer = PredictionWriter(tmp_path / "predictions.json")
+    preds = [Predictions(masks=r.target.masks.clone(), boxes=r.target.boxes.clone(), text="<loc_1>",
+                         image_id=r.ids["image_id"])
+             for r in refs]
+    batch = SimpleNamespace(tasks=["res"] * len(refs), original_targets=[r.target for r in refs],
+                            meta=[{} for _ in refs])
+    writer.on_predict_batch_end(None, None, preds, batch, 0)
+    writer.on_predict_end(None, None)
+    assert all("segmentation" in r for r in json.loads((tmp_path / "predictions.json").read_text()))
+    predicted = tmp_path / "predictions.json"
+    assert main(["score", str(predicted), *argv[2:], "--task", "res", "--codec", "florence2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["metrics"]["ciou"] == 1.0 and report["details"]["segmentation_fields"] == 8
+
+
+@pytest.mark.parametrize("problem, record, message", [
+    ("rle of another size", {"image_id": 0, "segmentation": {"size": [10, 10], "counts": "0"}},
+     "line 1: the RLE is 10x10 but the image is 64x64"),
+    ("neither text nor mask", {"image_id": 0}, "line 1: no 'text' (the model's answer) or 'segmentation'"),
+    ("not a segmentation", {"image_id": 0, "segmentation": "abc"}, "line 1: 'segmentation' must be a COCO RLE"),
+])
+def test_bad_res_records_are_named(tmp_path, capsys, problem, record, message):
+    answers = _write(tmp_path / "answers.jsonl", [record])
+    assert main(["score", str(answers), "--recipe", "shapes_res", "--split", "val", "data.val.size=4",
+                 "--task", "res", "--codec", "florence2"]) == 2
+    err = capsys.readouterr().err
+    assert str(answers) in err and message in err and "Traceback" not in err
+
+
+def test_a_split_without_the_task_says_so(tmp_path, capsys, truth):
+    answers = _write(tmp_path / "answers.jsonl", truth)
+    assert main(["score", str(answers), *SPLIT, "--task", "det", "--codec", "qwen2.5vl"]) == 2
+    assert "no detection (det) samples" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def coco_recipe(tmp_path_factory):
+    """Shapes scenes exported as COCO instances, read by CocoDataset: one det sample per
+    (image, category), so an image holds several samples."""
+    from vlzoo.data.export import export_shapes_coco
+    from vlzoo.data.shapes import ShapesDataset
+
+    folder = tmp_path_factory.mktemp("coco")
+    paths = export_shapes_coco(ShapesDataset(split="val", size=6, num_objects=(3, 5), seed=5), folder / "release")
+    recipe = folder / "coco.yaml"
+    recipe.write_text(
+        "_target_: vlzoo.data.VLDataModule\n"
+        "val:\n  _target_: vlzoo.data.CocoDataset\n"
+        f"  annotation_file: {paths['instances']}\n  image_dir: {paths['image_dir']}\n  tasks: [det]\n"
+    )
+    return recipe
+
+
+def test_score_det_on_coco_images_with_several_categories(tmp_path, capsys, coco_recipe):
+    from vlzoo.scoring.score import load_split
+
+    dataset, _ = load_split(str(coco_recipe), "val")
+    refs = reference_samples(dataset, task="det")
+    by_image: dict[int, list] = {}
+    for r in refs:
+        by_image.setdefault(r.ids["image_id"], []).append(r)
+    assert any(len(v) > 1 for v in by_image.values())  # several categories in one image
+    frame = make_frame("smart_resize")
+    lines = []
+    for image_id, group in by_image.items():
+        objects = [{"bbox_2d": [round(v) for v in frame.from_original(b[None], r.target.image_size)[0].tolist()],
+                    "label": r.category_name} for r in group for b in r.target.boxes]
+        lines.append({"image_id": image_id, "text": "```json\n" + json.dumps(objects) + "\n```"})
+    lines[0]["text"] = lines[0]["text"].replace("]\n```", ', {"bbox_2d": [1, 1, 4, 4], "label": "unicorn"}]\n```')
+    answers = _write(tmp_path / "answers.jsonl", lines)
+    out = tmp_path / "report.json"
+    assert main(["score", str(answers), "--recipe", str(coco_recipe), "--split", "val", "--task", "det",
+                 "--codec", "qwen2.5vl", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "task det" in text and "map_50 1.0000" in text and "labels of no category 1 ('unicorn' 1)" in text
+    assert "WARNING: 1 of" in text and "'unicorn'" in text
+    report = json.loads(out.read_text())
+    assert report["samples"] == len(by_image) and report["metrics"]["map_50"] == 1.0
+    assert report["details"]["unknown_label_names"] == {"unicorn": 1}
+
+
+def test_predict_det_records_of_several_categories_of_one_image_read_back(tmp_path):
+    """vlzoo predict on a split with one det sample per (image, category): one text per category,
+    each box's record naming its category; read back as one answer per image."""
+    size = (100, 200)
+    circles = Targets(boxes=torch.tensor([[10.0, 10.0, 40.0, 40.0], [120.0, 50.0, 160.0, 90.0]]),
+                      labels=torch.tensor([1, 1]), image_id=3, image_size=size)
+    crosses = Targets(boxes=torch.tensor([[60.0, 20.0, 90.0, 60.0]]), labels=torch.tensor([5]), image_id=3,
+                      image_size=size)
+    nothing = Targets(image_id=3, image_size=size)
+    texts = ["<|box_start|>(10,10),(40,40)<|box_end|><|box_start|>(120,50),(160,90)<|box_end|>",
+             "<|box_start|>(60,20),(90,60)<|box_end|>", "none"]
+    preds = [Predictions(boxes=t.boxes.clone(), labels=t.labels.clone(), text=x, image_id=3)
+             for t, x in zip((circles, crosses, nothing), texts, strict=True)]
+    writer = PredictionWriter(tmp_path / "predictions.json")
+    batch = SimpleNamespace(tasks=["det"] * 3, original_targets=[circles, crosses, nothing], meta=[{}, {}, {}],
+                            category_ids=[1, 5, 2])
+    writer.on_predict_batch_end(None, None, preds, batch, 0)
+    writer.on_predict_end(None, None)
+    answers = read_answers(tmp_path / "predictions.json", task="det")
+    assert len(answers) == 1 and set(answers[0].parts) == {1, 5, None}
+    refs = [Reference(ids={"image_id": 3}, target=t, category_id=c, category_name=n)
+            for t, c, n in ((circles, 1, "circle"), (crosses, 5, "cross"), (nothing, 2, "square"))]
+    report = score_answers(answers, refs, codec="qwen2.5vl", frame="original", task="det")
+    assert report.metrics["map"] == 1.0 and report.details["scored_boxes"] == 3 and not report.warnings
+    assert report.forms == {"pairs": 1}

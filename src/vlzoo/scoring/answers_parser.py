@@ -208,6 +208,7 @@ def parse_answer(text: Any, codec: CoordinateCodec | str) -> ParsedAnswer:
         found = reader(text)
         if found is not None:
             # JSON that does not parse, read as text: a list cut off after its complete boxes
-            found.truncated = found.truncated or (broken and text.rstrip()[-1:] not in ("]", "}", "`"))
+            # (a closed list followed by a full stop is not cut off)
+            found.truncated = found.truncated or (broken and text.rstrip().rstrip(".!?")[-1:] not in ("]", "}", "`"))
             return found
     return ParsedAnswer(failure="no box found (no coordinate tokens, JSON box, (x,y) pairs or [x1,y1,x2,y2] list)")

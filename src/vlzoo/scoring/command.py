@@ -3,7 +3,7 @@
 ::
 
     vlzoo score ANSWERS.jsonl --recipe RECIPE|DATA_RECIPE --split val|test|SET --codec FAMILY
-                [--frame FRAME] [--min-pixels N] [--max-pixels N] [--factor N] [--square-size N]
+                [--task rec|res|det] [--frame FRAME] [--min-pixels N] [--max-pixels N] [--factor N] [--square-size N]
                 [--bins N] [--json OUT.json] [overrides...]
 """
 
@@ -18,7 +18,8 @@ from vlzoo.paradigms.codecs import CODECS
 
 __all__ = ["add_parser", "COMMANDS"]
 
-HELP = "score a JSONL file of any model's answers against a dataset split (REC Acc@0.5, every-frame diagnostic)"
+HELP = ("score a JSONL file of any model's answers against a dataset split (REC Acc@0.5, RES cIoU, detection AP; "
+        "every-frame diagnostic)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="a.b.c=value overrides of the recipe")
     p.add_argument("--recipe", required=True, help="a recipe, or a data recipe (recipes/data/NAME)")
     p.add_argument("--split", default="val", help="val, test, or the name of one of their sets (default val)")
+    p.add_argument("--task", default="rec", choices=["rec", "res", "det"],
+                   help="what the answers are: rec boxes (default), res polygons / masks, det labelled boxes")
     p.add_argument("--codec", required=True, choices=list(CODECS), help="the answer syntax (model family)")
     p.add_argument("--frame", default=None, choices=list(FRAMES),
                    help="what the numbers mean (default: the family's, docs/evaluation.md 'Coordinate frames')")
@@ -52,14 +55,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise RecipeError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    answers = read_answers(args.answers)  # a bad file is refused before the split is built
+    answers = read_answers(args.answers, task=args.task)  # a bad file is refused before the split is built
     dataset, key = load_split(args.recipe, args.split, overrides=args.overrides, allow_targets=args.allow_target)
-    refs = reference_samples(dataset)
+    refs = reference_samples(dataset, task=args.task)
     try:
         report = score_answers(answers, refs, codec=args.codec, frame=args.frame or FAMILY_FRAMES[args.codec],
                                answers_file=args.answers, split=f"{args.recipe} {key}", min_pixels=args.min_pixels,
                                max_pixels=args.max_pixels, factor=args.factor, square_size=args.square_size,
-                               bins=args.bins)
+                               bins=args.bins, task=args.task)
     except (RecipeError, DataError):
         raise
     except ValueError as err:  # e.g. an image smart_resize refuses (aspect ratio above 200)

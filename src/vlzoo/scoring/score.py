@@ -16,6 +16,10 @@ and **warns** when another frame fits far better (:data:`FAR_BETTER_GAIN` absolu
 :data:`FAR_BETTER_RATIO` times the declared frame's Acc@0.5): the likely mistake is the declared
 frame.  The declared frame's figures are always the ones reported; the best frame is never
 silently kept.
+
+``task="res"`` and ``task="det"`` score polygons / masks with
+:class:`~vlzoo.evaluation.ReferringSegmentation` and labelled boxes with
+:class:`~vlzoo.evaluation.DetectionMAP` the same way (:mod:`vlzoo.scoring.tasks`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,20 @@ from vlzoo.data.frames import FAMILY_FRAMES, FRAMES, Frame, make_frame
 from vlzoo.evaluation.referring import ReferringBoxAccuracy
 from vlzoo.paradigms.codecs import CODECS
 from vlzoo.scoring.answers_parser import ParsedAnswer, codec_for_scoring, parse_answer
+from vlzoo.scoring.objects_parser import ParsedObjects, ParsedPolygons, parse_objects, parse_polygons
+from vlzoo.scoring.tasks import (
+    PRIMARY,
+    SCORED_TASKS,
+    category_names,
+    decode_segmentation,
+    detection_figures,
+    detection_prediction,
+    detection_units,
+    mask_figures,
+    mask_prediction,
+    resolve_objects,
+    unknown_summary,
+)
 from vlzoo.structures import Predictions, Targets
 
 __all__ = [
@@ -57,6 +75,7 @@ FAR_BETTER_RATIO = 2.0
 #: the fields an answer may be keyed by, most specific first
 KEYS = ("sent_id", "image_id")
 _EXAMPLES = 5
+_TASK_NAMES = {"rec": "referring", "res": "referring segmentation", "det": "detection"}
 
 
 class AnswersError(DataError):
@@ -72,6 +91,13 @@ class Answer:
     key: tuple[str, Any]
     text: Any
     where: str = "line"
+    #: ``(place, segmentation field)`` of each record of the sample with one (COCO RLE or
+    #: polygons, original pixels; ``--task res``): ``vlzoo predict`` writes one record per instance
+    segmentation: list[tuple[str, Any]] = field(default_factory=list)
+    #: ``--task det``: the texts of an image's records by the category they name (``None``: no
+    #: ``category_id``): ``vlzoo predict`` on a split with one sample per image and category, as
+    #: COCO, writes one text per category; the first is :attr:`text`
+    parts: dict[int | None, Any] = field(default_factory=dict)
 
     @property
     def place(self) -> str:
@@ -85,6 +111,9 @@ class Reference:
 
     ids: dict[str, Any]
     target: Targets
+    #: the category a ``det`` sample's query names (id and name; ``None`` for referring samples)
+    category_id: int | None = None
+    category_name: str | None = None
 
 
 def _key_value(value: Any) -> Any:
@@ -94,8 +123,10 @@ def _key_value(value: Any) -> Any:
     return value
 
 
-def read_answers(path: str | Path) -> list[Answer]:
-    """The answers of a JSONL file (or of ``vlzoo predict``'s JSON list), one per sample.
+def read_answers(path: str | Path, task: str = "rec") -> list[Answer]:
+    """The answers of a JSONL file (or of ``vlzoo predict``'s JSON list), one per sample;
+    records of another ``task`` than the one scored are skipped.  For ``res`` a record may hold a
+    ``segmentation`` field (COCO RLE or polygons) instead of, or as well as, ``text``.
 
     Raises :class:`AnswersError` naming the file and line for a missing file, a line that is not
     a JSON object, a record without ``sent_id`` / ``image_id`` or ``text``, and two different
@@ -126,20 +157,32 @@ def read_answers(path: str | Path) -> list[Answer]:
     for number, record in records:
         if not isinstance(record, dict):
             raise AnswersError(f"{path} {where} {number}: a JSON object is expected, got {type(record).__name__}")
-        if record.get("task") not in (None, "rec"):
-            continue  # vlzoo predict's records of other tasks (a mixed split): REC answers only
+        if record.get("task") not in (None, task):
+            continue  # vlzoo predict's records of other tasks (a mixed split): the scored task's only
         key = next(((k, _key_value(record[k])) for k in KEYS if record.get(k) is not None), None)
         if key is None:
             raise AnswersError(f"{path} {where} {number}: no 'sent_id' or 'image_id': say which sample it answers")
-        if "text" not in record:
-            raise AnswersError(f"{path} {where} {number}: no 'text' (the model's answer) for {key[0]} {key[1]}")
+        segmentation = record.get("segmentation") if task == "res" else None
+        if "text" not in record and segmentation is None:
+            extra = " or 'segmentation' (a COCO RLE)" if task == "res" else ""
+            raise AnswersError(f"{path} {where} {number}: no 'text' (the model's answer){extra} for {key[0]} {key[1]}")
+        text = record.get("text")
         seen = answers.get(key)
+        parts = task == "det" and key[0] == "image_id"
+        category = record.get("category_id") if parts and isinstance(record.get("category_id"), int) else None
+        if seen is not None and parts and category not in seen.parts:
+            seen.parts[category] = text  # another category's sample of the same image (vlzoo predict)
+            continue
         if seen is not None:
-            if seen.text != record["text"]:
+            if (seen.parts[category] if parts else seen.text) != text:
                 raise AnswersError(f"{path} {where} {number}: a second, different answer to {key[0]} {key[1]} "
                                    f"(the first is at {seen.place}); keep one answer per sample")
+            if segmentation is not None:  # another instance of the same answer (vlzoo predict)
+                seen.segmentation.append((f"{where} {number}", segmentation))
             continue
-        answers[key] = Answer(line=number, key=key, text=record["text"], where=where)
+        answers[key] = Answer(line=number, key=key, text=text, where=where,
+                              segmentation=[] if segmentation is None else [(f"{where} {number}", segmentation)],
+                              parts={category: text} if parts else {})
     if not answers:
         raise AnswersError(f"{path}: no answers in the file")
     kinds = {a.key[0] for a in answers.values()}
@@ -150,20 +193,22 @@ def read_answers(path: str | Path) -> list[Answer]:
     return list(answers.values())
 
 
-def reference_samples(dataset: Sequence[Any]) -> list[Reference]:
-    """The ``rec`` samples of a dataset with their ids (``image_id``, and ``sent_id`` / ``ref_id``
-    where the dataset has them, as RefCOCO's); reads every item once."""
+def reference_samples(dataset: Sequence[Any], task: str = "rec") -> list[Reference]:
+    """The ``task`` samples (``rec``, ``res`` or ``det``) of a dataset with their ids
+    (``image_id``, and ``sent_id`` / ``ref_id`` where the dataset has them, as RefCOCO's) and the
+    category a ``det`` query names; reads every item once."""
     out = []
     for index in range(len(dataset)):
         sample = dataset[index]
-        if sample is None or sample.task != "rec":
+        if sample is None or sample.task != task:
             continue
         meta = sample.meta or {}
         ids = {"image_id": int(sample.targets.image_id)}
         for name in ("sent_id", "ref_id"):
             if meta.get(name) is not None:
                 ids[name] = _key_value(meta[name])
-        out.append(Reference(ids=ids, target=sample.targets))
+        out.append(Reference(ids=ids, target=sample.targets, category_id=sample.category_id,
+                             category_name=sample.category_name))
     return out
 
 
@@ -290,9 +335,17 @@ class ScoreReport:
     by_frame: dict[str, dict[str, float]]
     warnings: list[str] = field(default_factory=list)
     failure_examples: list[dict[str, Any]] = field(default_factory=list)
+    #: ``rec``, ``res`` or ``det``
+    task: str = "rec"
+    #: counts of the task's own (res: ``dropped_polygons``, ``segmentation_fields``; det:
+    #: ``boxes``, ``scored_boxes``, ``unknown_labels``, ``unlabelled``, ``unknown_label_names``,
+    #: ``unparsed_parts``, ``skipped_groups``, ``categories``)
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def primary(self) -> str:
+        if self.task in PRIMARY:
+            return PRIMARY[self.task]
         return "acc_0.5" if "acc_0.5" in self.metrics else next(k for k in self.metrics if k.startswith("acc_"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -302,16 +355,18 @@ class ScoreReport:
             "parse_failures": self.parse_failures, "truncated": self.truncated, "several_boxes": self.several_boxes,
             "forms": dict(self.forms), "metrics": dict(self.metrics), "by_frame": {k: dict(v) for k, v in self.by_frame.items()},
             "warnings": list(self.warnings), "failure_examples": list(self.failure_examples),
+            "task": self.task, "details": dict(self.details),
         }
 
     def format(self) -> str:
         key = self.primary
         lines = [
-            f"vlzoo score: {self.answers_file} against {self.split} (codec {self.codec}, frame {self.frame})",
-            f"  samples {self.samples}, answered {self.answered}, unanswered {self.missing} (misses), "
-            f"parse failures {self.parse_failures} (misses)",
+            f"vlzoo score: {self.answers_file} against {self.split} (task {self.task}, codec {self.codec}, "
+            f"frame {self.frame})",
+            f"  {'images' if self.task == 'det' else 'samples'} {self.samples}, answered {self.answered}, "
+            f"unanswered {self.missing} (misses), parse failures {self.parse_failures} (misses)",
             f"  answer forms: {', '.join(f'{k} {v}' for k, v in sorted(self.forms.items())) or 'none'}; "
-            f"several boxes {self.several_boxes} (the first is scored); truncated {self.truncated} (complete boxes kept)",
+            + self._counts_line(),
             "  " + "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items() if "/" not in k),
         ]
         kinds = sorted({k.split("/")[1] for k in self.metrics if k.startswith("by_kind/")})
@@ -328,6 +383,24 @@ class ScoreReport:
             lines.append(f"WARNING: {warning}")
         return "\n".join(lines) + "\n"
 
+    def _counts_line(self) -> str:
+        d = self.details
+        if self.task == "res":
+            return (f"several polygons {self.several_boxes} (their union is the mask); truncated {self.truncated} "
+                    f"(complete polygons kept); polygons under 3 vertices {d.get('dropped_polygons', 0)} (not drawn); "
+                    f"masks from 'segmentation' fields {d.get('segmentation_fields', 0)}")
+        if self.task == "det":
+            names = ", ".join(f"{k!r} {v}" for k, v in list(d.get("unknown_label_names", {}).items())[:5])
+            return (f"truncated {self.truncated} (complete boxes kept); boxes {d.get('boxes', 0)}, scored "
+                    f"{d.get('scored_boxes', 0)}, labels of no category {d.get('unknown_labels', 0)}"
+                    + (f" ({names})" if names else "") + f", unlabelled in a unit of several categories "
+                    f"{d.get('unlabelled', 0)} (neither scored)"
+                    + (f"; unparsed parts of answers {d['unparsed_parts']} (their boxes are misses)"
+                       if d.get("unparsed_parts") else "")
+                    + (f"; coordinate groups that are no box {d['skipped_groups']} (not read)"
+                       if d.get("skipped_groups") else ""))
+        return f"several boxes {self.several_boxes} (the first is scored); truncated {self.truncated} (complete boxes kept)"
+
 
 def score_answers(
     answers: list[Answer],
@@ -343,20 +416,32 @@ def score_answers(
     square_size: int | None = None,
     bins: int | None = None,
     thresholds: Sequence[float] = (0.5, 0.75, 0.9),
+    task: str = "rec",
 ) -> ScoreReport:
     """Score ``answers`` against ``refs`` read by ``codec`` in ``frame`` (default: the family's,
     :data:`~vlzoo.data.frames.FAMILY_FRAMES`), with the every-frame diagnostic.
     ``min_pixels`` / ``max_pixels`` / ``factor`` set ``smart_resize``, ``square_size`` the side of
-    ``pad_to_square``, ``bins`` the bin count of the ``bins`` codec (default 64)."""
+    ``pad_to_square``, ``bins`` the bin count of the ``bins`` codec (default 64).  ``task``:
+    ``rec`` (``refs`` from :func:`reference_samples`), ``res`` or ``det`` (``refs`` of that task;
+    :mod:`vlzoo.scoring.tasks`); ``thresholds`` are REC's."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; choose from {', '.join(CODECS)}")
+    if task not in SCORED_TASKS:
+        raise ValueError(f"unknown task {task!r}; vlzoo score scores {', '.join(SCORED_TASKS)}")
     if not refs:
-        raise AnswersError(f"{split}: the split has no referring (rec) samples to score")
+        others = ", ".join(f"--task {t}" for t in SCORED_TASKS if t != task)
+        raise AnswersError(f"{split}: the split has no {_TASK_NAMES[task]} ({task}) samples to score; "
+                           f"is the split of another task ({others})?")
     frame = frame or FAMILY_FRAMES[codec]
     options = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels), ("factor", factor),
                                  ("square_size", square_size)) if v is not None}
     frames = {name: make_frame(name, **options) for name in dict.fromkeys([*FRAMES, frame])}
     reader = codec_for_scoring(codec, bins=bins)
+    if task != "rec":
+        score = _score_masks if task == "res" else _score_detections
+        report = score(answers, refs, frames, frame, reader, codec=codec, answers_file=answers_file, split=split)
+        _common_warnings(report, codec)
+        return report
     matched = _match(answers, refs, answers_file)
     parsed = [parse_answer(a.text, reader) if a is not None else ParsedAnswer(failure="no answer")
               for a in matched]
@@ -378,14 +463,146 @@ def score_answers(
         failure_examples=[{"where": a.place, "reason": p.failure, "text": str(a.text)[:120]}
                           for a, p in failures[:_EXAMPLES]],
     )
-    report.warnings.extend(_frame_warnings(report))
-    if report.missing:
-        report.warnings.append(f"{report.missing} of {report.samples} samples have no answer in {answers_file}; "
-                               "they are scored as misses")
-    if failures and len(failures) * 2 >= len(answered):
-        report.warnings.append(f"{len(failures)} of {len(answered)} answers could not be parsed (scored as misses); "
-                               f"is --codec {codec} the model's syntax? examples above")
+    _common_warnings(report, codec)
     return report
+
+
+def _common_warnings(report: ScoreReport, codec: str) -> None:
+    report.warnings.extend(_frame_warnings(report))
+    unit = "images" if report.task == "det" else "samples"
+    if report.missing:
+        report.warnings.append(f"{report.missing} of {report.samples} {unit} have no answer in {report.answers_file}; "
+                               "they are scored as misses")
+    if report.parse_failures and report.parse_failures * 2 >= report.answered:
+        report.warnings.append(f"{report.parse_failures} of {report.answered} answers could not be parsed (scored as "
+                               f"misses); is --codec {codec} the model's syntax? examples above")
+    unknown = report.details.get("unknown_labels", 0) + report.details.get("unlabelled", 0)
+    if unknown:
+        names = ", ".join(repr(k) for k in list(report.details.get("unknown_label_names", {}))[:5])
+        report.warnings.append(
+            f"{unknown} of {report.details.get('boxes', 0)} boxes are not scored: "
+            f"{report.details.get('unknown_labels', 0)} are labelled with no category of the split"
+            + (f" ({names})" if names else "") + f", {report.details.get('unlabelled', 0)} are unlabelled in an "
+            "image of several categories; the split's categories are "
+            + ", ".join(repr(n) for n in report.details.get("categories", [])))
+
+
+def _failure_examples(failures: list[tuple[Answer, Any]]) -> list[dict[str, Any]]:
+    return [{"where": a.place, "reason": p.failure, "text": str(a.text)[:120]} for a, p in failures[:_EXAMPLES]]
+
+
+def _score_masks(answers: list[Answer], refs: list[Reference], frames: dict[str, Frame], frame: str, reader, *,
+                 codec: str, answers_file: str, split: str) -> ScoreReport:
+    """``--task res``: polygons (or a record's ``segmentation``) -> masks, ReferringSegmentation."""
+    matched = _match(answers, refs, answers_file)
+    parsed: list[ParsedPolygons] = []
+    fields: list[torch.Tensor | None] = []
+    for answer, ref in zip(matched, refs, strict=True):
+        size = tuple(int(v) for v in ref.target.image_size)
+        if answer is not None and answer.segmentation:
+            mask = torch.zeros(size, dtype=torch.bool)
+            for place, seg in answer.segmentation:
+                try:
+                    mask |= decode_segmentation(seg, size, f"{answers_file} {place}")
+                except ValueError as err:
+                    raise AnswersError(str(err)) from None
+            fields.append(mask)
+            parsed.append(ParsedPolygons(form="segmentation"))
+            continue
+        fields.append(None)
+        parsed.append(parse_polygons(answer.text, reader) if answer is not None
+                      else ParsedPolygons(failure="no answer"))
+    answered = [(a, p, m) for a, p, m in zip(matched, parsed, fields, strict=True) if a is not None]
+    failures = [(a, p) for a, p, m in answered if m is None and not p.parsed]
+    kinds = any(r.target.expression_kinds for r in refs)
+    targets = [r.target for r in refs]
+    by_frame = {}
+    for name, f in frames.items():
+        preds = [mask_prediction(p, f, r.target, m) for p, r, m in zip(parsed, refs, fields, strict=True)]
+        by_frame[name] = mask_figures(preds, targets, kinds=kinds and name == frame)
+    metrics = by_frame[frame]
+    return ScoreReport(
+        answers_file=answers_file, split=split, codec=codec, frame=frame, samples=len(refs), answered=len(answered),
+        missing=len(refs) - len(answered), parse_failures=len(failures),
+        truncated=sum(p.truncated for _, p, _ in answered if p.parsed),
+        several_boxes=sum(len(p.polygons) > 1 for _, p, _ in answered),
+        forms=dict(Counter(p.form for _, p, m in answered if m is not None or p.parsed)), metrics=metrics,
+        by_frame={n: {k: v for k, v in fig.items() if "/" not in k} for n, fig in by_frame.items()},
+        failure_examples=_failure_examples(failures), task="res",
+        details={"dropped_polygons": sum(p.dropped for _, p, _ in answered),
+                 "segmentation_fields": sum(m is not None for _, _, m in answered)},
+    )
+
+
+def _resolved_answer(answer: Answer | None, unit: Any, names: Mapping[str, int], reader) -> Any:
+    """One image's answer parsed and its labels resolved; an answer in several parts (one per
+    category's sample, from vlzoo predict) is their boxes together, an unlabelled box taking its
+    part's category."""
+    if answer is None:
+        return resolve_objects(ParsedObjects(failure="no answer"), unit, names)
+    if len(answer.parts) <= 1:
+        category = next(iter(answer.parts), None)
+        parsed = parse_objects(answer.text, reader)
+        return resolve_objects(parsed, unit, names, defaults=[category] * len(parsed.boxes))
+    pieces = [(category, parse_objects(text, reader)) for category, text in answer.parts.items()]
+    failed = [p for _, p in pieces if not p.parsed]
+    merged = ParsedObjects(form=next((p.form for _, p in pieces if p.parsed and p.boxes), pieces[0][1].form),
+                           fractions=any(p.fractions for _, p in pieces),
+                           truncated=any(p.truncated for _, p in pieces))
+    if len({p.fractions for _, p in pieces if p.boxes}) > 1:
+        merged.failure = "the parts of this image's answer mix coordinate tokens and plain numbers"
+    elif len(failed) == len(pieces):
+        merged.failure = failed[0].failure
+    defaults: list[int | None] = []
+    merged.failed_parts = len(failed) if merged.failure is None else 0
+    merged.skipped = sum(p.skipped for _, p in pieces)
+    for category, p in pieces:
+        merged.boxes.extend(p.boxes)
+        merged.labels.extend(p.labels)
+        defaults.extend([category] * len(p.boxes))
+    return resolve_objects(merged, unit, names, defaults=defaults)
+
+
+def _score_detections(answers: list[Answer], refs: list[Reference], frames: dict[str, Frame], frame: str, reader,
+                      *, codec: str, answers_file: str, split: str) -> ScoreReport:
+    """``--task det``: labelled boxes per image -> DetectionMAP, labels mapped to the split's categories."""
+    units = detection_units(refs)
+    names = category_names(refs)
+    index = {u.image_id: i for i, u in enumerate(units)}
+    matched: list[Answer | None] = [None] * len(units)
+    for answer in answers:
+        if answer.key[0] != "image_id":
+            raise AnswersError(f"{answers_file} {answer.place}: detection answers are keyed by image_id (one answer "
+                               f"lists every object of an image), not {answer.key[0]}")
+        i = index.get(answer.key[1])
+        if i is None:
+            raise AnswersError(f"{answers_file} {answer.place}: image_id {answer.key[1]!r} is not an image of the "
+                               "split's det samples; check --recipe / --split (and the recipe's seed)")
+        matched[i] = answer
+    resolved = [_resolved_answer(a, u, names, reader) for a, u in zip(matched, units, strict=True)]
+    answered = [(a, r) for a, r in zip(matched, resolved, strict=True) if a is not None]
+    failures = [(a, r.parsed) for a, r in answered if not r.parsed.parsed]
+    targets = [u.target for u in units]
+    by_frame = {}
+    for name, f in frames.items():
+        preds = [detection_prediction(r, f, t) for r, t in zip(resolved, targets, strict=True)]
+        by_frame[name] = detection_figures(preds, targets)
+    unknown = unknown_summary(resolved)
+    return ScoreReport(
+        answers_file=answers_file, split=split, codec=codec, frame=frame, samples=len(units),
+        answered=len(answered), missing=len(units) - len(answered), parse_failures=len(failures),
+        truncated=sum(r.parsed.truncated for _, r in answered if r.parsed.parsed),
+        several_boxes=sum(len(r.parsed.boxes) > 1 for _, r in answered),
+        forms=dict(Counter(r.parsed.form for _, r in answered if r.parsed.parsed)), metrics=by_frame[frame],
+        by_frame=by_frame, failure_examples=_failure_examples(failures), task="det",
+        details={"boxes": sum(len(r.parsed.boxes) for _, r in answered),
+                 "scored_boxes": sum(c is not None for _, r in answered for c in r.ids),
+                 "unknown_labels": sum(unknown.values()), "unknown_label_names": unknown,
+                 "unlabelled": sum(r.unlabelled for _, r in answered),
+                 "unparsed_parts": sum(r.parsed.failed_parts for _, r in answered),
+                 "skipped_groups": sum(r.parsed.skipped for _, r in answered),
+                 "categories": sorted(names, key=names.get)},
+    )
 
 
 def _frame_warnings(report: ScoreReport) -> list[str]:
