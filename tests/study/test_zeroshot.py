@@ -123,6 +123,7 @@ paradigm:
   _base_: {RECIPES}/paradigm/pixel2seq.yaml
   tasks: [rec]
   max_new_tokens: 24
+  coordinate_sigma: 0.0
   codec: {{_target_: vlzoo.paradigms.codecs.Qwen2VLCodec}}
 evaluator: {{_base_: {RECIPES}/evaluator/default.yaml, tasks: [rec]}}
 trainer: {{_base_: {RECIPES}/trainer/cpu.yaml}}
@@ -145,7 +146,7 @@ study:
       - trainer.val_check_interval=2
     released:
       zero_shot: true
-      recipe: {zero_recipe}
+      recipe: {zero_recipe.parent}/qwen2vl_{{task}}.yaml
       grid: {{task: [rec]}}
       fixed:
 {fixed.format(side=60)}
