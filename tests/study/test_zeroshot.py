@@ -193,3 +193,16 @@ study:
     assert "| part=released,task=rec (zero-shot) | zero-shot (no training) |" in report
     assert "| part=trained,task=rec | finished |" in report
     assert "released: zero-shot (no training)" in report
+
+
+def test_a_task_outside_the_recipe_pattern_only_labels_the_cells(tmp_path):
+    path = _write(tmp_path, f"""study:
+  name: zs
+  zero_shot: true
+  recipe: {RECIPES}/gpu/pixel2seq_{{model}}_refcoco.yaml
+  grid: {{model: [qwen2vl, paligemma], task: [rec]}}
+""")
+    cells = expand_grid(load_study(path))
+    assert [c.key for c in cells] == ["model=qwen2vl,task=rec", "model=paligemma,task=rec"]
+    assert all(c.task == "rec" and not any(o.startswith("task=") for o in c.overrides) for c in cells)
+    assert cells[1].recipe.name == "pixel2seq_paligemma_refcoco.yaml"

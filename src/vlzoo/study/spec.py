@@ -21,7 +21,8 @@ A study file (``recipes/studies/*.yaml``)::
       gallery: {samples: 6, split: test}
       baselines: {train_samples: 2000}           # or false: no baseline rows
 
-Two grid keys are axes with a meaning of their own, not recipe overrides:
+Two grid keys are axes with a meaning of their own, not recipe overrides (and ``task``, when the
+recipe pattern does not name it, only labels the cells of a recipe made for that task):
 
 * ``rung: [one, attribute, spatial, full]`` - the Shapes difficulty ladder: the rung is set on
   every ``ShapesDataset`` of the cell's data slot (after ``fixed``);
@@ -94,6 +95,8 @@ _BUDGET_KINDS = {"steps": "trainer.max_steps", "epochs": "trainer.max_epochs", "
 #: grid keys that are axes of the protocol, not recipe overrides
 RUNG_KEY = "rung"
 BUDGET_KEY = "budget"
+#: the cell's task (rec, res, ...): a recipe-pattern placeholder, else only the cell's label
+TASK_KEY = "task"
 #: the value of a part's cells: the part's name (``study.parts``)
 PART_KEY = "part"
 AXES = (RUNG_KEY, BUDGET_KEY, PART_KEY)
@@ -461,7 +464,10 @@ def expand_grid(spec: StudySpec, *, supports: Any = None) -> list[Cell]:
             if part.name:
                 values = {PART_KEY: part.name, **values}
             recipe = (spec.path.parent / part.recipe.format(**values)).resolve()
-            overrides = [f"{k}={_override_value(v)}" for k, v in values.items() if k not in selecting and k not in AXES]
+            # ``task`` is no recipe key: outside the recipe pattern it only names the cell's task
+            # (a recipe for one task, e.g. recipes/gpu/pixel2seq_qwen2vl_refcoco.yaml)
+            overrides = [f"{k}={_override_value(v)}" for k, v in values.items()
+                         if k not in selecting and k not in AXES and k != TASK_KEY]
             overrides += [_fill(item, values) for item in [*spec.fixed, *part.fixed]]
             if RUNG_KEY in values and recipe.is_file():
                 overrides += rung_overrides(recipe, overrides, str(values[RUNG_KEY]))
