@@ -206,3 +206,22 @@ def test_a_task_outside_the_recipe_pattern_only_labels_the_cells(tmp_path):
     assert [c.key for c in cells] == ["model=qwen2vl,task=rec", "model=paligemma,task=rec"]
     assert all(c.task == "rec" and not any(o.startswith("task=") for o in c.overrides) for c in cells)
     assert cells[1].recipe.name == "pixel2seq_paligemma_refcoco.yaml"
+
+
+def test_vlzoo_study_refuses_a_zero_shot_cell_before_any_run_exists(tmp_path, capsys):
+    from vlzoo.cli import EXIT_USER_ERROR, main
+
+    path = _write(tmp_path, f"""study:
+  name: zs
+  parts:
+    released:
+      zero_shot: true
+      recipe: {RECIPES}/shapes/heatmap_{{task}}.yaml
+      grid: {{task: [rec]}}
+""")
+    out = tmp_path / "out"
+    assert main(["study", str(path), "--output-dir", str(out)]) == EXIT_USER_ERROR
+    printed = capsys.readouterr()
+    assert "zero-shot cell 0 [part=released,task=rec]" in printed.out + printed.err
+    assert "key 'paradigm._target_'" in printed.out + printed.err
+    assert not out.exists()
