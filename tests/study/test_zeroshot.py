@@ -97,6 +97,22 @@ def test_a_recipe_that_is_not_the_model_as_it_is_is_refused(tmp_path, recipe, fi
 
 
 # --------------------------------------------------------------------------- end to end
+def _paligemma_with_loc_tokens(folder: Path, *, locs: bool = True, seed: int = 0) -> str:
+    """The tiny PaliGemma of tests/backbones, with the released model's <loc0000>..<loc1023> in
+    its vocabulary (as in the real checkpoints), so the codec's tokens are the model's own."""
+    tiny = _tiny("paligemma_tiny")
+    base = tiny.paligemma_tokenizer
+
+    def with_locs():
+        tok = base()
+        if locs:
+            tok.add_tokens([f"<loc{k:04d}>" for k in range(1024)], special_tokens=True)
+        return tok
+
+    tiny.paligemma_tokenizer = with_locs
+    return tiny.make_paligemma_folder(folder, layers=1, seed=seed)
+
+
 TINY_DATA = [
     "data.batch_size=4", "data.eval_batch_size=4", "data.num_workers=0", "data.train.size=16", "data.val.size=4",
     "data.test.size=6",
@@ -112,7 +128,7 @@ def test_a_zero_shot_cell_runs_next_to_a_trained_one_and_scores_like_the_evaluat
     from vlzoo.study.measure import inference_cost
     from vlzoo.study.runner import StudyRun, run_cell
 
-    folder = _tiny("paligemma_tiny").make_paligemma_folder(tmp_path / "paligemma", layers=1)
+    folder = _paligemma_with_loc_tokens(tmp_path / "paligemma")
     zero_recipe = _write(tmp_path, f"""seed: 0
 name: paligemma_zero_shot
 backbone: {{_target_: vlzoo.backbones.PaliGemmaBackbone, name_or_path: {folder}}}
@@ -183,8 +199,9 @@ study:
             collection.update([to_original(p, batch, i) for i, p in enumerate(preds)], batch.original_targets)
     direct = {f"test/rec/{k}": float(v) for k, v in collection.compute().items()}
     assert direct and all(not math.isnan(v) for v in direct.values())
-    # the constrained answers parse, so the comparison is between figures, not between zeros
-    assert direct["test/rec/parse_fail_rate"] == 0 and direct["test/rec/miou"] > 0
+    # every constrained answer parses into a box (an untrained model's boxes miss: IoU 0), so the
+    # cell went through generation, parsing and the frame like the direct call
+    assert direct["test/rec/parse_fail_rate"] == 0 and direct["test/rec/by_kind/attribute/count"] == 2
     for key, value in direct.items():
         assert zm[key] == pytest.approx(value, abs=1e-6), key
     assert zm["cost/tokens_per_object"] == pytest.approx(inference_cost(model, dm)["cost/tokens_per_object"])
@@ -225,3 +242,33 @@ def test_vlzoo_study_refuses_a_zero_shot_cell_before_any_run_exists(tmp_path, ca
     assert "zero-shot cell 0 [part=released,task=rec]" in printed.out + printed.err
     assert "key 'paradigm._target_'" in printed.out + printed.err
     assert not out.exists()
+
+
+def test_a_codec_whose_tokens_the_model_lacks_is_refused(tmp_path):
+    from vlzoo.build import build
+    from vlzoo.study.zeroshot import check_vocabulary
+
+    recipes = {}
+    for locs in (True, False):
+        folder = _paligemma_with_loc_tokens(tmp_path / f"paligemma_{locs}", locs=locs)
+        recipes[locs] = _write(tmp_path, f"""backbone: {{_target_: vlzoo.backbones.PaliGemmaBackbone, name_or_path: {folder}}}
+data: {{_base_: {RECIPES}/data/shapes_rec.yaml, num_workers: 0}}
+paradigm:
+  _base_: {RECIPES}/paradigm/pixel2seq.yaml
+  tasks: [rec]
+  coordinate_sigma: 0.0
+  codec: {{_target_: vlzoo.paradigms.codecs.PaliGemmaCodec}}
+""", f"paligemma_{locs}_rec.yaml")
+    path = _write(tmp_path, f"""study:
+  name: zs
+  zero_shot: true
+  recipe: {tmp_path}/paligemma_{{locs}}_{{task}}.yaml
+  grid: {{locs: [true, false], task: [rec]}}
+""")
+    own, foreign = expand_grid(load_study(path))
+    for cell in (own, foreign):
+        assert cell.recipe == recipes[cell.values["locs"]]
+    check_vocabulary(own, build(own.recipe, with_trainer=False, with_logger=False).model)
+    model = build(foreign.recipe, with_trainer=False, with_logger=False).model
+    with pytest.raises(StudyError, match=r"zero-shot cell 1 .*key 'paradigm.codec'.*<loc0000>, <loc0001>.* and 1020 more"):
+        check_vocabulary(foreign, model)

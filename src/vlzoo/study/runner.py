@@ -39,7 +39,7 @@ from vlzoo.study.report import (
     build_report,
 )
 from vlzoo.study.spec import BUDGET_KEY, Cell, StudyError, StudySpec, expand_grid, load_study
-from vlzoo.study.zeroshot import ZERO_SHOT_TAG, check_zero_shot
+from vlzoo.study.zeroshot import ZERO_SHOT_TAG, check_vocabulary, check_zero_shot
 from vlzoo.tracking import temporary_environment, tracking_client
 
 __all__ = [
@@ -484,6 +484,8 @@ def run_cell(
         session = RunSession(cell.recipe, overrides=overrides, output_dir=cell_dir, tracking_uri=tracking_uri,
                              run_id=run_id, keep_raw_images=True, callbacks=[curve])
         built = session.prepare("test" if cell.zero_shot else "fit")
+        if cell.zero_shot:
+            check_vocabulary(cell, built.model)
         start = time.perf_counter()
         if not cell.zero_shot:  # a zero-shot cell is tested as it is: nothing trains
             session.fit()

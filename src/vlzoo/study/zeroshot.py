@@ -18,7 +18,7 @@ from typing import Any
 
 from vlzoo.study.spec import Cell, StudyError
 
-__all__ = ["ZERO_SHOT_TAG", "check_zero_shot", "zero_shot_problem"]
+__all__ = ["ZERO_SHOT_TAG", "check_zero_shot", "check_vocabulary", "zero_shot_problem"]
 
 #: tag of a zero-shot cell's run (``"true"``); the report marks its rows
 ZERO_SHOT_TAG = "vlzoo.zero_shot"
@@ -60,3 +60,21 @@ def check_zero_shot(cells: Sequence[Cell], *, extra_overrides: Sequence[str] = (
                 f"zero-shot cell {cell.index} [{cell.key}] (recipe {cell.recipe}): {problem}; or remove "
                 "zero_shot from its part"
             )
+
+
+def check_vocabulary(cell: Cell, model: Any) -> None:
+    """Raise :class:`StudyError` when the built paradigm had to add tokens to the model's
+    vocabulary (their embedding rows start untrained): the codec is not the model's own, so the
+    released model cannot write its answers (e.g. ``BinsCodec`` on LLaVA)."""
+    backbone = getattr(model, "backbone", None)
+    # the ids the backbone's add_special_tokens created (rows the released weights do not have)
+    new_ids = list(getattr(backbone, "_new_token_ids", None) or [])
+    if not new_ids:
+        return
+    tokens = backbone.tokenizer.convert_ids_to_tokens(new_ids)
+    shown = ", ".join(tokens[:4]) + (f" and {len(tokens) - 4} more" if len(tokens) > 4 else "")
+    raise StudyError(
+        f"zero-shot cell {cell.index} [{cell.key}] (recipe {cell.recipe}): key 'paradigm.codec': the answer "
+        f"format's tokens {shown} are not in the model's vocabulary, so they would start untrained; use the "
+        "family's own codec (its native tokens) or remove zero_shot from its part"
+    )
