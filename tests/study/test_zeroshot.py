@@ -272,3 +272,26 @@ paradigm:
     model = build(foreign.recipe, with_trainer=False, with_logger=False).model
     with pytest.raises(StudyError, match=r"zero-shot cell 1 .*key 'paradigm.codec'.*<loc0000>, <loc0001>.* and 1020 more"):
         check_vocabulary(foreign, model)
+
+
+@pytest.mark.slow
+def test_the_released_rows_of_the_gpu_study_write_with_their_own_tokens():
+    # built at full size on the meta device with the shipped configs and tokenizers (no weights)
+    from vlzoo.build import build
+    from vlzoo.config import load_recipe
+    from vlzoo.dryrun import dry_loading
+    from vlzoo.study.zeroshot import check_vocabulary
+
+    cells = [c for c in expand_grid(load_study(RECIPES / "studies" / "gpu_refcoco_zeroshot.yaml")) if c.zero_shot]
+    assert {c.values.get("model", "llava") for c in cells} == {"qwen2vl", "qwen25vl", "paligemma", "kosmos2", "llava"}
+    for cell in cells:
+        with dry_loading():
+            built = build(load_recipe(cell.recipe, list(cell.overrides)), with_data=False, with_trainer=False)
+        check_vocabulary(cell, built.model)
+    # the same LLaVA with Pix2Seq bins would add 1000 untrained tokens: not a zero-shot row
+    llava = cells[-1]
+    with dry_loading():
+        built = build(load_recipe(llava.recipe, [*llava.overrides, "paradigm.codec={_target_: vlzoo.paradigms.codecs.BinsCodec, bins: 1000}"]),
+                      with_data=False, with_trainer=False)
+    with pytest.raises(StudyError, match="key 'paradigm.codec'"):
+        check_vocabulary(llava, built.model)
