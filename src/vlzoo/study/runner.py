@@ -228,7 +228,7 @@ class StudyRun:
     # ------------------------------------------------------------------ stage 0
     def stage0_checkpoint(self) -> Path | None:
         """Run the study's stage 0 once; later calls (and later invocations) reuse it."""
-        if self.spec.stage0 is None:
+        if self.spec.stage0 is None or not self.spec.trains:  # zero-shot cells never use it
             return None
         parent = self.parent()
         tags = self.client.get_run(parent).data.tags

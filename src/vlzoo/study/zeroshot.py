@@ -7,8 +7,10 @@ recipe's test splits - the model's native generation with the recipe's prompt te
 family's codec, parsed and scored by the recipe's evaluator - and then the harness's cost
 measures (latency per query and per object, tokens per object), exactly as for a trained cell.
 
-What would make such a cell something else than the off-the-shelf model is refused before
-anything is built, naming the cell and the recipe key.
+What would make such a cell something else than the off-the-shelf model is refused, naming the
+cell and the recipe key: a paradigm other than Pixel2Seq, a ``backbone.checkpoint``, no test
+split (:func:`check_zero_shot`, before any run exists), and a codec whose tokens the model's
+vocabulary lacks (:func:`check_vocabulary`, once the cell's model is built).
 """
 
 from __future__ import annotations
