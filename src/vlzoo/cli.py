@@ -265,6 +265,9 @@ def _check_study(spec: Any) -> None:
                 f"{str(err).rstrip('.')}. "
                 "Fix the study's grid / fixed / budget keys or the recipe."
             ) from None
+    from vlzoo.study.zeroshot import check_zero_shot
+
+    check_zero_shot(runnable)  # a zero-shot cell is the off-the-shelf model, tested as it is
     if spec.stage0 is not None:
         try:
             validate(load_recipe(spec.stage0, list(spec.stage0_overrides)))

@@ -8,6 +8,7 @@ from vlzoo.study.report import build_report, collect_results, comparison_tables
 from vlzoo.study.runner import StudyRun, check_fairness, run_cell, run_study
 from vlzoo.study.spec import Cell, Comparison, StudyError, StudyPart, StudySpec, expand_grid, load_study
 from vlzoo.study.summary import first_paragraph
+from vlzoo.study.zeroshot import check_zero_shot
 
 __all__ = [
     "Cell",
@@ -20,6 +21,7 @@ __all__ = [
     "baseline_figures",
     "build_report",
     "check_fairness",
+    "check_zero_shot",
     "collect_results",
     "comparison_tables",
     "expand_grid",

@@ -25,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from vlzoo.study.zeroshot import ZERO_SHOT_TAG  # noqa: E402
 from vlzoo.tracking import tracking_client  # noqa: E402
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class CellResult:
     error: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     baseline: str = ""  # the baseline's name for a baseline run ("random_object", ...), else ""
+    zero_shot: bool = False  # an off-the-shelf model tested as it is (tag vlzoo.zero_shot)
 
     @property
     def paradigm(self) -> str:
@@ -92,7 +94,7 @@ class CellResult:
             from vlzoo.study.baselines import BASELINE_LABELS
 
             return f"{BASELINE_LABELS.get(self.baseline, self.baseline)} (baseline): {self.setting}"
-        return self.group
+        return f"{self.group} (zero-shot)" if self.zero_shot else self.group
 
 
 def find_parent_run(client: MlflowClient, experiment_name: str, study: str) -> Any:
@@ -145,6 +147,7 @@ def _collect(client: MlflowClient, experiment_id: str, parent_run_id: str, role:
                 error=tags.get(ERROR_TAG, ""),
                 metrics=dict(run.data.metrics),
                 baseline=tags.get(BASELINE_TAG, "") if role == "baseline" else "",
+                zero_shot=tags.get(ZERO_SHOT_TAG) == "true",
             )
         )
     return results
@@ -266,6 +269,8 @@ def _tables(results: list[CellResult], primary: dict[str, str]) -> list[_Table]:
                 status = "failed: " + next(r.error for r in members if r.status == "failed")[:80]
             elif members[0].baseline:
                 status = "baseline (no training)"
+            elif members[0].zero_shot and status == "finished":
+                status = "zero-shot (no training)"
             row = [members[0].label, status]
             for c in cols:
                 if g in agg and c in agg[g]:
@@ -568,6 +573,8 @@ def _arm_label(result: CellResult) -> str:
     """The paradigm, and the cell's other grid values that are neither data nor protocol (e.g.
     ``pixel2emb (paradigm.refocus_lambda=0.1)``): the name of an arm in the first paragraph."""
     extra = [f"{k}={v}" for k, v in result.values.items() if k not in (*NOT_DATA_KEYS, "task", "rung", "part")]
+    if result.zero_shot:
+        extra.append("zero-shot")
     if not extra:
         return result.paradigm
     return f"{result.paradigm} ({', '.join(extra)})" if result.paradigm else ", ".join(extra)
@@ -623,12 +630,13 @@ def _time_to_accuracy(client: MlflowClient, results: list[CellResult], primary: 
     from vlzoo.study.curves import CPU_KEY, DEFAULT_THRESHOLDS, time_to_accuracy_rows
 
     tables = []
-    for task in dict.fromkeys(r.task for r in results if r.status == "finished" and not r.baseline):
+    trained = [r for r in results if r.status == "finished" and not r.baseline and not r.zero_shot]
+    for task in dict.fromkeys(r.task for r in trained):
         metric = primary.get(task)
         if metric is None:
             continue
         groups = []
-        for g in dict.fromkeys(r.group for r in results if r.task == task and r.status == "finished" and not r.baseline):
+        for g in dict.fromkeys(r.group for r in trained if r.task == task):
             members = [r for r in results if r.group == g and r.status == "finished"]
             curves = [_metric_history(client, r.run_id, f"val/{task}/{metric}") for r in members]
             cpu = [_metric_history(client, r.run_id, CPU_KEY) for r in members]
@@ -663,6 +671,8 @@ def _plot_compute(client: MlflowClient, results: list[CellResult], primary: dict
             if t != task:
                 continue
             members = [r for r in results if r.group == group and r.status == "finished"]
+            if any(r.zero_shot for r in members):
+                continue  # tested as it is: no training curve
             curve = mean_curve([_metric_history(client, r.run_id, f"val/{task}/{metric}") for r in members])
             cpu = mean_curve([_metric_history(client, r.run_id, CPU_KEY) for r in members])
             lines.append((paradigm + (f", {rung}" if rung else ""), curve, cpu))

@@ -39,6 +39,7 @@ from vlzoo.study.report import (
     build_report,
 )
 from vlzoo.study.spec import BUDGET_KEY, Cell, StudyError, StudySpec, expand_grid, load_study
+from vlzoo.study.zeroshot import ZERO_SHOT_TAG, check_vocabulary, check_zero_shot
 from vlzoo.tracking import temporary_environment, tracking_client
 
 __all__ = [
@@ -176,14 +177,16 @@ class StudyRun:
         """What the report reads of the study file: description, budget, grid, comparisons,
         primary metrics (written at creation and again by every :meth:`run`, so an edited file's
         report says what its cells ran)."""
-        def budget(b: dict[str, Any]) -> str:
-            return ", ".join(f"{k}={v}" for k, v in b.items()) or "recipe default"
+        def budget(part: Any) -> str:
+            if part.zero_shot:
+                return "zero-shot (no training)"
+            return ", ".join(f"{k}={v}" for k, v in part.budget.items()) or "recipe default"
 
         parts = self.spec.parts
         named = len(parts) > 1 or parts[0].name
         tags = {
             "vlzoo.description": self.spec.description,
-            "vlzoo.budget": "; ".join(f"{p.name}: {budget(p.budget)}" for p in parts) if named else budget(self.spec.budget),
+            "vlzoo.budget": "; ".join(f"{p.name}: {budget(p)}" for p in parts) if named else budget(parts[0]),
             "vlzoo.stage0": str(self.spec.stage0.name) if self.spec.stage0 else "none",
             "vlzoo.command": f"vlzoo study {shlex.quote(str(self.spec.path))}",
             "vlzoo.grid": json.dumps({p.name: p.grid for p in parts} if named else self.spec.grid),
@@ -214,6 +217,8 @@ class StudyRun:
             STATUS_TAG: status,
         }
         tags.update({f"{GRID_PREFIX}{k}": str(v) for k, v in cell.values.items()})
+        if cell.zero_shot:
+            tags[ZERO_SHOT_TAG] = "true"
         return tags
 
     def new_cell_run(self, cell: Cell, status: str = "running") -> str:
@@ -223,7 +228,7 @@ class StudyRun:
     # ------------------------------------------------------------------ stage 0
     def stage0_checkpoint(self) -> Path | None:
         """Run the study's stage 0 once; later calls (and later invocations) reuse it."""
-        if self.spec.stage0 is None:
+        if self.spec.stage0 is None or not self.spec.trains:  # zero-shot cells never use it
             return None
         parent = self.parent()
         tags = self.client.get_run(parent).data.tags
@@ -340,6 +345,7 @@ class StudyRun:
     def run(self, *, jobs: int = 1, log: Any = print) -> dict[str, int]:
         """Run every pending cell (``jobs`` at a time, each in its own process)."""
         check_fairness(self.cells, axes=self.spec.fairness_axes)
+        check_zero_shot(self.cells)
         parent = self.parent()
         for key, value in self.spec_tags().items():
             self.client.set_tag(parent, key, value)
@@ -462,7 +468,10 @@ def run_cell(
         return done.info.run_id
     if not cell.supported:
         raise StudyError(f"cell {index} [{cell.key}] is not supported: {cell.reason}")
-    stage0 = study.stage0_checkpoint()
+    if cell.zero_shot:
+        check_zero_shot([cell])  # before a run exists: the off-the-shelf model, or a clear error
+    # a zero-shot cell is the off-the-shelf model: the study's stage 0 never reaches its backbone
+    stage0 = None if cell.zero_shot else study.stage0_checkpoint()
     run_id = study.new_cell_run(cell)
     client = study.client
     cell_dir = study.output_dir / "cells" / f"{index:03d}"
@@ -474,9 +483,12 @@ def run_cell(
         # the same session as `vlzoo fit`: consent, tracking preflight, NaN handling, then test in memory
         session = RunSession(cell.recipe, overrides=overrides, output_dir=cell_dir, tracking_uri=tracking_uri,
                              run_id=run_id, keep_raw_images=True, callbacks=[curve])
-        built = session.prepare("fit")
+        built = session.prepare("test" if cell.zero_shot else "fit")
+        if cell.zero_shot:
+            check_vocabulary(cell, built.model)
         start = time.perf_counter()
-        session.fit()
+        if not cell.zero_shot:  # a zero-shot cell is tested as it is: nothing trains
+            session.fit()
         train_seconds = time.perf_counter() - start
         session.test()
         metrics = {
@@ -486,7 +498,8 @@ def run_cell(
             "cost/peak_memory_mb": _peak_memory_mb(),
         }
         trainable, total = count_parameters(built.model)
-        metrics["params/trainable"] = float(trainable)
+        # a zero-shot cell trained nothing, whatever the recipe's policy would train
+        metrics["params/trainable"] = 0.0 if cell.zero_shot else float(trainable)
         metrics["params/total"] = float(total)
         metrics.update(inference_cost(built.model, built.datamodule))
         if stage0 is not None and spec.stage0 is not None:

@@ -21,7 +21,8 @@ A study file (``recipes/studies/*.yaml``)::
       gallery: {samples: 6, split: test}
       baselines: {train_samples: 2000}           # or false: no baseline rows
 
-Two grid keys are axes with a meaning of their own, not recipe overrides:
+Two grid keys are axes with a meaning of their own, not recipe overrides (and ``task``, when the
+recipe pattern does not name it, only labels the cells of a recipe made for that task):
 
 * ``rung: [one, attribute, spatial, full]`` - the Shapes difficulty ladder: the rung is set on
   every ``ShapesDataset`` of the cell's data slot (after ``fixed``);
@@ -53,6 +54,16 @@ one report; a cell's key starts with ``part=<name>``::
           recipe: ../shapes/heatmap_rec_textfirst.yaml
           grid: {rung: [full], seed: [0, 1, 2]}
           budget: {steps: 6000}
+
+**Zero-shot cells.** ``zero_shot: true`` on a part (or on a study without parts) makes its
+cells off-the-shelf models, used as they are: nothing is trained (no ``fit``, no budget, no
+stage 0 checkpoint), the recipe's Pixel2Seq paradigm runs the model's native generation with
+the recipe's prompt and codec on the cell's test splits, and the same harness scores it::
+
+        released:
+          zero_shot: true
+          recipe: ../gpu/pixel2seq_{model}_refcoco.yaml
+          grid: {model: [qwen2vl, qwen25vl], task: [rec]}
 """
 
 from __future__ import annotations
@@ -76,6 +87,7 @@ __all__ = [
     "rung_overrides",
     "AXES",
     "PART_KEY",
+    "ZERO_SHOT_KEY",
 ]
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
@@ -83,9 +95,13 @@ _BUDGET_KINDS = {"steps": "trainer.max_steps", "epochs": "trainer.max_epochs", "
 #: grid keys that are axes of the protocol, not recipe overrides
 RUNG_KEY = "rung"
 BUDGET_KEY = "budget"
+#: the cell's task (rec, res, ...): a recipe-pattern placeholder, else only the cell's label
+TASK_KEY = "task"
 #: the value of a part's cells: the part's name (``study.parts``)
 PART_KEY = "part"
 AXES = (RUNG_KEY, BUDGET_KEY, PART_KEY)
+#: the key of a part (or of a study without parts) whose cells are used as they are, untrained
+ZERO_SHOT_KEY = "zero_shot"
 _SHAPES_TARGETS = ("vlzoo.data.ShapesDataset", "vlzoo.data.shapes.ShapesDataset", "vlzoo.data.shapes.dataset.ShapesDataset")
 
 
@@ -103,6 +119,8 @@ class Cell:
     overrides: tuple[str, ...]
     supported: bool = True
     reason: str = ""
+    #: an off-the-shelf model, tested as it is (``zero_shot: true`` on its part): no training
+    zero_shot: bool = False
 
     @property
     def key(self) -> str:
@@ -147,9 +165,11 @@ class StudyPart:
     fixed: list[str] = field(default_factory=list)  # after the study's own fixed
     budget: dict[str, Any] = field(default_factory=dict)
     compare: list[Comparison] = field(default_factory=list)
+    #: the part's cells are off-the-shelf models, tested as they are (no budget, no stage 0)
+    zero_shot: bool = False
 
     def budget_overrides(self, multiplier: float = 1) -> list[str]:
-        return _budget_overrides(self.budget, multiplier)
+        return [] if self.zero_shot else _budget_overrides(self.budget, multiplier)
 
 
 def _budget_overrides(budget: dict[str, Any], multiplier: float) -> list[str]:
@@ -187,6 +207,11 @@ class StudySpec:
             self.parts = [StudyPart(name="", recipe=self.recipe, grid=self.grid, budget=self.budget)]
 
     @property
+    def trains(self) -> bool:
+        """Whether any part trains (a study of zero-shot parts only needs no stage 0)."""
+        return any(not part.zero_shot for part in self.parts)
+
+    @property
     def comparisons(self) -> list[Comparison]:
         return [c for part in self.parts for c in part.compare]
 
@@ -220,13 +245,13 @@ def load_study(path: str | Path) -> StudySpec:
     body = raw["study"]
     known = {
         "name", "recipe", "grid", "fixed", "budget", "stage0", "stage0_overrides", "primary", "gallery", "baselines",
-        "compare", "parts",
+        "compare", "parts", ZERO_SHOT_KEY,
     }
     unknown = sorted(set(body) - known)
     if unknown:
         raise _fail(path, f"study.{unknown[0]}", f"unknown key; the keys are {sorted(known)}")
     if "parts" in body:
-        for key in ("recipe", "grid", "compare"):
+        for key in ("recipe", "grid", "compare", ZERO_SHOT_KEY):
             if key in body:
                 raise _fail(path, f"study.{key}", "a study with parts sets it in each part (study.parts.<name>.{key})")
     else:
@@ -253,9 +278,10 @@ def load_study(path: str | Path) -> StudySpec:
                 raise _fail(path, where, "a part's name is letters, digits, '_' and '-'")
             if not isinstance(part, dict):
                 raise _fail(path, where, f"must be a mapping with recipe and grid, got {part!r}")
-            extra = sorted(set(part) - {"recipe", "grid", "fixed", "budget", "compare"})
+            extra = sorted(set(part) - {"recipe", "grid", "fixed", "budget", "compare", ZERO_SHOT_KEY})
             if extra:
-                raise _fail(path, f"{where}.{extra[0]}", "unknown key; a part has recipe, grid, fixed, budget, compare")
+                raise _fail(path, f"{where}.{extra[0]}",
+                            "unknown key; a part has recipe, grid, fixed, budget, compare, zero_shot")
             for required in ("recipe", "grid"):
                 if required not in part:
                     raise _fail(path, f"{where}.{required}", "is required")
@@ -268,6 +294,10 @@ def load_study(path: str | Path) -> StudySpec:
         parts = [_read_part(path, "study", "", body, budget, [])]
         recipe, grid = parts[0].recipe, parts[0].grid
     stage0 = body.get("stage0")
+    if stage0:
+        if all(part.zero_shot for part in parts):
+            raise _fail(path, "study.stage0", "every cell is zero-shot (used as it is), so no cell would start "
+                        "from the stage-0 checkpoint; remove study.stage0 or the zero_shot key")
     stage0_path = (path.parent / stage0).resolve() if stage0 else None
     if stage0_path is not None and not stage0_path.is_file():
         raise _fail(path, "study.stage0", f"recipe {stage0_path} does not exist")
@@ -331,6 +361,16 @@ def _read_part(
     recipe = body["recipe"]
     if not isinstance(recipe, str) or not recipe.strip():
         raise _fail(path, f"{where}.recipe", f"must be text, got {recipe!r}")
+    zero_shot = body.get(ZERO_SHOT_KEY, False)
+    if not isinstance(zero_shot, bool):
+        raise _fail(path, f"{where}.{ZERO_SHOT_KEY}", f"must be true or false, got {zero_shot!r}")
+    if zero_shot:
+        if body.get("budget"):
+            raise _fail(path, f"{where}.budget", "zero-shot cells train nothing, so they have no budget; remove "
+                        f"the budget or {where}.{ZERO_SHOT_KEY}")
+        if BUDGET_KEY in (body.get("grid") or {}):
+            raise _fail(path, f"{where}.grid.{BUDGET_KEY}", "zero-shot cells train nothing, so there is no "
+                        f"budget to multiply; remove the axis or {where}.{ZERO_SHOT_KEY}")
     grid = body["grid"]
     if not isinstance(grid, dict) or not grid:
         raise _fail(path, f"{where}.grid", "must map each grid key to a list of values")
@@ -372,7 +412,7 @@ def _read_part(
             raise _fail(path, at, "a and b are the same value: nothing to compare")
         compare.append(Comparison(axis=str(axis), a=item["a"], b=item["b"], part=name))
     return StudyPart(name=name, recipe=recipe, grid={k: list(v) for k, v in grid.items()}, fixed=fixed,
-                     budget=dict(budget), compare=compare)
+                     budget={} if zero_shot else dict(budget), compare=compare, zero_shot=zero_shot)
 
 
 def _override_value(value: Any) -> str:
@@ -424,7 +464,10 @@ def expand_grid(spec: StudySpec, *, supports: Any = None) -> list[Cell]:
             if part.name:
                 values = {PART_KEY: part.name, **values}
             recipe = (spec.path.parent / part.recipe.format(**values)).resolve()
-            overrides = [f"{k}={_override_value(v)}" for k, v in values.items() if k not in selecting and k not in AXES]
+            # ``task`` is no recipe key: outside the recipe pattern it only names the cell's task
+            # (a recipe for one task, e.g. recipes/gpu/pixel2seq_qwen2vl_refcoco.yaml)
+            overrides = [f"{k}={_override_value(v)}" for k, v in values.items()
+                         if k not in selecting and k not in AXES and k != TASK_KEY]
             overrides += [_fill(item, values) for item in [*spec.fixed, *part.fixed]]
             if RUNG_KEY in values and recipe.is_file():
                 overrides += rung_overrides(recipe, overrides, str(values[RUNG_KEY]))
@@ -442,6 +485,7 @@ def expand_grid(spec: StudySpec, *, supports: Any = None) -> list[Cell]:
                     overrides=tuple(overrides),
                     supported=supported,
                     reason=reason,
+                    zero_shot=part.zero_shot,
                 )
             )
     return cells
