@@ -42,6 +42,7 @@ from vlzoo.scoring.objects_parser import ParsedObjects, ParsedPolygons, parse_ob
 from vlzoo.scoring.tasks import (
     PRIMARY,
     SCORED_TASKS,
+    box_prediction,
     category_names,
     decode_segmentation,
     detection_figures,
@@ -52,7 +53,7 @@ from vlzoo.scoring.tasks import (
     resolve_objects,
     unknown_summary,
 )
-from vlzoo.structures import Predictions, Targets
+from vlzoo.structures import Targets
 
 __all__ = [
     "AnswersError",
@@ -296,21 +297,10 @@ def _match(answers: list[Answer], refs: list[Reference], answers_file: str) -> l
     return matched
 
 
-def _prediction(parsed: ParsedAnswer, frame: Frame, target: Targets) -> Predictions:
-    size = target.image_size
-    if not parsed.parsed:
-        return Predictions(parsed=False, image_id=target.image_id, image_size=size)
-    boxes = torch.tensor(parsed.boxes, dtype=torch.float64).reshape(-1, 4)
-    # a box written corner-swapped (x2 < x1) is read as the box the two corners span
-    boxes = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])], 1)
-    mapped = frame.fractions_to_original(boxes, size) if parsed.fractions else frame.to_original(boxes, size)
-    return Predictions(boxes=mapped, image_id=target.image_id, image_size=size)
-
-
 def _figures(parsed: list[ParsedAnswer], refs: list[Reference], frame: Frame, *, thresholds: Sequence[float],
              kinds: bool) -> dict[str, float]:
     metric = ReferringBoxAccuracy(thresholds=thresholds) if kinds else ReferringBoxAccuracy(thresholds=thresholds, kinds=())
-    preds = [_prediction(p, frame, r.target) for p, r in zip(parsed, refs, strict=True)]
+    preds = [box_prediction(p, frame, r.target) for p, r in zip(parsed, refs, strict=True)]
     metric.update(preds, [r.target for r in refs])
     return {k: round(float(v), 6) for k, v in metric.compute().items()}
 

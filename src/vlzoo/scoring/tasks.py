@@ -54,6 +54,7 @@ __all__ = [
     "ResolvedObjects",
     "resolve_objects",
     "detection_prediction",
+    "box_prediction",
     "detection_figures",
     "unknown_summary",
 ]
@@ -243,9 +244,19 @@ def resolve_objects(parsed: ParsedObjects, unit: DetectionUnit, names: Mapping[s
     return ResolvedObjects(parsed=parsed, ids=ids, unknown=unknown, unlabelled=unlabelled)
 
 
-def detection_prediction(resolved: ResolvedObjects, frame: Frame, target: Targets) -> Predictions:
-    from vlzoo.scoring.score import _prediction
+def box_prediction(parsed: ParsedAnswer, frame: Frame, target: Targets) -> Predictions:
+    """A parsed box answer as a prediction in original pixels, through the declared frame."""
+    size = target.image_size
+    if not parsed.parsed:
+        return Predictions(parsed=False, image_id=target.image_id, image_size=size)
+    boxes = torch.tensor(parsed.boxes, dtype=torch.float64).reshape(-1, 4)
+    # a box written corner-swapped (x2 < x1) is read as the box the two corners span
+    boxes = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])], 1)
+    mapped = frame.fractions_to_original(boxes, size) if parsed.fractions else frame.to_original(boxes, size)
+    return Predictions(boxes=mapped, image_id=target.image_id, image_size=size)
 
+
+def detection_prediction(resolved: ResolvedObjects, frame: Frame, target: Targets) -> Predictions:
     parsed = resolved.parsed
     if not parsed.parsed:
         return Predictions(parsed=False, image_id=target.image_id, image_size=target.image_size)
@@ -253,7 +264,7 @@ def detection_prediction(resolved: ResolvedObjects, frame: Frame, target: Target
     if not keep:
         return Predictions(image_id=target.image_id, image_size=target.image_size)
     boxes = ParsedAnswer(boxes=[parsed.boxes[i] for i in keep], fractions=parsed.fractions)
-    pred = _prediction(boxes, frame, target)
+    pred = box_prediction(boxes, frame, target)
     return pred.replace(labels=torch.tensor([resolved.ids[i] for i in keep], dtype=torch.long))
 
 
