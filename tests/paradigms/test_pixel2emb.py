@@ -83,6 +83,20 @@ def test_missing_heads_are_named():
         p.weighted_total(p.loss(make_batch(p)))
 
 
+def test_cycle_false_is_the_whole_switch():
+    """The recipe's cycle weights (pixel2emb.yaml sets them) weight nothing once cycle is off:
+    `paradigm.cycle=false` alone must train; a misspelt weight is still refused."""
+    weights = {"box_l1": 2.0, "box_giou": 0.2, "cycle_embedding": 1.0, "cycle_box": 1.0}
+    p = make_paradigm(cycle=False, loss_weights=weights)
+    parts = p.loss(make_batch(p))
+    assert set(parts) == {"lm", "box_l1", "box_giou"}
+    assert torch.isfinite(p.weighted_total(parts))
+    assert "cycle_box" not in p.loss_weights
+    with pytest.raises(ValueError, match="cycle_bx"):
+        q = make_paradigm(cycle=False, loss_weights={**weights, "cycle_bx": 1.0})
+        q.weighted_total(q.loss(make_batch(q)))
+
+
 @pytest.mark.parametrize("attention", [False, True])
 def test_loss_parts_and_head_shapes(attention):
     p = make_paradigm(attention=attention, refocus_lambda=0.1)

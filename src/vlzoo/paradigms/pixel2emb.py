@@ -288,6 +288,12 @@ class Pixel2Emb(BaseParadigm):
             "cycle": cycle and box_decoder is not None and box_encoder is not None,
         }
         defaults = {k: v for k, v in DEFAULT_LOSS_WEIGHTS.items() if k in self._produced_parts(mask_loss, lm_loss)}
+        loss_weights = dict(loss_weights or {})
+        if not self._head_parts["cycle"]:
+            # cycle: false (or no box encoder) switches the cycle losses off: the weights a base recipe
+            # gives them weight nothing, so `paradigm.cycle=false` alone is the switch
+            for part in ("cycle_embedding", "cycle_box"):
+                loss_weights.pop(part, None)
         super().__init__(
             backbone=backbone,
             answer_format=fmt,
