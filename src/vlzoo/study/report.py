@@ -70,7 +70,9 @@ class CellResult:
 
     @property
     def paradigm(self) -> str:
-        return self.values.get("paradigm", "")
+        """The ``paradigm`` grid value; a part that fixes its paradigm in the recipe pattern has
+        none, and is named by its part (e.g. ``heatmap``) instead."""
+        return self.values.get("paradigm") or self.values.get("part", "")
 
     @property
     def task(self) -> str:
