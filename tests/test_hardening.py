@@ -700,6 +700,14 @@ def test_ddp_with_an_interval_longer_than_the_epoch_of_a_process(tmp_path: Path)
     assert (Path(run.data.tags["vlzoo.checkpoint_dir"]) / "last.ckpt").is_file()
 
 
+_PRISTINE_ENV = dict(os.environ)
+
+
+def _default_sigint() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _fit_until_interrupted(out: Path, *extra: str) -> tuple[int, str]:
     """Start a long tiny fit in a subprocess, send it SIGINT (Ctrl-C) once it trains - after its
     first checkpoint when ``checkpoint.every_n_train_steps`` is given - and return its exit
@@ -709,8 +717,11 @@ def _fit_until_interrupted(out: Path, *extra: str) -> tuple[int, str]:
 
     args = [sys.executable, "-m", "vlzoo.cli", "fit", str(REC), *SMALL, "trainer.max_steps=100000",
             "trainer.max_epochs=-1", "trainer.val_check_interval=100000", *extra, "--output-dir", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the child is what a user's terminal starts: the environment as this module found it (not what
+    # earlier in-process tests left in os.environ), SIGINT at its default and not blocked
+    env = {**_PRISTINE_ENV, "OMP_NUM_THREADS": "1", "CI": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_default_sigint)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
@@ -724,7 +735,12 @@ def _fit_until_interrupted(out: Path, *extra: str) -> tuple[int, str]:
             time.sleep(0.2)
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        try:
+            proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            reader.join(timeout=10)
+            raise AssertionError("the run did not end within 240 s of Ctrl-C; its output:\n" + "".join(lines)[-4000:]) from None
     finally:
         if proc.poll() is None:
             proc.kill()
