@@ -283,6 +283,40 @@ def test_a_compared_axis_gets_the_fairness_check(tmp_path):
     check_fairness(expand_grid(spec), axes=spec.fairness_axes)
 
 
+def test_a_comparison_declares_the_keys_its_arms_differ_in(tmp_path):
+    from vlzoo.study.runner import check_fairness
+
+    shapes = Path(__file__).resolve().parents[2] / "recipes" / "shapes"
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "wide.yaml").write_text(f"_base_: {shapes / 'pixel2emb_rec.yaml'}\n")
+    (tmp_path / "r" / "narrow.yaml").write_text(f"_base_: {shapes / 'pixel2emb_rec.yaml'}\ndata: {{batch_size: 4}}\n")
+    text = """study:
+  name: t
+  parts:
+    p:
+      recipe: r/{arm}.yaml
+      grid: {arm: [wide, narrow]}
+      compare: [{axis: arm, a: wide, b: narrow, differ: [data.batch_size]}]
+"""
+    spec = load_study(_write(tmp_path, text))
+    assert spec.fairness_exemptions == {("p", "arm"): ("data.batch_size",)}
+    assert spec.comparisons[0].as_dict()["differ"] == "data.batch_size"
+    check_fairness(expand_grid(spec), axes=spec.fairness_axes, exempt=spec.fairness_exemptions)
+    # only the declared keys: the budget may not differ as well
+    (tmp_path / "r" / "narrow.yaml").write_text(
+        f"_base_: {shapes / 'pixel2emb_rec.yaml'}\ndata: {{batch_size: 4}}\ntrainer: {{max_steps: 7}}\n")
+    with pytest.raises(StudyError, match="differ in recipe key trainer.max_steps"):
+        check_fairness(expand_grid(spec), axes=spec.fairness_axes, exempt=spec.fairness_exemptions)
+    # the declaration of another part does not reach this one
+    (tmp_path / "r" / "narrow.yaml").write_text(f"_base_: {shapes / 'pixel2emb_rec.yaml'}\ndata: {{batch_size: 4}}\n")
+    with pytest.raises(StudyError, match="differ in recipe key data.batch_size"):
+        check_fairness(expand_grid(spec), axes=spec.fairness_axes, exempt={("q", "arm"): ("data.batch_size",)})
+    with pytest.raises(StudyError, match=r"study.parts.p.compare\[0\].differ': must be a list of recipe keys"):
+        load_study(_write(tmp_path, text.replace("differ: [data.batch_size]", "differ: data.batch_size")))
+    with pytest.raises(StudyError, match=r"compare\[0\]': must be a mapping with axis, a, b and optionally differ"):
+        load_study(_write(tmp_path, text.replace("differ: [data.batch_size]", "differs: [data.batch_size]")))
+
+
 def test_shipped_claims_study_is_valid_and_fair():
     from vlzoo.study.runner import StudyRun, check_fairness
 
@@ -291,5 +325,5 @@ def test_shipped_claims_study_is_valid_and_fair():
     study = StudyRun(spec, tracking_uri="sqlite:///:memory:", output_dir=root / "studies" / "unused")
     assert all(c.supported for c in study.cells), [c.reason for c in study.cells if not c.supported]
     assert {c.values["part"] for c in study.cells} == {p.name for p in spec.parts}
-    check_fairness(study.cells, axes=spec.fairness_axes)
+    check_fairness(study.cells, axes=spec.fairness_axes, exempt=spec.fairness_exemptions)
     assert spec.comparisons

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from vlzoo.study.report import (
     STUDY_TAG,
     build_report,
 )
-from vlzoo.study.spec import BUDGET_KEY, Cell, StudyError, StudySpec, expand_grid, load_study
+from vlzoo.study.spec import BUDGET_KEY, PART_KEY, Cell, StudyError, StudySpec, expand_grid, load_study
 from vlzoo.study.zeroshot import ZERO_SHOT_TAG, check_vocabulary, check_zero_shot
 from vlzoo.tracking import temporary_environment, tracking_client
 
@@ -94,12 +94,17 @@ def paradigm_supports(recipe_path: Path, task: str) -> tuple[bool, str]:
 
 
 def check_fairness(
-    cells: Sequence[Cell], *, extra_overrides: Sequence[str] = (), axes: Sequence[str] = ("paradigm",)
+    cells: Sequence[Cell],
+    *,
+    extra_overrides: Sequence[str] = (),
+    axes: Sequence[str] = ("paradigm",),
+    exempt: Mapping[tuple[str, str], Sequence[str]] | None = None,
 ) -> None:
     """Cells of one task that differ only in the paradigm - or only along another compared
     ``axes`` (``study.compare``) - must see the same data, backbone, starting checkpoint,
     budget and evaluator; raise :class:`StudyError` naming the key if not.  A compared axis that
-    is itself one of those keys (e.g. ``data.train.size``) is the difference, not a mistake."""
+    is itself one of those keys (e.g. ``data.train.size``) is the difference, not a mistake, and
+    so are the keys a comparison declares in ``differ`` (``exempt``: ``(part, axis) -> keys``)."""
     from vlzoo.config import load_recipe
 
     fingerprints: dict[int, dict[str, Any]] = {}
@@ -113,9 +118,11 @@ def check_fairness(
             if cell.index in fingerprints and axis in cell.values:
                 rest = ",".join(f"{k}={v}" for k, v in cell.values.items() if k != axis)
                 groups.setdefault(rest, []).append(cell)
-        keys = [k for k in FAIRNESS_KEYS if not (k == axis or k.startswith(f"{axis}.") or axis.startswith(f"{k}."))]
         for members in groups.values():
             first_cell, first = members[0], fingerprints[members[0].index]
+            declared = (exempt or {}).get((str(first_cell.values.get(PART_KEY, "")), axis), ())
+            keys = [k for k in FAIRNESS_KEYS
+                    if not any(k == d or k.startswith(f"{d}.") or d.startswith(f"{k}.") for d in (axis, *declared))]
             for cell in members[1:]:
                 fingerprint = fingerprints[cell.index]
                 for key in keys:
@@ -344,7 +351,7 @@ class StudyRun:
 
     def run(self, *, jobs: int = 1, log: Any = print) -> dict[str, int]:
         """Run every pending cell (``jobs`` at a time, each in its own process)."""
-        check_fairness(self.cells, axes=self.spec.fairness_axes)
+        check_fairness(self.cells, axes=self.spec.fairness_axes, exempt=self.spec.fairness_exemptions)
         check_zero_shot(self.cells)
         parent = self.parent()
         for key, value in self.spec_tags().items():

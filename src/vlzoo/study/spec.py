@@ -150,9 +150,15 @@ class Comparison:
     a: Any
     b: Any
     part: str = ""
+    #: recipe keys the two arms are meant to differ in besides the axis itself (e.g. the data of
+    #: a text and a spoken arm), exempt from the fairness check; every other key must be equal
+    differ: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"axis": self.axis, "a": str(self.a), "b": str(self.b), "part": self.part}
+        out = {"axis": self.axis, "a": str(self.a), "b": str(self.b), "part": self.part}
+        if self.differ:
+            out["differ"] = ",".join(self.differ)
+        return out
 
 
 @dataclass
@@ -220,6 +226,15 @@ class StudySpec:
         """The grid keys along which cells must differ in nothing else: the paradigm and every
         compared axis."""
         return list(dict.fromkeys(["paradigm", *(c.axis for c in self.comparisons)]))
+
+    @property
+    def fairness_exemptions(self) -> dict[tuple[str, str], tuple[str, ...]]:
+        """``(part, axis) -> recipe keys`` a declared comparison says its arms differ in."""
+        out: dict[tuple[str, str], tuple[str, ...]] = {}
+        for c in self.comparisons:
+            if c.differ:
+                out[(c.part, c.axis)] = tuple(dict.fromkeys([*out.get((c.part, c.axis), ()), *c.differ]))
+        return out
 
     def budget_overrides(self, multiplier: float = 1) -> list[str]:
         """The budget as trainer overrides, every kind scaled by ``multiplier`` (the budget axis)."""
@@ -400,8 +415,11 @@ def _read_part(
     compare = []
     for i, item in enumerate(compare_raw):
         at = f"{where}.compare[{i}]"
-        if not isinstance(item, dict) or set(item) != {"axis", "a", "b"}:
-            raise _fail(path, at, f"must be a mapping with exactly axis, a and b, got {item!r}")
+        if not isinstance(item, dict) or not {"axis", "a", "b"} <= set(item) or set(item) - {"axis", "a", "b", "differ"}:
+            raise _fail(path, at, f"must be a mapping with axis, a, b and optionally differ, got {item!r}")
+        differ = item.get("differ", [])
+        if not isinstance(differ, list) or not all(isinstance(k, str) and k for k in differ):
+            raise _fail(path, f"{at}.differ", f"must be a list of recipe keys (e.g. [data.train, data.val]), got {differ!r}")
         axis = item["axis"]
         if axis not in grid or axis == "seed":
             raise _fail(path, f"{at}.axis", f"{axis!r} is not a grid key to compare along (the grid has {sorted(grid)})")
@@ -410,7 +428,7 @@ def _read_part(
                 raise _fail(path, f"{at}.{side}", f"{item[side]!r} is not a value of grid.{axis} {grid[axis]}")
         if item["a"] == item["b"]:
             raise _fail(path, at, "a and b are the same value: nothing to compare")
-        compare.append(Comparison(axis=str(axis), a=item["a"], b=item["b"], part=name))
+        compare.append(Comparison(axis=str(axis), a=item["a"], b=item["b"], part=name, differ=tuple(differ)))
     return StudyPart(name=name, recipe=recipe, grid={k: list(v) for k, v in grid.items()}, fixed=fixed,
                      budget={} if zero_shot else dict(budget), compare=compare, zero_shot=zero_shot)
 
