@@ -327,3 +327,18 @@ def test_shipped_claims_study_is_valid_and_fair():
     assert {c.values["part"] for c in study.cells} == {p.name for p in spec.parts}
     check_fairness(study.cells, axes=spec.fairness_axes, exempt=spec.fairness_exemptions)
     assert spec.comparisons
+
+
+def test_a_null_grid_value_is_yaml_null_in_the_recipe(tmp_path):
+    from vlzoo.config import load_recipe
+
+    shapes = Path(__file__).resolve().parents[2] / "recipes" / "shapes"
+    path = _write(tmp_path, f"""study:
+  name: t
+  recipe: {shapes / 'pixel2emb_rec.yaml'}
+  grid: {{paradigm.attention_target: [null, cross]}}
+""")
+    off, on = expand_grid(load_study(path))
+    assert "paradigm.attention_target=null" in off.overrides
+    assert load_recipe(off.recipe, list(off.overrides)).get("paradigm.attention_target") is None
+    assert load_recipe(on.recipe, list(on.overrides)).get("paradigm.attention_target") == "cross"

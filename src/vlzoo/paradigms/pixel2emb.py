@@ -27,7 +27,16 @@ The method, in the order one batch meets it:
 
 Loss parts (weights in ``loss_weights``; defaults in :data:`DEFAULT_LOSS_WEIGHTS`): ``lm``,
 ``box_l1``, ``box_giou``, ``cycle_embedding``, ``cycle_box``, ``mask_bce`` or ``mask_focal``,
-``mask_dice``, ``mask_iou`` - only the parts of the heads a recipe configures.
+``mask_dice``, ``mask_iou``, ``attention`` - only the parts of the heads a recipe configures.
+
+``attention_target`` (off by default; not in any of the papers - an option of issue 18 item 6
+on what makes selection learnable): supervises the trigger's attention over the image tokens
+with the referred object, the target distribution being the object's mask (its box when the
+sample has no mask) pooled on the feature grid; the loss is ``KL(target || attention)``.
+``"cross"`` supervises the :class:`~vlzoo.decoders.TriggerImageAttention` weights (averaged
+over heads), ``"lmm"`` the LMM's own last-layer attention from the trigger position to the
+image positions (averaged over heads, renormalised over the image tokens).  Prediction is
+unchanged: it is a training signal only.
 
 Shared, not pixel2emb's own: the SAM prompt head (:class:`~vlzoo.decoders.SamPromptHead`: neck,
 prompt scaling, decoder, upsampling - this paradigm only chooses its prompts, the trigger's
@@ -95,7 +104,10 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "mask_focal": 2.0,
     "mask_dice": 0.5,
     "mask_iou": 1.0,
+    "attention": 1.0,
 }
+#: which attention ``attention_target`` supervises
+ATTENTION_TARGETS = ("cross", "lmm")
 
 _MASK_TASKS = ("res", "seg", "gres")
 _BOX_TASKS = ("rec", "det", "res", "seg", "grec", "gres")
@@ -239,6 +251,8 @@ class Pixel2Emb(BaseParadigm):
         mask_loss: ``"bce"`` (LISA) or ``"focal"`` (SAM / NExT-Chat).
         cycle: compute the two cycle losses (needs both box heads).
         refocus_lambda: AnyRef's refocusing strength (0 disables it; AnyRef uses 0.1).
+        attention_target: ``None`` (default), ``"cross"`` or ``"lmm"``: supervise the trigger's
+            attention over the image tokens with the referred object (see the module notes).
         head_lr: learning rate of the heads (box / prompt / attention / mask decoder); ``None``
             uses the optimizer's.  Heads trained from scratch on a pretrained LMM often want more.
         lm_loss: train the LM cross-entropy on the answer (off: heads only).
@@ -263,6 +277,7 @@ class Pixel2Emb(BaseParadigm):
         mask_loss: str = "bce",
         cycle: bool = True,
         refocus_lambda: float = 0.0,
+        attention_target: str | None = None,
         head_lr: float | None = None,
         lm_loss: bool = True,
         evaluator: Any | None = None,
@@ -281,6 +296,16 @@ class Pixel2Emb(BaseParadigm):
             raise ValueError(f"paradigm.refocus_lambda must be >= 0, got {refocus_lambda}")
         if refocus_lambda > 0:
             check_attention_maps(backbone, self.name, "paradigm.refocus_lambda", "set paradigm.refocus_lambda: 0")
+        if attention_target not in (None, *ATTENTION_TARGETS):
+            raise ValueError(f"paradigm.attention_target must be null, 'cross' or 'lmm', got {attention_target!r}")
+        if attention_target == "cross" and image_attention is None:
+            raise ValueError(
+                "paradigm.attention_target: cross supervises the trigger-to-image cross-attention, and "
+                "paradigm.image_attention is not set: add a vlzoo.decoders.TriggerImageAttention or use 'lmm'"
+            )
+        if attention_target == "lmm":
+            check_attention_maps(backbone, self.name, "paradigm.attention_target", "set paradigm.attention_target: null")
+        self.attention_target = attention_target
         self._head_parts = {
             "box": box_decoder is not None,
             "encoder": box_encoder is not None,
@@ -349,6 +374,8 @@ class Pixel2Emb(BaseParadigm):
             parts |= {"cycle_embedding", "cycle_box"}
         if self._head_parts["mask"]:
             parts |= {f"mask_{mask_loss}", "mask_dice", "mask_iou"}
+        if self.attention_target is not None:
+            parts |= {"attention"}
         return parts
 
     def _check_heads(self, fmt: EmbeddingAnswerFormat, box_decoder: Any, box_encoder: Any, mask_decoder: Any) -> None:
@@ -517,7 +544,7 @@ class Pixel2Emb(BaseParadigm):
             input_ids=ids,
             attention_mask=batch.attention_mask,
             labels=labels,
-            output_attentions=[-1] if self.refocus_lambda > 0 else None,
+            output_attentions=[-1] if self.refocus_lambda > 0 or self.attention_target == "lmm" else None,
             inputs_embeds_fn=self._embeds_fn(plan),
             references=batch.references(),
         )
@@ -536,8 +563,10 @@ class Pixel2Emb(BaseParadigm):
         special = (ids == self.trigger_id) | (ids == self.loc_id)
         keys = self._answer_keys(out, batch.labels, special, rows, cols) if self.refocus_lambda > 0 else []
         positions = out.positions[rows, cols]
-        states, _ = self.trigger_states(out, rows, positions, keys)
+        states, weights = self.trigger_states(out, rows, positions, keys)
         tgt = torch.cat([t for t in targets]) if rows.numel() else states.new_zeros(0, 4)
+        if self.attention_target is not None:
+            parts["attention"] = self._attention_loss(batch, out, rows, positions, weights, targets)
         decoded = None
         if self.box_decoder is not None:
             decoded = self.box_decoder(states)
@@ -550,6 +579,51 @@ class Pixel2Emb(BaseParadigm):
         if self.mask_head is not None:
             parts.update(self._mask_loss(batch, out, rows, states, decoded))
         return parts
+
+    def attention_targets(self, batch: Batch, rows: Tensor, targets: list[Tensor]) -> Tensor:
+        """``(N, P)``: per trigger (``rows``, answer order), the referred object's share of each
+        image token's cell of the feature grid - its mask average-pooled when the sample has
+        masks, else the fraction of the cell its box covers - normalised to sum 1."""
+        h, w = (int(v) for v in self.backbone.feature_grid)
+        device = batch.images.device
+        out = []
+        for r in sorted(set(rows.tolist())):
+            t, boxes = batch.targets[r], targets[r]
+            if t.masks is not None and len(boxes) and len(t.masks) == len(t):
+                order = [0] if batch.tasks[r] in ("rec", "res") else answer_order(t.boxes)
+                grid = F.adaptive_avg_pool2d(t.masks[order].to(device).float()[:, None], (h, w))[:, 0]
+            else:
+                xs = torch.arange(w + 1, device=device, dtype=torch.float32) / w
+                ys = torch.arange(h + 1, device=device, dtype=torch.float32) / h
+                b = boxes.float()
+                ox = (torch.minimum(b[:, 2:3], xs[None, 1:]) - torch.maximum(b[:, 0:1], xs[None, :-1])).clamp(min=0)
+                oy = (torch.minimum(b[:, 3:4], ys[None, 1:]) - torch.maximum(b[:, 1:2], ys[None, :-1])).clamp(min=0)
+                grid = oy[:, :, None] * ox[:, None, :]
+            out.append(grid.flatten(1))
+        if not out:
+            return torch.zeros(0, h * w, device=device)
+        q = torch.cat(out)
+        return q / q.sum(-1, keepdim=True).clamp(min=1e-12)
+
+    def _attention_loss(
+        self, batch: Batch, out: Any, rows: Tensor, positions: Tensor, weights: Tensor | None, targets: list[Tensor]
+    ) -> Tensor:
+        """``KL(target || attention)`` averaged over the triggers of box tasks (0 without any)."""
+        keep = torch.tensor([batch.tasks[r] in _BOX_TASKS for r in rows.tolist()], dtype=torch.bool, device=rows.device)
+        if self.attention_target == "cross":
+            attention = weights
+        else:
+            last = out.attentions[max(out.attentions)]  # (B, heads, T, T)
+            row = last[rows, :, positions]  # (N, heads, T): each trigger's attention row
+            image = out.image_positions[rows][:, None, :].expand(-1, row.shape[1], -1)
+            attention = row.gather(-1, image).float().mean(1)  # (N, P) over the image tokens
+            attention = attention / attention.sum(-1, keepdim=True).clamp(min=1e-12)
+        if attention is None or not bool(keep.any()):
+            return out.hidden_states.sum() * 0.0
+        q = self.attention_targets(batch, rows[keep], targets)
+        p = attention[keep].float().clamp(min=1e-9)
+        kl = (q * (q.clamp(min=1e-12).log() - p.log())).sum(-1)
+        return kl.mean()
 
     def _mask_loss(self, batch: Batch, out: Any, rows: Tensor, states: Tensor, decoded: Tensor | None) -> dict[str, Tensor]:
         masks = [self._target_masks(batch, r) for r in range(len(batch))]

@@ -434,6 +434,8 @@ def _read_part(
 
 
 def _override_value(value: Any) -> str:
+    if value is None:  # a grid value `null` is YAML's null, not the text "None"
+        return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, dict)):
