@@ -10,7 +10,10 @@ head-to-head study, live.  The answer is the one :func:`vlzoo.load` gives (the e
 When a model has an audio reference slot (``backbone.references`` with ``audio``) the page also
 takes a spoken reference - a WAV upload or a microphone recording - in place of the expression
 (``/answer`` then has a fifth input, the clip), and the examples include the Shapes scenes with
-their expressions spoken by espeak-ng when it is installed.
+their expressions spoken by espeak-ng when it is installed.  When a model takes a region as a
+reference (``crop`` or ``box`` in ``backbone.references``) the page also takes a referred region
+(``x1,y1,x2,y2`` in the image's pixels) and the kind to write it as (the model's default, crop or
+box): ``/answer``'s last two inputs.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from vlzoo.config import RecipeError
-from vlzoo.inference import CATEGORY_TASKS, TrainedModel, load
+from vlzoo.inference import CATEGORY_TASKS, SPATIAL_REFERENCES, TrainedModel, load
 
-__all__ = ["make_app", "shapes_examples", "spoken_examples", "hears", "serve", "API_NAME"]
+__all__ = ["make_app", "shapes_examples", "spoken_examples", "hears", "region_kinds", "serve", "API_NAME"]
 
 #: The endpoint of the answer (``gradio_client``: ``client.predict(..., api_name="/answer")``).
 API_NAME = "answer"
@@ -42,6 +45,15 @@ def _gradio() -> Any:
 def hears(models: Sequence[TrainedModel]) -> bool:
     """Whether any of ``models`` takes a spoken reference (an audio reference slot)."""
     return any("audio" in m.reference_modalities for m in models)
+
+
+#: The referred-region kind that leaves the choice to each model (its backbone's first spatial one).
+MODEL_DEFAULT = "model default"
+
+
+def region_kinds(models: Sequence[TrainedModel]) -> list[str]:
+    """The region references (``crop``, ``box``) any of ``models`` takes, in that order."""
+    return [kind for kind in SPATIAL_REFERENCES if any(kind in m.reference_modalities for m in models)]
 
 
 def shapes_examples(models: Sequence[TrainedModel], folder: str | Path, *, count: int = 4) -> list[list[Any]]:
@@ -109,7 +121,7 @@ def spoken_examples(rows: Sequence[Sequence[Any]], folder: Path) -> list[list[An
     return out
 
 
-def _box(text: str | None) -> list[float] | None:
+def _box(text: str | None, name: str = "box") -> list[float] | None:
     if not text or not str(text).strip():
         return None
     values = [v for v in str(text).replace(" ", "").split(",") if v]
@@ -118,7 +130,7 @@ def _box(text: str | None) -> list[float] | None:
     except ValueError:
         box = []
     if len(box) != 4:
-        raise ValueError(f"box {text!r}: give four numbers x1,y1,x2,y2 in the image's pixels")
+        raise ValueError(f"{name} {text!r}: give four numbers x1,y1,x2,y2 in the image's pixels")
     return box
 
 
@@ -133,16 +145,22 @@ def make_app(models: Sequence[TrainedModel], *, examples_dir: str | Path | None 
     tasks = list(dict.fromkeys(t for m in models for t in m.tasks))  # what the models were trained for
     counter = {"n": 0}
 
-    def answer(image: str | None, expression: str, task: str, box: str, audio: str | None = None) -> list[Any]:
+    spoken, kinds = hears(models), region_kinds(models)
+
+    def answer(image: str | None, expression: str, task: str, box: str, *rest: Any) -> list[Any]:
         if image is None:
             raise gr.Error("upload an image or pick an example first")
+        rest_list = list(rest)
+        audio = rest_list.pop(0) if spoken else None
+        region, kind = (rest_list[0], rest_list[1]) if kinds else (None, None)
         out: list[Any] = []
         counter["n"] += 1
         for index, model in enumerate(models):
             target = overlays / f"answer-{counter['n']}-{index}.png"
             try:
                 result = model.answer(image, expression or None, task=task, box=_box(box), overlay=target,
-                                      audio=audio or None)
+                                      audio=audio or None, reference_box=_box(region, "referred region"),
+                                      reference_kind=None if kind in (None, "", MODEL_DEFAULT) else kind)
                 for key in ("image", "overlay", "audio"):  # the server's copies of the uploads
                     result.pop(key, None)
                 out += [str(target), result]
@@ -151,12 +169,13 @@ def make_app(models: Sequence[TrainedModel], *, examples_dir: str | Path | None 
         return out
 
     with gr.Blocks(title=title) as app:
-        spoken = hears(models)
         gr.Markdown(f"# {title}\nAsk {'these models' if len(models) > 1 else 'a trained model'} where things are: "
                     "upload an image or pick an example, type an expression (a category name for det / seg / pose), "
                     "choose the task. For reg, give the region as x1,y1,x2,y2."
                     + (" Or say what to find: upload or record a spoken reference and leave the expression empty."
-                       if spoken else ""))
+                       if spoken else "")
+                    + (" Or point at what to find: give a region as x1,y1,x2,y2 (referred to as a "
+                       + " or ".join(kinds) + ") and leave the expression empty." if kinds else ""))
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", format="png", label="image", sources=["upload", "clipboard"])
@@ -167,6 +186,11 @@ def make_app(models: Sequence[TrainedModel], *, examples_dir: str | Path | None 
                 if spoken:
                     inputs.append(gr.Audio(type="filepath", format="wav", sources=["upload", "microphone"],
                                            label="spoken reference (in place of the expression)", elem_id="audio"))
+                if kinds:
+                    inputs.append(gr.Textbox(label="referred region (x1,y1,x2,y2, in place of the expression)",
+                                             value="", elem_id="ref-box"))
+                    inputs.append(gr.Dropdown(choices=[MODEL_DEFAULT, *kinds], value=MODEL_DEFAULT,
+                                              label="refer to the region as", elem_id="ref-kind"))
                 button = gr.Button("Answer", variant="primary", elem_id="answer-button")
         outputs: list[Any] = []
         with gr.Row():
@@ -178,6 +202,8 @@ def make_app(models: Sequence[TrainedModel], *, examples_dir: str | Path | None 
                                             interactive=False))
                     outputs.append(gr.JSON(label=f"answer ({model.name})", elem_id=f"answer-{index}"))
         rows = shapes_examples(models, work / "examples")
+        if kinds:  # the examples ask with text or speech: no referred region
+            rows = [[*row, "", MODEL_DEFAULT] for row in rows]
         if rows:
             gr.Examples(examples=rows, inputs=inputs, label="Shapes test scenes")
         button.click(answer, inputs=inputs, outputs=outputs, api_name=API_NAME)
