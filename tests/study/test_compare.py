@@ -79,3 +79,34 @@ def test_comparison_table_rows_from_known_figures():
 def test_no_table_without_both_arms():
     results = [_cell("", "emb", "one", s, 0.5) for s in range(3)]
     assert comparison_tables(results, {"rec": "acc_0.5"}, [{"axis": "paradigm", "a": "emb", "b": "seq", "part": ""}]) == []
+
+
+def test_a_task_mix_is_scored_per_task_next_to_the_single_task_cells():
+    from vlzoo.study.report import _aggregate, _arm_label, _tables, split_mixes
+
+    def run(task, seed, **metrics):
+        values = {"part": "lumen", "task": task, "seed": str(seed)}
+        return CellResult(run_id=f"{task}{seed}", key=",".join(f"{k}={v}" for k, v in values.items()),
+                          values=values, status="finished", metrics=metrics)
+
+    cells = [run("rec", s, **{"test/rec/acc_0.5": v}) for s, v in enumerate([0.60, 0.62, 0.64])]
+    cells += [run("res", s, **{"test/res/ciou": v}) for s, v in enumerate([0.40, 0.41, 0.42])]
+    cells += [run("rec+res", s, **{"test/rec/acc_0.5": a, "test/res/ciou": c})
+              for s, (a, c) in enumerate([(0.50, 0.45), (0.52, 0.46), (0.51, 0.47)])]
+    rows = split_mixes(cells)
+    assert len(rows) == 12
+    mix = [r for r in rows if r.values["task"] == "rec+res"]
+    assert sorted({r.task for r in mix}) == ["rec", "res"] and len({r.group for r in mix}) == 2
+    assert _arm_label(mix[0]) == "lumen (trained on rec+res)"
+    agg = _aggregate(rows)
+    assert agg["part=lumen,task=rec+res,scored=rec"]["test/rec/acc_0.5"][2] == 3  # three seeds, not six
+    primary = {"rec": "acc_0.5", "res": "ciou"}
+    by_task = {t.title: t for t in _tables(rows, primary)}
+    assert any("part=lumen,task=rec+res,scored=rec" in row[0] for t in by_task.values() for row in t.rows)
+    comparisons = [{"axis": "task", "a": "rec+res", "b": "rec", "part": "lumen"},
+                   {"axis": "task", "a": "rec+res", "b": "res", "part": "lumen"}]
+    (rec, res) = comparison_tables(rows, primary, comparisons)
+    (row,) = rec.rows
+    assert row[1] == "acc_0.5" and row[4] == f"{0.51 - 0.62:+.3f}" and row[6] == "rec better"
+    (row,) = res.rows
+    assert row[1] == "ciou" and row[4] == f"{0.46 - 0.41:+.3f}" and row[6] == "rec+res better"

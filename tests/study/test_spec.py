@@ -325,7 +325,7 @@ def test_shipped_claims_study_is_valid_and_fair():
     study = StudyRun(spec, tracking_uri="sqlite:///:memory:", output_dir=root / "studies" / "unused")
     assert all(c.supported for c in study.cells), [c.reason for c in study.cells if not c.supported]
     assert {c.values["part"] for c in study.cells} == {p.name for p in spec.parts}
-    check_fairness(study.cells, axes=spec.fairness_axes, exempt=spec.fairness_exemptions)
+    check_fairness(study.cells, axes=spec.fairness_axes, exempt=spec.fairness_exemptions, declared=spec.compared_axes)
     assert spec.comparisons
 
 
@@ -342,3 +342,38 @@ def test_a_null_grid_value_is_yaml_null_in_the_recipe(tmp_path):
     assert "paradigm.attention_target=null" in off.overrides
     assert load_recipe(off.recipe, list(off.overrides)).get("paradigm.attention_target") is None
     assert load_recipe(on.recipe, list(on.overrides)).get("paradigm.attention_target") == "cross"
+
+
+def test_a_task_mix_fills_in_as_a_list_and_needs_every_task_supported(tmp_path):
+    from vlzoo.study.runner import check_fairness, paradigm_supports
+
+    shapes = Path(__file__).resolve().parents[2] / "recipes" / "shapes"
+    text = f"""study:
+  name: t
+  parts:
+    lumen:
+      recipe: {shapes / 'heatmap_res_textfirst.yaml'}
+      grid: {{task: [rec, rec+res]}}
+      fixed: ["data.train.tasks=[{{task}}]", "paradigm.tasks=[{{task}}]", "evaluator.tasks=[{{task}}]"]
+      compare: [{{axis: task, a: rec+res, b: rec}}]
+    other:
+      recipe: {shapes / 'heatmap_res_textfirst.yaml'}
+      grid: {{task: [rec, res]}}
+      fixed: ["data.train.tasks=[{{task}}]", "paradigm.tasks=[{{task}}]", "evaluator.tasks=[{{task}}]"]
+"""
+    spec = load_study(_write(tmp_path, text))
+    single, mix, *_ = expand_grid(spec, supports=paradigm_supports)
+    assert "data.train.tasks=[rec, res]" in mix.overrides and "paradigm.tasks=[rec, res]" in mix.overrides
+    assert "data.train.tasks=[rec]" in single.overrides and mix.supported
+    # the arms differ in their data and evaluator: that has to be declared ...
+    with pytest.raises(StudyError, match="differ in recipe key data.train"):
+        check_fairness(expand_grid(spec), axes=spec.fairness_axes, exempt=spec.fairness_exemptions,
+                       declared=spec.compared_axes)
+    spec = load_study(_write(tmp_path, text.replace("b: rec}", "b: rec, differ: [data.train, evaluator]}")))
+    # ... and a part that only varies its task (no comparison along it) is not held to it
+    check_fairness(expand_grid(spec), axes=spec.fairness_axes, exempt=spec.fairness_exemptions,
+                   declared=spec.compared_axes)
+    # a mix with a task the paradigm lacks is unsupported, and says which
+    spec = load_study(_write(tmp_path, text.replace("rec+res", "rec+reg")))
+    mix = expand_grid(spec, supports=paradigm_supports)[1]
+    assert not mix.supported and "reg" in mix.reason

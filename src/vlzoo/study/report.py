@@ -67,6 +67,8 @@ class CellResult:
     metrics: dict[str, float] = field(default_factory=dict)
     baseline: str = ""  # the baseline's name for a baseline run ("random_object", ...), else ""
     zero_shot: bool = False  # an off-the-shelf model tested as it is (tag vlzoo.zero_shot)
+    #: the task this row scores a task-mix cell (``task=rec+res``) on; "" for a single-task cell
+    scored: str = ""
 
     @property
     def paradigm(self) -> str:
@@ -76,7 +78,9 @@ class CellResult:
 
     @property
     def task(self) -> str:
-        return self.values.get("task", "")
+        """The task the row's figures are read for: the cell's task, or for a task-mix cell the
+        one task of the mix this row scores (:func:`split_mixes`)."""
+        return self.scored or self.values.get("task", "")
 
     @property
     def setting(self) -> str:
@@ -87,6 +91,8 @@ class CellResult:
     @property
     def group(self) -> str:
         rest = ",".join(f"{k}={v}" for k, v in self.values.items() if k != "seed")
+        if self.scored:
+            rest = f"{rest},scored={self.scored}"
         return f"baseline={self.baseline},{rest}" if self.baseline else rest
 
     @property
@@ -115,10 +121,26 @@ def find_parent_run(client: MlflowClient, experiment_name: str, study: str) -> A
 
 
 def collect_results(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[CellResult]:
-    """One CellResult per cell (the newest run of each cell key), then one per baseline run."""
-    return _collect(client, experiment_id, parent_run_id, "cell") + _collect(
+    """One CellResult per cell (the newest run of each cell key; a task-mix cell once per task of
+    its mix, :func:`split_mixes`), then one per baseline run."""
+    return split_mixes(_collect(client, experiment_id, parent_run_id, "cell")) + _collect(
         client, experiment_id, parent_run_id, "baseline"
     )
+
+
+def split_mixes(results: list[CellResult]) -> list[CellResult]:
+    """A cell trained on a task mix (``task=rec+res``) becomes one row per task of the mix, each
+    read for that task's figures (``scored``) - the same run, so the report puts the mix next to
+    the single-task cells in every table of each task."""
+    from dataclasses import replace
+
+    from vlzoo.study.spec import task_mix
+
+    out = []
+    for r in results:
+        tasks = task_mix(r.values.get("task", ""))
+        out += [replace(r, scored=t) for t in tasks] if len(tasks) > 1 else [r]
+    return out
 
 
 def _collect(client: MlflowClient, experiment_id: str, parent_run_id: str, role: str) -> list[CellResult]:
@@ -575,6 +597,8 @@ def _arm_label(result: CellResult) -> str:
     """The paradigm, and the cell's other grid values that are neither data nor protocol (e.g.
     ``pixel2emb (paradigm.refocus_lambda=0.1)``): the name of an arm in the first paragraph."""
     extra = [f"{k}={v}" for k, v in result.values.items() if k not in (*NOT_DATA_KEYS, "task", "rung", "part")]
+    if result.scored:
+        extra.append(f"trained on {result.values.get('task', '')}")
     if result.zero_shot:
         extra.append("zero-shot")
     if not extra:

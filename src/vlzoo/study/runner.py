@@ -99,12 +99,15 @@ def check_fairness(
     extra_overrides: Sequence[str] = (),
     axes: Sequence[str] = ("paradigm",),
     exempt: Mapping[tuple[str, str], Sequence[str]] | None = None,
+    declared: set[tuple[str, str]] | None = None,
 ) -> None:
     """Cells of one task that differ only in the paradigm - or only along another compared
     ``axes`` (``study.compare``) - must see the same data, backbone, starting checkpoint,
     budget and evaluator; raise :class:`StudyError` naming the key if not.  A compared axis that
     is itself one of those keys (e.g. ``data.train.size``) is the difference, not a mistake, and
-    so are the keys a comparison declares in ``differ`` (``exempt``: ``(part, axis) -> keys``)."""
+    so are the keys a comparison declares in ``differ`` (``exempt``: ``(part, axis) -> keys``).
+    With ``declared`` (``(part, axis)`` of the comparisons), an axis other than the paradigm is
+    checked only within the parts that compare along it."""
     from vlzoo.config import load_recipe
 
     fingerprints: dict[int, dict[str, Any]] = {}
@@ -120,9 +123,12 @@ def check_fairness(
                 groups.setdefault(rest, []).append(cell)
         for members in groups.values():
             first_cell, first = members[0], fingerprints[members[0].index]
-            declared = (exempt or {}).get((str(first_cell.values.get(PART_KEY, "")), axis), ())
+            part = str(first_cell.values.get(PART_KEY, ""))
+            if declared is not None and axis != "paradigm" and (part, axis) not in declared:
+                continue
+            exempted = (exempt or {}).get((part, axis), ())
             keys = [k for k in FAIRNESS_KEYS
-                    if not any(k == d or k.startswith(f"{d}.") or d.startswith(f"{k}.") for d in (axis, *declared))]
+                    if not any(k == d or k.startswith(f"{d}.") or d.startswith(f"{k}.") for d in (axis, *exempted))]
             for cell in members[1:]:
                 fingerprint = fingerprints[cell.index]
                 for key in keys:
@@ -351,7 +357,8 @@ class StudyRun:
 
     def run(self, *, jobs: int = 1, log: Any = print) -> dict[str, int]:
         """Run every pending cell (``jobs`` at a time, each in its own process)."""
-        check_fairness(self.cells, axes=self.spec.fairness_axes, exempt=self.spec.fairness_exemptions)
+        check_fairness(self.cells, axes=self.spec.fairness_axes, exempt=self.spec.fairness_exemptions,
+                       declared=self.spec.compared_axes)
         check_zero_shot(self.cells)
         parent = self.parent()
         for key, value in self.spec_tags().items():

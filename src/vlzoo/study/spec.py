@@ -28,6 +28,11 @@ recipe pattern does not name it, only labels the cells of a recipe made for that
   every ``ShapesDataset`` of the cell's data slot (after ``fixed``);
 * ``budget: [1, 4, 16]`` - multipliers of ``study.budget`` (every kind in it).
 
+A ``task`` value may be a **task mix**, ``rec+res``: one model trained and scored on both (in
+``fixed``, ``[{task}]`` fills in as ``[rec, res]``). The report scores a mix cell on each of
+its tasks, next to the single-task cells (Lumen's claim: ``compare: [{axis: task, a: rec+res,
+b: rec}, ...]``).
+
 A cell whose recipe file does not exist, or whose paradigm does not support its task, is kept
 as an *unsupported* cell: the report shows it, it is never silently dropped.
 
@@ -78,6 +83,8 @@ import yaml
 
 __all__ = [
     "Cell",
+    "task_mix",
+    "MIX_SEPARATOR",
     "Comparison",
     "StudyPart",
     "StudySpec",
@@ -97,6 +104,8 @@ RUNG_KEY = "rung"
 BUDGET_KEY = "budget"
 #: the cell's task (rec, res, ...): a recipe-pattern placeholder, else only the cell's label
 TASK_KEY = "task"
+#: joins the tasks of a task mix in a ``task`` grid value (``rec+res``)
+MIX_SEPARATOR = "+"
 #: the value of a part's cells: the part's name (``study.parts``)
 PART_KEY = "part"
 AXES = (RUNG_KEY, BUDGET_KEY, PART_KEY)
@@ -226,6 +235,12 @@ class StudySpec:
         """The grid keys along which cells must differ in nothing else: the paradigm and every
         compared axis."""
         return list(dict.fromkeys(["paradigm", *(c.axis for c in self.comparisons)]))
+
+    @property
+    def compared_axes(self) -> set[tuple[str, str]]:
+        """``(part, axis)`` of every declared comparison: a compared axis is checked for fairness
+        within the part that compares along it (another part may vary it freely, e.g. its task)."""
+        return {(c.part, c.axis) for c in self.comparisons}
 
     @property
     def fairness_exemptions(self) -> dict[tuple[str, str], tuple[str, ...]]:
@@ -443,9 +458,23 @@ def _override_value(value: Any) -> str:
     return str(value)
 
 
+def task_mix(task: str) -> list[str]:
+    """The tasks of a ``task`` grid value: ``rec+res`` (one model trained on a task mix) ->
+    ``["rec", "res"]``; a single task -> ``[task]``."""
+    return [t for t in str(task).split(MIX_SEPARATOR) if t]
+
+
 def _fill(item: str, values: dict[str, Any]) -> str:
-    """Replace ``{key}`` of grid keys in an override (other braces, e.g. YAML flow maps, stay)."""
-    return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), item)
+    """Replace ``{key}`` of grid keys in an override (other braces, e.g. YAML flow maps, stay);
+    a task mix fills in as a YAML list body (``[{task}]`` -> ``[rec, res]``)."""
+
+    def value(m: re.Match[str]) -> str:
+        key = m.group(1)
+        if key not in values:
+            return m.group(0)
+        return ", ".join(task_mix(values[key])) if key == TASK_KEY else str(values[key])
+
+    return _PLACEHOLDER.sub(value, item)
 
 
 def rung_overrides(recipe: Path, overrides: list[str], rung: str) -> list[str]:
@@ -494,7 +523,10 @@ def expand_grid(spec: StudySpec, *, supports: Any = None) -> list[Cell]:
             overrides += part.budget_overrides(values.get(BUDGET_KEY, 1))
             supported, reason = True, ""
             if "task" in values and supports is not None:
-                supported, reason = supports(recipe, str(values["task"]))
+                for task in task_mix(values["task"]):
+                    supported, reason = supports(recipe, task)
+                    if not supported:
+                        break
             if supported and not recipe.is_file():
                 supported, reason = False, f"no recipe {recipe.name} for this cell"
             cells.append(
