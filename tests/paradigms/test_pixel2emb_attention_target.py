@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from tests.paradigms.test_pixel2emb import _mask_decoder, make_backbone, make_batch, make_paradigm
+
 from vlzoo.decoders.box import normalise_boxes
 
 
