@@ -53,6 +53,8 @@ __all__ = [
 
 
 STAGE0_TAG = "vlzoo.stage0_checkpoint"
+#: the key of the cell whose trained backbone a ``backbone_from`` cell started from
+BACKBONE_FROM_TAG = "vlzoo.backbone_from"
 FAIRNESS_KEYS = (
     "backbone.vision",
     "backbone.language",
@@ -232,7 +234,46 @@ class StudyRun:
         tags.update({f"{GRID_PREFIX}{k}": str(v) for k, v in cell.values.items()})
         if cell.zero_shot:
             tags[ZERO_SHOT_TAG] = "true"
+        if cell.backbone_from:
+            tags[BACKBONE_FROM_TAG] = self.backbone_source(cell).key
         return tags
+
+    # ------------------------------------------------------------------ backbones of other cells
+    def backbone_source(self, cell: Cell) -> Cell:
+        """The cell of part ``cell.backbone_from`` with ``cell``'s seed (its starting backbone)."""
+        seed = str(cell.values.get("seed"))
+        for other in self.cells:
+            if other.values.get(PART_KEY) == cell.backbone_from and str(other.values.get("seed")) == seed:
+                return other
+        raise StudyError(f"cell {cell.index} [{cell.key}]: part {cell.backbone_from!r} has no cell with seed {seed}")
+
+    def source_backbone(self, cell: Cell) -> Path | None:
+        """The backbone file ``cell`` starts from when its part has ``backbone_from``: the
+        trained backbone of the source cell's finished run, exported once next to that cell
+        (``cells/<index>/backbone.pt``, :func:`vlzoo.checkpoints.export_backbone`); ``None`` else."""
+        if not cell.backbone_from:
+            return None
+        from vlzoo.checkpoints import export_backbone
+
+        source = self.backbone_source(cell)
+        run = self.cell_runs().get(source.key)
+        if run is None or run.data.tags.get(STATUS_TAG) != "finished":
+            raise StudyError(
+                f"cell {cell.index} [{cell.key}] starts from the backbone of cell {source.index} [{source.key}] "
+                f"(study.parts.{cell.values.get(PART_KEY)}.backbone_from), which has not finished: run it first "
+                f"(vlzoo study {self.spec.path} --cell {source.index})"
+            )
+        folder = self.output_dir / "cells" / f"{source.index:03d}"
+        checkpoint = folder / "checkpoints" / run.info.run_id / "last.ckpt"
+        if not checkpoint.is_file():
+            raise StudyError(
+                f"cell {cell.index} [{cell.key}] starts from the backbone of cell {source.index} [{source.key}], "
+                f"but its checkpoint {checkpoint} is missing: rerun that cell (delete its run from the store)"
+            )
+        out = folder / "backbone.pt"
+        if not out.is_file() or out.stat().st_mtime < checkpoint.stat().st_mtime:
+            export_backbone(checkpoint, out)
+        return out
 
     def new_cell_run(self, cell: Cell, status: str = "running") -> str:
         run = self.client.create_run(self._experiment_id(), tags=self._cell_tags(cell, status), run_name=cell.key)
@@ -386,8 +427,12 @@ class StudyRun:
             log(f"  cell {cell.index} [{cell.key}] {state}; {progress.step()}")
             return proc.returncode
 
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            codes = list(pool.map(launch, todo))
+        # the cells that start from another cell's backbone run after every other cell
+        waves = [[c for c in todo if not c.backbone_from], [c for c in todo if c.backbone_from]]
+        codes = []
+        for wave in waves:
+            with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+                codes += list(pool.map(launch, wave))
         return {"cells": len(self.cells), "ran": len(todo), "failed": sum(1 for c in codes if c != 0)}
 
     def report(self) -> Path:
@@ -486,13 +531,15 @@ def run_cell(
         check_zero_shot([cell])  # before a run exists: the off-the-shelf model, or a clear error
     # a zero-shot cell is the off-the-shelf model: the study's stage 0 never reaches its backbone
     stage0 = None if cell.zero_shot else study.stage0_checkpoint()
+    # a part with backbone_from starts from the backbone its source cell trained, not from stage 0
+    start = study.source_backbone(cell) or stage0
     run_id = study.new_cell_run(cell)
     client = study.client
     cell_dir = study.output_dir / "cells" / f"{index:03d}"
     try:
         overrides = list(cell.overrides)
-        if stage0 is not None:
-            overrides.append(f"backbone.checkpoint={stage0}")
+        if start is not None:
+            overrides.append(f"backbone.checkpoint={start}")
         curve = CpuTimeCurve()
         # the same session as `vlzoo fit`: consent, tracking preflight, NaN handling, then test in memory
         session = RunSession(cell.recipe, overrides=overrides, output_dir=cell_dir, tracking_uri=tracking_uri,

@@ -95,6 +95,7 @@ __all__ = [
     "AXES",
     "PART_KEY",
     "ZERO_SHOT_KEY",
+    "BACKBONE_FROM_KEY",
 ]
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
@@ -111,6 +112,8 @@ PART_KEY = "part"
 AXES = (RUNG_KEY, BUDGET_KEY, PART_KEY)
 #: the key of a part (or of a study without parts) whose cells are used as they are, untrained
 ZERO_SHOT_KEY = "zero_shot"
+#: a part whose cells start from the trained backbone of another part's cell with the same seed
+BACKBONE_FROM_KEY = "backbone_from"
 _SHAPES_TARGETS = ("vlzoo.data.ShapesDataset", "vlzoo.data.shapes.ShapesDataset", "vlzoo.data.shapes.dataset.ShapesDataset")
 
 
@@ -130,6 +133,8 @@ class Cell:
     reason: str = ""
     #: an off-the-shelf model, tested as it is (``zero_shot: true`` on its part): no training
     zero_shot: bool = False
+    #: the part whose cell of this seed gives this cell its starting backbone (``backbone_from``)
+    backbone_from: str = ""
 
     @property
     def key(self) -> str:
@@ -182,6 +187,8 @@ class StudyPart:
     compare: list[Comparison] = field(default_factory=list)
     #: the part's cells are off-the-shelf models, tested as they are (no budget, no stage 0)
     zero_shot: bool = False
+    #: the part whose cell of the same seed gives each cell its starting backbone (not stage 0)
+    backbone_from: str = ""
 
     def budget_overrides(self, multiplier: float = 1) -> list[str]:
         return [] if self.zero_shot else _budget_overrides(self.budget, multiplier)
@@ -308,10 +315,10 @@ def load_study(path: str | Path) -> StudySpec:
                 raise _fail(path, where, "a part's name is letters, digits, '_' and '-'")
             if not isinstance(part, dict):
                 raise _fail(path, where, f"must be a mapping with recipe and grid, got {part!r}")
-            extra = sorted(set(part) - {"recipe", "grid", "fixed", "budget", "compare", ZERO_SHOT_KEY})
+            extra = sorted(set(part) - {"recipe", "grid", "fixed", "budget", "compare", ZERO_SHOT_KEY, BACKBONE_FROM_KEY})
             if extra:
                 raise _fail(path, f"{where}.{extra[0]}",
-                            "unknown key; a part has recipe, grid, fixed, budget, compare, zero_shot")
+                            "unknown key; a part has recipe, grid, fixed, budget, compare, zero_shot, backbone_from")
             for required in ("recipe", "grid"):
                 if required not in part:
                     raise _fail(path, f"{where}.{required}", "is required")
@@ -319,6 +326,9 @@ def load_study(path: str | Path) -> StudySpec:
                 raise _fail(path, f"{where}.budget", f"must be a mapping, got {part['budget']!r}")
             part_budget = _read_budget(path, f"{where}.budget", part["budget"]) if part.get("budget") else dict(budget)
             parts.append(_read_part(path, where, name, part, part_budget, _read_fixed(path, f"{where}.fixed", part.get("fixed") or {})))
+            source = part.get(BACKBONE_FROM_KEY)
+            if source is not None:
+                parts[-1].backbone_from = _read_backbone_from(path, where, source, parts)
         recipe, grid = "", {}
     else:
         parts = [_read_part(path, "study", "", body, budget, [])]
@@ -374,6 +384,32 @@ def _read_budget(path: Path, where: str, budget: dict[str, Any]) -> dict[str, An
             what = "a positive integer" if whole else "a positive number"
             raise _fail(path, f"{where}.{kind}", f"must be {what}, got {value!r}")
     return dict(budget)
+
+
+def _read_backbone_from(path: Path, where: str, source: Any, parts: list[StudyPart]) -> str:
+    """``backbone_from``: an earlier, trained part whose cells have one cell per seed, and seeds
+    that cover this part's."""
+    at = f"{where}.{BACKBONE_FROM_KEY}"
+    earlier = {p.name: p for p in parts[:-1]}
+    if not isinstance(source, str) or source not in earlier:
+        raise _fail(path, at, f"names the part whose trained backbones this part starts from, one listed "
+                    f"before it (the earlier parts are {sorted(earlier)}), got {source!r}")
+    mine, theirs = parts[-1], earlier[source]
+    if mine.zero_shot or theirs.zero_shot:
+        raise _fail(path, at, "a zero-shot part neither trains a backbone nor starts from one")
+    if "seed" not in theirs.grid or "seed" not in mine.grid:
+        raise _fail(path, at, f"cells are matched by seed: both this part and part {source!r} need grid.seed")
+    cells_per_seed = 1
+    for key, values in theirs.grid.items():
+        if key != "seed":
+            cells_per_seed *= len(values)
+    if cells_per_seed != 1:
+        raise _fail(path, at, f"part {source!r} has {cells_per_seed} cells per seed; the backbone to start from "
+                    "must be one cell per seed (give its other grid keys one value each)")
+    missing = sorted(set(map(str, mine.grid["seed"])) - set(map(str, theirs.grid["seed"])), key=str)
+    if missing:
+        raise _fail(path, at, f"part {source!r} has no cell with seed {missing[0]}")
+    return source
 
 
 def _read_fixed(path: Path, where: str, fixed: Any) -> list[str]:
@@ -538,6 +574,7 @@ def expand_grid(spec: StudySpec, *, supports: Any = None) -> list[Cell]:
                     supported=supported,
                     reason=reason,
                     zero_shot=part.zero_shot,
+                    backbone_from=part.backbone_from,
                 )
             )
     return cells
