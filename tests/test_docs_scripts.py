@@ -32,3 +32,22 @@ def test_rec_by_kind_on_a_trained_checkpoint(tmp_path):
         # a box whose IoU with the target is >= 0.5 has its centre inside the target
         assert 0.0 <= row["acc_0.5"] <= row["centre_in_target"] <= 1.0
         assert 0.0 < row["random_object"] <= 1.0  # the target is one of the scene's objects
+
+
+@pytest.mark.slow
+def test_trigger_attention_on_a_trained_checkpoint(tmp_path):
+    argv = ["fit", str(ROOT / "recipes" / "shapes" / "pixel2emb_rec.yaml"), "trainer=smoke", "data.train.size=32",
+            "data.val.size=8", "data.test.size=12", "data.train.tasks=[rec]", "data.val.tasks=[rec]",
+            "data.test.tasks=[rec]", "paradigm.tasks=[rec]", "evaluator.tasks=[rec]", "paradigm.attention_target=lmm",
+            "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    checkpoint = str(next(tmp_path.rglob("last.ckpt")))
+    script = _script("trigger_attention")
+    row = script.trigger_attention(checkpoint, size=12)
+    assert row["n"] == 12 and row["source"] == "lmm"  # the attention the model's option supervised
+    for key in ("on_objects", "target_share", "picks_target"):
+        assert 0.0 <= row[key] <= 1.0
+    assert 0.0 < row["chance"] <= 1.0 / 2  # Shapes REC scenes hold two or more objects
+    cross = script.trigger_attention(checkpoint, source="cross", size=12)
+    assert cross["source"] == "cross" and cross["chance"] == row["chance"]  # the same samples
+    assert cross["on_objects"] != row["on_objects"]  # a different attention

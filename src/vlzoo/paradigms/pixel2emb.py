@@ -87,6 +87,7 @@ __all__ = [
     "EmbeddingAnswerFormat",
     "Pixel2Emb",
     "DEFAULT_LOSS_WEIGHTS",
+    "box_grid_share",
     "answer_order",
     "refocus",
     "crop_reference_tokens",
@@ -229,6 +230,18 @@ def refocus(hidden: Tensor, attention: Tensor, *, query: int, keys: Tensor, stre
     a = row[:, keys].float().mean(0)
     a = a / a.sum().clamp(min=1e-9)
     return hidden[query] + strength * (a.to(hidden.dtype)[:, None] * hidden[keys]).sum(0)
+
+
+def box_grid_share(boxes: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``(N, h, w)``: the fraction of each cell of an ``h x w`` grid over the unit square that
+    each normalised ``x1, y1, x2, y2`` box covers (0..1)."""
+    h, w = grid
+    xs = torch.arange(w + 1, device=boxes.device, dtype=torch.float32) / w
+    ys = torch.arange(h + 1, device=boxes.device, dtype=torch.float32) / h
+    b = boxes.float()
+    ox = (torch.minimum(b[:, 2:3], xs[None, 1:]) - torch.maximum(b[:, 0:1], xs[None, :-1])).clamp(min=0) * w
+    oy = (torch.minimum(b[:, 3:4], ys[None, 1:]) - torch.maximum(b[:, 1:2], ys[None, :-1])).clamp(min=0) * h
+    return oy[:, :, None] * ox[:, None, :]
 
 
 class Pixel2Emb(BaseParadigm):
@@ -593,31 +606,36 @@ class Pixel2Emb(BaseParadigm):
                 order = [0] if batch.tasks[r] in ("rec", "res") else answer_order(t.boxes)
                 grid = F.adaptive_avg_pool2d(t.masks[order].to(device).float()[:, None], (h, w))[:, 0]
             else:
-                xs = torch.arange(w + 1, device=device, dtype=torch.float32) / w
-                ys = torch.arange(h + 1, device=device, dtype=torch.float32) / h
-                b = boxes.float()
-                ox = (torch.minimum(b[:, 2:3], xs[None, 1:]) - torch.maximum(b[:, 0:1], xs[None, :-1])).clamp(min=0)
-                oy = (torch.minimum(b[:, 3:4], ys[None, 1:]) - torch.maximum(b[:, 1:2], ys[None, :-1])).clamp(min=0)
-                grid = oy[:, :, None] * ox[:, None, :]
+                grid = box_grid_share(boxes, (h, w))
             out.append(grid.flatten(1))
         if not out:
             return torch.zeros(0, h * w, device=device)
         q = torch.cat(out)
         return q / q.sum(-1, keepdim=True).clamp(min=1e-12)
 
+    def trigger_image_attention(
+        self, out: Any, rows: Tensor, positions: Tensor, weights: Tensor | None, *, source: str
+    ) -> Tensor | None:
+        """``(N, P)``: each trigger's attention over the image tokens - ``"cross"``: the
+        cross-attention ``weights`` (``trigger_states``' second output, head mean); ``"lmm"``: the
+        LMM's last-layer attention row at the trigger (``out.attentions``), head mean,
+        renormalised over the image positions."""
+        if source == "cross":
+            return weights
+        if not out.attentions:
+            raise ValueError("the LMM's trigger attention needs the backbone's last-layer attention (output_attentions)")
+        last = out.attentions[max(out.attentions)]  # (B, heads, T, T)
+        row = last[rows, :, positions]  # (N, heads, T): each trigger's attention row
+        image = out.image_positions[rows][:, None, :].expand(-1, row.shape[1], -1)
+        attention = row.gather(-1, image).float().mean(1)  # (N, P) over the image tokens
+        return attention / attention.sum(-1, keepdim=True).clamp(min=1e-12)
+
     def _attention_loss(
         self, batch: Batch, out: Any, rows: Tensor, positions: Tensor, weights: Tensor | None, targets: list[Tensor]
     ) -> Tensor:
         """``KL(target || attention)`` averaged over the triggers of box tasks (0 without any)."""
         keep = torch.tensor([batch.tasks[r] in _BOX_TASKS for r in rows.tolist()], dtype=torch.bool, device=rows.device)
-        if self.attention_target == "cross":
-            attention = weights
-        else:
-            last = out.attentions[max(out.attentions)]  # (B, heads, T, T)
-            row = last[rows, :, positions]  # (N, heads, T): each trigger's attention row
-            image = out.image_positions[rows][:, None, :].expand(-1, row.shape[1], -1)
-            attention = row.gather(-1, image).float().mean(1)  # (N, P) over the image tokens
-            attention = attention / attention.sum(-1, keepdim=True).clamp(min=1e-12)
+        attention = self.trigger_image_attention(out, rows, positions, weights, source=self.attention_target)
         if attention is None or not bool(keep.any()):
             return out.hidden_states.sum() * 0.0
         q = self.attention_targets(batch, rows[keep], targets)
