@@ -28,8 +28,8 @@ def rec_by_kind(checkpoint: str, *, split: str = "test", size: int | None = None
     ``centre_in_target``: the predicted box's centre lies inside the target box - the referred
     object was selected, whether or not the box is the right size."""
     from vlzoo.build import build
-    from vlzoo.paradigms.base import to_original
     from vlzoo.checkpoints import load_checkpoint, read_checkpoint
+    from vlzoo.paradigms.base import to_original
 
     model = load_checkpoint(checkpoint)
     _, recipe = read_checkpoint(checkpoint)
