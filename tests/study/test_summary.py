@@ -53,3 +53,25 @@ def test_time_to_accuracy_from_known_curves():
     rows = time_to_accuracy_rows([("a", [seed0, seed1], [cpu, cpu], 300), ("b", [[(100, 0.1), (300, 0.2)]], [cpu], None)])
     assert rows[0] == ["a", "300", "200 steps, 20 CPU s", "300 steps, 30 CPU s"]
     assert rows[1] == ["b", "300", "> budget (300 steps, best 0.200)", "> budget (300 steps, best 0.200)"]
+
+
+def test_the_selection_bar_is_named_when_it_is_not_the_random_object():
+    from vlzoo.study.report import CellResult, _flag, _selection_baselines
+
+    scores = {("res", "a", "full"): 0.30, ("res", "b", "full"): 0.40}
+    text = first_paragraph(scores=scores, selection={("res", "full"): (0.337, "union of every object")},
+                           retention={}, primary={"res": "ciou"})
+    assert "(above the union of every object's 0.34" in text
+    assert "b (0.40) selects" in text and "a (0.30) does not" in text
+
+    def row(baseline, ciou, seed=0):
+        values = {"task": "res", "rung": "full", "seed": str(seed)}
+        return CellResult(run_id=baseline or "cell", key=baseline, values=values, status="finished",
+                          metrics={"test/res/ciou": ciou}, baseline=baseline)
+
+    results = [row("random_object", 0.22), row("union_of_objects", 0.337), row("mean_box", 0.05)]
+    bar = _selection_baselines(results)["task=res,rung=full"]["test/res/ciou"]
+    assert bar[0] == 0.337  # the higher of the random object and the union, never the mean box
+    cell = row("", 0.30)
+    assert _flag("0.300", cell, "test/res/ciou", 0.30, _selection_baselines(results)).endswith("↓")
+    assert not _flag("0.400", cell, "test/res/ciou", 0.40, _selection_baselines(results)).endswith("↓")

@@ -32,6 +32,7 @@ __all__ = [
     "BASELINES",
     "BASELINE_LABELS",
     "SELECTION_BASELINE",
+    "SELECTION_BASELINES",
     "BASELINE_TASKS",
     "mean_box",
     "baseline_figures",
@@ -49,6 +50,10 @@ BASELINE_LABELS = {
 }
 #: the baseline a cell must beat to show that it selects the referred object
 SELECTION_BASELINE = "random_object"
+#: the untrained answers a cell must beat to show that it selects: a random object of the image
+#: and, for RES, every object at once (a cIoU a model that masks everything reaches); the higher
+#: of the two on the same data is the bar (report flags and first paragraph)
+SELECTION_BASELINES = ("random_object", "union_of_objects")
 BASELINE_TASKS = ("rec", "res", *GENERALIZED_TASKS)
 
 

@@ -231,15 +231,24 @@ class _Table:
 
 
 def _selection_baselines(results: list[CellResult]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """setting -> aggregated figures of its random-object baseline."""
-    from vlzoo.study.baselines import SELECTION_BASELINE
+    """setting -> per figure, the higher of its selection baselines (a random object; for RES
+    also the union of every object) - what a cell must beat to select."""
+    from vlzoo.study.baselines import SELECTION_BASELINES
 
     agg = _aggregate(results)
-    return {r.setting: agg[r.group] for r in results if r.baseline == SELECTION_BASELINE and r.group in agg}
+    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for r in results:
+        if r.baseline in SELECTION_BASELINES and r.group in agg:
+            best = out.setdefault(r.setting, {})
+            for column, value in agg[r.group].items():
+                if column not in best or (not math.isnan(value[0]) and value[0] > best[column][0]):
+                    best[column] = value
+    return out
 
 
 def _flag(text: str, result: CellResult, column: str, mean: float, selection: dict[str, dict]) -> str:
-    """Mark a cell's figure below the random-object baseline of the same data."""
+    """Mark a cell's figure below the selection baselines of the same data (the higher of a
+    random object and, for RES, the union of every object)."""
     if result.baseline or not _higher_is_better(column) or column.startswith(("cost/", "params/")):
         return text
     base = selection.get(result.setting, {}).get(column)
@@ -249,7 +258,8 @@ def _flag(text: str, result: CellResult, column: str, mean: float, selection: di
     return text
 
 
-_BELOW_NOTE = "↓: below the random-object baseline of the same data (the cell does not select the referred object)."
+_BELOW_NOTE = ("↓: below the random-object baseline of the same data - for RES below the higher of it and the union "
+               "of every object (the cell does not select the referred object).")
 
 
 def _tables(results: list[CellResult], primary: dict[str, str]) -> list[_Table]:
@@ -620,7 +630,7 @@ def _largest_budgets(results: list[CellResult]) -> dict[tuple[str, str, str], st
 
 
 def _summary(results: list[CellResult], primary: dict[str, str], before: dict[str, float]) -> str:
-    from vlzoo.study.baselines import SELECTION_BASELINE
+    from vlzoo.study.baselines import BASELINE_LABELS, SELECTION_BASELINES
     from vlzoo.study.summary import first_paragraph
 
     agg = _aggregate(results)
@@ -629,12 +639,17 @@ def _summary(results: list[CellResult], primary: dict[str, str], before: dict[st
         value = agg.get(group, {}).get(f"test/{task}/{primary.get(task)}")
         if value is not None and not math.isnan(value[0]):
             scores[(task, paradigm, rung)] = value[0]
-    selection = {}
+    # per task and rung, the higher selection baseline of the first data it was computed on
+    selection: dict[tuple[str, str], tuple[float, str]] = {}
+    first_setting: dict[tuple[str, str], str] = {}
     for r in results:
-        if r.baseline == SELECTION_BASELINE and r.group in agg:
+        if r.baseline in SELECTION_BASELINES and r.group in agg:
             value = agg[r.group].get(f"test/{r.task}/{primary.get(r.task)}")
-            if value is not None:
-                selection.setdefault((r.task, r.values.get("rung", "")), value[0])
+            key = (r.task, r.values.get("rung", ""))
+            if value is None or math.isnan(value[0]) or first_setting.setdefault(key, r.setting) != r.setting:
+                continue
+            if key not in selection or value[0] > selection[key][0]:
+                selection[key] = (value[0], BASELINE_LABELS.get(r.baseline, r.baseline))
     retention: dict[str, dict[str, tuple[float, float]]] = {}
     for r in results:
         if r.baseline or r.status != "finished":

@@ -43,7 +43,8 @@ def first_paragraph(
     """The paragraph, from
 
     * ``scores``: ``(task, paradigm, rung) -> test figure`` (rung ``""`` without a rung axis);
-    * ``selection``: ``(task, rung) -> random-object baseline`` on the same data;
+    * ``selection``: ``(task, rung) -> selection baseline`` on the same data: a figure (the
+      random object's) or ``(figure, its name)`` (e.g. ``"union of every object"`` on RES);
     * ``retention``: ``paradigm -> {stage-0 figure: (before, after)}`` (the worst cell counts);
     * ``primary``: ``task -> figure name``.
 
@@ -64,14 +65,16 @@ def first_paragraph(
                 text = f"{head}no paradigm localizes a lone object (>= {localize_at:g} on the `one` rung): {_names(no)}"
             sentences.append(text + ".")
         full = [(p, v, r) for (t, p, r), v in scores.items() if t == task and r in ("full", "")]
-        bases = {r: selection.get((task, r)) for _, _, r in full}
+        named = {r: selection.get((task, r)) for _, _, r in full}
+        bases = {r: (b[0] if isinstance(b, tuple) else b) for r, b in named.items()}
         if full and all(b is not None for b in bases.values()):
-            base = next(iter(bases.values()))
+            first = next(iter(named.values()))
+            base, label = first if isinstance(first, tuple) else (first, "random object")
             yes = [f"{p} ({v:.2f})" for p, v, r in full if v > bases[r]]
             no = [f"{p} ({v:.2f})" for p, v, r in full if v <= bases[r]]
             where = "on the `full` rung" if any(r == "full" for _, _, r in full) else "on this data"
             head = f"On `{task}` {where}, " if not one else "Selecting the referred object "
-            head += f"(above the random object's {base:.2f}{' ' + where if one else ''}): "
+            head += f"(above the {label}'s {base:.2f}{' ' + where if one else ''}): "
             parts = []
             if yes:
                 parts.append(f"{_names(yes)} {_verb(yes, 'selects', 'select')}")
