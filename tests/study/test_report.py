@@ -139,7 +139,8 @@ def _ladder_store(tmp_path):
         client.log_metric(run, "test/rec/by_kind/attribute/acc_0.5", acc)
         client.log_metric(run, "test/rec/by_kind/attribute/count", 10)
         client.log_metric(run, "retention/after/vqa/exact_match", 0.5 if paradigm == "a" else 0.1)
-    for index, (rung, rand) in enumerate((("one", 1.0), ("full", 0.36))):
+    # "spatial": a rung the grid no longer has (no cell uses that data): its baseline is left out
+    for index, (rung, rand) in enumerate((("one", 1.0), ("full", 0.36), ("spatial", 0.35))):
         run = client.create_run(
             exp,
             tags={
@@ -170,6 +171,7 @@ def test_report_with_ladder_baselines_and_curves(tmp_path):
     assert "a (100%) keeps them; b (20%) loses them" in first
     # baselines are rows of the same table; a cell below the random object of its rung is flagged
     assert "| random object (baseline): task=rec,rung=full | baseline (no training) | 0.360 |" in text
+    assert "rung=spatial" not in text
     assert "| paradigm=a,task=rec,rung=full | finished | 0.300 ↓ |" in text
     # one object per image: the random object is the answer itself, nothing is flagged against it
     assert "| paradigm=a,task=rec,rung=one | finished | **0.950** |" in text

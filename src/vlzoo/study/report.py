@@ -122,10 +122,11 @@ def find_parent_run(client: MlflowClient, experiment_name: str, study: str) -> A
 
 def collect_results(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[CellResult]:
     """One CellResult per cell (the newest run of each cell key; a task-mix cell once per task of
-    its mix, :func:`split_mixes`), then one per baseline run."""
-    return split_mixes(_collect(client, experiment_id, parent_run_id, "cell")) + _collect(
-        client, experiment_id, parent_run_id, "baseline"
-    )
+    its mix, :func:`split_mixes`), then one per baseline run of data some cell uses."""
+    cells = split_mixes(_collect(client, experiment_id, parent_run_id, "cell"))
+    # a baseline whose data no cell uses any more (its part's grid changed since) is left out
+    settings = {r.setting for r in cells}
+    return cells + [r for r in _collect(client, experiment_id, parent_run_id, "baseline") if r.setting in settings]
 
 
 def split_mixes(results: list[CellResult]) -> list[CellResult]:
@@ -320,7 +321,7 @@ def _tables(results: list[CellResult], primary: dict[str, str]) -> list[_Table]:
                 else:
                     row.append("-")
             rows.append(row)
-        note = _BELOW_NOTE if selection else ""
+        note = _BELOW_NOTE if any(BELOW_MARK in c for row in rows for c in row) else ""
         tables.append(_Table(title=f"Task `{task}`", header=header, rows=rows, note=note))
     return tables
 
@@ -357,7 +358,7 @@ def _kind_tables(results: list[CellResult], primary: dict[str, str]) -> list[_Ta
                 title=f"Task `{task}` by kind of referring expression (test)",
                 header=header,
                 rows=rows,
-                note=_BELOW_NOTE if selection else "",
+                note=_BELOW_NOTE if any(BELOW_MARK in c for row in rows for c in row) else "",
             )
         )
     return tables
