@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
 import vlzoo
-from support.trained import fit_tiny
+from support.trained import demo_server, fit_tiny
 from vlzoo.cli import main
 
 gradio = pytest.importorskip("gradio", reason="the demo needs the optional [demo] extra: pip install -e '.[demo]'")
@@ -20,12 +19,6 @@ pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +32,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def server(models: list[Path]):
-    from vlzoo.demo import serve
-
-    port = _free_port()
-    app = serve(models, port=port, block=False)
-    yield f"http://127.0.0.1:{port}/"
-    app.close()
+    with demo_server(models) as url:
+        yield url
 
 
 def test_demo_answers_over_http_as_load_does(server: str, models: list[Path], tmp_path: Path) -> None:

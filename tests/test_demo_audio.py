@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import vlzoo
-from support.trained import fit_tiny
+from support.trained import demo_server, fit_tiny
 
 gradio = pytest.importorskip("gradio", reason="the demo needs the optional [demo] extra: pip install -e '.[demo]'")
 gradio_client = pytest.importorskip("gradio_client", reason="needs gradio_client (the [demo] extra)")
@@ -40,16 +40,8 @@ def ckpt(speech: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(ckpt: Path):
-    import socket
-
-    from vlzoo.demo import serve
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    app = serve([ckpt], port=port, block=False)
-    yield f"http://127.0.0.1:{port}/"
-    app.close()
+    with demo_server([ckpt]) as url:
+        yield url
 
 
 def _scene(tmp_path: Path):

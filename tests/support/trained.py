@@ -4,7 +4,8 @@ the real command line."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from vlzoo.config import shipped_recipes_dir
@@ -32,3 +33,20 @@ def fit_tiny(out: Path, recipe: str, overrides: Sequence[str] = (), *, steps: in
     assert main(argv) == 0
     (ckpt,) = out.rglob("last.ckpt")
     return ckpt
+
+
+@contextmanager
+def demo_server(paths: Sequence[Path]) -> Iterator[str]:
+    """``vlzoo demo`` serving ``paths`` on a free port of 127.0.0.1; yields its URL, then stops it."""
+    import socket
+
+    from vlzoo.demo import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    app = serve(list(paths), port=port, block=False)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app.close()
