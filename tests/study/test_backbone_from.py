@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.studies import write_study
 from support.trained import fit_tiny
 from vlzoo.study.runner import BACKBONE_FROM_TAG, StudyRun
 from vlzoo.study.spec import StudyError, expand_grid, load_study
@@ -28,30 +29,24 @@ TEXT = f"""study:
 """
 
 
-def _write(folder: Path, text: str) -> Path:
-    path = folder / "study.yaml"
-    path.write_text(text)
-    return path
-
-
 def test_the_file_names_an_earlier_part_with_one_cell_per_seed(tmp_path):
-    spec = load_study(_write(tmp_path, TEXT))
+    spec = load_study(write_study(tmp_path, TEXT))
     assert [p.backbone_from for p in spec.parts] == ["", "grounding"]
     cells = expand_grid(spec)
     assert [c.backbone_from for c in cells] == ["", "", "grounding", "grounding"]
     # itself is no earlier part
     with pytest.raises(StudyError, match=r"study.parts.lens.backbone_from': names the part .* earlier parts are \['grounding'\]"):
-        load_study(_write(tmp_path, TEXT.replace("backbone_from: grounding", "backbone_from: lens")))
+        load_study(write_study(tmp_path, TEXT.replace("backbone_from: grounding", "backbone_from: lens")))
     with pytest.raises(StudyError, match="has 2 cells per seed"):
-        load_study(_write(tmp_path, TEXT.replace("task: [rec], seed", "task: [rec, res], seed")))
+        load_study(write_study(tmp_path, TEXT.replace("task: [rec], seed", "task: [rec, res], seed")))
     with pytest.raises(StudyError, match="has no cell with seed 2"):
-        load_study(_write(tmp_path, TEXT.replace("seed: [1, 0]", "seed: [1, 2]")))
+        load_study(write_study(tmp_path, TEXT.replace("seed: [1, 0]", "seed: [1, 2]")))
     with pytest.raises(StudyError, match="cells are matched by seed"):
-        load_study(_write(tmp_path, TEXT.replace("grid: {task: [res], seed: [1, 0]}", "grid: {task: [res]}")))
+        load_study(write_study(tmp_path, TEXT.replace("grid: {task: [res], seed: [1, 0]}", "grid: {task: [res]}")))
 
 
 def test_a_cell_starts_from_the_backbone_its_seed_s_source_cell_trained(tmp_path):
-    spec = load_study(_write(tmp_path, TEXT))
+    spec = load_study(write_study(tmp_path, TEXT))
     study = StudyRun(spec, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", output_dir=tmp_path / "out")
     source0, source1, lens1, lens0 = study.cells
     assert study.backbone_source(lens1) is source1 and study.backbone_source(lens0) is source0

@@ -6,13 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from support.studies import write_study
 from vlzoo.study import StudyError, expand_grid, load_study
-
-
-def _write(folder: Path, text: str, name: str = "study.yaml") -> Path:
-    path = folder / name
-    path.write_text(text)
-    return path
 
 
 def _recipes(folder: Path, names: list[str]) -> None:
@@ -23,7 +18,7 @@ def _recipes(folder: Path, names: list[str]) -> None:
 
 def test_grid_is_the_cross_product_in_file_order(tmp_path):
     _recipes(tmp_path, ["a_rec", "a_res", "b_rec", "b_res"])
-    path = _write(
+    path = write_study(
         tmp_path,
         """# two paradigms
 study:
@@ -58,7 +53,7 @@ study:
 
 def test_fixed_as_ordered_list_keeps_yaml_braces(tmp_path):
     _recipes(tmp_path, ["a_rec"])
-    path = _write(
+    path = write_study(
         tmp_path,
         """study:
   name: t
@@ -76,7 +71,7 @@ def test_fixed_as_ordered_list_keeps_yaml_braces(tmp_path):
 
 def test_missing_recipe_and_unsupported_task_are_kept_as_cells(tmp_path):
     _recipes(tmp_path, ["a_rec", "b_rec", "b_res"])
-    path = _write(
+    path = write_study(
         tmp_path,
         """study:
   name: t
@@ -112,7 +107,7 @@ def test_missing_recipe_and_unsupported_task_are_kept_as_cells(tmp_path):
     ],
 )
 def test_bad_study_files_name_file_and_key(tmp_path, body, message):
-    path = _write(tmp_path, body)
+    path = write_study(tmp_path, body)
     with pytest.raises(StudyError) as info:
         load_study(path)
     assert message in str(info.value)
@@ -140,7 +135,7 @@ def test_rung_and_budget_are_axes_not_overrides(tmp_path):
     shapes = Path(__file__).resolve().parents[2] / "recipes" / "shapes"
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "heatmap_rec.yaml").write_text(f"_base_: {shapes / 'heatmap_rec.yaml'}\n")
-    path = _write(
+    path = write_study(
         tmp_path,
         """# the ladder and the budget axis
 study:
@@ -184,10 +179,10 @@ study:
 )
 def test_bad_axes_name_the_key(tmp_path, grid, message):
     _recipes(tmp_path, ["a_rec"])
-    path = _write(tmp_path, f"study:\n  name: t\n  recipe: r/a_rec.yaml\n  grid:\n    {grid}\n  budget: {{steps: 3}}\n")
+    path = write_study(tmp_path, f"study:\n  name: t\n  recipe: r/a_rec.yaml\n  grid:\n    {grid}\n  budget: {{steps: 3}}\n")
     with pytest.raises(StudyError, match=message):
         load_study(path)
-    path = _write(tmp_path, "study:\n  name: t\n  recipe: r/a_rec.yaml\n  grid:\n    budget: [1, 2]\n")
+    path = write_study(tmp_path, "study:\n  name: t\n  recipe: r/a_rec.yaml\n  grid:\n    budget: [1, 2]\n")
     with pytest.raises(StudyError, match="study.grid.budget.*not set"):
         load_study(path)
 
@@ -213,7 +208,7 @@ study:
 
 def test_parts_expand_in_file_order_with_their_own_fixed_and_budget(tmp_path):
     _recipes(tmp_path, ["a_rec", "b_rec", "a_res"])
-    spec = load_study(_write(tmp_path, PARTS))
+    spec = load_study(write_study(tmp_path, PARTS))
     cells = expand_grid(spec)
     assert [c.key for c in cells] == [
         "part=first,paradigm=a,task=rec,seed=0",
@@ -251,7 +246,7 @@ def test_parts_expand_in_file_order_with_their_own_fixed_and_budget(tmp_path):
 )
 def test_bad_parts_and_comparisons_name_the_key(tmp_path, edit, message):
     _recipes(tmp_path, ["a_rec", "b_rec", "a_res"])
-    path = _write(tmp_path, edit(PARTS))
+    path = write_study(tmp_path, edit(PARTS))
     with pytest.raises(StudyError) as info:
         load_study(path)
     assert message in str(info.value)
@@ -265,7 +260,7 @@ def test_a_compared_axis_gets_the_fairness_check(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "wide.yaml").write_text(f"_base_: {shapes / 'pixel2emb_rec.yaml'}\n")
     (tmp_path / "r" / "narrow.yaml").write_text(f"_base_: {shapes / 'pixel2emb_rec.yaml'}\ndata: {{batch_size: 4}}\n")
-    path = _write(tmp_path, """study:
+    path = write_study(tmp_path, """study:
   name: t
   recipe: r/{arm}.yaml
   grid: {arm: [wide, narrow]}
@@ -298,7 +293,7 @@ def test_a_comparison_declares_the_keys_its_arms_differ_in(tmp_path):
       grid: {arm: [wide, narrow]}
       compare: [{axis: arm, a: wide, b: narrow, differ: [data.batch_size]}]
 """
-    spec = load_study(_write(tmp_path, text))
+    spec = load_study(write_study(tmp_path, text))
     assert spec.fairness_exemptions == {("p", "arm"): ("data.batch_size",)}
     assert spec.comparisons[0].as_dict()["differ"] == "data.batch_size"
     check_fairness(expand_grid(spec), axes=spec.fairness_axes, exempt=spec.fairness_exemptions)
@@ -312,9 +307,9 @@ def test_a_comparison_declares_the_keys_its_arms_differ_in(tmp_path):
     with pytest.raises(StudyError, match="differ in recipe key data.batch_size"):
         check_fairness(expand_grid(spec), axes=spec.fairness_axes, exempt={("q", "arm"): ("data.batch_size",)})
     with pytest.raises(StudyError, match=r"study.parts.p.compare\[0\].differ': must be a list of recipe keys"):
-        load_study(_write(tmp_path, text.replace("differ: [data.batch_size]", "differ: data.batch_size")))
+        load_study(write_study(tmp_path, text.replace("differ: [data.batch_size]", "differ: data.batch_size")))
     with pytest.raises(StudyError, match=r"compare\[0\]': must be a mapping with axis, a, b and optionally differ"):
-        load_study(_write(tmp_path, text.replace("differ: [data.batch_size]", "differs: [data.batch_size]")))
+        load_study(write_study(tmp_path, text.replace("differ: [data.batch_size]", "differs: [data.batch_size]")))
 
 
 def test_shipped_claims_study_is_valid_and_fair():
@@ -333,7 +328,7 @@ def test_a_null_grid_value_is_yaml_null_in_the_recipe(tmp_path):
     from vlzoo.config import load_recipe
 
     shapes = Path(__file__).resolve().parents[2] / "recipes" / "shapes"
-    path = _write(tmp_path, f"""study:
+    path = write_study(tmp_path, f"""study:
   name: t
   recipe: {shapes / 'pixel2emb_rec.yaml'}
   grid: {{paradigm.attention_target: [null, cross]}}
@@ -361,7 +356,7 @@ def test_a_task_mix_fills_in_as_a_list_and_needs_every_task_supported(tmp_path):
       grid: {{task: [rec, res]}}
       fixed: ["data.train.tasks=[{{task}}]", "paradigm.tasks=[{{task}}]", "evaluator.tasks=[{{task}}]"]
 """
-    spec = load_study(_write(tmp_path, text))
+    spec = load_study(write_study(tmp_path, text))
     single, mix, *_ = expand_grid(spec, supports=paradigm_supports)
     assert "data.train.tasks=[rec, res]" in mix.overrides and "paradigm.tasks=[rec, res]" in mix.overrides
     assert "data.train.tasks=[rec]" in single.overrides and mix.supported
@@ -369,11 +364,11 @@ def test_a_task_mix_fills_in_as_a_list_and_needs_every_task_supported(tmp_path):
     with pytest.raises(StudyError, match="differ in recipe key data.train"):
         check_fairness(expand_grid(spec), axes=spec.fairness_axes, exempt=spec.fairness_exemptions,
                        declared=spec.compared_axes)
-    spec = load_study(_write(tmp_path, text.replace("b: rec}", "b: rec, differ: [data.train, evaluator]}")))
+    spec = load_study(write_study(tmp_path, text.replace("b: rec}", "b: rec, differ: [data.train, evaluator]}")))
     # ... and a part that only varies its task (no comparison along it) is not held to it
     check_fairness(expand_grid(spec), axes=spec.fairness_axes, exempt=spec.fairness_exemptions,
                    declared=spec.compared_axes)
     # a mix with a task the paradigm lacks is unsupported, and says which
-    spec = load_study(_write(tmp_path, text.replace("rec+res", "rec+reg")))
+    spec = load_study(write_study(tmp_path, text.replace("rec+res", "rec+reg")))
     mix = expand_grid(spec, supports=paradigm_supports)[1]
     assert not mix.supported and "reg" in mix.reason

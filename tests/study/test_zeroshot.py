@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.studies import write_study
 from vlzoo.study.spec import StudyError, expand_grid, load_study
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,15 +26,9 @@ def _tiny(name: str):
     return module
 
 
-def _write(tmp_path: Path, body: str, name: str = "study.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(body)
-    return path
-
-
 # --------------------------------------------------------------------------- the study file
 def test_a_zero_shot_part_has_no_budget_and_its_cells_are_marked(tmp_path):
-    path = _write(tmp_path, f"""study:
+    path = write_study(tmp_path, f"""study:
   name: zs
   budget: {{steps: 7}}
   parts:
@@ -69,7 +64,7 @@ def test_a_zero_shot_part_has_no_budget_and_its_cells_are_marked(tmp_path):
 )
 def test_bad_zero_shot_combinations_name_the_key(tmp_path, body, key):
     recipe, stage0 = RECIPES / "shapes" / "pixel2seq_rec.yaml", RECIPES / "shapes" / "base_lmm.yaml"
-    path = _write(tmp_path, "study:\n  name: zs\n" + body.format(r=recipe, s=stage0))
+    path = write_study(tmp_path, "study:\n  name: zs\n" + body.format(r=recipe, s=stage0))
     with pytest.raises(StudyError, match=f"key '{key}'"):
         load_study(path)
 
@@ -85,7 +80,7 @@ def test_bad_zero_shot_combinations_name_the_key(tmp_path, body, key):
 def test_a_recipe_that_is_not_the_model_as_it_is_is_refused(tmp_path, recipe, fixed, key):
     from vlzoo.study.zeroshot import check_zero_shot
 
-    path = _write(tmp_path, f"""study:
+    path = write_study(tmp_path, f"""study:
   name: zs
   zero_shot: true
   recipe: {RECIPES}/shapes/{recipe}_{{task}}.yaml
@@ -129,7 +124,7 @@ def test_a_zero_shot_cell_runs_next_to_a_trained_one_and_scores_like_the_evaluat
     from vlzoo.study.runner import StudyRun, run_cell
 
     folder = _paligemma_with_loc_tokens(tmp_path / "paligemma")
-    zero_recipe = _write(tmp_path, f"""seed: 0
+    zero_recipe = write_study(tmp_path, f"""seed: 0
 name: paligemma_zero_shot
 backbone: {{_target_: vlzoo.backbones.PaliGemmaBackbone, name_or_path: {folder}}}
 data:
@@ -145,7 +140,7 @@ evaluator: {{_base_: {RECIPES}/evaluator/default.yaml, tasks: [rec]}}
 trainer: {{_base_: {RECIPES}/trainer/cpu.yaml}}
 """, "paligemma_rec.yaml")
     fixed = "\n".join(f"      - {o}" for o in TINY_DATA)
-    study = _write(tmp_path, f"""# a trained cell and a zero-shot cell
+    study = write_study(tmp_path, f"""# a trained cell and a zero-shot cell
 study:
   name: zs
   stage0: {RECIPES}/shapes/base_lmm.yaml
@@ -213,7 +208,7 @@ study:
 
 
 def test_a_task_outside_the_recipe_pattern_only_labels_the_cells(tmp_path):
-    path = _write(tmp_path, f"""study:
+    path = write_study(tmp_path, f"""study:
   name: zs
   zero_shot: true
   recipe: {RECIPES}/gpu/pixel2seq_{{model}}_refcoco.yaml
@@ -228,7 +223,7 @@ def test_a_task_outside_the_recipe_pattern_only_labels_the_cells(tmp_path):
 def test_vlzoo_study_refuses_a_zero_shot_cell_before_any_run_exists(tmp_path, capsys):
     from vlzoo.cli import EXIT_USER_ERROR, main
 
-    path = _write(tmp_path, f"""study:
+    path = write_study(tmp_path, f"""study:
   name: zs
   parts:
     released:
@@ -251,7 +246,7 @@ def test_a_codec_whose_tokens_the_model_lacks_is_refused(tmp_path):
     recipes = {}
     for locs in (True, False):
         folder = _paligemma_with_loc_tokens(tmp_path / f"paligemma_{locs}", locs=locs)
-        recipes[locs] = _write(tmp_path, f"""backbone: {{_target_: vlzoo.backbones.PaliGemmaBackbone, name_or_path: {folder}}}
+        recipes[locs] = write_study(tmp_path, f"""backbone: {{_target_: vlzoo.backbones.PaliGemmaBackbone, name_or_path: {folder}}}
 data: {{_base_: {RECIPES}/data/shapes_rec.yaml, num_workers: 0}}
 paradigm:
   _base_: {RECIPES}/paradigm/pixel2seq.yaml
@@ -259,7 +254,7 @@ paradigm:
   coordinate_sigma: 0.0
   codec: {{_target_: vlzoo.paradigms.codecs.PaliGemmaCodec}}
 """, f"paligemma_{locs}_rec.yaml")
-    path = _write(tmp_path, f"""study:
+    path = write_study(tmp_path, f"""study:
   name: zs
   zero_shot: true
   recipe: {tmp_path}/paligemma_{{locs}}_{{task}}.yaml
