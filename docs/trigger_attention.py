@@ -52,19 +52,7 @@ def trigger_attention(checkpoint: str, *, source: str | None = None, size: int |
     on_objects, share, picks, chance = [], [], [], []
     with torch.no_grad():
         for batch in loader:
-            ids = batch.input_ids
-            out = model.backbone(
-                images=batch.images, input_ids=ids, attention_mask=batch.attention_mask,
-                output_attentions=[-1], inputs_embeds_fn=model._embeds_fn(model._embedding_plan(batch, ids)),
-                references=batch.references(),
-            )
-            rows, cols = (ids == model.trigger_id).nonzero(as_tuple=True)
-            keys = []
-            if model.refocus_lambda > 0:
-                special = (ids == model.trigger_id) | (ids == model.loc_id)
-                keys = model._answer_keys(out, batch.labels, special, rows, cols)
-            positions = out.positions[rows, cols]
-            _, weights = model.trigger_states(out, rows, positions, keys)
+            out, rows, positions, _, weights = model.read_triggers(batch, attentions=True)
             attention = model.trigger_image_attention(out, rows, positions, weights, source=source)
             for k, r in enumerate(rows.tolist()):
                 if batch.tasks[r] != "rec":

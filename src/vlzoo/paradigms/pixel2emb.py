@@ -545,26 +545,42 @@ class Pixel2Emb(BaseParadigm):
             keys.append(out.positions[r, idx[keep]])
         return keys
 
-    def loss(self, batch: Batch) -> dict[str, Tensor]:
+    def read_triggers(
+        self, batch: Batch, *, labels: Tensor | None = None, attentions: bool = False
+    ) -> tuple[Any, Tensor, Tensor, Tensor, Tensor | None]:
+        """The teacher-forced pass over the batch's answers and what the heads read at its
+        triggers: ``(out, rows, positions, states, cross-attention weights or None)`` (see
+        :meth:`trigger_states`).  ``labels`` gives the LM its loss; ``attentions`` asks the
+        backbone for the last layer's attention even when neither refocusing nor the ``lmm``
+        attention target needs it."""
         ids = batch.input_ids
         plan = self._embedding_plan(batch, ids)
-        labels = batch.labels.clone()
-        after_trigger = torch.zeros_like(ids, dtype=torch.bool)
-        after_trigger[:, 1:] = (ids[:, 1:] == self.loc_id) & (ids[:, :-1] == self.trigger_id)
-        labels[after_trigger] = -100  # generation inserts this <loc>; the LM is not asked for it
         out = self.backbone(
             images=batch.images,
             input_ids=ids,
             attention_mask=batch.attention_mask,
             labels=labels,
-            output_attentions=[-1] if self.refocus_lambda > 0 or self.attention_target == "lmm" else None,
+            output_attentions=[-1] if attentions or self.refocus_lambda > 0 or self.attention_target == "lmm" else None,
             inputs_embeds_fn=self._embeds_fn(plan),
             references=batch.references(),
         )
+        rows, cols = (ids == self.trigger_id).nonzero(as_tuple=True)
+        special = (ids == self.trigger_id) | (ids == self.loc_id)
+        keys = self._answer_keys(out, batch.labels, special, rows, cols) if self.refocus_lambda > 0 else []
+        positions = out.positions[rows, cols]
+        states, weights = self.trigger_states(out, rows, positions, keys)
+        return out, rows, positions, states, weights
+
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        ids = batch.input_ids
+        labels = batch.labels.clone()
+        after_trigger = torch.zeros_like(ids, dtype=torch.bool)
+        after_trigger[:, 1:] = (ids[:, 1:] == self.loc_id) & (ids[:, :-1] == self.trigger_id)
+        labels[after_trigger] = -100  # generation inserts this <loc>; the LM is not asked for it
+        out, rows, positions, states, weights = self.read_triggers(batch, labels=labels)
         parts: dict[str, Tensor] = {}
         if self.lm_loss:
             parts["lm"] = out.loss
-        rows, cols = (ids == self.trigger_id).nonzero(as_tuple=True)
         targets = [self._target_boxes(batch, r) for r in range(len(batch))]
         counts = torch.bincount(rows, minlength=len(batch)).tolist()
         for r, n in enumerate(counts):
@@ -573,10 +589,6 @@ class Pixel2Emb(BaseParadigm):
                     f"sample {batch.image_ids[r]} ({batch.tasks[r]}): {n} triggers in the tokenized answer but "
                     f"{len(targets[r])} target objects (answer cut by data.max_length?)"
                 )
-        special = (ids == self.trigger_id) | (ids == self.loc_id)
-        keys = self._answer_keys(out, batch.labels, special, rows, cols) if self.refocus_lambda > 0 else []
-        positions = out.positions[rows, cols]
-        states, weights = self.trigger_states(out, rows, positions, keys)
         tgt = torch.cat([t for t in targets]) if rows.numel() else states.new_zeros(0, 4)
         if self.attention_target is not None:
             parts["attention"] = self._attention_loss(batch, out, rows, positions, weights, targets)
