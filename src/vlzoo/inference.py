@@ -208,9 +208,15 @@ class TrainedModel:
         return self.transform.geometry(tuple(int(v) for v in image_size))
 
     def instruction(self, expression: str | None, task: str, *, box: Sequence[float] | None = None) -> str:
-        """The instruction the datasets write for ``task`` around ``expression``."""
-        from vlzoo.data.templates import instruction
+        """The instruction the datasets write for ``task`` around ``expression`` (in the recipe's
+        ``data.instructions`` wording when it gives one for ``task``)."""
+        from vlzoo.data.templates import instruction, worded
 
+        table = getattr(self.datamodule, "instructions", None) or {}
+        if expression and task not in ("reg", "caption"):
+            text = worded(table, task, expr=expression, category=expression)
+            if text is not None:
+                return text
         if task in ("reg",):
             if box is None:
                 raise ValueError("task 'reg' describes a region: give its box (box=[x1, y1, x2, y2], --box x1,y1,x2,y2)")

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 SIDE, PATCH = 32, 8
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+TEMPLATE = {"_target_": "vlzoo.data.PromptTemplate", "text": "{image}<bos>{prompt}\n", "verbatim": True}
 
 
 def paligemma_tokenizer():
@@ -46,3 +48,26 @@ def make_paligemma_folder(folder: Path, *, layers: int = 2, gemma2: bool = False
     transformers.SiglipImageProcessor(size={"height": SIDE, "width": SIDE}, resample=3, image_mean=[0.5] * 3,
                                       image_std=[0.5] * 3, image_seq_length=(SIDE // PATCH) ** 2).save_pretrained(folder)
     return str(folder)
+
+
+def shapes_recipe(folder: str, paradigm: dict) -> dict:
+    """A recipe (dict) training ``paradigm`` on 8 Shapes REC scenes of 60 px on the folder's model."""
+    shapes = {"_target_": "vlzoo.data.ShapesDataset", "size": 8, "image_size": 60, "tasks": ["rec"]}
+    return {
+        "seed": 0,
+        "backbone": {"_target_": "vlzoo.backbones.PaliGemmaBackbone", "name_or_path": folder, "freeze_vision": False},
+        "data": {"_base_": str(RECIPES / "data" / "shapes_rec.yaml"), "batch_size": 8, "num_workers": 0,
+                 "template": TEMPLATE, "train": dict(shapes, split="train"), "val": dict(shapes, split="val"),
+                 "test": dict(shapes, split="test")},
+        "paradigm": paradigm,
+        "evaluator": {"_base_": str(RECIPES / "evaluator" / "default.yaml"), "tasks": ["rec"]},
+        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3.0e-3, "weight_decay": 0.0},
+        "trainer": {"_base_": str(RECIPES / "trainer" / "cpu.yaml"), "max_steps": 1},
+        "logger": None,
+    }
+
+
+def shapes_pixel2seq() -> dict:
+    """pixel2seq with the paligemma codec, for :func:`shapes_recipe`."""
+    return {"_base_": str(RECIPES / "paradigm" / "pixel2seq.yaml"), "tasks": ["rec"], "max_new_tokens": 12,
+            "coordinate_sigma": 0.0, "codec": {"_target_": "vlzoo.paradigms.codecs.PaliGemmaCodec"}}

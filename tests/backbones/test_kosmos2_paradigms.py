@@ -4,40 +4,20 @@ and step, attention_keypoints refuses it."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from vlzoo.backbones.kosmos2 import KOSMOS2_TEMPLATE
 from vlzoo.build import build
 from vlzoo.config import recipe_from_dict
 from vlzoo.data.transforms import ResizeTransform
 
-from .kosmos2_tiny import make_kosmos2_folder
-
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+from .kosmos2_tiny import RECIPES, make_kosmos2_folder
+from .kosmos2_tiny import shapes_recipe as _recipe
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return make_kosmos2_folder(tmp_path_factory.mktemp("kosmos2"))
-
-
-def _recipe(folder: str, paradigm: dict) -> dict:
-    shapes = {"_target_": "vlzoo.data.ShapesDataset", "size": 8, "image_size": 60, "tasks": ["rec"]}
-    return {
-        "seed": 0,
-        "backbone": {"_target_": "vlzoo.backbones.Kosmos2Backbone", "name_or_path": folder, "freeze_vision": False},
-        "data": {"_base_": str(RECIPES / "data" / "shapes_rec.yaml"), "batch_size": 8, "num_workers": 0,
-                 "template": KOSMOS2_TEMPLATE, "train": dict(shapes, split="train"), "val": dict(shapes, split="val"),
-                 "test": dict(shapes, split="test")},
-        "paradigm": paradigm,
-        "evaluator": {"_base_": str(RECIPES / "evaluator" / "default.yaml"), "tasks": ["rec"]},
-        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3.0e-3, "weight_decay": 0.0},
-        "trainer": {"_base_": str(RECIPES / "trainer" / "cpu.yaml"), "max_steps": 1},
-        "logger": None,
-    }
 
 
 def _steps(model, batch, n: int, lr: float = 3e-3) -> list[float]:

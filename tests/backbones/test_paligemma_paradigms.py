@@ -4,8 +4,6 @@ PaliGemma's frame (60 px images resized to the tower's 32 px square); heatmap bu
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,36 +11,14 @@ from vlzoo.backbones.paligemma import SquareResizeTransform
 from vlzoo.build import build
 from vlzoo.config import recipe_from_dict
 
-from .paligemma_tiny import make_paligemma_folder
-
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-TEMPLATE = {"_target_": "vlzoo.data.PromptTemplate", "text": "{image}<bos>{prompt}\n", "verbatim": True}
+from .paligemma_tiny import RECIPES, make_paligemma_folder
+from .paligemma_tiny import shapes_pixel2seq as _pixel2seq
+from .paligemma_tiny import shapes_recipe as _recipe
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return make_paligemma_folder(tmp_path_factory.mktemp("paligemma"))
-
-
-def _recipe(folder: str, paradigm: dict) -> dict:
-    shapes = {"_target_": "vlzoo.data.ShapesDataset", "size": 8, "image_size": 60, "tasks": ["rec"]}
-    return {
-        "seed": 0,
-        "backbone": {"_target_": "vlzoo.backbones.PaliGemmaBackbone", "name_or_path": folder, "freeze_vision": False},
-        "data": {"_base_": str(RECIPES / "data" / "shapes_rec.yaml"), "batch_size": 8, "num_workers": 0,
-                 "template": TEMPLATE, "train": dict(shapes, split="train"), "val": dict(shapes, split="val"),
-                 "test": dict(shapes, split="test")},
-        "paradigm": paradigm,
-        "evaluator": {"_base_": str(RECIPES / "evaluator" / "default.yaml"), "tasks": ["rec"]},
-        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3.0e-3, "weight_decay": 0.0},
-        "trainer": {"_base_": str(RECIPES / "trainer" / "cpu.yaml"), "max_steps": 1},
-        "logger": None,
-    }
-
-
-def _pixel2seq() -> dict:
-    return {"_base_": str(RECIPES / "paradigm" / "pixel2seq.yaml"), "tasks": ["rec"], "max_new_tokens": 12,
-            "coordinate_sigma": 0.0, "codec": {"_target_": "vlzoo.paradigms.codecs.PaliGemmaCodec"}}
 
 
 def _steps(model, batch, n: int) -> list[float]:

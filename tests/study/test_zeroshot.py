@@ -283,6 +283,13 @@ def test_the_released_rows_of_the_gpu_study_write_with_their_own_tokens():
         with dry_loading():
             built = build(load_recipe(cell.recipe, list(cell.overrides)), with_data=False, with_trainer=False)
         check_vocabulary(cell, built.model)
+    # the families with a task syntax are asked in it
+    from vlzoo.data.templates import FAMILY_INSTRUCTIONS, instruction_table
+
+    for cell in cells:
+        family = cell.values.get("model")
+        wording = instruction_table(load_recipe(cell.recipe, list(cell.overrides)).get("data.instructions"))
+        assert wording == FAMILY_INSTRUCTIONS.get(family, {}), cell.key
     # the same LLaVA with Pix2Seq bins would add 1000 untrained tokens: not a zero-shot row
     llava = cells[-1]
     with dry_loading():

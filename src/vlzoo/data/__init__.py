@@ -27,6 +27,15 @@ from vlzoo.data.shapes import (
     ShapesDataset,
 )
 from vlzoo.data.spoken import SpokenReferences, SpokenShapesDataset
+from vlzoo.data.templates import (
+    FAMILY_INSTRUCTIONS,
+    INSTRUCTION_FIELDS,
+    INSTRUCTIONS,
+    instruction,
+    instruction_table,
+    reword,
+    worded,
+)
 from vlzoo.data.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, save_shapes_tokenizer, shapes_tokenizer
 from vlzoo.data.transforms import ResizeTransform
 
@@ -61,6 +70,13 @@ __all__ = [
     "ResizeTransform",
     "PromptTemplate",
     "DEFAULT_TEMPLATE",
+    "INSTRUCTIONS",
+    "FAMILY_INSTRUCTIONS",
+    "INSTRUCTION_FIELDS",
+    "instruction",
+    "instruction_table",
+    "reword",
+    "worded",
     "VLCollate",
     "VLDataModule",
 ]

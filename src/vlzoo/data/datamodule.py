@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from vlzoo.data.answers import AnswerFormat
 from vlzoo.data.errors import DataError
+from vlzoo.data.templates import instruction_table, reword
 from vlzoo.data.tokenizer import IMAGE_TOKEN
 from vlzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, ResizeTransform
 from vlzoo.structures import CATEGORY_TASKS, EXPRESSION_KINDS, QUERY_META_KEYS, Batch, Sample, Targets
@@ -260,6 +261,26 @@ def _with_kind(targets: Targets, kind: str | None) -> Targets:
     return targets
 
 
+class _Reworded(Dataset):
+    """Wraps a dataset: each sample's instruction in the table's wording for its task."""
+
+    def __init__(self, dataset: Dataset, table: Mapping[str, str]) -> None:
+        self.dataset = dataset
+        self.table = dict(table)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Sample | None:
+        sample = self.dataset[index]
+        if sample is None:
+            return None
+        try:
+            return reword(sample, self.table)
+        except ValueError as err:
+            raise DataError(f"{type(self.dataset).__name__} item {index}: {err}") from None
+
+
 class _SkipTolerant(Dataset):
     """Wraps a dataset: with ``on_bad_sample="skip"`` a :class:`DataError` becomes ``None``."""
 
@@ -387,6 +408,10 @@ class VLDataModule(L.LightningDataModule):
             e.g. Qwen's :class:`~vlzoo.data.smart_resize.SmartResizeTransform`); replaces
             ``resize`` / ``image_size``.
         template: :class:`PromptTemplate` or its text (with ``{prompt}``, optionally ``{image}``).
+        instructions: the instructions' wording per task in place of vlzoo's own
+            (:func:`~vlzoo.data.templates.instruction_table`): a family's documented task syntax
+            (``paligemma``, ``kosmos2``, ``florence2``) or ``{task: wording}``, e.g.
+            ``{rec: "detect {expr}"}``; every split's samples of those tasks are reworded.
         max_length: longest tokenized sequence; longer ones are cut at the end.
         on_bad_sample: ``"error"`` raises :class:`DataError`; ``"skip"`` drops the sample and
             warns once per pass with the count.
@@ -414,6 +439,7 @@ class VLDataModule(L.LightningDataModule):
         resize: str = "pad_square",
         image_transform: ResizeTransform | None = None,
         template: PromptTemplate | str = DEFAULT_TEMPLATE,
+        instructions: Mapping[str, str] | str | None = None,
         max_length: int = 256,
         on_bad_sample: str = "error",
         keep_raw_images: bool = False,
@@ -439,6 +465,7 @@ class VLDataModule(L.LightningDataModule):
         self.answer_format = answer_format if answer_format is not None else AnswerFormat()
         self.transform = image_transform or ResizeTransform(size=image_size, mode=resize, mean=image_mean, std=image_std)
         self.template = template if isinstance(template, PromptTemplate) else PromptTemplate(text=template)
+        self.instructions = instruction_table(instructions)
         self.max_length = int(max_length)
         self.on_bad_sample = on_bad_sample
         self.keep_raw_images = bool(keep_raw_images)
@@ -477,7 +504,7 @@ class VLDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, *, train: bool, batch_size: int, require_answers: bool = True) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if train else None
-        wrapped = _SkipTolerant(dataset, self.on_bad_sample)
+        wrapped = _SkipTolerant(_Reworded(dataset, self.instructions) if self.instructions else dataset, self.on_bad_sample)
         return _CountingLoader(
             wrapped,
             batch_size=batch_size,
