@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlzoo.backbones.multimodal import _Spliced, _SplicingBackbone
+from vlzoo.backbones.multimodal import _Spliced, _SplicingBackbone, _SquareFrame
 from vlzoo.backbones.shipped import (
     load_pretrained,
     load_pretrained_tokenizer,
@@ -134,7 +134,7 @@ def _square_side(settings: dict[str, Any], key: str) -> int | None:
     return -1
 
 
-class Kosmos2Backbone(_SplicingBackbone):
+class Kosmos2Backbone(_SquareFrame, _SplicingBackbone):
     """A Kosmos-2 folder (``Kosmos2ForConditionalGeneration``, e.g.
     ``microsoft/kosmos-2-patch14-224``) behind the backbone interface (see the module doc); its
     codec is ``kosmos2`` (patch indices on a 32 x 32 grid of the image).
@@ -233,7 +233,7 @@ class Kosmos2Backbone(_SplicingBackbone):
         vision = self.model.config.vision_config
         self._vision_width = int(vision.hidden_size)
         self._input_size = int(vision.image_size)
-        self._patch = int(vision.patch_size)
+        self._grid_stride = int(vision.patch_size)
         settings = _image_settings(name_or_path) if name_or_path is not None else {}
         self._check_frame(settings, source)
         self._mean = tuple(float(v) for v in (image_mean or settings.get("image_mean") or OPENAI_CLIP_MEAN))
@@ -299,23 +299,6 @@ class Kosmos2Backbone(_SplicingBackbone):
     @property
     def hidden_size(self) -> int:
         return int(self._lm().config.text_config.embed_dim)
-
-    @property
-    def vision_width(self) -> int:
-        return self._vision_width
-
-    @property
-    def feature_grid(self) -> tuple[int, int]:
-        side = self._input_size // self._patch
-        return (side, side)
-
-    @property
-    def input_size(self) -> int:
-        return self._input_size
-
-    @property
-    def data_config(self) -> dict[str, Any]:
-        return {"mean": self._mean, "std": self._std, "input_size": self._input_size, "transform": self.transform}
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the (un-LoRA'd) model, the tokenizer and an image processor with this frame (a

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from vlzoo.backbones.multimodal import _SplicingBackbone
+from vlzoo.backbones.multimodal import _SplicingBackbone, _SquareFrame
 from vlzoo.backbones.shipped import load_pretrained, load_pretrained_tokenizer
 from vlzoo.backbones.vision import _dtype, _normalisation
 
@@ -33,7 +33,7 @@ def _llava_config(settings: dict[str, Any]) -> Any:
     return LlavaConfig(**settings)
 
 
-class LlavaBackbone(_SplicingBackbone):
+class LlavaBackbone(_SquareFrame, _SplicingBackbone):
     """A LLaVA folder behind the :class:`~vlzoo.backbones.MultimodalBackbone` interface.
 
     Args:
@@ -103,7 +103,7 @@ class LlavaBackbone(_SplicingBackbone):
             raise ValueError("LlavaBackbone supports one vision_feature_layer (an int)")
         vision_config = config.vision_config
         self._vision_width = int(vision_config.hidden_size)
-        self._stride = int(vision_config.patch_size)
+        self._grid_stride = int(vision_config.patch_size)
         self._input_size = int(vision_config.image_size)
         self._mean, self._std = _normalisation(name_or_path, image_mean, image_std, "LlavaBackbone")
         self._setup_references_and_load(references, self.model.get_input_embeddings().weight.dtype, checkpoint)
@@ -133,22 +133,6 @@ class LlavaBackbone(_SplicingBackbone):
     def hidden_size(self) -> int:
         return int(self._lm().config.text_config.hidden_size)
 
-    @property
-    def vision_width(self) -> int:
-        return self._vision_width
-
-    @property
-    def feature_grid(self) -> tuple[int, int]:
-        side = self._input_size // self._stride
-        return (side, side)
-
-    @property
-    def input_size(self) -> int:
-        return self._input_size
-
-    @property
-    def data_config(self) -> dict[str, Any]:
-        return {"mean": tuple(self._mean), "std": tuple(self._std), "input_size": self._input_size}
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the (un-LoRA'd) LLaVA model and tokenizer to a folder."""
@@ -163,6 +147,6 @@ class LlavaBackbone(_SplicingBackbone):
         patches = hidden[:, 1:]
         selected = patches if self.select_strategy == "default" else hidden
         b, n, d = patches.shape
-        h, w = images.shape[-2] // self._stride, images.shape[-1] // self._stride
+        h, w = images.shape[-2] // self._grid_stride, images.shape[-1] // self._grid_stride
         feature_map = patches.transpose(1, 2).reshape(b, d, h, w)
         return feature_map, inner.multi_modal_projector(selected)

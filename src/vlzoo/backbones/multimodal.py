@@ -123,6 +123,40 @@ def _plain_key(key: str) -> str | None:
     return key
 
 
+class _SquareFrame:
+    """The interface sizes of a backbone whose image is one fixed square of ``_input_size``
+    pixels cut into a ``_grid_stride``-pixel patch grid (LLaVA, PaliGemma, Kosmos-2): it sets
+    those two, ``_vision_width``, ``_mean`` and ``_std``, and ``transform`` when its frame is its
+    own (``data_config["transform"]``, injected into the datamodule)."""
+
+    _vision_width: int
+    _input_size: int
+    _grid_stride: int
+    _mean: Any
+    _std: Any
+
+    @property
+    def vision_width(self) -> int:
+        return self._vision_width
+
+    @property
+    def feature_grid(self) -> tuple[int, int]:
+        side = self._input_size // self._grid_stride
+        return (side, side)
+
+    @property
+    def input_size(self) -> int:
+        return self._input_size
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        config = {"mean": tuple(self._mean), "std": tuple(self._std), "input_size": self._input_size}
+        transform = getattr(self, "transform", None)
+        if transform is not None:
+            config["transform"] = transform
+        return config
+
+
 class _SplicingBackbone(nn.Module, metaclass=abc.ABCMeta):
     """Splicing, forward, generation, special tokens and checkpoints shared by the backbones.
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlzoo.backbones.multimodal import _Spliced, _SplicingBackbone
+from vlzoo.backbones.multimodal import _Spliced, _SplicingBackbone, _SquareFrame
 from vlzoo.backbones.shipped import load_pretrained, load_pretrained_tokenizer, preprocessor_settings
 from vlzoo.backbones.vision import _dtype
 from vlzoo.data.datamodule import PromptTemplate
@@ -108,7 +108,7 @@ def _paligemma_config(settings: dict[str, Any]) -> Any:
     return PaliGemmaConfig(**settings)
 
 
-class PaliGemmaBackbone(_SplicingBackbone):
+class PaliGemmaBackbone(_SquareFrame, _SplicingBackbone):
     """A PaliGemma folder behind the backbone interface (see the module doc); its codec is
     ``paligemma`` (``<locNNNN>`` bins, y first) and its template :data:`PALIGEMMA_TEMPLATE`.
 
@@ -199,7 +199,7 @@ class PaliGemmaBackbone(_SplicingBackbone):
             )
         self.separator_id = int(separator[0])
         vision = config.vision_config
-        self.patch_size = int(vision.patch_size)
+        self.patch_size = self._grid_stride = int(vision.patch_size)
         self._input_size = int(vision.image_size)
         self._vision_width = int(vision.hidden_size)
         settings = (preprocessor_settings(name_or_path) if name_or_path is not None else None) or {}
@@ -260,27 +260,10 @@ class PaliGemmaBackbone(_SplicingBackbone):
         return int(self._lm().config.text_config.hidden_size)
 
     @property
-    def vision_width(self) -> int:
-        return self._vision_width
-
-    @property
-    def feature_grid(self) -> tuple[int, int]:
-        side = self._input_size // self.patch_size
-        return (side, side)
-
-    @property
-    def input_size(self) -> int:
-        return self._input_size
-
-    @property
     def num_image_tokens(self) -> int:
         """Image tokens per image: ``(side / patch) ** 2`` (256 at 224 px, 1024 at 448 px)."""
         h, w = self.feature_grid
         return h * w
-
-    @property
-    def data_config(self) -> dict[str, Any]:
-        return {"mean": self._mean, "std": self._std, "input_size": self._input_size, "transform": self.transform}
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the (un-LoRA'd) model, the tokenizer and the image processor (this backbone's
