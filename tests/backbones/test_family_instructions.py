@@ -63,7 +63,11 @@ def test_the_datamodule_rewords_every_split_from_the_samples_expression_and_cate
     det = ShapesDataset(split="val", size=6, image_size=64, tasks=["det"])
     dm = VLDataModule(train=rec, val=det, predict=rec, batch_size=6, answer_format=Pixel2SeqAnswerFormat(codec=ShikraCodec()),
                       instructions={"rec": "detect {expr}", "det": "find each {plural}"})
-    batch = next(iter(dm.train_dataloader()))
+    loader = dm.train_dataloader()
+    batch = next(iter(loader))
+    # the wrapper is transparent to what scripts and the loader read from the dataset
+    inner = loader.dataset.dataset
+    assert inner.scene(3).image.tobytes() == rec.scene(3).image.tobytes() and not hasattr(inner, "num_skipped")
     expected = [f"detect {rec[i].targets.expressions[0]}" for i in range(6)]
     assert sorted(batch.prompts) == sorted(expected)
     assert not any(p.startswith(INSTRUCTIONS["rec"][0].split("{")[0]) for p in batch.prompts)

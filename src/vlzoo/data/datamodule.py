@@ -262,11 +262,17 @@ def _with_kind(targets: Targets, kind: str | None) -> Targets:
 
 
 class _Reworded(Dataset):
-    """Wraps a dataset: each sample's instruction in the table's wording for its task."""
+    """Wraps a dataset: each sample's instruction in the table's wording for its task.  Other
+    attributes are the dataset's (``num_skipped``, Shapes' ``scene`` ...)."""
 
     def __init__(self, dataset: Dataset, table: Mapping[str, str]) -> None:
         self.dataset = dataset
         self.table = dict(table)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "table") or name.startswith("__"):  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
