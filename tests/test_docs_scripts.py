@@ -51,3 +51,49 @@ def test_trigger_attention_on_a_trained_checkpoint(tmp_path):
     cross = script.trigger_attention(checkpoint, source="cross", size=12)
     assert cross["source"] == "cross" and cross["chance"] == row["chance"]  # the same samples
     assert cross["on_objects"] != row["on_objects"]  # a different attention
+
+
+def test_vqa_by_kind_baselines_equal_a_direct_count():
+    """The random-object figure of each referred kind is the share of the scene's objects for
+    which the question has the reference answer, counted here by hand on known scenes."""
+    from vlzoo.data import ShapesDataset
+
+    script = _script("vqa_by_kind")
+    dataset = ShapesDataset(split="test", size=60, image_size=64, tasks=["vqa"])
+    seen = set()
+    for i in range(60):
+        item = dataset[i]
+        kind, scene = item.meta["vqa_kind"], dataset.scene(i)
+        value = script._random_object(kind, item.prompt, item.answer, scene)
+        if kind not in script.REFERRED_KINDS:
+            assert value is None
+            continue
+        seen.add(kind)
+        h, w = scene.size
+        agree = 0
+        for o in scene.objects:
+            if kind == "colour":
+                agree += o.colour_name == item.answer
+            elif kind == "shape":
+                agree += o.category_name == item.answer
+            else:
+                side = item.prompt.rsplit(" in the ", 1)[1].split()[0]
+                on = {"left": o.cx < w / 2, "right": o.cx >= w / 2, "top": o.cy < h / 2, "bottom": o.cy >= h / 2}[side]
+                agree += ("yes" if on else "no") == item.answer
+        assert value == agree / len(scene.objects)
+        assert value > 0  # the referred object itself has the answer
+    assert seen == set(script.REFERRED_KINDS)
+
+
+@pytest.mark.slow
+def test_vqa_by_kind_on_a_stage0_checkpoint(tmp_path):
+    argv = ["fit", str(ROOT / "recipes" / "shapes" / "base_lmm.yaml"), "trainer=smoke", "data.train.size=32",
+            "data.val.size=8", "data.test.size=8", "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    rows = _script("vqa_by_kind").vqa_by_kind(str(checkpoint), size=40)
+    assert rows["all"]["n"] == 40 == sum(r["n"] for k, r in rows.items() if k != "all")
+    for kind, row in rows.items():
+        assert 0.0 <= row["exact_match"] <= 1.0 and 0.0 < row["best_constant"] <= 1.0
+        if kind in ("colour", "shape", "position"):
+            assert 0.0 < row["random_object"] <= 1.0
