@@ -9,7 +9,11 @@ in expectation) on the same samples.  (Every run's evaluator now logs Acc@0.5 pe
 ``test/rec/by_kind/<kind>/acc_0.5``, and a study reports the baselines; this script adds the
 "box centre in the target" figure.)
 
-    python docs/rec_by_kind.py CHECKPOINT [--split test] [--size 1000] [--markdown]
+``--boxes masks`` scores a RES checkpoint on REC the way LISA does: the box of each predicted
+mask (``torchvision.ops.masks_to_boxes``) against the referred object's box, on the RES samples
+of the test split (an empty mask is a miss).
+
+    python docs/rec_by_kind.py CHECKPOINT [--split test] [--size 1000] [--boxes predicted|masks]
 """
 
 from __future__ import annotations
@@ -19,14 +23,19 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, masks_to_boxes
 
 
-def rec_by_kind(checkpoint: str, *, split: str = "test", size: int | None = None) -> dict[str, dict[str, float]]:
+def rec_by_kind(checkpoint: str, *, split: str = "test", size: int | None = None,
+                boxes: str = "predicted") -> dict[str, dict[str, float]]:
     """``{kind: {"n", "acc_0.5", "centre_in_target", "random_object"}}`` plus an ``"all"`` row.
 
     ``centre_in_target``: the predicted box's centre lies inside the target box - the referred
-    object was selected, whether or not the box is the right size."""
+    object was selected, whether or not the box is the right size.  ``boxes="masks"``: the boxes
+    of a RES model's predicted masks, on the split's RES samples."""
+    if boxes not in ("predicted", "masks"):
+        raise ValueError(f"boxes must be 'predicted' or 'masks', got {boxes!r}")
+    task = "rec" if boxes == "predicted" else "res"
     from vlzoo.build import build
     from vlzoo.checkpoints import load_checkpoint, read_checkpoint
     from vlzoo.paradigms.base import to_original
@@ -50,9 +59,12 @@ def rec_by_kind(checkpoint: str, *, split: str = "test", size: int | None = None
         for batch in loader:
             predictions = model.predict(batch)
             for i, pred in enumerate(predictions):
-                if batch.tasks[i] != "rec":
+                if batch.tasks[i] != task:
                     continue
                 pred = to_original(pred, batch, i)
+                if boxes == "masks":
+                    keep = pred.masks is not None and len(pred.masks) and bool(pred.masks[0].any())
+                    pred = pred.replace(boxes=masks_to_boxes(pred.masks[:1].bool()) if keep else pred.boxes[:0])
                 target = batch.original_targets[i]
                 kind = target.expression_kinds[0]
                 ok = inside = 0.0
@@ -87,8 +99,9 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--split", default="test")
     parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--boxes", choices=("predicted", "masks"), default="predicted")
     args = parser.parse_args()
-    rows = rec_by_kind(args.checkpoint, split=args.split, size=args.size)
+    rows = rec_by_kind(args.checkpoint, split=args.split, size=args.size, boxes=args.boxes)
     print("| expression kind | samples | Acc@0.5 | box centre in the target | random object (Acc@0.5) |")
     print("|---|---|---|---|---|")
     for kind, row in rows.items():

@@ -35,6 +35,39 @@ def test_rec_by_kind_on_a_trained_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+def test_rec_from_the_masks_of_a_res_checkpoint(tmp_path, monkeypatch):
+    """``boxes="masks"``: a RES model scored on REC with its masks' boxes (LISA's REC); on a
+    stub that predicts the target's own mask, every sample is a hit."""
+    argv = ["fit", str(ROOT / "recipes" / "shapes" / "heatmap_res.yaml"), "trainer=smoke", "data.train.size=16",
+            "data.val.size=8", "data.test.size=12", "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    script = _script("rec_by_kind")
+    rows = script.rec_by_kind(str(checkpoint), size=12, boxes="masks")
+    assert rows["all"]["n"] == 12
+    for row in rows.values():
+        assert 0.0 <= row["acc_0.5"] <= row["centre_in_target"] <= 1.0
+    with pytest.raises(ValueError, match="boxes must be"):
+        script.rec_by_kind(str(checkpoint), boxes="mask")
+
+    from vlzoo.checkpoints import load_checkpoint
+
+    class Oracle:  # the target's mask as the prediction: the boxes read from it are the target's
+        def __init__(self, model):
+            self.model = model
+
+        def predict(self, batch):
+            preds = self.model.predict(batch)  # in network-input pixels, as batch.targets
+            return [p.replace(masks=batch.targets[i].masks[:1].bool()) for i, p in enumerate(preds)]
+
+    import vlzoo.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda path: Oracle(load_checkpoint(path)))
+    oracle = script.rec_by_kind(str(checkpoint), size=12, boxes="masks")
+    assert oracle["all"]["acc_0.5"] == 1.0 == oracle["all"]["centre_in_target"]
+
+
+@pytest.mark.slow
 def test_trigger_attention_on_a_trained_checkpoint(tmp_path):
     argv = ["fit", str(ROOT / "recipes" / "shapes" / "pixel2emb_rec.yaml"), "trainer=smoke", "data.train.size=32",
             "data.val.size=8", "data.test.size=12", "data.train.tasks=[rec]", "data.val.tasks=[rec]",
