@@ -6,48 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlzoo.backbones import CausalLM, MultimodalBackbone, TimmVisionEncoder
-from vlzoo.data.datamodule import VLDataModule
+from support.pixel2emb import LLAMA, make_backbone, make_batch, make_paradigm, mask_decoder
 from vlzoo.data.shapes.dataset import ShapesDataset
-from vlzoo.decoders import BoxDecoder, BoxEncoder, TriggerImageAttention
+from vlzoo.decoders import BoxEncoder
 from vlzoo.decoders.box import normalise_boxes
 from vlzoo.paradigms.pixel2emb import EmbeddingAnswerFormat, Pixel2Emb, answer_order, refocus
-
-VIT = {"model_name": "vit_tiny_patch16_224", "img_size": 32,
-       "model_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 8}}
-LLAMA = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "intermediate_size": 64, "max_position_embeddings": 256}
-
-
-def make_backbone(**policy):
-    torch.manual_seed(0)
-    return MultimodalBackbone(
-        vision=TimmVisionEncoder(**VIT), language=CausalLM(config=dict(LLAMA), tokenizer="shapes"), **policy
-    )
-
-
-def make_paradigm(backbone=None, *, fmt=None, attention=False, **kwargs):
-    bb = backbone or make_backbone()
-    h = bb.hidden_size
-    return Pixel2Emb(
-        backbone=bb,
-        answer_format=fmt or EmbeddingAnswerFormat(),
-        box_decoder=BoxDecoder(hidden_size=h),
-        box_encoder=BoxEncoder(hidden_size=h),
-        image_attention=TriggerImageAttention(hidden_size=h, feature_grid=bb.feature_grid, num_heads=2)
-        if attention
-        else None,
-        tasks=kwargs.pop("tasks", ["rec", "det", "reg"]),
-        **kwargs,
-    )
-
-
-def make_batch(paradigm, tasks=("rec", "det", "reg"), n=6, index=0):
-    bb = paradigm.backbone
-    ds = ShapesDataset(split="train", size=64, image_size=32, tasks=list(tasks), num_objects=(2, 4))
-    dm = VLDataModule(tokenizer=bb.tokenizer, answer_format=paradigm.answer_format, image_size=32,
-                      image_mean=bb.data_config["mean"], image_std=bb.data_config["std"])
-    return dm.collate()([ds[i] for i in range(index, index + n)])
 
 
 def test_answer_format_writes_triggers_locs_and_references():
@@ -266,7 +229,7 @@ def _trained_grounded_paradigm(task="rec", **kwargs):
     """A grounded NExT-Chat model after a few steps, so generation says text, then triggers."""
     bb = make_backbone()
     if task == "res":
-        kwargs["mask_decoder"] = _mask_decoder(bb)
+        kwargs["mask_decoder"] = mask_decoder(bb)
     p = make_paradigm(bb, fmt=EmbeddingAnswerFormat(grounded=True), tasks=[task], max_new_tokens=12, **kwargs)
     batch = make_batch(p, tasks=(task,), n=8)
     opt = torch.optim.AdamW(p.param_groups(), lr=1e-2)
@@ -356,15 +319,9 @@ def test_loss_falls():
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
 
 
-def _mask_decoder(bb):
-    from vlzoo.decoders.sam import SamMaskDecoder
-
-    return SamMaskDecoder(variant="tiny", image_embedding_size=bb.feature_grid[0], input_image_size=bb.input_size)
-
-
 def test_masks_through_prompt_mlp_and_sam_decoder_with_box_prompt():
     bb = make_backbone()
-    p = make_paradigm(bb, tasks=["rec", "res"], mask_decoder=_mask_decoder(bb), mask_loss="focal")
+    p = make_paradigm(bb, tasks=["rec", "res"], mask_decoder=mask_decoder(bb), mask_loss="focal")
     assert p.prompt_mlp.prompt_dim == 32 and p.box_prompt
     batch = make_batch(p, tasks=("res", "rec"), n=4)
     parts = p.loss(batch)
@@ -384,7 +341,7 @@ def test_lisa_seg_token_variant():
     """[SEG] hidden state -> 256-d-style prompt -> SAM decoder; CE + 2.0 BCE + 0.5 Dice."""
     bb = make_backbone()
     fmt = EmbeddingAnswerFormat(trigger="[SEG]", box_after_trigger=False, prefix="the mask is")
-    p = Pixel2Emb(backbone=bb, answer_format=fmt, mask_decoder=_mask_decoder(bb), tasks=["res"])
+    p = Pixel2Emb(backbone=bb, answer_format=fmt, mask_decoder=mask_decoder(bb), tasks=["res"])
     assert p.box_decoder is None and not p.box_prompt
     batch = make_batch(p, tasks=("res",), n=3)
     assert all(a.endswith("[SEG]") and a.startswith("the mask is") for a in batch.answers)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.paradigms.test_pixel2emb import _mask_decoder, make_backbone, make_batch, make_paradigm
 
+from support.pixel2emb import make_backbone, make_batch, make_paradigm, mask_decoder
 from vlzoo.decoders.box import normalise_boxes
 
 
@@ -23,7 +23,7 @@ def _box_share(box, h, w):
 
 def test_targets_are_the_box_share_for_rec_and_the_pooled_mask_for_res():
     bb = make_backbone()
-    p = make_paradigm(bb, tasks=["rec", "res"], mask_decoder=_mask_decoder(bb), attention=True, attention_target="cross")
+    p = make_paradigm(bb, tasks=["rec", "res"], mask_decoder=mask_decoder(bb), attention=True, attention_target="cross")
     h, w = bb.feature_grid
     batch = make_batch(p, tasks=("rec", "res"), n=6)
     rows, _ = (batch.input_ids == p.trigger_id).nonzero(as_tuple=True)
