@@ -141,3 +141,13 @@ def test_a_model_trained_with_a_wording_is_asked_in_it_by_vlzoo_load(tmp_path):
     assert model.sample(torch.zeros(3, 64, 64, dtype=torch.uint8), "the red circle").prompt == "detect the red circle"
     # an explicit prompt is the user's: it is not reworded
     assert model.sample(torch.zeros(3, 64, 64, dtype=torch.uint8), "x", prompt="where is x?").prompt == "where is x?"
+
+
+def test_vlzoo_check_refuses_a_bad_wording_before_anything_is_built():
+    from vlzoo.config import RecipeError, load_recipe
+    from vlzoo.config.validation import validate
+
+    recipe = RECIPES / "shapes" / "pixel2seq_rec.yaml"
+    validate(load_recipe(recipe, ["data.instructions=paligemma"]))
+    with pytest.raises(RecipeError, match=r"data.instructions.rec.*\{expr.__class__\}.*set in override"):
+        validate(load_recipe(recipe, ["data.instructions={rec: 'where {expr.__class__}'}"]))

@@ -103,9 +103,24 @@ def validate(recipe: Recipe, *, injectable: Mapping[str, Collection[str]] | None
             _validate_node(recipe, path, sub, prefixes, frozenset(injectable.get(slot, ())))
     _check_data_counts(recipe)
     _check_schedule_length(recipe)
+    _check_instructions(recipe)
     seed = recipe.data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RecipeError(f"recipe key seed (set in {recipe.source('seed')}) must be an integer, got {seed!r}")
+
+
+def _check_instructions(recipe: Recipe) -> None:
+    """``data.instructions`` (a family's task wording) is data: its wordings are checked here,
+    before anything is built (:func:`vlzoo.data.templates.instruction_table`)."""
+    data = recipe.data.get("data")
+    if not isinstance(data, Mapping) or data.get("instructions") is None:
+        return
+    from vlzoo.data.templates import instruction_table
+
+    try:
+        instruction_table(data.get("instructions"))
+    except ValueError as err:
+        raise RecipeError(f"{err} (set in {recipe.source('data.instructions')})") from None
 
 
 def _check_schedule_length(recipe: Recipe) -> None:
