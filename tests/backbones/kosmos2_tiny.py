@@ -12,8 +12,10 @@ import torch
 
 from vlzoo.backbones.kosmos2 import KOSMOS2_TEMPLATE
 
+from . import native_recipes
+
 SIDE, PATCH, QUERIES = 32, 8, 4  # a 4 x 4 patch grid, 4 latent image tokens
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = native_recipes.RECIPES
 
 
 def kosmos2_processor():
@@ -52,16 +54,4 @@ def make_kosmos2_folder(folder: Path, *, layers: int = 2, seed: int = 0) -> str:
 
 def shapes_recipe(folder: str, paradigm: dict) -> dict:
     """A recipe (dict) training ``paradigm`` on 8 Shapes REC scenes of 60 px on the folder's model."""
-    shapes = {"_target_": "vlzoo.data.ShapesDataset", "size": 8, "image_size": 60, "tasks": ["rec"]}
-    return {
-        "seed": 0,
-        "backbone": {"_target_": "vlzoo.backbones.Kosmos2Backbone", "name_or_path": folder, "freeze_vision": False},
-        "data": {"_base_": str(RECIPES / "data" / "shapes_rec.yaml"), "batch_size": 8, "num_workers": 0,
-                 "template": KOSMOS2_TEMPLATE, "train": dict(shapes, split="train"), "val": dict(shapes, split="val"),
-                 "test": dict(shapes, split="test")},
-        "paradigm": paradigm,
-        "evaluator": {"_base_": str(RECIPES / "evaluator" / "default.yaml"), "tasks": ["rec"]},
-        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3.0e-3, "weight_decay": 0.0},
-        "trainer": {"_base_": str(RECIPES / "trainer" / "cpu.yaml"), "max_steps": 1},
-        "logger": None,
-    }
+    return native_recipes.shapes_recipe({"_target_": "vlzoo.backbones.Kosmos2Backbone", "name_or_path": folder}, paradigm, KOSMOS2_TEMPLATE)

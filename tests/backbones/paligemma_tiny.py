@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
+from . import native_recipes
+
 SIDE, PATCH = 32, 8
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = native_recipes.RECIPES
 TEMPLATE = {"_target_": "vlzoo.data.PromptTemplate", "text": "{image}<bos>{prompt}\n", "verbatim": True}
 
 
@@ -52,19 +54,7 @@ def make_paligemma_folder(folder: Path, *, layers: int = 2, gemma2: bool = False
 
 def shapes_recipe(folder: str, paradigm: dict) -> dict:
     """A recipe (dict) training ``paradigm`` on 8 Shapes REC scenes of 60 px on the folder's model."""
-    shapes = {"_target_": "vlzoo.data.ShapesDataset", "size": 8, "image_size": 60, "tasks": ["rec"]}
-    return {
-        "seed": 0,
-        "backbone": {"_target_": "vlzoo.backbones.PaliGemmaBackbone", "name_or_path": folder, "freeze_vision": False},
-        "data": {"_base_": str(RECIPES / "data" / "shapes_rec.yaml"), "batch_size": 8, "num_workers": 0,
-                 "template": TEMPLATE, "train": dict(shapes, split="train"), "val": dict(shapes, split="val"),
-                 "test": dict(shapes, split="test")},
-        "paradigm": paradigm,
-        "evaluator": {"_base_": str(RECIPES / "evaluator" / "default.yaml"), "tasks": ["rec"]},
-        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3.0e-3, "weight_decay": 0.0},
-        "trainer": {"_base_": str(RECIPES / "trainer" / "cpu.yaml"), "max_steps": 1},
-        "logger": None,
-    }
+    return native_recipes.shapes_recipe({"_target_": "vlzoo.backbones.PaliGemmaBackbone", "name_or_path": folder}, paradigm, TEMPLATE)
 
 
 def shapes_pixel2seq() -> dict:

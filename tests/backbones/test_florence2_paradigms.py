@@ -4,8 +4,6 @@ encoder image states and the decoder's [LOC] state, and what needs attention map
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,8 +12,7 @@ from vlzoo.config import recipe_from_dict
 from vlzoo.data.transforms import ResizeTransform
 
 from .florence_tiny import make_florence_folder
-
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+from .native_recipes import RECIPES, shapes_recipe, train_steps
 
 
 @pytest.fixture(scope="module")
@@ -24,32 +21,9 @@ def folder(tmp_path_factory):
 
 
 def _recipe(folder: str, paradigm: dict, template: object = "{prompt}") -> dict:
-    shapes = {"_target_": "vlzoo.data.ShapesDataset", "size": 8, "image_size": 60, "tasks": ["rec"]}
-    return {
-        "seed": 0,
-        "backbone": {"_target_": "vlzoo.backbones.Florence2Backbone", "name_or_path": folder, "freeze_vision": False},
-        "data": {"_base_": str(RECIPES / "data" / "shapes_rec.yaml"), "batch_size": 8, "num_workers": 0,
-                 "template": template, "train": dict(shapes, split="train"), "val": dict(shapes, split="val"),
-                 "test": dict(shapes, split="test")},
-        "paradigm": paradigm,
-        "evaluator": {"_base_": str(RECIPES / "evaluator" / "default.yaml"), "tasks": ["rec"]},
-        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3.0e-3, "weight_decay": 0.0},
-        "trainer": {"_base_": str(RECIPES / "trainer" / "cpu.yaml"), "max_steps": 1},
-        "logger": None,
-    }
+    return shapes_recipe({"_target_": "vlzoo.backbones.Florence2Backbone", "name_or_path": folder}, paradigm, template)
 
 
-def _steps(model, batch, n: int) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    model.train()
-    for _ in range(n):
-        opt.zero_grad()
-        total = model.weighted_total(model.loss(batch))
-        total.backward()
-        opt.step()
-        losses.append(float(total.detach()))
-    return losses
 
 
 @pytest.mark.slow
@@ -75,7 +49,7 @@ def test_pixel2seq_with_the_florence2_codec_trains_in_florences_frame(folder):
     assert answer == "".join(f"<loc_{k}>" for k in bins) or sum(
         abs(int(a) - b) for a, b in zip(answer.replace("<loc_", " ").replace(">", " ").split(), bins, strict=True)) <= 2
     assert tok.unk_token_id not in batch.input_ids[batch.labels != -100].tolist()
-    losses = _steps(built.model, batch, 12)
+    losses = train_steps(built.model, batch, 12)
     assert losses[-1] < 0.8 * losses[0], losses
     built.model.eval()
     preds = built.model.predict(batch)
@@ -93,7 +67,7 @@ def test_heatmap_reads_encoder_image_states_and_the_decoders_loc_state(folder):
     model = built.model
     assert model.feature_grid == (8, 8)
     batch = next(iter(built.datamodule.train_dataloader()))
-    losses = _steps(model, batch, 3)
+    losses = train_steps(model, batch, 3)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     model.eval()
     preds = model.predict(batch)
@@ -125,7 +99,7 @@ def test_pixel2emb_reads_the_decoders_trigger_state(folder):
     built = build(recipe_from_dict(_recipe(folder, paradigm)))
     model = built.model
     batch = next(iter(built.datamodule.train_dataloader()))
-    losses = _steps(model, batch, 3)
+    losses = train_steps(model, batch, 3)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     model.eval()
     preds = model.predict(batch)

@@ -13,6 +13,7 @@ from vlzoo.data.transforms import ResizeTransform
 
 from .kosmos2_tiny import RECIPES, make_kosmos2_folder
 from .kosmos2_tiny import shapes_recipe as _recipe
+from .native_recipes import train_steps
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +21,6 @@ def folder(tmp_path_factory):
     return make_kosmos2_folder(tmp_path_factory.mktemp("kosmos2"))
 
 
-def _steps(model, batch, n: int, lr: float = 3e-3) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    model.train()
-    for _ in range(n):
-        opt.zero_grad()
-        total = model.weighted_total(model.loss(batch))
-        total.backward()
-        opt.step()
-        losses.append(float(total.detach()))
-    return losses
 
 
 @pytest.mark.slow
@@ -55,7 +45,7 @@ def test_pixel2seq_with_the_kosmos2_codec_trains_in_its_frame(folder):
 
     assert answer == Kosmos2Codec().encode(box, (60, 60))
     assert tok.unk_token_id not in batch.input_ids[batch.labels != -100].tolist()
-    losses = _steps(built.model, batch, 12)
+    losses = train_steps(built.model, batch, 12)
     assert losses[-1] < 0.8 * losses[0], losses
     built.model.eval()
     preds = built.model.predict(batch)
@@ -71,7 +61,7 @@ def test_heatmap_builds_and_steps_on_a_kosmos2_backbone(folder):
     model = built.model
     assert model.feature_grid == (4, 4)  # the tower's patch grid
     batch = next(iter(built.datamodule.train_dataloader()))
-    losses = _steps(model, batch, 6, lr=1e-3)
+    losses = train_steps(model, batch, 6, lr=1e-3)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     model.eval()
     preds = model.predict(batch)
@@ -82,7 +72,7 @@ def test_pixel2emb_builds_and_steps_on_a_kosmos2_backbone(folder):
     paradigm = {"_base_": str(RECIPES / "paradigm" / "pixel2emb.yaml"), "tasks": ["rec"]}
     built = build(recipe_from_dict(_recipe(folder, paradigm)))
     batch = next(iter(built.datamodule.train_dataloader()))
-    losses = _steps(built.model, batch, 6, lr=1e-3)
+    losses = train_steps(built.model, batch, 6, lr=1e-3)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     built.model.eval()
     preds = built.model.predict(batch)

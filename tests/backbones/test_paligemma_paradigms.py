@@ -11,6 +11,7 @@ from vlzoo.backbones.paligemma import SquareResizeTransform
 from vlzoo.build import build
 from vlzoo.config import recipe_from_dict
 
+from .native_recipes import train_steps
 from .paligemma_tiny import RECIPES, make_paligemma_folder
 from .paligemma_tiny import shapes_pixel2seq as _pixel2seq
 from .paligemma_tiny import shapes_recipe as _recipe
@@ -21,17 +22,6 @@ def folder(tmp_path_factory):
     return make_paligemma_folder(tmp_path_factory.mktemp("paligemma"))
 
 
-def _steps(model, batch, n: int) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    model.train()
-    for _ in range(n):
-        opt.zero_grad()
-        total = model.weighted_total(model.loss(batch))
-        total.backward()
-        opt.step()
-        losses.append(float(total.detach()))
-    return losses
 
 
 def test_the_collate_writes_the_processors_rows(folder):
@@ -68,7 +58,7 @@ def test_pixel2seq_with_the_paligemma_codec_trains_in_its_frame(folder):
     assert geo.original_size == (60, 60) and geo.input_size == (32, 32)
     tok = built.backbone.tokenizer
     assert tok.unk_token_id not in batch.input_ids[batch.labels != -100].tolist()
-    losses = _steps(built.model, batch, 12)
+    losses = train_steps(built.model, batch, 12)
     assert losses[-1] < 0.8 * losses[0], losses
     built.model.eval()
     preds = built.model.predict(batch)
@@ -84,7 +74,7 @@ def test_heatmap_builds_and_steps_on_a_paligemma_backbone(folder):
     model = built.model
     assert model.feature_grid == (4, 4)
     batch = next(iter(built.datamodule.train_dataloader()))
-    losses = _steps(model, batch, 3)
+    losses = train_steps(model, batch, 3)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     model.eval()
     preds = model.predict(batch)
@@ -99,7 +89,7 @@ def test_pixel2emb_steps_and_predicts_on_a_paligemma_backbone(folder):
     built = build(recipe_from_dict(_recipe(folder, paradigm)))
     batch = next(iter(built.datamodule.train_dataloader()))
     assert "<trigger>" in batch.answers[0]
-    losses = _steps(built.model, batch, 3)
+    losses = train_steps(built.model, batch, 3)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     built.model.eval()
     preds = built.model.predict(batch)

@@ -3,8 +3,6 @@ Shapes in Qwen's own frame (60 px images smart-resized to 64 px), heatmap builds
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,9 +10,9 @@ from vlzoo.build import build
 from vlzoo.config import recipe_from_dict
 from vlzoo.data.smart_resize import SmartResizeTransform
 
+from .native_recipes import RECIPES, shapes_recipe, train_steps
 from .qwen_tiny import TINY_TEMPLATE, make_qwen_folder
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TARGETS = {"qwen2_vl": "vlzoo.backbones.Qwen2VLBackbone", "qwen2_5_vl": "vlzoo.backbones.Qwen25VLBackbone"}
 CODECS = {"qwen2_vl": "Qwen2VLCodec", "qwen2_5_vl": "Qwen25VLCodec"}
 
@@ -25,32 +23,10 @@ def folders(tmp_path_factory):
 
 
 def _recipe(folder: str, family: str, paradigm: dict) -> dict:
-    shapes = {"_target_": "vlzoo.data.ShapesDataset", "size": 8, "image_size": 60, "tasks": ["rec"]}
-    return {
-        "seed": 0,
-        "backbone": {"_target_": TARGETS[family], "name_or_path": folder, "image_size": 60, "freeze_vision": False},
-        "data": {"_base_": str(RECIPES / "data" / "shapes_rec.yaml"), "batch_size": 8, "num_workers": 0,
-                 "template": TINY_TEMPLATE, "train": dict(shapes, split="train"), "val": dict(shapes, split="val"),
-                 "test": dict(shapes, split="test")},
-        "paradigm": paradigm,
-        "evaluator": {"_base_": str(RECIPES / "evaluator" / "default.yaml"), "tasks": ["rec"]},
-        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3.0e-3, "weight_decay": 0.0},
-        "trainer": {"_base_": str(RECIPES / "trainer" / "cpu.yaml"), "max_steps": 1},
-        "logger": None,
-    }
+    backbone = {"_target_": TARGETS[family], "name_or_path": folder, "image_size": 60}
+    return shapes_recipe(backbone, paradigm, TINY_TEMPLATE)
 
 
-def _steps(model, batch, n: int) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    model.train()
-    for _ in range(n):
-        opt.zero_grad()
-        total = model.weighted_total(model.loss(batch))
-        total.backward()
-        opt.step()
-        losses.append(float(total.detach()))
-    return losses
 
 
 @pytest.mark.slow
@@ -72,7 +48,7 @@ def test_pixel2seq_with_the_family_codec_trains_in_qwens_frame(folders, family):
         assert answer == f"<|box_start|>({box[0]},{box[1]}),({box[2]},{box[3]})<|box_end|>"
     tok = built.backbone.tokenizer
     assert tok.unk_token_id not in batch.input_ids[batch.labels != -100].tolist()
-    losses = _steps(built.model, batch, 12)
+    losses = train_steps(built.model, batch, 12)
     assert losses[-1] < 0.8 * losses[0], losses
     built.model.eval()
     preds = built.model.predict(batch)
@@ -90,7 +66,7 @@ def test_heatmap_builds_and_steps_on_a_qwen_backbone(folders):
     model = built.model
     assert model.feature_grid == (8, 8)  # the merged grid of the fixed 60 -> 64 px frame
     batch = next(iter(built.datamodule.train_dataloader()))
-    losses = _steps(model, batch, 3)
+    losses = train_steps(model, batch, 3)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     model.eval()
     preds = model.predict(batch)
