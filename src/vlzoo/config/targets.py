@@ -10,7 +10,8 @@ refused.
 The reviewed set (listed in ``docs/recipes.md``):
 
 * vlzoo's public components: every public callable of :data:`COMPONENT_MODULES`, except the
-  functions in :data:`NOT_FOR_RECIPES` (they write files);
+  functions in :data:`NOT_FOR_RECIPES` (they write files, or are helpers with no place in a
+  recipe);
 * the third-party classes and factories recipes need, by name in :data:`THIRD_PARTY`, and the
   run parts of :data:`RUN_PARTS`;
 * four families of constructors that only store values: ``torch.optim`` optimizers and
@@ -64,6 +65,11 @@ NOT_FOR_RECIPES: frozenset[str] = frozenset(
     {
         "vlzoo.data.export_shapes_coco",
         "vlzoo.data.save_shapes_tokenizer",
+        # instruction wording: helpers the datamodule calls with a checked table, not components
+        "vlzoo.data.instruction",
+        "vlzoo.data.instruction_table",
+        "vlzoo.data.reword",
+        "vlzoo.data.worded",
     }
 )
 
