@@ -304,6 +304,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
             find_parent_run(study.client, study.experiment_name, spec.name)
         except ValueError as err:
             raise StudyError(f"{err} (tracking store {tracking_uri}); {again}") from None
+        study.write_spec_tags(command=False)  # the file as it is now: parts appended since are in the report
         path = study.report()
         print(f"vlzoo study: report at {path} (and {path.with_suffix('.html')})")
         return 0

@@ -826,12 +826,15 @@ def build_report(
     images += _gallery(client, cells, out)
     summary = _summary(results, primary, dict(parent.data.metrics))
     counts = defaultdict(int)
-    for r in cells:
-        counts[r.status] += 1
+    runs = {}
+    for r in cells:  # a task-mix cell has one row per task it is scored on: count its run once
+        runs.setdefault(r.run_id or r.key, r.status)
+    for status in runs.values():
+        counts[status] += 1
     tags = parent.data.tags
     intro = ([summary, ""] if summary else []) + [
         f"Study `{study}`: {tags.get('vlzoo.description', '')}",
-        f"Cells: {len(cells)} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}). "
+        f"Cells: {len(runs)} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}). "
         f"Budget: {tags.get('vlzoo.budget', '-')}. Stage 0: {tags.get('vlzoo.stage0', 'none')}.",
         f"Command: `{tags.get('vlzoo.command', '')}`",
         "Values are mean ± std over seeds; the best per column (among cells on the same data) is in bold; costs are measured by one "

@@ -210,6 +210,15 @@ class StudyRun:
         tags.update({f"vlzoo.primary.{k}": v for k, v in self.spec.primary.items()})
         return tags
 
+    def write_spec_tags(self, *, command: bool = True) -> None:
+        """Write :meth:`spec_tags` on the parent run, so a report says what the study file now
+        declares (its appended parts' budgets too); ``command=False`` keeps the recorded command
+        (a report rebuilt, or one cell run, is not the study's invocation)."""
+        parent = self.parent()
+        for key, value in self.spec_tags().items():
+            if command or key != "vlzoo.command":
+                self.client.set_tag(parent, key, value)
+
     def cell_runs(self) -> dict[str, Any]:
         """cell key -> newest child run."""
         parent = self.parent()
@@ -401,9 +410,7 @@ class StudyRun:
         check_fairness(self.cells, axes=self.spec.fairness_axes, exempt=self.spec.fairness_exemptions,
                        declared=self.spec.compared_axes)
         check_zero_shot(self.cells)
-        parent = self.parent()
-        for key, value in self.spec_tags().items():
-            self.client.set_tag(parent, key, value)
+        self.write_spec_tags()
         self.stage0_checkpoint()
         self.baselines(log=log)
         todo = self.pending()
