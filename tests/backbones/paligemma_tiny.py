@@ -10,10 +10,8 @@ from pathlib import Path
 
 import torch
 
-from . import native_recipes
-
 SIDE, PATCH = 32, 8
-RECIPES = native_recipes.RECIPES
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TEMPLATE = {"_target_": "vlzoo.data.PromptTemplate", "text": "{image}<bos>{prompt}\n", "verbatim": True}
 
 
@@ -54,7 +52,10 @@ def make_paligemma_folder(folder: Path, *, layers: int = 2, gemma2: bool = False
 
 def shapes_recipe(folder: str, paradigm: dict) -> dict:
     """A recipe (dict) training ``paradigm`` on 8 Shapes REC scenes of 60 px on the folder's model."""
-    return native_recipes.shapes_recipe({"_target_": "vlzoo.backbones.PaliGemmaBackbone", "name_or_path": folder}, paradigm, TEMPLATE)
+    # absolute: tests/study loads this module by path, outside the package
+    from backbones.native_recipes import shapes_recipe as native
+
+    return native({"_target_": "vlzoo.backbones.PaliGemmaBackbone", "name_or_path": folder}, paradigm, TEMPLATE)
 
 
 def shapes_pixel2seq() -> dict:
