@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from support.trained import fit_tiny
 from vlzoo.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,10 +39,7 @@ def test_rec_by_kind_on_a_trained_checkpoint(tmp_path):
 def test_rec_from_the_masks_of_a_res_checkpoint(tmp_path, monkeypatch):
     """``boxes="masks"``: a RES model scored on REC with its masks' boxes (LISA's REC); on a
     stub that predicts the target's own mask, every sample is a hit."""
-    argv = ["fit", str(ROOT / "recipes" / "shapes" / "heatmap_res.yaml"), "trainer=smoke", "data.train.size=16",
-            "data.val.size=8", "data.test.size=12", "--output-dir", str(tmp_path)]
-    assert main(argv) == 0
-    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    checkpoint = fit_tiny(tmp_path, "shapes/heatmap_res", ["data.train.size=16", "data.test.size=12"])
     script = _script("rec_by_kind")
     rows = script.rec_by_kind(str(checkpoint), size=12, boxes="masks")
     assert rows["all"]["n"] == 12
@@ -120,10 +118,7 @@ def test_vqa_by_kind_baselines_equal_a_direct_count():
 
 @pytest.mark.slow
 def test_vqa_by_kind_on_a_stage0_checkpoint(tmp_path):
-    argv = ["fit", str(ROOT / "recipes" / "shapes" / "base_lmm.yaml"), "trainer=smoke", "data.train.size=32",
-            "data.val.size=8", "data.test.size=8", "--output-dir", str(tmp_path)]
-    assert main(argv) == 0
-    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    checkpoint = fit_tiny(tmp_path, "shapes/base_lmm", ["data.train.size=32"])
     rows = _script("vqa_by_kind").vqa_by_kind(str(checkpoint), size=40)
     assert rows["all"]["n"] == 40 == sum(r["n"] for k, r in rows.items() if k != "all")
     for kind, row in rows.items():
