@@ -236,6 +236,7 @@ RESUME_OVERRIDES = [
     "trainer.max_epochs=3", "trainer.max_steps=-1", "trainer.val_check_interval=1.0", "trainer.log_every_n_steps=1",
     "trainer.deterministic=true", "checkpoint.every_n_train_steps=6", "backbone.language.config.attention_dropout=0.1",
     "paradigm.max_new_tokens=4",
+    "logger.flush_seconds=0",  # the test picks the moment to kill from the store: every step written at once
 ]
 TOTAL_STEPS = 36
 MID_EPOCH_CHECKPOINTS = (6, 18, 30)

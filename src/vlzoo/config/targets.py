@@ -77,6 +77,18 @@ NOT_FOR_RECIPES: frozenset[str] = frozenset(
 #: (``vlzoo.tracking.make_logger`` puts it in place of Lightning's).
 RUN_PARTS: tuple[str, ...] = ("vlzoo.tracking.ResilientMLFlowLogger",)
 
+#: The logger of a recipe whose ``logger`` slot is absent or names no ``_target_`` (then the slot
+#: holds this logger's arguments: ``logger.flush_seconds=0`` on the command line is enough).
+DEFAULT_LOGGER_TARGET = "lightning.pytorch.loggers.MLFlowLogger"
+
+#: Recipe targets built as another class that takes the same arguments and more: a recipe's
+#: MLflow logger is built as :class:`vlzoo.tracking.ResilientMLFlowLogger`, so ``vlzoo check``
+#: checks the logger's arguments (``logger.flush_seconds`` among them) against that class.
+BUILT_AS: dict[str, str] = {
+    "lightning.pytorch.loggers.MLFlowLogger": RUN_PARTS[0],
+    "lightning.pytorch.loggers.mlflow.MLFlowLogger": RUN_PARTS[0],
+}
+
 #: Third-party callables a recipe may build, by one of their public paths.
 THIRD_PARTY: tuple[str, ...] = (
     # the trainer and its parts

@@ -31,7 +31,7 @@ from vlzoo.config.recipe import (
     _Path,
     _suggest,
 )
-from vlzoo.config.targets import REFUSED_ARGUMENTS, locate
+from vlzoo.config.targets import BUILT_AS, DEFAULT_LOGGER_TARGET, REFUSED_ARGUMENTS, locate
 
 __all__ = ["validate", "check_trust", "DATA_COUNTS"]
 
@@ -97,6 +97,8 @@ def validate(recipe: Recipe, *, injectable: Mapping[str, Collection[str]] | None
                 f"recipe key {slot} (set in {recipe.source(slot)}) must be a mapping with a _target_, "
                 f"got {type(node).__name__} {node!r}"
             )
+        if _TARGET not in node and slot == "logger":
+            node = {**node, _TARGET: DEFAULT_LOGGER_TARGET}  # the default logger's arguments
         if _TARGET not in node:
             raise RecipeError(f"recipe key {slot} (set in {recipe.source(slot)}) has no _target_")
         for path, sub in _iter_nodes(node, (slot,)):
@@ -196,8 +198,9 @@ def _validate_node(
 ) -> None:
     key = _dotted(path)
     target_key = f"{key}._target_"
+    built_as = BUILT_AS.get(str(node[_TARGET])) if path == ("logger",) else None
     try:
-        obj = locate(node[_TARGET], prefixes)
+        obj = locate(built_as or node[_TARGET], prefixes)
     except RecipeError as err:
         raise RecipeError(f"recipe key {target_key} (set in {recipe.source(target_key)}): {err}") from None
     partial = node.get(_PARTIAL, False)
@@ -220,7 +223,8 @@ def _validate_node(
         if arg not in named and not takes_any:
             arg_key = f"{key}.{arg}"
             raise RecipeError(
-                f"recipe key {arg_key} (set in {recipe.source(arg_key)}): {node[_TARGET]} has no parameter "
+                f"recipe key {arg_key} (set in {recipe.source(arg_key)}): {node[_TARGET]}"
+                f"{f' (built as {built_as})' if built_as else ''} has no parameter "
                 f"'{arg}'.{_suggest(arg, named)} Its parameters are: {', '.join(named) or '(none)'}."
             )
     hints = _scalar_hints(obj)
