@@ -34,6 +34,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
+from vlzoo.allocator import keep_freed_memory
 from vlzoo.build import Built, as_recipe, build
 from vlzoo.checkpoints import CheckpointWeights, check_weights_fit, checkpoint_weights, find_last_checkpoint
 from vlzoo.config import Recipe, RecipeError, validate
@@ -204,6 +205,7 @@ class RunSession:
 
     def fit(self) -> RunOutcome:
         """Train (continuing ``resume`` when given)."""
+        keep_freed_memory()  # reuse freed tensor buffers instead of page-faulting them back every step
         built, ckpt = self._prepare("fit")
         trainer = built.trainer
         try:
